@@ -1,0 +1,234 @@
+"""Model configuration: a frozen dataclass built from a Hugging Face Llama `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from sparseinfer_jax.errors import UserError
+
+ACTIVATIONS = ("relu", "fatrelu", "silu")
+SPARSE_ACTIVATIONS = ("relu", "fatrelu")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ARCHITECTURES = ("LlamaForCausalLM", "SparseLlamaForCausalLM")
+MODEL_TYPES = ("llama", "sparsellama")
+# ProSparse stores the FATReLU threshold in this field of config.json.
+FATRELU_THRESHOLD_FIELD = "hidden_act_param"
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings, normalised from `rope_theta`/`rope_scaling` or `rope_parameters`."""
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Static architecture of a Llama model (hashable, so it can be a static jit argument)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    rope: RopeConfig = RopeConfig()
+    hidden_act: str = "relu"
+    act_threshold: float = 0.0
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    @property
+    def is_relu_family(self) -> bool:
+        """True when the activation leaves exact zeros, so SparseInfer applies."""
+        return self.hidden_act in SPARSE_ACTIVATIONS
+
+    @property
+    def sign_words(self) -> int:
+        """uint32 words per packed sign-bit row of W_gate: ceil(hidden_size / 32)."""
+        return -(-self.hidden_size // 32)
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The Hugging Face `config.json` fields this config was built from."""
+        rope_parameters: dict[str, Any] = {"rope_type": self.rope.rope_type, "rope_theta": self.rope.theta}
+        if self.rope.rope_type != "default":
+            rope_parameters["factor"] = self.rope.factor
+        if self.rope.rope_type == "llama3":
+            rope_parameters["low_freq_factor"] = self.rope.low_freq_factor
+            rope_parameters["high_freq_factor"] = self.rope.high_freq_factor
+        if self.rope.original_max_position_embeddings is not None:
+            rope_parameters["original_max_position_embeddings"] = (
+                self.rope.original_max_position_embeddings
+            )
+        out: dict[str, Any] = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope.theta,
+            "rope_parameters": rope_parameters,
+            "hidden_act": self.hidden_act,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+            "pad_token_id": self.pad_token_id,
+        }
+        if self.hidden_act == "fatrelu":
+            out[FATRELU_THRESHOLD_FIELD] = self.act_threshold
+        return out
+
+
+def _field(hf: dict[str, Any], name: str) -> Any:
+    if name not in hf:
+        raise UserError(f"config.json has no '{name}' field; is this a Llama checkpoint?")
+    return hf[name]
+
+
+def _rope_config(hf: dict[str, Any], max_positions: int) -> RopeConfig:
+    """Reads RoPE from `rope_parameters` (transformers >= 5) or `rope_theta` + `rope_scaling`."""
+    params = hf.get("rope_parameters")
+    if params is None:
+        params = dict(hf.get("rope_scaling") or {})
+        params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    params = dict(params)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise UserError(
+            f"config.json field 'rope_scaling.rope_type' is '{rope_type}'; "
+            f"supported types are {', '.join(ROPE_TYPES)}."
+        )
+    factor = float(params.get("factor", 1.0))
+    if rope_type != "default" and not factor >= 1.0:
+        raise UserError(f"config.json field 'rope_scaling.factor' must be >= 1, got {factor}.")
+    original = params.get("original_max_position_embeddings")
+    if rope_type == "llama3" and original is None:
+        raise UserError("config.json field 'rope_scaling.original_max_position_embeddings' is "
+                        "required for llama3 rope scaling.")
+    return RopeConfig(
+        rope_type=rope_type,
+        theta=float(params.get("rope_theta", 10000.0)),
+        factor=factor,
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=None if original is None else int(original),
+    )
+
+
+def _eos_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def config_from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
+    """Builds a LlamaConfig from the dict of an HF `config.json`.
+
+    Raises:
+      UserError: naming the field, for anything this project cannot run (unknown architecture,
+        activation or rope type, attention or MLP bias, inconsistent head sizes).
+    """
+    architectures = hf.get("architectures") or []
+    if any(a not in ARCHITECTURES for a in architectures):
+        raise UserError(
+            f"config.json field 'architectures' is {architectures}; only Llama-architecture "
+            "models (LlamaForCausalLM) are supported."
+        )
+    model_type = hf.get("model_type", "llama")
+    if model_type not in MODEL_TYPES:
+        raise UserError(
+            f"config.json field 'model_type' is '{model_type}'; only 'llama' models are supported."
+        )
+    for bias in ("attention_bias", "mlp_bias"):
+        if hf.get(bias):
+            raise UserError(f"config.json field '{bias}' is true; biased Llama layers are not supported.")
+    act = hf.get("hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise UserError(
+            f"config.json field 'hidden_act' is '{act}'; supported are {', '.join(ACTIVATIONS)}."
+        )
+    threshold = 0.0
+    if act == "fatrelu":
+        threshold = float(hf.get(FATRELU_THRESHOLD_FIELD, 0.0) or 0.0)
+
+    hidden = int(_field(hf, "hidden_size"))
+    heads = int(_field(hf, "num_attention_heads"))
+    kv_heads = int(hf.get("num_key_value_heads") or heads)
+    if heads % kv_heads:
+        raise UserError(
+            f"config.json field 'num_key_value_heads' ({kv_heads}) must divide "
+            f"'num_attention_heads' ({heads})."
+        )
+    head_dim = hf.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise UserError(
+                f"config.json field 'hidden_size' ({hidden}) is not a multiple of "
+                f"'num_attention_heads' ({heads}) and 'head_dim' is not given."
+            )
+        head_dim = hidden // heads
+    if int(head_dim) % 2:
+        raise UserError(f"config.json field 'head_dim' must be even for RoPE, got {head_dim}.")
+    max_positions = int(hf.get("max_position_embeddings", 2048))
+    return LlamaConfig(
+        vocab_size=int(_field(hf, "vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(_field(hf, "intermediate_size")),
+        num_hidden_layers=int(_field(hf, "num_hidden_layers")),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=int(head_dim),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=max_positions,
+        rope=_rope_config(hf, max_positions),
+        hidden_act=act,
+        act_threshold=threshold,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_eos_ids(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """Reads `config.json` from a folder, with a clear error when it is missing or not JSON."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{folder} has no config.json; point to a Hugging Face model folder.")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+
+
+def default_alpha(num_layers: int) -> list[float]:
+    """The alpha a freshly converted checkpoint gets: 1.0 per layer (the paper's plain majority)."""
+    return [1.0] * num_layers

@@ -1,0 +1,136 @@
+"""The Llama MLP with SparseInfer: dense, sparse (sign-bit predicted) and oracle modes.
+
+Weight layout (DESIGN.md): every neuron's weights are contiguous rows, `gate`, `up` and
+`down_t` all `[F, D]` (down_t is W_down transposed), plus the packed sign bits of `gate`,
+`gate_sign_bits: [F, ceil(D/32)] uint32`. Reading only the active rows of the three matrices is
+what makes the sparse path cheaper.
+
+Modes:
+- `dense`: act(x W_gate^T) * (x W_up^T) W_down^T, every neuron.
+- `sparse`: predict each neuron's sign from sign bits (pallas_kernels.sign_predict: zero iff the
+  negative products outnumber alpha times the positive ones), compute only predicted-active ones.
+- `oracle`: the true activation mask from the full gate, the accuracy ceiling of any predictor.
+
+With one token per row (decoding) `sparse` and `oracle` run the gathered kernels over the union of
+the rows' active sets. With several tokens per row (a full forward, for evaluation) they apply each
+token's own mask to the dense computation: the same numbers the kernels would give that token,
+without pretending the union over a prompt is sparse.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels as pk
+from pallas_kernels.pack import pack_sign_bits_reference
+from sparseinfer_jax.config import LlamaConfig
+
+MODES = ("dense", "sparse", "oracle")
+BACKENDS = ("auto", "pallas", "xla", "reference")
+# Per-layer predictor statistics, summed over rows (one token each): see `MLP.__call__`.
+STAT_FIELDS = ("rows", "predicted_active", "true_active", "both_active", "computed")
+
+
+class SignBits(nnx.Variable):
+    """Packed sign bits of W_gate: derived from the weights, never trained."""
+
+
+class Alpha(nnx.Variable):
+    """The layer's conservativeness (data, so changing it never recompiles)."""
+
+
+class MLP(nnx.Module):
+    """Gated MLP `[N, D] -> [N, D]` with a ReLU-family activation and the SparseInfer predictor."""
+
+    def __init__(self, cfg: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        f, d = cfg.intermediate_size, cfg.hidden_size
+        init = nnx.initializers.normal(0.02)
+        self.gate = nnx.Param(init(rngs.params(), (f, d), dtype))
+        self.up = nnx.Param(init(rngs.params(), (f, d), dtype))
+        self.down_t = nnx.Param(init(rngs.params(), (f, d), dtype))
+        self.gate_sign_bits = SignBits(pack_sign_bits_reference(self.gate[...]))
+        self.alpha = Alpha(jnp.float32(1.0))
+        self.activation = "relu" if cfg.hidden_act == "fatrelu" and cfg.act_threshold == 0 else cfg.hidden_act
+        self.threshold = cfg.act_threshold
+
+    def act(self, z: jnp.ndarray) -> jnp.ndarray:
+        """The activation on float32 pre-activations."""
+        if self.activation == "silu":
+            return jax.nn.silu(z)
+        if self.activation == "fatrelu":
+            return jnp.where(z > self.threshold, z, 0.0)
+        return jnp.maximum(z, 0.0)
+
+    def hidden(self, x: jnp.ndarray) -> jnp.ndarray:
+        """act(gate x) * (up x) for every neuron: `x: [N, D]` -> `[N, F]` float32."""
+        dims = (((1,), (1,)), ((), ()))
+        g = jax.lax.dot_general(x, self.gate[...], dims, preferred_element_type=jnp.float32)
+        u = jax.lax.dot_general(x, self.up[...], dims, preferred_element_type=jnp.float32)
+        return self.act(g) * u
+
+    def down(self, h: jnp.ndarray) -> jnp.ndarray:
+        """`h: [N, F]` float32 -> `[N, D]` in the weights' dtype."""
+        w = self.down_t[...]
+        return jnp.dot(h.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(w.dtype)
+
+    def predict(self, x: jnp.ndarray, backend: str) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Sign-bit prediction for `x: [N, D]` -> (union mask `[F]`, per-row mask `[N, F]`)."""
+        active, n_neg = pk.sign_predict(x, self.gate_sign_bits[...], self.alpha[...], backend=backend)
+        n_nz = jnp.sum(x != 0, axis=-1, keepdims=True, dtype=jnp.int32)
+        per_row = n_neg <= pk.threshold(self.alpha[...], n_nz)
+        return active, per_row
+
+    def __call__(
+        self, x: jnp.ndarray, *, mode: str = "dense", backend: str = "auto", stats: str | None = None
+    ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """Applies the MLP.
+
+        Args:
+          x: `[B, T, D]` activations after the post-attention RMSNorm.
+          mode: one of MODES (static).
+          backend: kernel backend for the sparse path, one of BACKENDS (static).
+          stats: None, "predicted" (predictor statistics) or "diagnostic" (also the true mask,
+            which costs the full gate matvec).
+
+        Returns:
+          `[B, T, D]` output, and with `stats` an int32 vector over STAT_FIELDS: rows, rows'
+          predicted-active neurons, truly active neurons, neurons both predicted and truly active
+          (all summed over rows; the last two are 0 unless "diagnostic"), and neurons the layer
+          actually computed.
+        """
+        b, t, d = x.shape
+        rows = x.reshape(b * t, d)
+        f = self.gate.shape[0]
+        predicted = true_mask = None
+        if mode == "dense":
+            y, computed = self.down(self.hidden(rows)), jnp.int32(f)
+        elif t > 1:
+            h = self.hidden(rows)
+            mask = self.predict(rows, backend)[1] if mode == "sparse" else h != 0
+            y, computed = self.down(jnp.where(mask, h, 0.0)), jnp.int32(f)
+            predicted, true_mask = (mask, h != 0) if mode == "sparse" else (None, mask)
+        else:
+            if mode == "sparse":
+                active, predicted = self.predict(rows, backend)
+            else:
+                true_mask = self.hidden(rows) != 0
+                active = jnp.any(true_mask, axis=0)
+            idx, computed = pk.compact(active, backend=backend)
+            h = pk.sparse_gate_up(rows, self.gate[...], self.up[...], idx, computed,
+                                  activation=self.activation, threshold=self.threshold,
+                                  backend=backend)
+            y = pk.sparse_down(h, self.down_t[...], idx, computed, backend=backend)
+        y = y.reshape(b, t, d)
+        if not stats:
+            return y, None
+        if stats == "predicted":
+            true_mask = jnp.zeros((), bool)
+        elif true_mask is None:
+            true_mask = self.hidden(rows) != 0
+        if predicted is None:
+            predicted = self.predict(rows, backend)[1]
+        count = lambda m: jnp.sum(m, dtype=jnp.int32)  # noqa: E731
+        return y, jnp.stack([jnp.int32(b * t), count(predicted), count(true_mask),
+                             count(predicted & true_mask), computed.astype(jnp.int32)])

@@ -1,0 +1,176 @@
+"""Llama in Flax NNX: decoder layers stacked on a leading axis and applied with `lax.scan`.
+
+Stacking keeps compile time independent of depth (one layer body is compiled, not L copies) and
+makes per-layer data such as alpha a plain `[L]` array. Shapes: B batch, T tokens in this call,
+S KV-cache slots, D hidden, H heads, K kv heads, hd head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparseinfer_jax.config import LlamaConfig
+from sparseinfer_jax.mlp import MLP
+from sparseinfer_jax.rope import apply_rope, rope_tables
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, `[L, B, S, K, hd]` each, rotated keys as in HF."""
+
+    k: jnp.ndarray
+    v: jnp.ndarray
+
+    @classmethod
+    def zeros(cls, cfg: LlamaConfig, batch: int, slots: int, dtype: jnp.dtype) -> KVCache:
+        shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class RMSNorm(nnx.Module):
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+def _linear(din: int, dout: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=False, dtype=dtype, param_dtype=dtype,
+                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE, over a KV cache when one is given."""
+
+    def __init__(self, cfg: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = _linear(d, h * hd, dtype, rngs)
+        self.k_proj = _linear(d, k * hd, dtype, rngs)
+        self.v_proj = _linear(d, k * hd, dtype, rngs)
+        self.o_proj = _linear(h * hd, d, dtype, rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        """Attends `x: [B, T, D]` to itself, or to the cache after writing its keys at `cache_index`.
+
+        Args:
+          mask: `[B, T, S]` bool, True where a query may see a key slot.
+          cache: this layer's `(k, v)`, each `[B, S, K, hd]`, or None for a cache-free forward.
+        Returns:
+          `[B, T, D]` and the updated `(k, v)` (None without a cache).
+        """
+        b, t, _ = x.shape
+        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice(cache[0], k, (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v, (0, cache_index, 0, 0))
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (self.head_dim ** -0.5)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+        out = self.o_proj(out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim))
+        return out, (None if cache is None else (k, v))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, cache, cache_index, *, mode, backend, stats):
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+        x = x + attn
+        mlp, layer_stats = self.mlp(self.post_attention_layernorm(x), mode=mode, backend=backend,
+                                    stats=stats)
+        return x + mlp, cache, layer_stats
+
+
+class Llama(nnx.Module):
+    """A Llama causal LM. `model(input_ids)` returns logits `[B, T, V]` like `LlamaForCausalLM`."""
+
+    def __init__(self, cfg: LlamaConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs,
+                 mode: str = "dense", backend: str = "auto"):
+        self.config = cfg
+        self.mode, self.backend = mode, backend
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                      param_dtype=dtype, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(cfg, dtype=dtype, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, dtype, rngs)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.embed_tokens.embedding.dtype
+
+    def logits(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Final norm and LM head: `[B, T, D]` -> `[B, T, V]` float32."""
+        x = self.norm(x)
+        w = self.embed_tokens.embedding[...].T if self.config.tie_word_embeddings else self.lm_head.kernel[...]
+        return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    def forward(self, input_ids, positions, mask, cache: KVCache | None = None, cache_index=None,
+                *, mode: str = "dense", backend: str = "auto", stats: str | None = None):
+        """The decoder stack.
+
+        Args:
+          input_ids: `[B, T]` int32.
+          positions: `[B, T]` int32 RoPE positions.
+          mask: `[B, T, S]` bool attention mask (S = T without a cache).
+          cache: KV cache to read and update at `cache_index`, or None.
+          mode, backend, stats: the MLP's (static), see `MLP.__call__`.
+        Returns:
+          hidden states `[B, T, D]`, the updated cache (or None) and per-layer stats `[L, 5]`
+          (or None).
+        """
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_tables(self.config, positions)
+        graphdef, state = nnx.split(self.layers)
+
+        def body(x, scanned):
+            layer_state, layer_cache = scanned
+            layer = nnx.merge(graphdef, layer_state)
+            x, layer_cache, layer_stats = layer(x, cos, sin, mask, layer_cache, cache_index,
+                                                mode=mode, backend=backend, stats=stats)
+            return x, (layer_cache, layer_stats)
+
+        x, (new_cache, layer_stats) = jax.lax.scan(body, x, (state, cache))
+        return x, (None if cache is None else KVCache(*new_cache)), layer_stats
+
+    def __call__(self, input_ids: jnp.ndarray, attention_mask: jnp.ndarray | None = None, *,
+                 mode: str | None = None, backend: str | None = None) -> jnp.ndarray:
+        """Full forward without a cache: `input_ids: [B, T]` -> logits `[B, T, V]` float32.
+
+        `attention_mask: [B, T]` (1 = token, 0 = left padding) as in transformers; mode and backend
+        default to the model's.
+        """
+        b, t = input_ids.shape
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask = causal[None] & valid[:, None, :]
+        x, _, _ = self.forward(input_ids, positions, mask, mode=mode or self.mode,
+                               backend=backend or self.backend)
+        return self.logits(x)

@@ -1,0 +1,36 @@
+"""Next-token selection: greedy, temperature, top-k and top-p (nucleus) sampling."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def sample(logits: jnp.ndarray, key: jax.Array, temperature: jnp.ndarray, top_p: jnp.ndarray,
+           *, top_k: int | None) -> jnp.ndarray:
+    """Picks one token per row.
+
+    Args:
+      logits: `[B, V]` float32.
+      key: PRNG key for this step.
+      temperature: scalar; 0 means greedy (argmax). Data, so changing it never recompiles.
+      top_p: scalar in (0, 1]; keep the smallest set of tokens whose probability reaches it.
+      top_k: keep the k most likely tokens (static: it sets an array size), None for all.
+    Returns:
+      `[B]` int32 token ids.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    neg = jnp.finfo(scaled.dtype).min
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+        scaled = jnp.where(scaled < kth, neg, scaled)
+    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # The cut-off logit is the first sorted one at which the mass reaches top_p (always >= 1 token).
+    cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+    cutoff_index = jnp.minimum(cutoff_index, logits.shape[-1] - 1)
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+    scaled = jnp.where(scaled < cutoff, neg, scaled)
+    sampled = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny Hugging Face Llama checkpoints written with `save_pretrained`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+# Tests compare float32 results across libraries: keep XLA on exact float32 matmuls.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=48,
+    intermediate_size=120,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    hidden_act="relu",
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def write_tokenizer(folder: str, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer with `vocab_size` entries (ids 0..2 are <pad>, <s>, </s>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(alphabet)[: vocab_size - 3]:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+                   "add_bos_token": True}, f)
+
+
+def make_hf_checkpoint(folder: str, *, seed: int = 0, max_shard_size: str | None = None,
+                       fatrelu_threshold: float | None = None, **overrides) -> str:
+    """Writes a random tiny `LlamaForCausalLM` (float32) with a tokenizer into `folder`.
+
+    `hidden_act="fatrelu"` is not a transformers activation: the model is built with relu and
+    the config is rewritten afterwards (tests give the torch reference a FATReLU module).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = {**TINY, **overrides}
+    act = kwargs["hidden_act"]
+    kwargs["hidden_act"] = "relu" if act == "fatrelu" else act
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)).to(torch.float32).eval()
+    # Random init gives tiny weights: widen them so activations and logits are not degenerate.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.ndim > 1 else p.uniform_(0.5, 1.5)
+    os.makedirs(folder, exist_ok=True)
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **save_kwargs)
+    if act == "fatrelu":
+        path = os.path.join(folder, "config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg["hidden_act"] = "fatrelu"
+        cfg["hidden_act_param"] = 0.1 if fatrelu_threshold is None else fatrelu_threshold
+        with open(path, "w") as f:
+            json.dump(cfg, f, indent=2)
+    write_tokenizer(folder, kwargs["vocab_size"])
+    return folder
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """A factory: `hf_checkpoint(name="a", **config_overrides) -> folder`."""
+
+    def make(name: str = "hf", **kwargs) -> str:
+        return make_hf_checkpoint(str(tmp_path / name), **kwargs)
+
+    return make
