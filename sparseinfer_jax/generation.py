@@ -204,7 +204,7 @@ def generate(model: Llama, prompts, *, tokenizer=None, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, stop_at_eos: bool = True, mode: str | None = None,
              backend: str | None = None, alpha=None, stats: str | None = None,
-             timing: bool = True) -> GenerationResult:
+             eos_token_ids: Sequence[int] | None = None, timing: bool = True) -> GenerationResult:
     """Generates continuations of a batch of prompts with one compiled program.
 
     Args:
@@ -219,6 +219,7 @@ def generate(model: Llama, prompts, *, tokenizer=None, max_new_tokens: int = 32,
         always dense.
       alpha: override of the per-layer conservativeness (a number or one per layer).
       stats: None, "predicted" or "diagnostic" (adds true sparsity, recall and precision).
+      eos_token_ids: tokens that end a row; default: the model config's.
       timing: also time the prefill alone (runs it once more), to split prefill and decode time.
     Returns:
       A GenerationResult.
@@ -231,6 +232,7 @@ def generate(model: Llama, prompts, *, tokenizer=None, max_new_tokens: int = 32,
     if top_k is not None and top_k < 1:
         raise UserError(f"top_k must be at least 1, got {top_k}.")
     cfg = model.config
+    eos_ids = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids) if stop_at_eos else ()
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids or (0,))[0]
     longest = max(len(row) for row in ids)
     p, n = bucket(longest), bucket(max_new_tokens)
@@ -241,7 +243,7 @@ def generate(model: Llama, prompts, *, tokenizer=None, max_new_tokens: int = 32,
 
     graphdef, state = nnx.split(model)
     statics = dict(new_slots=n, mode=mode, backend=backend, stats=stats, top_k=top_k,
-                   eos_ids=tuple(cfg.eos_token_ids) if stop_at_eos else (), pad_id=int(pad_id))
+                   eos_ids=eos_ids, pad_id=int(pad_id))
     args = (state, jnp.asarray(tokens), jnp.asarray(pad), jnp.int32(max_new_tokens),
             jnp.float32(temperature), jnp.float32(top_p), _alpha_array(model, alpha),
             jax.random.key(seed))
@@ -265,7 +267,7 @@ def generate(model: Llama, prompts, *, tokenizer=None, max_new_tokens: int = 32,
 
     steps = int(steps)
     out = np.asarray(out)[:, :steps]
-    eos = np.isin(out, cfg.eos_token_ids) if stop_at_eos and cfg.eos_token_ids else np.zeros_like(out, bool)
+    eos = np.isin(out, eos_ids)
     lengths = np.where(eos.any(axis=1), eos.argmax(axis=1) + 1, steps)
     decode = None
     if prefill_s is not None and steps > 1:
