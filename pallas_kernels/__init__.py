@@ -1,0 +1,32 @@
+"""SparseInfer kernels: sign-bit prediction and gathered sparse MLP ops, each with three faces.
+
+Every op takes `backend=` among "auto", "pallas", "xla", "reference" (see `backend.py`). The model
+chains them per decode step:
+
+    active, n_neg = sign_predict(x, gate_sign_bits, alpha)   # predictor (predict.py)
+    idx, count = compact(active)                             # compact.py
+    h = sparse_gate_up(x, gate, up, idx, count)              # [B, F] float32, compact order
+    out = sparse_down(h, down_t, idx, count)                 # [B, D]
+
+Kernels know nothing of models.
+"""
+
+from pallas_kernels.backend import BACKENDS
+from pallas_kernels.compact import compact
+from pallas_kernels.pack import num_words, pack_sign_bits, pack_sign_bits_numpy
+from pallas_kernels.predict import sign_predict, threshold
+from pallas_kernels.sparse_down import sparse_down
+from pallas_kernels.sparse_gate_up import ACTIVATIONS, sparse_gate_up
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "compact",
+    "num_words",
+    "pack_sign_bits",
+    "pack_sign_bits_numpy",
+    "sign_predict",
+    "sparse_down",
+    "sparse_gate_up",
+    "threshold",
+]
