@@ -1,0 +1,49 @@
+"""`sparseinfer-convert SRC OUT`: Hugging Face Llama folder or hub id -> SparseInfer checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from convert.converter import DTYPES, convert
+from sparseinfer_jax.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparseinfer-convert", description=__doc__)
+    parser.add_argument("src", metavar="SRC",
+                        help="Hugging Face model folder (config.json + safetensors) or hub id "
+                             "org/name")
+    parser.add_argument("out", metavar="OUT", help="checkpoint folder to create")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
+                        help="dtype of every weight (default: bfloat16)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if it exists (once the new checkpoint is complete)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="predictor alpha for every layer (default: 1.0)")
+    return parser
+
+
+def _folder_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the converter; returns the exit status (2 on a user error, printed as one line)."""
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                      alpha=args.alpha)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"converted {args.src} -> {out} ({args.dtype}, {_folder_size(out) / 2**20:.1f} MiB) in "
+          f"{time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The one table mapping Hugging Face Llama tensor names to our checkpoint's params tree.
+
+HF stores linear weights as (out, in); attention kernels are (in, out), so they are transposed.
+The MLP keeps one contiguous row per neuron: `gate` and `up` are HF's (F, D) as is, and `down_t` is
+HF's down_proj (D, F) transposed to (F, D). Per-layer tensors are stacked on a leading [L] axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from sparseinfer_jax.config import LlamaConfig
+
+LAYER = "{i}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One HF tensor kind: its name, where it goes, its HF shape and whether it is transposed.
+
+    `dims` names the HF axes: V vocab, D hidden, F intermediate, Q heads * head_dim,
+    K kv_heads * head_dim.
+    """
+
+    hf: str
+    path: tuple[str, ...]
+    dims: str
+    transpose: bool = False
+
+    @property
+    def per_layer(self) -> bool:
+        return LAYER in self.hf
+
+
+TABLE = (
+    Entry("model.embed_tokens.weight", ("embed_tokens", "embedding"), "VD"),
+    Entry("model.norm.weight", ("norm", "weight"), "D"),
+    Entry("lm_head.weight", ("lm_head", "kernel"), "VD", transpose=True),
+    Entry("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm", "weight"), "D"),
+    Entry("model.layers.{i}.post_attention_layernorm.weight",
+          ("layers", "post_attention_layernorm", "weight"), "D"),
+    Entry("model.layers.{i}.self_attn.q_proj.weight",
+          ("layers", "self_attn", "q_proj", "kernel"), "QD", transpose=True),
+    Entry("model.layers.{i}.self_attn.k_proj.weight",
+          ("layers", "self_attn", "k_proj", "kernel"), "KD", transpose=True),
+    Entry("model.layers.{i}.self_attn.v_proj.weight",
+          ("layers", "self_attn", "v_proj", "kernel"), "KD", transpose=True),
+    Entry("model.layers.{i}.self_attn.o_proj.weight",
+          ("layers", "self_attn", "o_proj", "kernel"), "DQ", transpose=True),
+    Entry("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate"), "FD"),
+    Entry("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up"), "FD"),
+    Entry("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_t"), "DF",
+          transpose=True),
+)
+LM_HEAD = "lm_head.weight"
+# Packed sign bits of the gate rows, [L, F, ceil(D/32)] uint32, computed from the converted gate.
+SIGN_BITS_SOURCE = ("layers", "mlp", "gate")
+SIGN_BITS_PATH = ("layers", "mlp", "gate_sign_bits")
+# Buffers some exporters save that carry no weights.
+IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where one concrete HF tensor goes: its entry, its layer (None if not per layer)."""
+
+    entry: Entry
+    layer: int | None
+    shape: tuple[int, ...]
+
+
+def _sizes(cfg: LlamaConfig) -> dict[str, int]:
+    return {"V": cfg.vocab_size, "D": cfg.hidden_size, "F": cfg.intermediate_size,
+            "Q": cfg.num_attention_heads * cfg.head_dim,
+            "K": cfg.num_key_value_heads * cfg.head_dim}
+
+
+def entries(cfg: LlamaConfig) -> tuple[Entry, ...]:
+    """The table for this config (without `lm_head` when the embeddings are tied)."""
+    return tuple(e for e in TABLE if not (cfg.tie_word_embeddings and e.hf == LM_HEAD))
+
+
+def hf_targets(cfg: LlamaConfig) -> dict[str, Target]:
+    """Every HF tensor name this config needs -> its target, with the expected HF shape."""
+    sizes = _sizes(cfg)
+    targets = {}
+    for e in entries(cfg):
+        shape = tuple(sizes[d] for d in e.dims)
+        layers = range(cfg.num_hidden_layers) if e.per_layer else [None]
+        for i in layers:
+            name = e.hf if i is None else e.hf.replace(LAYER, str(i))
+            targets[name] = Target(e, i, shape)
+    return targets
+
+
+def is_ignored(name: str, cfg: LlamaConfig) -> bool:
+    """True for HF tensors that are present in some checkpoints but carry nothing we need."""
+    # A tied lm_head, when saved anyway, is a copy of the embedding.
+    return bool(IGNORED.fullmatch(name)) or (cfg.tie_word_embeddings and name == LM_HEAD)
+
+
+def out_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Shape of each float leaf of our params tree (the sign bits excluded)."""
+    sizes = _sizes(cfg)
+    shapes = {}
+    for e in entries(cfg):
+        shape = tuple(sizes[d] for d in e.dims)
+        shape = shape[::-1] if e.transpose else shape
+        shapes[e.path] = (cfg.num_hidden_layers, *shape) if e.per_layer else shape
+    return shapes
+
+
+def sign_bits_shape(cfg: LlamaConfig) -> tuple[int, ...]:
+    """[L, F, ceil(D/32)]: the packed sign bits of every gate row."""
+    return (cfg.num_hidden_layers, cfg.intermediate_size, cfg.sign_words)

@@ -1,0 +1,345 @@
+"""The converter: HF safetensors -> our checkpoint layout, its validation, atomic output and CLI."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import types
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import make_hf_checkpoint
+from safetensors.numpy import load_file, save_file
+
+from convert import convert, convert_in_memory
+from convert.cli import main
+from pallas_kernels.pack import pack_sign_bits_numpy
+from sparseinfer_jax import checkpoint
+from sparseinfer_jax.errors import UserError
+
+LAYERS = 2
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> str:
+    """A float32 HF checkpoint in 20 KB shards (11 files plus the index)."""
+    return make_hf_checkpoint(str(tmp_path_factory.mktemp("sharded") / "hf"), max_shard_size="20KB")
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory) -> str:
+    """A float32 HF checkpoint in one file, with tied embeddings (no lm_head.weight)."""
+    return make_hf_checkpoint(str(tmp_path_factory.mktemp("tied") / "hf"), tie_word_embeddings=True)
+
+
+def hf_tensors(folder: str) -> dict[str, np.ndarray]:
+    return {k: v for f in glob.glob(os.path.join(folder, "*.safetensors"))
+            for k, v in load_file(f).items()}
+
+
+def expected_params(folder: str) -> dict:
+    """The checkpoint layout, spelled out by hand from the HF tensors (independent of names.py)."""
+    hf = hf_tensors(folder)
+
+    def stack(name: str, transpose: bool = False) -> np.ndarray:
+        rows = [hf[f"model.layers.{i}.{name}.weight"] for i in range(LAYERS)]
+        return np.stack([r.T if transpose else r for r in rows])
+
+    gate = stack("mlp.gate_proj")
+    params = {
+        "embed_tokens": {"embedding": hf["model.embed_tokens.weight"]},
+        "norm": {"weight": hf["model.norm.weight"]},
+        "layers": {
+            "input_layernorm": {"weight": stack("input_layernorm")},
+            "post_attention_layernorm": {"weight": stack("post_attention_layernorm")},
+            "self_attn": {p: {"kernel": stack(f"self_attn.{p}", transpose=True)}
+                          for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+            "mlp": {"gate": gate, "up": stack("mlp.up_proj"),
+                    "down_t": stack("mlp.down_proj", transpose=True),
+                    "gate_sign_bits": pack_sign_bits_numpy(gate)},
+        },
+    }
+    if "lm_head.weight" in hf:
+        params["lm_head"] = {"kernel": hf["lm_head.weight"].T}
+    return params
+
+
+def assert_trees_equal(got, want) -> None:
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want),
+                            strict=True):
+        g = np.asarray(g)
+        assert g.dtype == w.dtype and g.shape == w.shape, (path, g.dtype, w.dtype, g.shape, w.shape)
+        np.testing.assert_array_equal(g, w, err_msg=str(path))
+
+
+def leftovers(parent: str) -> list[str]:
+    """Hidden temporary folders or files the atomic writer may have left next to its output."""
+    return [p for p in os.listdir(parent) if p.startswith(".")]
+
+
+def test_round_trip_sharded_float32(sharded, tmp_path):
+    out = convert(sharded, tmp_path / "ckpt", dtype="float32")
+    assert out == str(tmp_path / "ckpt")
+    assert checkpoint.is_checkpoint(out)
+    assert_trees_equal(checkpoint.restore_params(out), expected_params(sharded))
+    hf, block = checkpoint.read_checkpoint_config(out)
+    with open(os.path.join(sharded, "config.json")) as f:
+        assert hf == json.load(f)
+    assert block == {"format_version": 1, "alpha": [1.0] * LAYERS, "dtype": "float32",
+                     "source": sharded}
+    for name in TOKENIZER_FILES:
+        with open(os.path.join(sharded, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
+            assert a.read() == b.read()
+    assert sorted(os.listdir(out)) == sorted(["config.json", "params", *TOKENIZER_FILES])
+    assert leftovers(tmp_path) == []
+
+
+def test_tied_embeddings_have_no_lm_head(tied, tmp_path):
+    out = convert(tied, tmp_path / "ckpt", dtype="float32", alpha=0.5)
+    params = checkpoint.restore_params(out)
+    assert "lm_head" not in params
+    assert_trees_equal(params, expected_params(tied))
+    assert checkpoint.read_checkpoint_config(out)[1]["alpha"] == [0.5] * LAYERS
+
+
+def test_bfloat16_is_float32_cast(sharded, tmp_path):
+    _, f32 = convert_in_memory(sharded, dtype="float32")
+    hf, bf16 = convert_in_memory(sharded)
+    assert hf["num_hidden_layers"] == LAYERS
+    want = jax.tree.map(lambda a: a if a.dtype == np.uint32 else a.astype(ml_dtypes.bfloat16), f32)
+    assert_trees_equal(bf16, want)
+    out = convert(sharded, tmp_path / "ckpt")
+    assert checkpoint.read_checkpoint_config(out)[1]["dtype"] == "bfloat16"
+    assert_trees_equal(checkpoint.restore_params(out), bf16)
+
+
+def test_restore_casts_floats_but_not_sign_bits(tied, tmp_path):
+    out = convert(tied, tmp_path / "ckpt", dtype="float32")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, expected_params(tied))
+    params = checkpoint.restore_params(out, shardings=shardings, dtype=jnp.bfloat16)
+    mlp = params["layers"]["mlp"]
+    assert isinstance(mlp["gate"], jax.Array) and mlp["gate"].dtype == jnp.bfloat16
+    assert mlp["gate_sign_bits"].dtype == jnp.uint32
+    assert params["norm"]["weight"].sharding == device
+
+
+@pytest.mark.slow
+def test_restore_onto_a_mesh(tied, tmp_path):
+    """Each of 4 host devices gets its slice of the MLP neurons (a fresh process for the flag)."""
+    out = convert(tied, tmp_path / "ckpt")
+    script = textwrap.dedent(f"""
+        import jax, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from sparseinfer_jax import checkpoint
+        mesh = Mesh(np.array(jax.devices()), ("model",))
+        whole = checkpoint.restore_params({out!r})
+        split = lambda tree: NamedSharding(mesh, P(None, "model")) if tree.ndim == 3 else (
+            NamedSharding(mesh, P()))
+        params = checkpoint.restore_params({out!r}, shardings=jax.tree.map(split, whole))
+        gate = params["layers"]["mlp"]["gate"]
+        assert len(gate.addressable_shards) == 4
+        assert gate.addressable_shards[1].data.shape == (2, 30, 48)
+        same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                            params, whole)
+        assert jax.tree.all(same)
+        print("ok")
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_checkpoint_helpers(tmp_path):
+    params = {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3), "bits": np.ones(4, np.uint32)}
+    checkpoint.save_params(tmp_path, params)
+    assert not checkpoint.is_checkpoint(tmp_path)  # no config.json yet
+    block = checkpoint.sparseinfer_block([1.0, 2.0], "float32", "src")
+    checkpoint.write_checkpoint_config(tmp_path, {"model_type": "llama", "sparseinfer": 0}, block)
+    assert checkpoint.is_checkpoint(tmp_path)
+    assert checkpoint.read_checkpoint_config(tmp_path) == ({"model_type": "llama"}, block)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "params"]
+    assert_trees_equal(checkpoint.restore_params(tmp_path), jax.tree.map(np.asarray, params))
+    checkpoint.write_checkpoint_config(tmp_path, {}, {**block, "format_version": 2})
+    with pytest.raises(UserError, match="format_version 2"):
+        checkpoint.read_checkpoint_config(tmp_path)
+    with pytest.raises(UserError, match="has no params/"):
+        checkpoint.restore_params(tmp_path / "nothing")
+
+
+def rewrite_single(folder: str, edit) -> None:
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def edit_config(folder: str, **fields) -> None:
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(fields)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+
+
+def first_shard(folder: str) -> str:
+    return sorted(glob.glob(os.path.join(folder, "model-*.safetensors")))[0]
+
+
+def truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+
+
+def corrupt_header(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write(b"#" * 16)
+
+
+BAD_INPUTS = {
+    "missing tensor": ("tied", lambda d: rewrite_single(
+        d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+        r"no tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"),
+    "mis-shaped tensor": ("tied", lambda d: rewrite_single(
+        d, lambda t: t.update({"model.norm.weight": np.ones(47, np.float32)})),
+        r"'model\.norm\.weight' .* shape \[47\] but config\.json implies \[48\]"),
+    "extra tensor": ("tied", lambda d: rewrite_single(
+        d, lambda t: t.update({"model.layers.0.mlp.up_proj.bias": np.ones(120, np.float32)})),
+        r"unexpected tensor 'model\.layers\.0\.mlp\.up_proj\.bias'"),
+    "integer tensor": ("tied", lambda d: rewrite_single(
+        d, lambda t: t.update({"model.norm.weight": np.ones(48, np.int32)})),
+        r"'model\.norm\.weight' .* dtype I32"),
+    "truncated shard": ("sharded", lambda d: truncate(first_shard(d)),
+                        r"model-00001-of-00011\.safetensors is not a readable safetensors file"),
+    "corrupt header": ("sharded", lambda d: corrupt_header(first_shard(d)),
+                       r"model-00001-of-00011\.safetensors is not a readable safetensors file"),
+    "missing shard": ("sharded", lambda d: os.remove(first_shard(d)),
+                      r"lists model-00001-of-00011\.safetensors but"),
+    "no safetensors": ("tied", lambda d: os.remove(os.path.join(d, "model.safetensors")),
+                       r"has no model\.safetensors"),
+    "missing config": ("tied", lambda d: os.remove(os.path.join(d, "config.json")),
+                       r"has no config\.json"),
+    "gelu": ("tied", lambda d: edit_config(d, hidden_act="gelu"), r"'hidden_act' is 'gelu'"),
+    "mlp bias": ("tied", lambda d: edit_config(d, mlp_bias=True), r"'mlp_bias' is true"),
+    "gpt2": ("tied", lambda d: edit_config(d, model_type="gpt2", architectures=None),
+             r"'model_type' is 'gpt2'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_leaves_nothing(case, request, tmp_path):
+    fixture, damage, message = BAD_INPUTS[case]
+    src = shutil.copytree(request.getfixturevalue(fixture), tmp_path / "src")
+    damage(str(src))
+    before = sorted(os.listdir(src))
+    with pytest.raises(UserError, match=message):
+        convert(src, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+    assert sorted(os.listdir(src)) == before
+
+
+def test_ignores_rotary_inv_freq(tied, tmp_path):
+    src = shutil.copytree(tied, tmp_path / "src")
+    rewrite_single(str(src), lambda t: t.update(
+        {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(6, np.float32)}))
+    assert_trees_equal(convert_in_memory(src, dtype="float32")[1], expected_params(tied))
+
+
+def test_existing_output_needs_overwrite(tied, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
+        convert(tied, out)
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    convert(tied, out, overwrite=True)
+    assert "keep.txt" not in os.listdir(out) and checkpoint.is_checkpoint(out)
+    assert leftovers(tmp_path) == []
+
+
+def test_failure_keeps_existing_output(tied, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_params", fail)
+    with pytest.raises(OSError, match="disk full"):
+        convert(tied, out, overwrite=True)
+    assert os.listdir(out) == ["keep.txt"]
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["inside", "same", "parent"])
+def test_output_and_source_must_not_nest(tied, tmp_path, where):
+    src = shutil.copytree(tied, tmp_path / "src")
+    before = sorted(os.listdir(src))
+    out = {"inside": src / "converted", "same": src, "parent": tmp_path}[where]
+    with pytest.raises(UserError, match="is inside the"):
+        convert(src, out, overwrite=True)  # the case that could destroy the source
+    assert sorted(os.listdir(src)) == before
+
+
+@pytest.mark.parametrize("alpha, message", [([1.0], "has 1 values but the model has 2 layers"),
+                                            (0.0, "positive and finite"),
+                                            (float("nan"), "positive and finite")])
+def test_bad_alpha(tied, tmp_path, alpha, message):
+    with pytest.raises(UserError, match=message):
+        convert(tied, tmp_path / "out", alpha=alpha)
+    assert os.listdir(tmp_path) == []
+
+
+def test_hub_id_without_huggingface_hub(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(UserError, match="huggingface_hub is not installed"):
+        convert("some-org/some-model", tmp_path / "out")
+
+
+def test_hub_download(tied, tmp_path, monkeypatch):
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        if repo_id == "org/offline":
+            raise ConnectionError("no network")
+        return tied
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub",
+                        types.SimpleNamespace(snapshot_download=snapshot_download))
+    with pytest.raises(UserError, match="could not be downloaded .*ConnectionError"):
+        convert("org/offline", tmp_path / "a")
+    out = convert("org/model", tmp_path / "b")
+    assert checkpoint.read_checkpoint_config(out)[1]["source"] == "org/model"
+    assert "*.safetensors" in calls[-1][1] and "tokenizer.model" in calls[-1][1]
+    with pytest.raises(UserError, match="does not exist"):
+        convert(str(tmp_path / "no" / "such" / "folder"), tmp_path / "c")
+
+
+def test_cli(tied, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main([tied, out, "--dtype", "float32", "--alpha", "2"]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.startswith("converted ") and "float32" in stdout and "MiB" in stdout
+    assert checkpoint.read_checkpoint_config(out)[1]["alpha"] == [2.0] * LAYERS
+    assert main([tied, out]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"error: {out} already exists; pass --overwrite to "
+                                         "replace it."]
+    assert "Traceback" not in captured.err and captured.out == ""
