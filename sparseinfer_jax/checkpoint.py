@@ -62,8 +62,9 @@ def _is_float(dtype: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.floating)
 
 
-def restore_params(path: str | os.PathLike, *, shardings: Any = None,
-                   dtype: Any = None) -> dict[str, Any]:
+def restore_params(
+    path: str | os.PathLike, *, shardings: Any = None, dtype: Any = None
+) -> dict[str, Any]:
     """Reads `path/params/` straight onto devices.
 
     Args:
@@ -78,8 +79,9 @@ def restore_params(path: str | os.PathLike, *, shardings: Any = None,
     """
     params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
     if not os.path.isdir(params_dir):
-        raise UserError(f"{path} has no {PARAMS_DIR}/ folder; convert the model with "
-                        "sparseinfer-convert first.")
+        raise UserError(
+            f"{path} has no {PARAMS_DIR}/ folder; convert the model with sparseinfer-convert first."
+        )
     with _checkpointer() as ckpt:
         meta = ckpt.metadata(params_dir).item_metadata.tree
         if shardings is None:
@@ -92,15 +94,20 @@ def restore_params(path: str | os.PathLike, *, shardings: Any = None,
 
         args = jax.tree.map(restore_args, meta, shardings)
         target = jax.tree.map(
-            lambda m, a: jax.ShapeDtypeStruct(m.shape, a.dtype, sharding=a.sharding), meta, args)
+            lambda m, a: jax.ShapeDtypeStruct(m.shape, a.dtype, sharding=a.sharding), meta, args
+        )
         return ckpt.restore(params_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=args))
 
 
 def sparseinfer_block(alpha: list[float], dtype: str, source: str) -> dict[str, Any]:
     """The `sparseinfer` block of a checkpoint's config.json."""
     assert dtype in DTYPES, dtype
-    return {"format_version": FORMAT_VERSION, "alpha": [float(a) for a in alpha], "dtype": dtype,
-            "source": source}
+    return {
+        "format_version": FORMAT_VERSION,
+        "alpha": [float(a) for a in alpha],
+        "dtype": dtype,
+        "source": source,
+    }
 
 
 def _sibling(path: str, tag: str) -> str:
@@ -109,8 +116,9 @@ def _sibling(path: str, tag: str) -> str:
     return os.path.join(head, f".{tail}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def write_checkpoint_config(path: str | os.PathLike, hf_dict: dict[str, Any],
-                            block: dict[str, Any]) -> None:
+def write_checkpoint_config(
+    path: str | os.PathLike, hf_dict: dict[str, Any], block: dict[str, Any]
+) -> None:
     """Writes `path/config.json` = `hf_dict` plus the `sparseinfer` block, atomically."""
     config = {k: v for k, v in hf_dict.items() if k != BLOCK_KEY}
     config[BLOCK_KEY] = block
@@ -130,8 +138,9 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[dict[str, Any], dic
     """Reads `path/config.json` -> (HF config dict without the block, `sparseinfer` block)."""
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):
-        raise UserError(f"{path} has no {CONFIG_FILE}; point to a folder made by "
-                        "sparseinfer-convert.")
+        raise UserError(
+            f"{path} has no {CONFIG_FILE}; point to a folder made by sparseinfer-convert."
+        )
     try:
         with open(file) as f:
             config = json.load(f)
@@ -139,11 +148,14 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[dict[str, Any], dic
         raise UserError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}).") from None
     block = config.pop(BLOCK_KEY, None)
     if not isinstance(block, dict):
-        raise UserError(f"{file} has no '{BLOCK_KEY}' block; convert the model with "
-                        "sparseinfer-convert first.")
+        raise UserError(
+            f"{file} has no '{BLOCK_KEY}' block; convert the model with sparseinfer-convert first."
+        )
     if block.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{file} has checkpoint format_version {block.get('format_version')}, this "
-                        f"version reads {FORMAT_VERSION}; convert the model again.")
+        raise UserError(
+            f"{file} has checkpoint format_version {block.get('format_version')}, this "
+            f"version reads {FORMAT_VERSION}; convert the model again."
+        )
     return config, block
 
 
@@ -164,8 +176,9 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False) -> None:
         if not overwrite:
             raise UserError(f"{out} already exists; pass --overwrite to replace it.")
         if not os.path.isdir(out) or os.path.islink(out):
-            raise UserError(f"{out} exists and is not a folder; remove it or choose another "
-                            "output.")
+            raise UserError(
+                f"{out} exists and is not a folder; remove it or choose another output."
+            )
 
 
 @contextlib.contextmanager

@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any
 
+import numpy as np
+
 from sparseinfer_jax.errors import UserError
 
 ACTIVATIONS = ("relu", "fatrelu", "silu")
@@ -20,7 +22,7 @@ FATRELU_THRESHOLD_FIELD = "hidden_act_param"
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding settings, normalised from `rope_theta`/`rope_scaling` or `rope_parameters`."""
+    """RoPE settings, from `rope_theta` + `rope_scaling` or from `rope_parameters`."""
 
     rope_type: str = "default"
     theta: float = 10000.0
@@ -67,7 +69,10 @@ class LlamaConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The Hugging Face `config.json` fields this config was built from."""
-        rope_parameters: dict[str, Any] = {"rope_type": self.rope.rope_type, "rope_theta": self.rope.theta}
+        rope_parameters: dict[str, Any] = {
+            "rope_type": self.rope.rope_type,
+            "rope_theta": self.rope.theta,
+        }
         if self.rope.rope_type != "default":
             rope_parameters["factor"] = self.rope.factor
         if self.rope.rope_type == "llama3":
@@ -128,8 +133,10 @@ def _rope_config(hf: dict[str, Any], max_positions: int) -> RopeConfig:
         raise UserError(f"config.json field 'rope_scaling.factor' must be >= 1, got {factor}.")
     original = params.get("original_max_position_embeddings")
     if rope_type == "llama3" and original is None:
-        raise UserError("config.json field 'rope_scaling.original_max_position_embeddings' is "
-                        "required for llama3 rope scaling.")
+        raise UserError(
+            "config.json field 'rope_scaling.original_max_position_embeddings' is "
+            "required for llama3 rope scaling."
+        )
     return RopeConfig(
         rope_type=rope_type,
         theta=float(params.get("rope_theta", 10000.0)),
@@ -168,7 +175,9 @@ def config_from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
         )
     for bias in ("attention_bias", "mlp_bias"):
         if hf.get(bias):
-            raise UserError(f"config.json field '{bias}' is true; biased Llama layers are not supported.")
+            raise UserError(
+                f"config.json field '{bias}' is true; biased Llama layers are not supported."
+            )
     act = hf.get("hidden_act", "silu")
     if act not in ACTIVATIONS:
         raise UserError(
@@ -232,3 +241,15 @@ def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
 def default_alpha(num_layers: int) -> list[float]:
     """The alpha a freshly converted checkpoint gets: 1.0 per layer (the paper's plain majority)."""
     return [1.0] * num_layers
+
+
+def alpha_per_layer(alpha: Any, num_layers: int) -> np.ndarray:
+    """Checks alpha (one positive number or one per layer; inf keeps all) -> `[L]` float32."""
+    a = np.asarray(alpha, np.float32)
+    if a.ndim == 0:
+        a = np.full((num_layers,), a)
+    if a.shape != (num_layers,) or np.any(np.isnan(a)) or np.any(a <= 0):
+        raise UserError(
+            f"alpha must be a positive number or {num_layers} positive numbers, one per layer."
+        )
+    return a

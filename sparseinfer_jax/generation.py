@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparseinfer_jax.config import alpha_per_layer
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.mlp import BACKENDS, MODES, STAT_FIELDS
 from sparseinfer_jax.model import KVCache, Llama
@@ -63,15 +64,21 @@ class LayerStats:
     precision: np.ndarray | None = None
 
     @classmethod
-    def from_sums(cls, sums: np.ndarray, steps: int, num_neurons: int, diagnostic: bool) -> LayerStats:
+    def from_sums(
+        cls, sums: np.ndarray, steps: int, num_neurons: int, diagnostic: bool
+    ) -> LayerStats:
         s = dict(zip(STAT_FIELDS, np.asarray(sums, np.float64).T, strict=True))
         total = np.maximum(s["rows"] * num_neurons, 1)
-        out = dict(predicted_sparsity=1 - s["predicted_active"] / total,
-                   computed_fraction=s["computed"] / max(steps * num_neurons, 1))
+        out = dict(
+            predicted_sparsity=1 - s["predicted_active"] / total,
+            computed_fraction=s["computed"] / max(steps * num_neurons, 1),
+        )
         if diagnostic:
-            out.update(true_sparsity=1 - s["true_active"] / total,
-                       recall=s["both_active"] / np.maximum(s["true_active"], 1),
-                       precision=s["both_active"] / np.maximum(s["predicted_active"], 1))
+            out.update(
+                true_sparsity=1 - s["true_active"] / total,
+                recall=s["both_active"] / np.maximum(s["true_active"], 1),
+                precision=s["both_active"] / np.maximum(s["predicted_active"], 1),
+            )
         return cls(**out)
 
 
@@ -99,8 +106,25 @@ def compilation_count() -> int:
     return len(_COMPILED)
 
 
-def _program(state, tokens, pad, max_steps, temperature, top_p, alpha, key, *, graphdef,
-             new_slots, mode, backend, stats, top_k, eos_ids, pad_id):
+def _program(
+    state,
+    tokens,
+    pad,
+    max_steps,
+    temperature,
+    top_p,
+    alpha,
+    key,
+    *,
+    graphdef,
+    new_slots,
+    mode,
+    backend,
+    stats,
+    top_k,
+    eos_ids,
+    pad_id,
+):
     """Prefill + decode loop. tokens `[B, P]` left-padded, pad `[B]` pad counts."""
     model: Llama = nnx.merge(graphdef, state)
     model.layers.mlp.alpha.value = alpha
@@ -113,7 +137,9 @@ def _program(state, tokens, pad, max_steps, temperature, top_p, alpha, key, *, g
     cache = KVCache.zeros(cfg, b, p + new_slots, model.dtype)
     positions = jnp.maximum(jnp.arange(p)[None, :] - pad[:, None], 0).astype(jnp.int32)
     mask = (slots[None, :] <= jnp.arange(p)[:, None])[None] & valid[:, None, :]
-    hidden, cache, _ = model.forward(tokens, positions, mask, cache, 0, mode="dense", backend=backend)
+    hidden, cache, _ = model.forward(
+        tokens, positions, mask, cache, 0, mode="dense", backend=backend
+    )
     key, sub = jax.random.split(key)
     tok = sample(model.logits(hidden[:, -1:])[:, 0], sub, temperature, top_p, top_k=top_k)
     done = jnp.isin(tok, eos)
@@ -129,8 +155,9 @@ def _program(state, tokens, pad, max_steps, temperature, top_p, alpha, key, *, g
         slot = p + step - 1
         positions = (slot - pad)[:, None].astype(jnp.int32)
         mask = ((slots <= slot)[None, :] & valid)[:, None, :]
-        hidden, cache, layer_stats = model.forward(tok[:, None], positions, mask, cache, slot,
-                                                   mode=mode, backend=backend, stats=stats)
+        hidden, cache, layer_stats = model.forward(
+            tok[:, None], positions, mask, cache, slot, mode=mode, backend=backend, stats=stats
+        )
         key, sub = jax.random.split(key)
         new = sample(model.logits(hidden)[:, 0], sub, temperature, top_p, top_k=top_k)
         new = jnp.where(done, pad_id, new)
@@ -157,15 +184,27 @@ def _encode(prompts, tokenizer) -> list[list[int]]:
         raise UserError("generate got no prompts; pass a string, a list of strings or token ids.")
     if all(isinstance(p, str) for p in prompts):
         if tokenizer is None:
-            raise UserError("generate got text prompts but no tokenizer; pass tokenizer=... or ids.")
+            raise UserError(
+                "generate got text prompts but no tokenizer; pass tokenizer=... or ids."
+            )
         return [tokenizer.encode(p) for p in prompts]
-    if all(isinstance(p, Sequence) and all(isinstance(t, int | np.integer) for t in p) for p in prompts):
+    if all(
+        isinstance(p, Sequence) and all(isinstance(t, int | np.integer) for t in p) for p in prompts
+    ):
         return [list(map(int, p)) for p in prompts]
     raise UserError("prompts must be a string, a list of strings, or a list of token id lists.")
 
 
-def _check(model: Llama, ids: list[list[int]], max_new_tokens: int, mode: str, backend: str,
-           stats: str | None, top_p: float, temperature: float) -> None:
+def _check(
+    model: Llama,
+    ids: list[list[int]],
+    max_new_tokens: int,
+    mode: str,
+    backend: str,
+    stats: str | None,
+    top_p: float,
+    temperature: float,
+) -> None:
     if any(len(row) == 0 for row in ids):
         raise UserError("a prompt is empty after tokenisation; give at least one token per prompt.")
     vocab = model.config.vocab_size
@@ -180,8 +219,10 @@ def _check(model: Llama, ids: list[list[int]], max_new_tokens: int, mode: str, b
     if stats not in STATS:
         raise UserError(f"stats must be one of {STATS}, got {stats!r}.")
     if mode != "dense" and not model.config.is_relu_family:
-        raise UserError(f"mode '{mode}' needs a ReLU-family activation; this model uses "
-                        f"'{model.config.hidden_act}', run it with mode='dense'.")
+        raise UserError(
+            f"mode '{mode}' needs a ReLU-family activation; this model uses "
+            f"'{model.config.hidden_act}', run it with mode='dense'."
+        )
     if not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1], got {top_p}.")
     if temperature < 0:
@@ -189,22 +230,29 @@ def _check(model: Llama, ids: list[list[int]], max_new_tokens: int, mode: str, b
 
 
 def _alpha_array(model: Llama, alpha) -> jnp.ndarray:
-    layers = model.config.num_hidden_layers
     if alpha is None:
         return jnp.asarray(model.layers.mlp.alpha[...], jnp.float32)
-    a = np.asarray(alpha, np.float32)
-    if a.ndim == 0:
-        a = np.full((layers,), a)
-    if a.shape != (layers,) or np.any(np.isnan(a)) or np.any(a <= 0):
-        raise UserError(f"alpha must be a positive number or {layers} positive numbers, one per layer.")
-    return jnp.asarray(a)
+    return jnp.asarray(alpha_per_layer(alpha, model.config.num_hidden_layers))
 
 
-def generate(model: Llama, prompts, *, tokenizer=None, max_new_tokens: int = 32,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, stop_at_eos: bool = True, mode: str | None = None,
-             backend: str | None = None, alpha=None, stats: str | None = None,
-             eos_token_ids: Sequence[int] | None = None, timing: bool = True) -> GenerationResult:
+def generate(
+    model: Llama,
+    prompts,
+    *,
+    tokenizer=None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+    mode: str | None = None,
+    backend: str | None = None,
+    alpha=None,
+    stats: str | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+    timing: bool = True,
+) -> GenerationResult:
     """Generates continuations of a batch of prompts with one compiled program.
 
     Args:
@@ -232,21 +280,37 @@ def generate(model: Llama, prompts, *, tokenizer=None, max_new_tokens: int = 32,
     if top_k is not None and top_k < 1:
         raise UserError(f"top_k must be at least 1, got {top_k}.")
     cfg = model.config
-    eos_ids = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids) if stop_at_eos else ()
+    eos_ids = (
+        tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids) if stop_at_eos else ()
+    )
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids or (0,))[0]
     longest = max(len(row) for row in ids)
     p, n = bucket(longest), bucket(max_new_tokens)
     tokens = np.full((len(ids), p), pad_id, np.int32)
     for i, row in enumerate(ids):
-        tokens[i, p - len(row):] = row
+        tokens[i, p - len(row) :] = row
     pad = np.asarray([p - len(row) for row in ids], np.int32)
 
     graphdef, state = nnx.split(model)
-    statics = dict(new_slots=n, mode=mode, backend=backend, stats=stats, top_k=top_k,
-                   eos_ids=eos_ids, pad_id=int(pad_id))
-    args = (state, jnp.asarray(tokens), jnp.asarray(pad), jnp.int32(max_new_tokens),
-            jnp.float32(temperature), jnp.float32(top_p), _alpha_array(model, alpha),
-            jax.random.key(seed))
+    statics = dict(
+        new_slots=n,
+        mode=mode,
+        backend=backend,
+        stats=stats,
+        top_k=top_k,
+        eos_ids=eos_ids,
+        pad_id=int(pad_id),
+    )
+    args = (
+        state,
+        jnp.asarray(tokens),
+        jnp.asarray(pad),
+        jnp.int32(max_new_tokens),
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        _alpha_array(model, alpha),
+        jax.random.key(seed),
+    )
     cache_key = (graphdef, tokens.shape, tuple(sorted(statics.items())))
     compile_s = 0.0
     if cache_key not in _COMPILED:
@@ -274,10 +338,19 @@ def generate(model: Llama, prompts, *, tokenizer=None, max_new_tokens: int = 32,
         decode = max(total_s - prefill_s, 0.0) / (steps - 1)
     layer_stats = None
     if stats is not None:
-        layer_stats = LayerStats.from_sums(np.asarray(stat_sums), steps - 1, cfg.intermediate_size,
-                                           stats == "diagnostic")
+        layer_stats = LayerStats.from_sums(
+            np.asarray(stat_sums), steps - 1, cfg.intermediate_size, stats == "diagnostic"
+        )
     text = None
     if tokenizer is not None:
-        text = [tokenizer.decode(row[:length].tolist()) for row, length in zip(out, lengths, strict=True)]
-    return GenerationResult(tokens=out, lengths=lengths, text=text, stats=layer_stats,
-                            timing=Timing(compile_s, prefill_s, decode, total_s, steps))
+        text = [
+            tokenizer.decode(row[:length].tolist())
+            for row, length in zip(out, lengths, strict=True)
+        ]
+    return GenerationResult(
+        tokens=out,
+        lengths=lengths,
+        text=text,
+        stats=layer_stats,
+        timing=Timing(compile_s, prefill_s, decode, total_s, steps),
+    )

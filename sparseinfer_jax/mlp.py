@@ -52,7 +52,9 @@ class MLP(nnx.Module):
         self.down_t = nnx.Param(init(rngs.params(), (f, d), dtype))
         self.gate_sign_bits = SignBits(pack_sign_bits_reference(self.gate[...]))
         self.alpha = Alpha(jnp.float32(1.0))
-        self.activation = "relu" if cfg.hidden_act == "fatrelu" and cfg.act_threshold == 0 else cfg.hidden_act
+        self.activation = (
+            "relu" if cfg.hidden_act == "fatrelu" and cfg.act_threshold == 0 else cfg.hidden_act
+        )
         self.threshold = cfg.act_threshold
 
     def act(self, z: jnp.ndarray) -> jnp.ndarray:
@@ -77,13 +79,20 @@ class MLP(nnx.Module):
 
     def predict(self, x: jnp.ndarray, backend: str) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Sign-bit prediction for `x: [N, D]` -> (union mask `[F]`, per-row mask `[N, F]`)."""
-        active, n_neg = pk.sign_predict(x, self.gate_sign_bits[...], self.alpha[...], backend=backend)
+        active, n_neg = pk.sign_predict(
+            x, self.gate_sign_bits[...], self.alpha[...], backend=backend
+        )
         n_nz = jnp.sum(x != 0, axis=-1, keepdims=True, dtype=jnp.int32)
         per_row = n_neg <= pk.threshold(self.alpha[...], n_nz)
         return active, per_row
 
     def __call__(
-        self, x: jnp.ndarray, *, mode: str = "dense", backend: str = "auto", stats: str | None = None
+        self,
+        x: jnp.ndarray,
+        *,
+        mode: str = "dense",
+        backend: str = "auto",
+        stats: str | None = None,
     ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
         """Applies the MLP.
 
@@ -118,9 +127,16 @@ class MLP(nnx.Module):
                 true_mask = self.hidden(rows) != 0
                 active = jnp.any(true_mask, axis=0)
             idx, computed = pk.compact(active, backend=backend)
-            h = pk.sparse_gate_up(rows, self.gate[...], self.up[...], idx, computed,
-                                  activation=self.activation, threshold=self.threshold,
-                                  backend=backend)
+            h = pk.sparse_gate_up(
+                rows,
+                self.gate[...],
+                self.up[...],
+                idx,
+                computed,
+                activation=self.activation,
+                threshold=self.threshold,
+                backend=backend,
+            )
             y = pk.sparse_down(h, self.down_t[...], idx, computed, backend=backend)
         y = y.reshape(b, t, d)
         if not stats:
@@ -132,5 +148,12 @@ class MLP(nnx.Module):
         if predicted is None:
             predicted = self.predict(rows, backend)[1]
         count = lambda m: jnp.sum(m, dtype=jnp.int32)  # noqa: E731
-        return y, jnp.stack([jnp.int32(b * t), count(predicted), count(true_mask),
-                             count(predicted & true_mask), computed.astype(jnp.int32)])
+        return y, jnp.stack(
+            [
+                jnp.int32(b * t),
+                count(predicted),
+                count(true_mask),
+                count(predicted & true_mask),
+                computed.astype(jnp.int32),
+            ]
+        )

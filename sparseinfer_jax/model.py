@@ -44,15 +44,27 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(din: int, dout: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=False, dtype=dtype, param_dtype=dtype,
-                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
 
 
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE, over a KV cache when one is given."""
 
     def __init__(self, cfg: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d, h, k, hd = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.q_proj = _linear(d, h * hd, dtype, rngs)
         self.k_proj = _linear(d, k * hd, dtype, rngs)
         self.v_proj = _linear(d, k * hd, dtype, rngs)
@@ -60,7 +72,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-        """Attends `x: [B, T, D]` to itself, or to the cache after writing its keys at `cache_index`.
+        """Attends `x: [B, T, D]` to itself, or to the cache after writing its keys there.
 
         Args:
           mask: `[B, T, S]` bool, True where a query may see a key slot.
@@ -78,7 +90,7 @@ class Attention(nnx.Module):
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (self.head_dim ** -0.5)
+        scores = scores * (self.head_dim**-0.5)
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
@@ -96,20 +108,29 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, mask, cache, cache_index, *, mode, backend, stats):
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
         x = x + attn
-        mlp, layer_stats = self.mlp(self.post_attention_layernorm(x), mode=mode, backend=backend,
-                                    stats=stats)
+        mlp, layer_stats = self.mlp(
+            self.post_attention_layernorm(x), mode=mode, backend=backend, stats=stats
+        )
         return x + mlp, cache, layer_stats
 
 
 class Llama(nnx.Module):
     """A Llama causal LM. `model(input_ids)` returns logits `[B, T, V]` like `LlamaForCausalLM`."""
 
-    def __init__(self, cfg: LlamaConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs,
-                 mode: str = "dense", backend: str = "auto"):
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+        mode: str = "dense",
+        backend: str = "auto",
+    ):
         self.config = cfg
         self.mode, self.backend = mode, backend
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                      param_dtype=dtype, rngs=rngs)
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
 
         @nnx.split_rngs(splits=cfg.num_hidden_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -128,11 +149,25 @@ class Llama(nnx.Module):
     def logits(self, x: jnp.ndarray) -> jnp.ndarray:
         """Final norm and LM head: `[B, T, D]` -> `[B, T, V]` float32."""
         x = self.norm(x)
-        w = self.embed_tokens.embedding[...].T if self.config.tie_word_embeddings else self.lm_head.kernel[...]
+        w = (
+            self.embed_tokens.embedding[...].T
+            if self.config.tie_word_embeddings
+            else self.lm_head.kernel[...]
+        )
         return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
-    def forward(self, input_ids, positions, mask, cache: KVCache | None = None, cache_index=None,
-                *, mode: str = "dense", backend: str = "auto", stats: str | None = None):
+    def forward(
+        self,
+        input_ids,
+        positions,
+        mask,
+        cache: KVCache | None = None,
+        cache_index=None,
+        *,
+        mode: str = "dense",
+        backend: str = "auto",
+        stats: str | None = None,
+    ):
         """The decoder stack.
 
         Args:
@@ -152,15 +187,22 @@ class Llama(nnx.Module):
         def body(x, scanned):
             layer_state, layer_cache = scanned
             layer = nnx.merge(graphdef, layer_state)
-            x, layer_cache, layer_stats = layer(x, cos, sin, mask, layer_cache, cache_index,
-                                                mode=mode, backend=backend, stats=stats)
+            x, layer_cache, layer_stats = layer(
+                x, cos, sin, mask, layer_cache, cache_index, mode=mode, backend=backend, stats=stats
+            )
             return x, (layer_cache, layer_stats)
 
         x, (new_cache, layer_stats) = jax.lax.scan(body, x, (state, cache))
         return x, (None if cache is None else KVCache(*new_cache)), layer_stats
 
-    def __call__(self, input_ids: jnp.ndarray, attention_mask: jnp.ndarray | None = None, *,
-                 mode: str | None = None, backend: str | None = None) -> jnp.ndarray:
+    def __call__(
+        self,
+        input_ids: jnp.ndarray,
+        attention_mask: jnp.ndarray | None = None,
+        *,
+        mode: str | None = None,
+        backend: str | None = None,
+    ) -> jnp.ndarray:
         """Full forward without a cache: `input_ids: [B, T]` -> logits `[B, T, V]` float32.
 
         `attention_mask: [B, T]` (1 = token, 0 = left padding) as in transformers; mode and backend
@@ -171,6 +213,7 @@ class Llama(nnx.Module):
         positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
         causal = jnp.tril(jnp.ones((t, t), bool))
         mask = causal[None] & valid[:, None, :]
-        x, _, _ = self.forward(input_ids, positions, mask, mode=mode or self.mode,
-                               backend=backend or self.backend)
+        x, _, _ = self.forward(
+            input_ids, positions, mask, mode=mode or self.mode, backend=backend or self.backend
+        )
         return self.logits(x)

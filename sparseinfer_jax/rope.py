@@ -1,9 +1,10 @@
-"""Rotary position embeddings with the rope types of Hugging Face Llama (default, linear, dynamic, llama3)."""
+"""Rotary position embeddings with HF Llama's rope types: default, linear, dynamic, llama3."""
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -18,13 +19,15 @@ def _base_inv_freq(theta: float | jnp.ndarray, head_dim: int) -> jnp.ndarray:
 def _llama3_inv_freq(cfg: LlamaConfig) -> np.ndarray:
     """Llama 3 scaling: long wavelengths divided by `factor`, short kept, a smooth ramp between."""
     rope = cfg.rope
-    inv_freq = np.asarray(_base_inv_freq(rope.theta, cfg.head_dim))
+    inv_freq = 1.0 / rope.theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
     old_len = rope.original_max_position_embeddings
     low_wavelen = old_len / rope.low_freq_factor
     high_wavelen = old_len / rope.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
-    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
@@ -47,17 +50,22 @@ def inv_freq(cfg: LlamaConfig, seq_len: jnp.ndarray | None = None) -> jnp.ndarra
         max_len = cfg.max_position_embeddings
         seq_len = jnp.maximum(jnp.asarray(seq_len, jnp.float32), max_len)
         dim = cfg.head_dim
-        base = rope.theta * ((rope.factor * seq_len / max_len) - (rope.factor - 1)) ** (dim / (dim - 2))
+        base = rope.theta * ((rope.factor * seq_len / max_len) - (rope.factor - 1)) ** (
+            dim / (dim - 2)
+        )
         return _base_inv_freq(base, dim)
     return _base_inv_freq(rope.theta, cfg.head_dim)
 
 
 def rope_tables(cfg: LlamaConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos and sin for `positions: [B, T]` int -> two `[B, T, head_dim]` float32 arrays."""
-    seq_len = None
     if cfg.rope.rope_type == "dynamic":
-        seq_len = jnp.max(positions) + 1
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq(cfg, seq_len)
+        # Per row, so a row's result does not depend on what it is batched with.
+        seq_len = jnp.max(positions, axis=1) + 1
+        freqs_per_row = jax.vmap(lambda n: inv_freq(cfg, n))(seq_len)[:, None, :]
+    else:
+        freqs_per_row = inv_freq(cfg)
+    freqs = positions[..., None].astype(jnp.float32) * freqs_per_row
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 

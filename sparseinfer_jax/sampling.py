@@ -6,8 +6,14 @@ import jax
 import jax.numpy as jnp
 
 
-def sample(logits: jnp.ndarray, key: jax.Array, temperature: jnp.ndarray, top_p: jnp.ndarray,
-           *, top_k: int | None) -> jnp.ndarray:
+def sample(
+    logits: jnp.ndarray,
+    key: jax.Array,
+    temperature: jnp.ndarray,
+    top_p: jnp.ndarray,
+    *,
+    top_k: int | None,
+) -> jnp.ndarray:
     """Picks one token per row.
 
     Args:

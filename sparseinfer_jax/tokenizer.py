@@ -9,7 +9,7 @@ from sparseinfer_jax.errors import UserError
 
 
 class Tokenizer:
-    """A Hugging Face fast tokenizer (`tokenizer.json`) plus the BOS rule of `tokenizer_config.json`."""
+    """An HF fast tokenizer (`tokenizer.json`) plus the BOS rule of `tokenizer_config.json`."""
 
     def __init__(self, folder: str):
         from tokenizers import Tokenizer as HFTokenizer
@@ -52,6 +52,8 @@ def load_tokenizer(folder: str) -> Tokenizer | None:
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         return Tokenizer(folder)
     if os.path.isfile(os.path.join(folder, "tokenizer.model")):
-        raise UserError(f"{folder} has only tokenizer.model; save a fast tokenizer.json next to it "
-                        "(transformers: AutoTokenizer.from_pretrained(folder).save_pretrained(folder)).")
+        raise UserError(
+            f"{folder} has only tokenizer.model; save a fast tokenizer.json next to it "
+            "(transformers: AutoTokenizer.from_pretrained(folder).save_pretrained(folder))."
+        )
     return None

@@ -40,12 +40,20 @@ def write_tokenizer(folder: str, vocab_size: int) -> None:
     tok.add_special_tokens(["<pad>", "<s>", "</s>"])
     tok.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-                   "add_bos_token": True}, f)
+        json.dump(
+            {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": True},
+            f,
+        )
 
 
-def make_hf_checkpoint(folder: str, *, seed: int = 0, max_shard_size: str | None = None,
-                       fatrelu_threshold: float | None = None, **overrides) -> str:
+def make_hf_checkpoint(
+    folder: str,
+    *,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    fatrelu_threshold: float | None = None,
+    **overrides,
+) -> str:
     """Writes a random tiny `LlamaForCausalLM` (float32) with a tokenizer into `folder`.
 
     `hidden_act="fatrelu"` is not a transformers activation: the model is built with relu and

@@ -59,8 +59,9 @@ def test_sampling_is_seeded_and_greedy_at_zero_temperature(tiny):
     b = generate(model, prompt, max_new_tokens=16, temperature=1.5, seed=1, stop_at_eos=False)
     c = generate(model, prompt, max_new_tokens=16, temperature=1.5, seed=2, stop_at_eos=False)
     greedy = generate(model, prompt, max_new_tokens=16, stop_at_eos=False)
-    top1 = generate(model, prompt, max_new_tokens=16, temperature=1.5, top_k=1, seed=2,
-                    stop_at_eos=False)
+    top1 = generate(
+        model, prompt, max_new_tokens=16, temperature=1.5, top_k=1, seed=2, stop_at_eos=False
+    )
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert not np.array_equal(a.tokens, c.tokens)
     np.testing.assert_array_equal(top1.tokens, greedy.tokens)
@@ -73,15 +74,18 @@ def test_text_prompts_round_trip_through_the_tokenizer(tiny):
     assert out.timing.compile_s >= 0 and out.timing.total_s > 0
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(prompts=["text"]), "tokenizer"),
-    (dict(prompts=[[]]), "empty"),
-    (dict(prompts=[[1000]]), "vocabulary"),
-    (dict(prompts=[[3]], max_new_tokens=0), "max_new_tokens"),
-    (dict(prompts=[[3]], mode="fast"), "mode"),
-    (dict(prompts=[[3]], top_p=0.0), "top_p"),
-    (dict(prompts=[[3]], alpha=[1.0]), "alpha"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(prompts=["text"]), "tokenizer"),
+        (dict(prompts=[[]]), "empty"),
+        (dict(prompts=[[1000]]), "vocabulary"),
+        (dict(prompts=[[3]], max_new_tokens=0), "max_new_tokens"),
+        (dict(prompts=[[3]], mode="fast"), "mode"),
+        (dict(prompts=[[3]], top_p=0.0), "top_p"),
+        (dict(prompts=[[3]], alpha=[1.0]), "alpha"),
+    ],
+)
 def test_bad_arguments_raise_user_errors(tiny, kwargs, match):
     model, _ = tiny
     prompts = kwargs.pop("prompts")

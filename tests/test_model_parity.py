@@ -20,14 +20,26 @@ CASES = {
     "gqa_untied_relu": {},
     "mha_tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
     "rope_linear": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
-    "rope_llama3": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0,
-                                      "original_max_position_embeddings": 32}),
+    "rope_llama3": dict(
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        }
+    ),
     # Sequences below run past max_position_embeddings, so the NTK base really changes.
-    "rope_dynamic": dict(max_position_embeddings=24,
-                         rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
-    "odd_sizes_fatrelu": dict(hidden_size=40, intermediate_size=70, num_attention_heads=4,
-                              num_key_value_heads=1, hidden_act="fatrelu"),
+    "rope_dynamic": dict(
+        max_position_embeddings=24, rope_scaling={"rope_type": "dynamic", "factor": 2.0}
+    ),
+    "odd_sizes_fatrelu": dict(
+        hidden_size=40,
+        intermediate_size=70,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        hidden_act="fatrelu",
+    ),
     "silu_dense_only": dict(hidden_act="silu"),
 }
 
@@ -53,7 +65,8 @@ def torch_reference(folder: str):
     if act == "fatrelu":
         cfg["hidden_act"] = "relu"
     model = transformers.LlamaForCausalLM.from_pretrained(
-        folder, config=transformers.LlamaConfig(**cfg), dtype=torch.float32).eval()
+        folder, config=transformers.LlamaConfig(**cfg), dtype=torch.float32
+    ).eval()
     if act == "fatrelu":
         for layer in model.model.layers:
             layer.mlp.act_fn = FATReLU(cfg["hidden_act_param"])
@@ -87,7 +100,9 @@ def test_left_padded_logits_match_unpadded(pair):
     mask = np.concatenate([np.zeros((1, 5)), np.ones((1, 12))], axis=1)
     alone = np.asarray(model(jnp.asarray(ids)))
     batched = np.asarray(model(jnp.asarray(padded), jnp.asarray(mask)))[:, 5:]
-    np.testing.assert_allclose(batched, alone, rtol=LOGITS_RTOL, atol=LOGITS_RTOL * np.abs(alone).max())
+    np.testing.assert_allclose(
+        batched, alone, rtol=LOGITS_RTOL, atol=LOGITS_RTOL * np.abs(alone).max()
+    )
 
 
 def test_greedy_generation_matches_transformers_token_for_token(pair):
@@ -98,6 +113,11 @@ def test_greedy_generation_matches_transformers_token_for_token(pair):
     assert result.tokens.shape == (2, NEW_TOKENS)
     for row, prompt in enumerate(prompts):
         with torch.no_grad():
-            ref = ref_model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS,
-                                     do_sample=False, eos_token_id=None, pad_token_id=0)
-        np.testing.assert_array_equal(result.tokens[row], ref[0, len(prompt):].numpy())
+            ref = ref_model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        np.testing.assert_array_equal(result.tokens[row], ref[0, len(prompt) :].numpy())

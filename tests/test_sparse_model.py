@@ -1,0 +1,136 @@
+"""The sparse MLP inside the model: exactness against dense, oracle, backends, one program."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from sparseinfer_jax import generate, load
+from sparseinfer_jax.generation import compilation_count
+
+F32_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from conftest import make_hf_checkpoint
+
+    folder = make_hf_checkpoint(str(tmp_path_factory.mktemp("sparse")))
+    return load(folder, dtype="float32")[0]
+
+
+def first_mlp(model):
+    """Layer 0's MLP as a standalone module (the stacked layers are split along axis 0)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model.layers.mlp)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_sparse_mlp_equals_dense_on_the_predicted_mask(tiny, backend, batch):
+    mlp = first_mlp(tiny)
+    x = jax.random.normal(jax.random.key(batch), (batch, 1, tiny.config.hidden_size))
+    x = x.at[0, 0, :3].set(0.0)
+    for alpha in (0.5, 1.0, 3.0):
+        mlp.alpha.value = jnp.float32(alpha)
+        y, stats = mlp(x, mode="sparse", backend=backend, stats="diagnostic")
+        active, _ = pk.sign_predict(
+            x[:, 0], mlp.gate_sign_bits[...], jnp.float32(alpha), backend="reference"
+        )
+        h = mlp.hidden(x[:, 0])
+        expected = mlp.down(jnp.where(active[None], h, 0.0))
+        np.testing.assert_allclose(y[:, 0], expected, rtol=F32_RTOL, atol=F32_RTOL)
+        assert int(stats[-1]) == int(active.sum())
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_keep_everything_alpha_equals_dense(tiny, backend):
+    mlp = first_mlp(tiny)
+    mlp.alpha.value = jnp.float32(jnp.inf)
+    x = jax.random.normal(jax.random.key(7), (2, 1, tiny.config.hidden_size))
+    sparse, stats = mlp(x, mode="sparse", backend=backend, stats="predicted")
+    dense, _ = mlp(x, mode="dense")
+    np.testing.assert_allclose(sparse, dense, rtol=F32_RTOL, atol=F32_RTOL)
+    assert int(stats[-1]) == tiny.config.intermediate_size
+
+
+def test_xla_path_equals_pallas_path(tiny):
+    mlp = first_mlp(tiny)
+    x = jax.random.normal(jax.random.key(3), (4, 1, tiny.config.hidden_size))
+    a, _ = mlp(x, mode="sparse", backend="xla")
+    b, _ = mlp(x, mode="sparse", backend="pallas")
+    np.testing.assert_allclose(a, b, rtol=F32_RTOL, atol=F32_RTOL)
+
+
+def test_oracle_logits_equal_dense(tiny):
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 96, size=(2, 17)))
+    dense = np.asarray(tiny(ids, mode="dense"))
+    oracle = np.asarray(tiny(ids, mode="oracle"))
+    np.testing.assert_allclose(oracle, dense, rtol=F32_RTOL, atol=F32_RTOL * np.abs(dense).max())
+
+
+def test_sparse_generation_with_keep_everything_alpha_matches_dense(tiny):
+    prompts = [[5, 9, 13], [20, 21, 22, 23, 24, 25, 26]]
+    dense = generate(tiny, prompts, max_new_tokens=24, stop_at_eos=False, mode="dense")
+    for backend in ("xla", "pallas"):
+        sparse = generate(
+            tiny,
+            prompts,
+            max_new_tokens=24,
+            stop_at_eos=False,
+            mode="sparse",
+            backend=backend,
+            alpha=float("inf"),
+        )
+        np.testing.assert_array_equal(sparse.tokens, dense.tokens)
+
+
+def test_oracle_generation_matches_dense(tiny):
+    prompts = [[5, 9, 13, 40]]
+    dense = generate(tiny, prompts, max_new_tokens=24, stop_at_eos=False, mode="dense")
+    oracle = generate(
+        tiny, prompts, max_new_tokens=24, stop_at_eos=False, mode="oracle", backend="xla"
+    )
+    np.testing.assert_array_equal(oracle.tokens, dense.tokens)
+
+
+def test_working_alpha_runs_in_one_program_and_reports_stats(tiny):
+    prompts = [[5, 9, 13, 40]]
+    generate(
+        tiny,
+        prompts,
+        max_new_tokens=20,
+        stop_at_eos=False,
+        mode="sparse",
+        backend="xla",
+        stats="diagnostic",
+    )
+    before = compilation_count()
+    results = [
+        generate(
+            tiny,
+            prompts,
+            max_new_tokens=20,
+            stop_at_eos=False,
+            mode="sparse",
+            backend="xla",
+            alpha=a,
+            stats="diagnostic",
+        )
+        for a in (0.8, 1.0, 2.0)
+    ]
+    assert compilation_count() == before
+    sparsity = [float(r.stats.predicted_sparsity.mean()) for r in results]
+    recall = [float(r.stats.recall.mean()) for r in results]
+    # Larger alpha is more conservative: fewer neurons predicted zero, higher recall.
+    assert sparsity[0] >= sparsity[1] >= sparsity[2]
+    assert recall[0] <= recall[1] <= recall[2]
+    s = results[1].stats
+    assert s.true_sparsity.shape == (tiny.config.num_hidden_layers,)
+    assert np.all((s.recall >= 0) & (s.recall <= 1) & (s.precision >= 0) & (s.precision <= 1))
+    np.testing.assert_allclose(s.computed_fraction, 1 - s.predicted_sparsity, atol=1e-6)
