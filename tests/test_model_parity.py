@@ -121,3 +121,19 @@ def test_greedy_generation_matches_transformers_token_for_token(pair):
                 pad_token_id=0,
             )
         np.testing.assert_array_equal(result.tokens[row], ref[0, len(prompt) :].numpy())
+
+
+def test_bfloat16_checkpoint_agrees_with_float32(tmp_path):
+    from conftest import make_hf_checkpoint
+
+    from convert import convert
+
+    folder = make_hf_checkpoint(str(tmp_path / "hf"))
+    out = convert(folder, str(tmp_path / "bf16"), dtype="bfloat16")
+    model16, _ = load(out)
+    model32, _ = load(folder, dtype="float32")
+    assert model16.dtype == jnp.bfloat16
+    ids = jnp.asarray(np.random.default_rng(3).integers(3, 96, size=(2, 16)))
+    a, b = np.asarray(model16(ids)), np.asarray(model32(ids))
+    # bf16 keeps 8 bits of mantissa: ~1e-2 relative per op, a few ops deep here.
+    assert np.abs(a - b).max() / np.abs(b).max() < 5e-2
