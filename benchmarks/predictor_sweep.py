@@ -35,7 +35,8 @@ def main() -> None:
     step = max(1, len(lines) // args.prompts)
     prompts = [line[:60] for line in lines[::step][: args.prompts]]
     rows = []
-    print(f"{'alpha':>6} {'pred_sparsity':>13} {'true_sparsity':>13} {'recall':>7} {'precision':>9}")
+    header = ("alpha", "pred_sparsity", "true_sparsity", "recall", "precision")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (6, 13, 13, 7, 9), strict=True)))
     for alpha in [float(a) for a in args.alphas.split(",")]:
         r = si.generate(model, prompts, tokenizer=tokenizer, max_new_tokens=args.tokens,
                         stop_at_eos=False, alpha=alpha, stats="diagnostic")
