@@ -78,6 +78,103 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_path(args: argparse.Namespace) -> str:
+    from sparseinfer_jax.loading import SHIPPED_MODEL
+
+    return args.model or args.model_path or SHIPPED_MODEL
+
+
+def _check_text_args(args: argparse.Namespace) -> None:
+    """Fails fast (before loading the model) on a bad text file or window sizes."""
+    from sparseinfer_jax.calibration import read_text
+
+    read_text(args.text)
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise UserError(f"--max-tokens must be at least 2, got {args.max_tokens}.")
+    if args.window < 2:
+        raise UserError(f"--window must be at least 2, got {args.window}.")
+
+
+def _encode_windows(args: argparse.Namespace, tokenizer, model_path: str):
+    from sparseinfer_jax.calibration import read_text, token_windows
+
+    text = read_text(args.text)
+    if tokenizer is None:
+        raise UserError(f"{model_path} has no tokenizer.json, so the text cannot be encoded.")
+    return token_windows(tokenizer.encode(text), args.window, args.max_tokens)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from sparseinfer_jax import checkpoint
+    from sparseinfer_jax.calibration import calibrate, check_targets, format_table
+    from sparseinfer_jax.loading import load
+
+    check_targets(args.target_recall, args.target_sparsity)
+    _check_text_args(args)
+    path = _model_path(args)
+    model, tokenizer = load(path, dtype=args.dtype, mode="dense", backend=args.backend)
+    windows = _encode_windows(args, tokenizer, path)
+    cal = calibrate(
+        model,
+        windows,
+        target_recall=args.target_recall,
+        target_sparsity=args.target_sparsity,
+        progress=True,
+    )
+    target = (
+        f"recall >= {args.target_recall}"
+        if args.target_recall is not None
+        else f"predicted sparsity <= {args.target_sparsity}"
+    )
+    print(f"calibrated on {cal.tokens} tokens for {target}:")
+    print(format_table(cal))
+    alphas = ",".join(f"{a:g}" for a in cal.config_alphas())
+    if args.dry_run:
+        print(f"dry run: nothing written (alpha {alphas})")
+    elif checkpoint.is_checkpoint(path):
+        hf, block = checkpoint.read_checkpoint_config(path)
+        block["alpha"] = cal.config_alphas()
+        checkpoint.write_checkpoint_config(path, hf, block)
+        print(f"wrote alpha {alphas} to {path}/config.json")
+    else:
+        print(
+            f"{path} is not a converted checkpoint, so nothing was written: pass --alpha {alphas}, "
+            "or convert it with sparseinfer-convert and calibrate the checkpoint."
+        )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from sparseinfer_jax.evaluation import evaluate, format_report
+    from sparseinfer_jax.loading import load
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if not modes or bad:
+        raise UserError(f"--modes must be a comma list of {', '.join(MODES)}, got '{args.modes}'.")
+    _check_text_args(args)
+    path = _model_path(args)
+    model, tokenizer = load(path, dtype=args.dtype, backend=args.backend, alpha=args.alpha)
+    windows = _encode_windows(args, tokenizer, path)
+    result = evaluate(model, windows, modes=modes, backend=args.backend, progress=True)
+    print(f"{result['tokens']} tokens in {len(windows)} windows")
+    print(format_report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+def _add_text_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
+    p.add_argument("--window", type=int, default=128, help="tokens per forward window")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseinfer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stats", action="store_true", help="print per-layer predicted sparsity")
     gen.set_defaults(run=_generate)
+    cal = sub.add_parser("calibrate", help="choose each layer's alpha on a text")
+    _add_model_args(cal)
+    _add_text_args(cal)
+    target = cal.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-recall", type=float, default=None, help="in (0, 1]")
+    target.add_argument("--target-sparsity", type=float, default=None, help="in [0, 1)")
+    cal.add_argument("--dry-run", action="store_true", help="print the alphas, write nothing")
+    cal.set_defaults(run=_calibrate)
+    ev = sub.add_parser("eval", help="perplexity and predictor quality per MLP mode")
+    _add_model_args(ev)
+    _add_text_args(ev)
+    ev.add_argument("--modes", default="dense,sparse", help="comma list of " + ",".join(MODES))
+    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.set_defaults(run=_eval)
     return parser
 
 

@@ -1,0 +1,192 @@
+"""Per-layer alpha calibration: the most skipping alpha that meets a recall or sparsity target.
+
+The model runs densely over non-overlapping windows of a text. For every layer and every token we
+take the MLP input x (after the post-attention RMSNorm), its negative-product counts n_neg `[N, F]`
+against the layer's gate sign bits, n_nz `[N]` and the true active mask (act(gate x) * (up x) != 0).
+For a grid of candidate alphas (`ALPHA_GRID`: 0.01 .. 4.00 step 0.01, then +inf) we count, exactly
+as the model's rule does (`pallas_kernels.predict.threshold`: predicted active iff n_neg <= tau):
+predicted-active neurons and neurons both predicted and truly active, summed over tokens.
+
+Definitions, per layer, over all (token, neuron) pairs of the text:
+- recall = both / truly active (1.0 when nothing is active): the share of the true activations the
+  predictor keeps; missing one changes the output.
+- predicted sparsity = 1 - predicted active / (tokens * F): the share of neurons skipped.
+
+Both only grow (recall) or shrink (sparsity) with alpha, so the choice per layer is:
+- `target_recall=R`: the smallest grid alpha whose recall >= R (most skipping that meets R);
+- `target_sparsity=S`: the smallest grid alpha whose predicted sparsity <= S, i.e. the largest
+  sparsity not above S (never more aggressive than asked).
++inf (keep every neuron) always qualifies. A config.json cannot hold inf in strict JSON, so it is
+written as `KEEP_ALL_ALPHA` (1e9), which keeps every neuron for any realistic width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pallas_kernels as pk
+from pallas_kernels.predict import threshold
+from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.rope import rope_tables
+
+ALPHA_GRID = np.concatenate([np.round(np.arange(1, 401) * 0.01, 2), [np.inf]]).astype(np.float32)
+KEEP_ALL_ALPHA = 1e9
+WINDOW = 128
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The text of `path`; UserError when it is missing or empty."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"text file {path} does not exist.")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise UserError(f"text file {path} is empty.")
+    return text
+
+
+def token_windows(ids: list[int], window: int = WINDOW, max_tokens: int | None = None):
+    """Non-overlapping windows `[1, <=window]` int32 of `ids` (first `max_tokens`); a trailing
+    window of one token (nothing to predict) is dropped."""
+    if window < 2:
+        raise UserError(f"--window must be at least 2, got {window}.")
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise UserError(f"--max-tokens must be at least 2, got {max_tokens}.")
+        ids = ids[:max_tokens]
+    out = [ids[i : i + window] for i in range(0, len(ids), window)]
+    out = [w for w in out if len(w) >= 2]
+    if not out:
+        raise UserError("the text has fewer than 2 tokens; give a longer text.")
+    return [jnp.asarray([w], jnp.int32) for w in out]
+
+
+@nnx.jit
+def window_counts(model, input_ids, alphas):
+    """Replays the decoder stack densely over `input_ids: [1, T]`.
+
+    Returns per layer (stacked on a leading L axis): predicted-active counts `[L, G]` and
+    both-active counts `[L, G]` for each alpha of `alphas: [G]` (sorted ascending), truly active
+    count `[L]` and rows `[L]` (all int32).
+    """
+    b, t = input_ids.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    cos, sin = rope_tables(model.config, positions)
+    x = model.embed_tokens(input_ids)
+    graphdef, state = nnx.split(model.layers)
+    g = alphas.shape[0]
+
+    def body(x, layer_state):
+        layer = nnx.merge(graphdef, layer_state)
+        attn, _ = layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None, None)
+        x = x + attn
+        rows = layer.post_attention_layernorm(x).reshape(b * t, -1)
+        h = layer.mlp.hidden(rows)
+        true = h != 0
+        _, n_neg = pk.sign_predict(
+            rows, layer.mlp.gate_sign_bits[...], jnp.float32(1.0), backend="xla"
+        )
+        n_nz = jnp.sum(rows != 0, axis=-1, dtype=jnp.int32)
+        tau = threshold(alphas[None, :], n_nz[:, None])  # [N, G], ascending in G
+        # First grid index whose tau admits n_neg: the neuron is predicted active from there on.
+        first = jax.vmap(lambda tr, nr: jnp.searchsorted(tr, nr, side="left"))(tau, n_neg)
+        hist_all = jnp.bincount(first.ravel(), length=g + 1)[:g]
+        hist_true = jnp.bincount(
+            first.ravel(), weights=true.ravel().astype(jnp.int32), length=g + 1
+        )[:g]
+        predicted = jnp.cumsum(hist_all).astype(jnp.int32)
+        both = jnp.cumsum(hist_true).astype(jnp.int32)
+        x = x + layer.mlp.down(h).reshape(x.shape)
+        return x, (predicted, both, jnp.sum(true, dtype=jnp.int32), jnp.int32(b * t))
+
+    _, out = jax.lax.scan(body, x, state)
+    return out
+
+
+@dataclasses.dataclass
+class Calibration:
+    """The grid statistics over a text and the chosen alpha per layer."""
+
+    alphas: list[float]  # chosen, per layer (inf = keep all)
+    recall: list[float]  # at the chosen alpha
+    predicted_sparsity: list[float]
+    tokens: int
+    grid: np.ndarray  # [G]
+    grid_recall: np.ndarray  # [L, G]
+    grid_sparsity: np.ndarray  # [L, G]
+
+    def config_alphas(self) -> list[float]:
+        """The alphas as written to config.json (inf -> KEEP_ALL_ALPHA)."""
+        return [a if math.isfinite(a) else KEEP_ALL_ALPHA for a in self.alphas]
+
+
+def check_targets(target_recall: float | None, target_sparsity: float | None) -> None:
+    if (target_recall is None) == (target_sparsity is None):
+        raise UserError("give exactly one of --target-recall and --target-sparsity.")
+    if target_recall is not None and not (0.0 < target_recall <= 1.0):
+        raise UserError(f"--target-recall must be in (0, 1], got {target_recall}.")
+    if target_sparsity is not None and not (0.0 <= target_sparsity < 1.0):
+        raise UserError(f"--target-sparsity must be in [0, 1), got {target_sparsity}.")
+
+
+def calibrate(
+    model,
+    windows,
+    *,
+    target_recall: float | None = None,
+    target_sparsity: float | None = None,
+    progress: bool = False,
+) -> Calibration:
+    """Chooses one alpha per layer (see the module docstring) from dense runs over `windows`."""
+    check_targets(target_recall, target_sparsity)
+    grid = jnp.asarray(ALPHA_GRID)
+    layers, f = model.config.num_hidden_layers, model.config.intermediate_size
+    predicted = np.zeros((layers, len(ALPHA_GRID)), np.float64)
+    both = np.zeros_like(predicted)
+    true = np.zeros((layers,), np.float64)
+    rows = 0
+    if progress:
+        from tqdm import tqdm
+
+        windows = tqdm(windows, desc="calibrate", unit="window")
+    for ids in windows:
+        p, bo, tr, r = jax.device_get(window_counts(model, ids, grid))
+        predicted += p
+        both += bo
+        true += tr
+        rows += int(r[0])
+    grid_recall = np.where(true[:, None] > 0, both / np.maximum(true[:, None], 1), 1.0)
+    grid_sparsity = 1.0 - predicted / (rows * f)
+    if target_recall is not None:
+        # float32 counts could make 0.99 print as 0.98999...: compare with a hair of slack.
+        ok = grid_recall >= target_recall - 1e-12
+    else:
+        ok = grid_sparsity <= target_sparsity + 1e-12
+    ok[:, -1] = True  # +inf keeps everything: recall 1, sparsity 0
+    idx = np.argmax(ok, axis=1)
+    pick = lambda a: [float(a[i, j]) for i, j in enumerate(idx)]  # noqa: E731
+    return Calibration(
+        alphas=[float(ALPHA_GRID[j]) for j in idx],
+        recall=pick(grid_recall),
+        predicted_sparsity=pick(grid_sparsity),
+        tokens=rows,
+        grid=ALPHA_GRID,
+        grid_recall=grid_recall,
+        grid_sparsity=grid_sparsity,
+    )
+
+
+def format_table(cal: Calibration) -> str:
+    lines = [f"{'layer':>5}  {'alpha':>6}  {'pred. sparsity':>14}  {'recall':>7}"]
+    for i, (a, s, r) in enumerate(zip(cal.alphas, cal.predicted_sparsity, cal.recall, strict=True)):
+        lines.append(f"{i:>5}  {a:>6.2f}  {s:>14.4f}  {r:>7.4f}")
+    return "\n".join(lines)

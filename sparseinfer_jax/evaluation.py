@@ -1,0 +1,150 @@
+"""Perplexity and predictor quality per MLP mode over non-overlapping windows of a text.
+
+Each window (`WINDOW` tokens; the last may be shorter) runs as one full forward without a cache, so
+in "sparse" and "oracle" mode every token gets its own mask (see `mlp.py`). Perplexity is
+exp(mean NLL) over every position that has a next token inside its window.
+
+Per mode other than dense (summed over all tokens of the text, per layer, from the model's
+"diagnostic" statistics, i.e. on that mode's own hidden states):
+- true_sparsity = 1 - truly active / (tokens * F);
+- predicted_sparsity = 1 - predicted active / (tokens * F) (the neurons a token's MLP skips);
+- recall = both / truly active; precision = both / predicted active (1.0 when the denominator is 0);
+- top1_agreement: share of positions whose argmax next token equals dense mode's.
+- weight_bytes_read: per token, the share of the MLP's weight bytes (gate + up + down) that
+  SparseInfer reads: the predicted-active rows of the three matrices plus the packed sign bits of
+  gate (1 bit per weight): (1 - predicted_sparsity) + 1 / (3 * 8 * bytes per weight); for bfloat16
+  the sign bits are 1/16 of gate, i.e. 1/48 of the MLP. Oracle reports the same with its true mask
+  (no sign bits). Per token: a batch reads the union of its tokens' rows, which is more.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparseinfer_jax.mlp import MODES
+
+
+@nnx.jit(static_argnames=["mode", "backend"])
+def window_logits(model, input_ids, *, mode: str, backend: str):
+    """Full forward of `input_ids: [1, T]`: logits `[1, T, V]` and diagnostic stats `[L, 5]`."""
+    b, t = input_ids.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    stats = None if mode == "dense" else "diagnostic"
+    x, _, layer_stats = model.forward(
+        input_ids, positions, mask, mode=mode, backend=backend, stats=stats
+    )
+    return model.logits(x), layer_stats
+
+
+def nll_sum(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+    """Summed next-token NLL of `ids: [T]` under `logits: [T, V]` (float64), and the count."""
+    z = logits[:-1].astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum()), len(ids) - 1
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den > 0 else 1.0
+
+
+def evaluate(
+    model, windows, *, modes=("dense", "sparse"), backend: str = "auto", progress: bool = False
+) -> dict:
+    """Runs every mode over `windows` (`[1, T]` int32 arrays) -> the JSON-ready result dict."""
+    for m in modes:
+        assert m in MODES, m
+    cfg = model.config
+    f = cfg.intermediate_size
+    weight_bytes = jnp.dtype(model.dtype).itemsize
+    sign_share = 1.0 / (3 * 8 * weight_bytes)
+    run_modes = list(dict.fromkeys(["dense", *modes]))  # dense too: top-1 agreement needs it
+    acc = {
+        m: {
+            "nll": 0.0,
+            "count": 0,
+            "agree": 0,
+            "positions": 0,
+            "stats": np.zeros((cfg.num_hidden_layers, 5), np.float64),
+        }
+        for m in run_modes
+    }
+    tokens = int(sum(w.shape[1] for w in windows))
+    if progress:
+        from tqdm import tqdm
+
+        windows = tqdm(windows, desc="eval", unit="window")
+    for ids in windows:
+        ids_np = np.asarray(ids[0])
+        dense_top1 = None
+        for m in run_modes:
+            logits, stats = window_logits(model, ids, mode=m, backend=backend)
+            logits = np.asarray(jax.device_get(logits[0]))
+            nll, count = nll_sum(logits, ids_np)
+            a = acc[m]
+            a["nll"] += nll
+            a["count"] += count
+            top1 = logits.argmax(axis=-1)
+            if m == "dense":
+                dense_top1 = top1
+            a["agree"] += int((top1 == dense_top1).sum())
+            a["positions"] += len(top1)
+            if stats is not None:
+                a["stats"] += np.asarray(jax.device_get(stats), np.float64)
+    result = {"tokens": tokens, "modes": {}}
+    for m in modes:
+        a = acc[m]
+        entry = {"perplexity": float(np.exp(a["nll"] / a["count"])), "nll": a["nll"] / a["count"]}
+        if m != "dense":
+            rows, pred, true, both = (a["stats"][:, i] for i in range(4))
+            layers = []
+            for li in range(cfg.num_hidden_layers):
+                layers.append(
+                    {
+                        "true_sparsity": 1.0 - true[li] / (rows[li] * f),
+                        "predicted_sparsity": 1.0
+                        - (pred[li] if m == "sparse" else true[li]) / (rows[li] * f),
+                        "recall": _ratio(both[li], true[li]) if m == "sparse" else 1.0,
+                        "precision": _ratio(both[li], pred[li]) if m == "sparse" else 1.0,
+                    }
+                )
+            pred_sp = float(np.mean([x["predicted_sparsity"] for x in layers]))
+            entry.update(
+                {
+                    "top1_agreement": a["agree"] / a["positions"],
+                    "true_sparsity": float(np.mean([x["true_sparsity"] for x in layers])),
+                    "predicted_sparsity": pred_sp,
+                    "recall": _ratio(both.sum(), true.sum()) if m == "sparse" else 1.0,
+                    "precision": _ratio(both.sum(), pred.sum()) if m == "sparse" else 1.0,
+                    "weight_bytes_read": (1.0 - pred_sp) + (sign_share if m == "sparse" else 0.0),
+                    "layers": layers,
+                }
+            )
+        result["modes"][m] = entry
+    return result
+
+
+def format_report(result: dict) -> str:
+    lines = []
+    for m, e in result["modes"].items():
+        line = f"[{m}] perplexity {e['perplexity']:.4f}"
+        if m != "dense":
+            line += (
+                f", top-1 agreement {e['top1_agreement']:.4f}, predicted sparsity "
+                f"{e['predicted_sparsity']:.4f} (true {e['true_sparsity']:.4f}), recall "
+                f"{e['recall']:.4f}, precision {e['precision']:.4f}, MLP weight bytes read "
+                f"{e['weight_bytes_read']:.4f}"
+            )
+        lines.append(line)
+        if m != "dense":
+            for i, layer in enumerate(e["layers"]):
+                lines.append(
+                    f"  layer {i}: true sparsity {layer['true_sparsity']:.4f}, predicted "
+                    f"{layer['predicted_sparsity']:.4f}, recall {layer['recall']:.4f}, "
+                    f"precision {layer['precision']:.4f}"
+                )
+    return "\n".join(lines)

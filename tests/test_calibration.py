@@ -1,0 +1,142 @@
+"""`sparseinfer calibrate`: per-layer alphas that meet the target, written only into config.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_hf_checkpoint
+from flax import nnx
+
+from convert import convert
+from sparseinfer_jax import checkpoint
+from sparseinfer_jax.calibration import ALPHA_GRID, KEEP_ALL_ALPHA, token_windows
+from sparseinfer_jax.cli import main
+from sparseinfer_jax.loading import load
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! "
+    "How vexingly quick daft zebras jump; sphinx of black quartz, judge my vow. 0123456789 "
+) * 3
+TARGET = 0.95
+
+
+def _tree_digest(folder: str) -> dict[str, str]:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cal")
+    src = make_hf_checkpoint(str(root / "hf"))
+    text = root / "text.txt"
+    text.write_text(TEXT)
+    return src, root, str(text)
+
+
+def _measured_recall(path: str, text: str, alpha=None) -> np.ndarray:
+    """Recall per layer from the model's own diagnostic statistics (dense hidden states)."""
+    model, tok = load(path, alpha=alpha)
+    stats = np.zeros((model.config.num_hidden_layers, 5))
+
+    @nnx.jit
+    def forward(model, ids):
+        t = ids.shape[1]
+        mask = jnp.tril(jnp.ones((t, t), bool))[None]
+        pos = jnp.arange(t, dtype=jnp.int32)[None]
+        return model.forward(ids, pos, mask, mode="dense", backend="reference", stats="diagnostic")
+
+    for ids in token_windows(tok.encode(open(text).read())):
+        stats += np.asarray(forward(model, ids)[2])
+    return stats[:, 3] / stats[:, 2]
+
+
+def test_calibrate_meets_recall_and_writes_only_alpha(setup, capsys):
+    src, root, text = setup
+    ckpt = convert(src, root / "ckpt", dtype="float32")
+    before = _tree_digest(ckpt)
+    hf_before, block_before = checkpoint.read_checkpoint_config(ckpt)
+    assert main(["calibrate", ckpt, "--text", text, "--target-recall", str(TARGET)]) == 0
+    out = capsys.readouterr().out
+    assert "recall" in out and "wrote alpha" in out
+    after = _tree_digest(ckpt)
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert changed == {"config.json"} and set(after) == set(before)
+    hf_after, block_after = checkpoint.read_checkpoint_config(ckpt)
+    assert hf_after == hf_before
+    alphas = block_after.pop("alpha")
+    block_before.pop("alpha")
+    assert block_after == block_before
+    json.loads(open(os.path.join(ckpt, "config.json")).read())  # strict JSON: no Infinity
+    assert len(alphas) == 2 and all(0 < a <= KEEP_ALL_ALPHA for a in alphas)
+    recall = _measured_recall(ckpt, text)
+    assert np.all(recall >= TARGET), (recall, alphas, out)
+    # The smallest grid alpha that meets the target: one step less misses it in some layer.
+    for layer, a in enumerate(alphas):
+        j = int(np.argmin(np.abs(ALPHA_GRID - np.float32(min(a, np.inf)))))
+        if a < KEEP_ALL_ALPHA and j > 0:
+            lower = list(alphas)
+            lower[layer] = float(ALPHA_GRID[j - 1])
+            assert _measured_recall(ckpt, text, alpha=lower)[layer] < TARGET
+
+
+def test_calibrate_sparsity_target_and_dry_run_writes_nothing(setup, capsys):
+    src, root, text = setup
+    ckpt = convert(src, root / "ckpt_dry", dtype="float32")
+    before = _tree_digest(ckpt)
+    argv = ["calibrate", ckpt, "--text", text, "--target-sparsity", "0.3", "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "dry run" in out
+    assert _tree_digest(ckpt) == before
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 2 and all(float(r[2]) <= 0.3 for r in rows)
+
+
+def test_calibrate_hf_folder_prints_alphas_without_writing(setup, capsys):
+    src, _, text = setup
+    before = _tree_digest(src)
+    argv = ["calibrate", src, "--text", text, "--target-recall", "0.9", "--max-tokens", "64"]
+    assert main(argv) == 0
+    assert "pass --alpha" in capsys.readouterr().out
+    assert _tree_digest(src) == before
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--target-recall", "0"], "target-recall"),
+        (["--target-recall", "1.5"], "target-recall"),
+        (["--target-sparsity", "1.0"], "target-sparsity"),
+        (["--target-sparsity", "-0.1"], "target-sparsity"),
+        (["--target-recall", "0.9", "--max-tokens", "1"], "max-tokens"),
+    ],
+)
+def test_calibrate_target_out_of_range(setup, capsys, extra, match):
+    _, _, text = setup
+    assert main(["calibrate", "--text", text, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err
+
+
+@pytest.mark.parametrize("command", ["calibrate", "eval"])
+def test_missing_and_empty_text(tmp_path, capsys, command):
+    extra = ["--target-recall", "0.9"] if command == "calibrate" else []
+    assert main([command, "--text", str(tmp_path / "none.txt"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not exist" in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert main([command, "--text", str(empty), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "empty" in err
