@@ -125,6 +125,8 @@ def load(
         hf, params = convert_in_memory(
             folder, dtype=np.dtype(jnp.dtype(_dtype(dtype) or jnp.bfloat16)).name
         )
+        if alpha is None:  # an HF folder may carry calibrated alphas in the same block
+            alpha = (hf.get("sparseinfer") or {}).get("alpha")
     cfg = config_from_hf_dict(hf)
     model = model_from_params(cfg, params, dtype=dtype, alpha=alpha, mode=mode, backend=backend)
     return model, load_tokenizer(folder)
