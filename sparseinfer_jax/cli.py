@@ -159,8 +159,17 @@ def _eval(args: argparse.Namespace) -> int:
     model, tokenizer = load(path, dtype=args.dtype, backend=args.backend, alpha=args.alpha)
     windows = _encode_windows(args, tokenizer, path)
     result = evaluate(model, windows, modes=modes, backend=args.backend, progress=True)
+    if args.plot:
+        from sparseinfer_jax.evaluation import alpha_sweep
+        from sparseinfer_jax.plots import plot_report
+
+        scales = [float(v) for v in args.sweep.split(",")]
+        result["sweep"] = alpha_sweep(model, windows, scales, backend=args.backend)
+        plot_report(result, args.plot)
     print(f"{result['tokens']} tokens in {len(windows)} windows")
     print(format_report(result))
+    if args.plot:
+        print(f"wrote {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -203,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text_args(ev)
     ev.add_argument("--modes", default="dense,sparse", help="comma list of " + ",".join(MODES))
     ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.add_argument("--plot", default=None, help="write a PNG: per-layer figures and a sweep")
+    ev.add_argument("--sweep", default="0.9,0.95,1,1.05,1.1,1.2",
+                    help="alpha scale factors swept for --plot (perplexity vs sparsity)")
     ev.set_defaults(run=_eval)
     return parser
 

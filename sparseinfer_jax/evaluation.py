@@ -148,3 +148,22 @@ def format_report(result: dict) -> str:
                     f"precision {layer['precision']:.4f}"
                 )
     return "\n".join(lines)
+
+
+def alpha_sweep(model, windows, scales, *, backend: str = "auto") -> list[dict]:
+    """Sparse-mode perplexity and predicted sparsity with the model's alphas times each scale.
+
+    Alpha is data, so every point reuses one compiled forward. The model's alphas are restored.
+    """
+    base = model.layers.mlp.alpha.value
+    points = []
+    try:
+        for scale in scales:
+            model.layers.mlp.alpha.value = base * jnp.float32(scale)
+            sparse = evaluate(model, windows, modes=("sparse",), backend=backend)["modes"]["sparse"]
+            points.append({"scale": float(scale), "alpha": np.asarray(
+                model.layers.mlp.alpha.value).round(4).tolist(), **{
+                k: sparse[k] for k in ("perplexity", "predicted_sparsity", "recall")}})
+    finally:
+        model.layers.mlp.alpha.value = base
+    return points

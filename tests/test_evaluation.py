@@ -92,3 +92,24 @@ def test_eval_bad_modes(tmp_path, capsys):
     assert main(["eval", "--text", str(text), "--modes", "dense,fast"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--modes" in err
+
+
+def test_eval_plot_writes_a_png_and_the_sweep(tmp_path, capsys):
+    import json
+
+    from sparseinfer_jax.cli import main
+    from sparseinfer_jax.loading import SHIPPED_MODEL
+
+    text = tmp_path / "t.txt"
+    with open(f"{SHIPPED_MODEL}/validation.txt") as f:
+        text.write_text(f.read()[:3000])
+    png, report = tmp_path / "eval.png", tmp_path / "eval.json"
+    argv = ["eval", "--text", str(text), "--max-tokens", "256", "--modes", "dense,sparse,oracle",
+            "--backend", "xla", "--plot", str(png), "--sweep", "0.9,1,1.2", "--json", str(report)]
+    assert main(argv) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    sweep = json.loads(report.read_text())["sweep"]
+    assert [p["scale"] for p in sweep] == [0.9, 1.0, 1.2]
+    # Smaller alpha skips more neurons: sparsity falls as the scale grows.
+    sparsity = [p["predicted_sparsity"] for p in sweep]
+    assert sparsity[0] >= sparsity[1] >= sparsity[2]
