@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,30 +102,11 @@ def test_oracle_generation_matches_dense(tiny):
 
 
 def test_working_alpha_runs_in_one_program_and_reports_stats(tiny):
-    prompts = [[5, 9, 13, 40]]
-    generate(
-        tiny,
-        prompts,
-        max_new_tokens=20,
-        stop_at_eos=False,
-        mode="sparse",
-        backend="xla",
-        stats="diagnostic",
-    )
+    run = functools.partial(generate, tiny, [[5, 9, 13, 40]], max_new_tokens=20,
+                            stop_at_eos=False, mode="sparse", backend="xla", stats="diagnostic")
+    run()
     before = compilation_count()
-    results = [
-        generate(
-            tiny,
-            prompts,
-            max_new_tokens=20,
-            stop_at_eos=False,
-            mode="sparse",
-            backend="xla",
-            alpha=a,
-            stats="diagnostic",
-        )
-        for a in (0.8, 1.0, 2.0)
-    ]
+    results = [run(alpha=a) for a in (0.8, 1.0, 2.0)]
     assert compilation_count() == before
     sparsity = [float(r.stats.predicted_sparsity.mean()) for r in results]
     recall = [float(r.stats.recall.mean()) for r in results]
