@@ -22,7 +22,7 @@ from flax import nnx
 
 from sparseinfer_jax.config import alpha_per_layer
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.mlp import BACKENDS, MODES, STAT_FIELDS
+from sparseinfer_jax.mlp import STAT_FIELDS, check_mode
 from sparseinfer_jax.model import KVCache, Llama
 from sparseinfer_jax.sampling import sample
 
@@ -212,17 +212,9 @@ def _check(
         raise UserError(f"a prompt token id is outside the vocabulary [0, {vocab}).")
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-    if mode not in MODES:
-        raise UserError(f"mode must be one of {', '.join(MODES)}, got '{mode}'.")
-    if backend not in BACKENDS:
-        raise UserError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'.")
     if stats not in STATS:
         raise UserError(f"stats must be one of {STATS}, got {stats!r}.")
-    if mode != "dense" and not model.config.is_relu_family:
-        raise UserError(
-            f"mode '{mode}' needs a ReLU-family activation; this model uses "
-            f"'{model.config.hidden_act}', run it with mode='dense'."
-        )
+    check_mode(model.config, mode, backend)
     if not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1], got {top_p}.")
     if temperature < 0:

@@ -14,7 +14,7 @@ from flax import nnx
 from pallas_kernels.pack import pack_sign_bits_reference
 from sparseinfer_jax.config import LlamaConfig, alpha_per_layer, config_from_hf_dict, default_alpha
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.mlp import BACKENDS, MODES
+from sparseinfer_jax.mlp import check_mode
 from sparseinfer_jax.model import Llama
 from sparseinfer_jax.tokenizer import Tokenizer, load_tokenizer
 
@@ -43,15 +43,7 @@ def model_from_params(
 
     Missing `gate_sign_bits` (checkpoints from before the sparse core) are computed here.
     """
-    if mode not in MODES:
-        raise UserError(f"mode must be one of {', '.join(MODES)}, got '{mode}'.")
-    if backend not in BACKENDS:
-        raise UserError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'.")
-    if mode != "dense" and not cfg.is_relu_family:
-        raise UserError(
-            f"mode '{mode}' needs a ReLU-family activation; this model uses "
-            f"'{cfg.hidden_act}', load it with mode='dense'."
-        )
+    check_mode(cfg, mode, backend)
     if not cfg.is_relu_family:
         log.warning(
             "hidden_act is '%s': SparseInfer needs relu or fatrelu, so this model runs dense only.",
@@ -62,14 +54,13 @@ def model_from_params(
         lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode, backend=backend)
     )
     graphdef, state = nnx.split(abstract)
-    params = jax.tree.map(lambda a: a, params)  # a copy we may add to
-    mlp = params["layers"]["mlp"]
-    if "gate_sign_bits" not in mlp:
-        log.info("checkpoint has no gate sign bits; computing them at load time")
-        mlp["gate_sign_bits"] = jax.jit(pack_sign_bits_reference)(jnp.asarray(mlp["gate"], dtype))
     params = jax.tree.map(
         lambda a: jnp.asarray(a) if a.dtype == np.uint32 else jnp.asarray(a, dtype), params
     )
+    mlp = params["layers"]["mlp"]
+    if "gate_sign_bits" not in mlp:
+        log.info("checkpoint has no gate sign bits; computing them at load time")
+        mlp["gate_sign_bits"] = jax.jit(pack_sign_bits_reference)(mlp["gate"])
     layers = cfg.num_hidden_layers
     alpha = default_alpha(layers) if alpha is None else alpha
     params["layers"]["mlp"]["alpha"] = jnp.asarray(alpha_per_layer(alpha, layers))

@@ -26,11 +26,25 @@ from flax import nnx
 import pallas_kernels as pk
 from pallas_kernels.pack import pack_sign_bits_reference
 from sparseinfer_jax.config import LlamaConfig
+from sparseinfer_jax.errors import UserError
 
 MODES = ("dense", "sparse", "oracle")
 BACKENDS = ("auto", "pallas", "xla", "reference")
 # Per-layer predictor statistics, summed over rows (one token each): see `MLP.__call__`.
 STAT_FIELDS = ("rows", "predicted_active", "true_active", "both_active", "computed")
+
+
+def check_mode(cfg: LlamaConfig, mode: str, backend: str) -> None:
+    """Raises UserError for an unknown mode or backend, or a sparse mode on a non-ReLU model."""
+    if mode not in MODES:
+        raise UserError(f"mode must be one of {', '.join(MODES)}, got '{mode}'.")
+    if backend not in BACKENDS:
+        raise UserError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'.")
+    if mode != "dense" and not cfg.is_relu_family:
+        raise UserError(
+            f"mode '{mode}' needs a ReLU-family activation; this model uses "
+            f"'{cfg.hidden_act}', run it with mode='dense'."
+        )
 
 
 class SignBits(nnx.Variable):
