@@ -16,6 +16,11 @@ Both only grow (recall) or shrink (sparsity) with alpha, so the choice per layer
 - `target_recall=R`: the smallest grid alpha whose recall >= R (most skipping that meets R);
 - `target_sparsity=S`: the smallest grid alpha whose predicted sparsity <= S, i.e. the largest
   sparsity not above S (never more aggressive than asked).
+- `max_ppl_increase=P` (percent): perplexity depends on all layers at once, so the search runs
+  over the recall-target family above: for a recall level R every layer takes its smallest alpha
+  with recall >= R, and a bisection over R (`RECALL_LEVELS`) finds the lowest R whose sparse-mode
+  perplexity on the same text is at most dense * (1 + P/100). R = 1 always qualifies (no truly
+  active neuron is dropped on this text, so the output is the dense one). About 7 perplexity runs.
 +inf (keep every neuron) always qualifies. A config.json cannot hold inf in strict JSON, so it is
 written as `KEEP_ALL_ALPHA` (1e9), which keeps every neuron for any realistic width.
 """
@@ -39,6 +44,7 @@ from sparseinfer_jax.rope import rope_tables
 ALPHA_GRID = np.concatenate([np.round(np.arange(1, 401) * 0.01, 2), [np.inf]]).astype(np.float32)
 KEEP_ALL_ALPHA = 1e9
 WINDOW = 128
+RECALL_LEVELS = np.round(np.linspace(0.0, 1.0, 201), 3)  # searched by max_ppl_increase
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -123,15 +129,28 @@ class Calibration:
     grid: np.ndarray  # [G]
     grid_recall: np.ndarray  # [L, G]
     grid_sparsity: np.ndarray  # [L, G]
+    dense_perplexity: float | None = None  # with max_ppl_increase: on the calibration text
+    perplexity: float | None = None  # sparse mode at the chosen alphas
 
     def config_alphas(self) -> list[float]:
         """The alphas as written to config.json (inf -> KEEP_ALL_ALPHA)."""
         return [a if math.isfinite(a) else KEEP_ALL_ALPHA for a in self.alphas]
 
 
-def check_targets(target_recall: float | None, target_sparsity: float | None) -> None:
-    if (target_recall is None) == (target_sparsity is None):
-        raise UserError("give exactly one of --target-recall and --target-sparsity.")
+def check_targets(
+    target_recall: float | None,
+    target_sparsity: float | None,
+    max_ppl_increase: float | None = None,
+) -> None:
+    given = [t for t in (target_recall, target_sparsity, max_ppl_increase) if t is not None]
+    if len(given) != 1:
+        raise UserError(
+            "give exactly one of --target-recall, --target-sparsity and --max-ppl-increase."
+        )
+    if max_ppl_increase is not None and not (0.0 <= max_ppl_increase <= 1000.0):
+        raise UserError(
+            f"--max-ppl-increase is a percentage in [0, 1000], got {max_ppl_increase}."
+        )
     if target_recall is not None and not (0.0 < target_recall <= 1.0):
         raise UserError(f"--target-recall must be in (0, 1], got {target_recall}.")
     if target_sparsity is not None and not (0.0 <= target_sparsity < 1.0):
@@ -144,10 +163,16 @@ def calibrate(
     *,
     target_recall: float | None = None,
     target_sparsity: float | None = None,
+    max_ppl_increase: float | None = None,
+    backend: str = "auto",
     progress: bool = False,
 ) -> Calibration:
-    """Chooses one alpha per layer (see the module docstring) from dense runs over `windows`."""
-    check_targets(target_recall, target_sparsity)
+    """Chooses one alpha per layer (see the module docstring) from dense runs over `windows`.
+
+    Exactly one target: `target_recall` in (0, 1], `target_sparsity` in [0, 1), or
+    `max_ppl_increase` in percent (`backend` is the sparse kernels' for its perplexity runs).
+    """
+    check_targets(target_recall, target_sparsity, max_ppl_increase)
     grid = jnp.asarray(ALPHA_GRID)
     layers, f = model.config.num_hidden_layers, model.config.intermediate_size
     predicted = np.zeros((layers, len(ALPHA_GRID)), np.float64)
@@ -166,13 +191,15 @@ def calibrate(
         rows += int(r[0])
     grid_recall = np.where(true[:, None] > 0, both / np.maximum(true[:, None], 1), 1.0)
     grid_sparsity = 1.0 - predicted / (rows * f)
-    if target_recall is not None:
-        # float32 counts could make 0.99 print as 0.98999...: compare with a hair of slack.
-        ok = grid_recall >= target_recall - 1e-12
+    dense_ppl = ppl = None
+    if target_sparsity is not None:
+        idx = _first_ok(grid_sparsity <= target_sparsity + 1e-12)
+    elif target_recall is not None:
+        idx = _recall_index(grid_recall, target_recall)
     else:
-        ok = grid_sparsity <= target_sparsity + 1e-12
-    ok[:, -1] = True  # +inf keeps everything: recall 1, sparsity 0
-    idx = np.argmax(ok, axis=1)
+        idx, dense_ppl, ppl = _perplexity_search(
+            model, windows, grid_recall, max_ppl_increase, backend, progress
+        )
     pick = lambda a: [float(a[i, j]) for i, j in enumerate(idx)]  # noqa: E731
     return Calibration(
         alphas=[float(ALPHA_GRID[j]) for j in idx],
@@ -182,7 +209,66 @@ def calibrate(
         grid=ALPHA_GRID,
         grid_recall=grid_recall,
         grid_sparsity=grid_sparsity,
+        dense_perplexity=dense_ppl,
+        perplexity=ppl,
     )
+
+
+def _first_ok(ok: np.ndarray) -> np.ndarray:
+    """Per layer, the first grid index where `ok: [L, G]` holds (+inf, the last, always does)."""
+    ok = ok.copy()
+    ok[:, -1] = True  # +inf keeps everything: recall 1, sparsity 0
+    return np.argmax(ok, axis=1)
+
+
+def _recall_index(grid_recall: np.ndarray, target: float) -> np.ndarray:
+    # float32 counts could make 0.99 print as 0.98999...: compare with a hair of slack.
+    return _first_ok(grid_recall >= target - 1e-12)
+
+
+def _perplexity_search(model, windows, grid_recall, max_increase, backend, progress):
+    """Bisection over RECALL_LEVELS for the lowest recall level within the perplexity budget.
+
+    Returns (grid index per layer, dense perplexity, sparse perplexity there).
+    """
+    from sparseinfer_jax.evaluation import perplexity
+
+    windows = list(getattr(windows, "iterable", windows))  # unwrap a tqdm
+    dense = perplexity(model, windows, mode="dense", backend=backend)
+    budget = dense * (1.0 + max_increase / 100.0)
+    base = model.layers.mlp.alpha.value
+    cache: dict[int, float] = {}
+
+    def sparse_ppl(level: int) -> float:
+        if level not in cache:
+            idx = _recall_index(grid_recall, RECALL_LEVELS[level])
+            model.layers.mlp.alpha.value = jnp.asarray(ALPHA_GRID[idx])
+            cache[level] = perplexity(model, windows, mode="sparse", backend=backend)
+        return cache[level]
+
+    # Invariant: level `hi` meets the budget (the top level, recall 1, gives dense output).
+    lo, hi = -1, len(RECALL_LEVELS) - 1
+    steps = int(np.ceil(np.log2(len(RECALL_LEVELS))))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc="perplexity search", unit="eval")
+    try:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if sparse_ppl(mid) <= budget:
+                hi = mid
+            else:
+                lo = mid
+            if bar is not None:
+                bar.update()
+    finally:
+        model.layers.mlp.alpha.value = base
+        if bar is not None:
+            bar.close()
+    ppl = cache.get(hi, dense)
+    return _recall_index(grid_recall, RECALL_LEVELS[hi]), dense, ppl
 
 
 def format_table(cal: Calibration) -> str:

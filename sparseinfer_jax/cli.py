@@ -109,7 +109,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from sparseinfer_jax.calibration import calibrate, check_targets, format_table
     from sparseinfer_jax.loading import load
 
-    check_targets(args.target_recall, args.target_sparsity)
+    check_targets(args.target_recall, args.target_sparsity, args.max_ppl_increase)
     _check_text_args(args)
     path = _model_path(args)
     model, tokenizer = load(path, dtype=args.dtype, mode="dense", backend=args.backend)
@@ -119,15 +119,23 @@ def _calibrate(args: argparse.Namespace) -> int:
         windows,
         target_recall=args.target_recall,
         target_sparsity=args.target_sparsity,
+        max_ppl_increase=args.max_ppl_increase,
+        backend=args.backend,
         progress=True,
     )
-    target = (
-        f"recall >= {args.target_recall}"
-        if args.target_recall is not None
-        else f"predicted sparsity <= {args.target_sparsity}"
-    )
+    if args.target_recall is not None:
+        target = f"recall >= {args.target_recall}"
+    elif args.target_sparsity is not None:
+        target = f"predicted sparsity <= {args.target_sparsity}"
+    else:
+        target = f"perplexity at most {args.max_ppl_increase:g}% above dense"
     print(f"calibrated on {cal.tokens} tokens for {target}:")
     print(format_table(cal))
+    if cal.perplexity is not None:
+        rise = 100 * (cal.perplexity / cal.dense_perplexity - 1)
+        print(
+            f"perplexity {cal.perplexity:.4f} (dense {cal.dense_perplexity:.4f}, {rise:+.2f}%)"
+        )
     alphas = ",".join(f"{a:g}" for a in cal.config_alphas())
     if args.dry_run:
         print(f"dry run: nothing written (alpha {alphas})")
@@ -205,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     target = cal.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-recall", type=float, default=None, help="in (0, 1]")
     target.add_argument("--target-sparsity", type=float, default=None, help="in [0, 1)")
+    target.add_argument(
+        "--max-ppl-increase",
+        type=float,
+        default=None,
+        metavar="P",
+        help="percent: skip as much as keeps sparse perplexity within P%% of dense on the text",
+    )
     cal.add_argument("--dry-run", action="store_true", help="print the alphas, write nothing")
     cal.set_defaults(run=_calibrate)
     ev = sub.add_parser("eval", help="perplexity and predictor quality per MLP mode")

@@ -27,13 +27,14 @@ from flax import nnx
 from sparseinfer_jax.mlp import MODES
 
 
-@nnx.jit(static_argnames=["mode", "backend"])
-def window_logits(model, input_ids, *, mode: str, backend: str):
-    """Full forward of `input_ids: [1, T]`: logits `[1, T, V]` and diagnostic stats `[L, 5]`."""
+@nnx.jit(static_argnames=["mode", "backend", "diagnostic"])
+def window_logits(model, input_ids, *, mode: str, backend: str, diagnostic: bool = True):
+    """Full forward of `input_ids: [1, T]`: logits `[1, T, V]` and diagnostic stats `[L, 5]`
+    (None in dense mode or without `diagnostic`)."""
     b, t = input_ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-    stats = None if mode == "dense" else "diagnostic"
+    stats = "diagnostic" if diagnostic and mode != "dense" else None
     x, _, layer_stats = model.forward(
         input_ids, positions, mask, mode=mode, backend=backend, stats=stats
     )
@@ -46,6 +47,16 @@ def nll_sum(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     z = z - z.max(axis=-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
     return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum()), len(ids) - 1
+
+
+def perplexity(model, windows, *, mode: str = "dense", backend: str = "auto") -> float:
+    """exp(mean next-token NLL) of one mode over `windows` (`[1, T]` int32 arrays)."""
+    nll, count = 0.0, 0
+    for ids in windows:
+        logits, _ = window_logits(model, ids, mode=mode, backend=backend, diagnostic=False)
+        n, c = nll_sum(np.asarray(jax.device_get(logits[0])), np.asarray(ids[0]))
+        nll, count = nll + n, count + c
+    return float(np.exp(nll / count))
 
 
 def _ratio(num: float, den: float) -> float:

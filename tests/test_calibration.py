@@ -112,9 +112,35 @@ def test_calibrate_hf_folder_prints_alphas_without_writing(setup, capsys):
     assert _tree_digest(src) == before
 
 
+def _sparse_perplexity(path: str, text: str, alpha) -> tuple[float, float]:
+    from sparseinfer_jax.evaluation import evaluate
+
+    model, tok = load(path, alpha=alpha)
+    r = evaluate(model, token_windows(tok.encode(open(text).read())), modes=("dense", "sparse"))
+    return r["modes"]["dense"]["perplexity"], r["modes"]["sparse"]["perplexity"]
+
+
+def test_calibrate_max_ppl_increase_meets_the_budget(setup, capsys):
+    src, root, text = setup
+    ckpt = convert(src, root / "ckpt_ppl", dtype="float32")
+    chosen = {}
+    for budget in ("0", "3"):
+        argv = ["calibrate", ckpt, "--text", text, "--max-ppl-increase", budget, "--backend", "xla"]
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert f"at most {budget}% above dense" in out and "wrote alpha" in out
+        chosen[budget] = checkpoint.read_checkpoint_config(ckpt)[1]["alpha"]
+        dense, sparse = _sparse_perplexity(ckpt, text, chosen[budget])
+        assert sparse <= dense * (1 + float(budget) / 100) * (1 + 1e-6), (budget, chosen)
+    # A looser budget only ever lowers alphas (skips more), and here it does skip more.
+    assert all(a <= b for a, b in zip(chosen["3"], chosen["0"], strict=True))
+    assert sum(chosen["3"]) < sum(chosen["0"]), chosen
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [
+        (["--max-ppl-increase", "-1"], "max-ppl-increase"),
         (["--target-recall", "0"], "target-recall"),
         (["--target-recall", "1.5"], "target-recall"),
         (["--target-sparsity", "1.0"], "target-sparsity"),

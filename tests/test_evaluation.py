@@ -113,3 +113,86 @@ def test_eval_plot_writes_a_png_and_the_sweep(tmp_path, capsys):
     # Smaller alpha skips more neurons: sparsity falls as the scale grows.
     sparsity = [p["predicted_sparsity"] for p in sweep]
     assert sparsity[0] >= sparsity[1] >= sparsity[2]
+
+
+def _numpy_predictor(x: np.ndarray, w_gate: np.ndarray, alpha: float) -> np.ndarray:
+    """The paper's rule from raw weights: `x: [T, D]`, `w_gate: [F, D]` -> active `[T, F]`.
+
+    A product x_j * w_ij is negative when exactly one sign is negative; zero inputs never vote.
+    Predicted zero iff N_neg > alpha * N_pos (float32, as documented).
+    """
+    nz = x != 0
+    neg = ((x[:, None, :] < 0) != (w_gate[None] < 0)) & nz[:, None, :]
+    n_neg = neg.sum(-1).astype(np.float32)
+    n_pos = nz.sum(-1, keepdims=True).astype(np.float32) - n_neg
+    return ~(n_neg > np.float32(alpha) * n_pos)
+
+
+def test_sparse_figures_equal_numpy_from_weights(hf):
+    """Perplexity, top-1 agreement and every per-layer predictor figure of `evaluate`, recomputed
+    with the transformers model whose MLPs apply a numpy predictor to the raw HF weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    alpha = 1.1
+    model, tok = load(hf, dtype="float32", alpha=alpha)
+    windows = _windows(tok)
+    result = evaluate(model, windows, modes=("dense", "sparse"), backend="xla")
+
+    ref = LlamaForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
+    layers = len(ref.model.layers)
+    f = ref.config.intermediate_size
+    counts = np.zeros((layers, 4))  # rows, predicted, true, both
+    sparse_on = [False]
+
+    def patched(mlp, i):
+        def forward(x):
+            g, u = mlp.gate_proj(x), mlp.up_proj(x)
+            h = torch.relu(g) * u
+            if sparse_on[0]:
+                rows = x.detach().reshape(-1, x.shape[-1]).numpy()
+                pred = _numpy_predictor(rows, mlp.gate_proj.weight.detach().numpy(), alpha)
+                true = h.detach().reshape(-1, f).numpy() != 0
+                counts[i] += [len(rows), pred.sum(), true.sum(), (pred & true).sum()]
+                h = h * torch.from_numpy(pred.reshape(h.shape).astype(np.float32))
+            return mlp.down_proj(h)
+
+        return forward
+
+    for i, layer in enumerate(ref.model.layers):
+        layer.mlp.forward = patched(layer.mlp, i)
+
+    nll = {"dense": 0.0, "sparse": 0.0}
+    agree = positions = 0
+    for ids in windows:
+        ids_t = torch.from_numpy(np.asarray(ids, np.int64))
+        top1 = {}
+        for m in ("dense", "sparse"):
+            sparse_on[0] = m == "sparse"
+            with torch.no_grad():
+                logits = ref(ids_t).logits[0].double().numpy()
+            logp = logits - logits.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            targets = np.asarray(ids[0, 1:])
+            nll[m] -= logp[np.arange(len(targets)), targets].sum()
+            top1[m] = logits.argmax(-1)
+        agree += int((top1["dense"] == top1["sparse"]).sum())
+        positions += len(top1["dense"])
+    count = sum(w.shape[1] - 1 for w in windows)
+
+    sparse = result["modes"]["sparse"]
+    for m in ("dense", "sparse"):
+        assert result["modes"][m]["perplexity"] == pytest.approx(np.exp(nll[m] / count), rel=1e-4)
+    assert sparse["top1_agreement"] == pytest.approx(agree / positions)
+    rows, pred, true, both = counts.T
+    assert 0.05 < (1 - pred.sum() / (rows.sum() * f)) < 0.95  # the case is not degenerate
+    for li, layer in enumerate(sparse["layers"]):
+        # Exact counts; a pre-activation within rounding of 0 could flip one neuron.
+        tol = 2.0 / (rows[li] * f)
+        assert layer["true_sparsity"] == pytest.approx(1 - true[li] / (rows[li] * f), abs=tol)
+        assert layer["predicted_sparsity"] == pytest.approx(1 - pred[li] / (rows[li] * f), abs=tol)
+        assert layer["recall"] == pytest.approx(both[li] / true[li], abs=2.0 / true[li])
+        assert layer["precision"] == pytest.approx(both[li] / pred[li], abs=2.0 / pred[li])
+    mean_pred = float(np.mean(1 - pred / (rows * f)))
+    assert sparse["predicted_sparsity"] == pytest.approx(mean_pred, abs=1e-3)
+    assert sparse["weight_bytes_read"] == pytest.approx(1 - mean_pred + 1 / 96, abs=1e-3)
