@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT if it exists (once the new checkpoint is complete)")
     parser.add_argument("--alpha", type=float, default=None,
-                        help="predictor alpha for every layer (default: 1.0)")
+                        help="predictor alpha for every layer (default: the source's calibrated "
+                        "sparseinfer.alpha, else 1.0)")
     return parser
 
 

@@ -81,7 +81,7 @@ def _fill(reader: SafetensorsFolder, cfg: LlamaConfig, targets: dict[str, names.
     leaves = {path: alloc(path, shape, dtype) for path, shape in names.out_shapes(cfg).items()}
     leaves[names.SIGN_BITS_PATH] = alloc(names.SIGN_BITS_PATH, names.sign_bits_shape(cfg),
                                          np.dtype(np.uint32))
-    with tqdm(total=len(targets), unit="tensor", desc="converting", disable=None) as bar:
+    with tqdm(total=len(targets), unit="tensor", desc="converting", disable=False) as bar:
         for name, x in reader.read(targets):
             target = targets[name]
             x = x.astype(dtype, copy=False)
@@ -141,7 +141,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
       out: the checkpoint folder to create; written to a temporary sibling, renamed at the end.
       dtype: "bfloat16" or "float32" for every weight (the sign bits are uint32).
       overwrite: replace an existing `out` (only once the new one is complete).
-      alpha: the predictor's alpha, one number or one per layer; default 1.0 per layer.
+      alpha: the predictor's alpha, one number or one per layer; default: the source's calibrated
+        `sparseinfer.alpha` when its config.json has one, else 1.0 per layer.
 
     Returns:
       The absolute path of `out`.
@@ -152,6 +153,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
     folder = resolve_source(src)
     _check_paths(folder, out)
     hf, cfg, reader, targets = _open_source(folder)
+    if alpha is None:  # keep alphas calibrated in the source folder (as `load` does)
+        alpha = (hf.get("sparseinfer") or {}).get("alpha")
     alphas = _alpha(alpha, cfg.num_hidden_layers)
     source = os.path.abspath(folder) if os.path.isdir(os.fspath(src)) else os.fspath(src)
     with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:

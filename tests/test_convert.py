@@ -112,6 +112,17 @@ def test_tied_embeddings_have_no_lm_head(tied, tmp_path):
     assert checkpoint.read_checkpoint_config(out)[1]["alpha"] == [0.5] * LAYERS
 
 
+def test_calibrated_alpha_of_the_source_is_kept(tmp_path):
+    from sparseinfer_jax.loading import SHIPPED_MODEL
+
+    with open(os.path.join(SHIPPED_MODEL, "config.json")) as f:
+        shipped = json.load(f)["sparseinfer"]["alpha"]
+    out = convert(SHIPPED_MODEL, tmp_path / "ckpt")
+    assert checkpoint.read_checkpoint_config(out)[1]["alpha"] == shipped
+    out = convert(SHIPPED_MODEL, tmp_path / "ckpt2", alpha=0.9)  # an explicit alpha wins
+    assert checkpoint.read_checkpoint_config(out)[1]["alpha"] == [0.9] * len(shipped)
+
+
 def test_bfloat16_is_float32_cast(sharded, tmp_path):
     _, f32 = convert_in_memory(sharded, dtype="float32")
     hf, bf16 = convert_in_memory(sharded)
