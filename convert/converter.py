@@ -76,12 +76,16 @@ def _nest(flat: dict[tuple[str, ...], np.ndarray]) -> dict[str, Any]:
 
 
 def _fill(reader: SafetensorsFolder, cfg: LlamaConfig, targets: dict[str, names.Target],
-          dtype: np.dtype, alloc: Alloc) -> dict[tuple[str, ...], np.ndarray]:
-    """Streams every HF tensor into leaves from `alloc(path, shape, dtype)`; returns them flat."""
+          dtype: np.dtype, alloc: Alloc, *, bar_off: bool | None
+          ) -> dict[tuple[str, ...], np.ndarray]:
+    """Streams every HF tensor into leaves from `alloc(path, shape, dtype)`; returns them flat.
+
+    `bar_off` is tqdm's `disable`: False always shows the progress bar, None only on a terminal.
+    """
     leaves = {path: alloc(path, shape, dtype) for path, shape in names.out_shapes(cfg).items()}
     leaves[names.SIGN_BITS_PATH] = alloc(names.SIGN_BITS_PATH, names.sign_bits_shape(cfg),
                                          np.dtype(np.uint32))
-    with tqdm(total=len(targets), unit="tensor", desc="converting", disable=False) as bar:
+    with tqdm(total=len(targets), unit="tensor", desc="converting", disable=bar_off) as bar:
         for name, x in reader.read(targets):
             target = targets[name]
             x = x.astype(dtype, copy=False)
@@ -106,7 +110,9 @@ def convert_in_memory(src: str | os.PathLike, *, dtype: str = "bfloat16"
     """
     np_dtype = _np_dtype(dtype)
     hf, cfg, reader, targets = _open_source(resolve_source(src))
-    leaves = _fill(reader, cfg, targets, np_dtype, lambda _, shape, dt: np.empty(shape, dt))
+    # `load` converts HF folders this way: a bar only on a terminal keeps CLI errors to one line.
+    leaves = _fill(reader, cfg, targets, np_dtype, lambda _, shape, dt: np.empty(shape, dt),
+                   bar_off=None)
     return hf, _nest(leaves)
 
 
@@ -166,7 +172,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
                              shape=shape)
 
         # No flush: orbax reads through the same mappings, and the files are deleted unread.
-        leaves = _fill(reader, cfg, targets, np_dtype, memmap)
+        leaves = _fill(reader, cfg, targets, np_dtype, memmap, bar_off=False)  # notebooks too
         checkpoint.save_params(tmp, _nest(leaves))
         del leaves  # unmap before deleting the files
         shutil.rmtree(scratch)
