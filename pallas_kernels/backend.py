@@ -1,8 +1,9 @@
-"""Which implementation an op runs, and the XLA path's static capacities.
+"""Which implementation an op runs, and how the XLA path walks the active rows.
 
 Every op takes `backend` among BACKENDS:
 - "reference": pure jnp, the truth the tests compare against (gathers all F rows).
-- "xla": plain XLA with static capacities (see `capacities`); the CPU/TPU path and the fallback.
+- "xla": plain XLA, a loop over chunks of the active rows or dense (see `use_dense`); the CPU/TPU
+  path and the fallback.
 - "pallas": the Triton-backend Pallas kernel; off GPU it runs in interpret mode (slow, for tests).
 - "auto": "pallas" on a GPU, "xla" elsewhere.
 """
@@ -13,10 +14,13 @@ import jax
 import jax.numpy as jnp
 
 BACKENDS = ("auto", "pallas", "xla", "reference")
-# The XLA path gathers a static number of rows K: the smallest of these fractions of F that holds
-# the active count, else it computes densely (exact). K is a multiple of this for aligned tiles.
-CAPACITY_FRACTIONS = (16, 8, 4, 2)
-CAPACITY_ALIGN = 8
+# The XLA path walks the active rows in chunks of CHUNK (a loop whose trip count is the real
+# count / CHUNK, so work follows the count and no capacity can drop a neuron), and computes densely
+# when more than DENSE_ABOVE of the neurons are active. Both measured on the 2-core CPU with
+# benchmarks/switch_over.py (1b shape, float32, see benchmarks/RESULTS.md): small chunks keep each
+# gathered tile in cache; above about half of F the loop costs more than the dense matvec.
+CHUNK = 64
+DENSE_ABOVE = 0.5
 
 
 def on_gpu() -> bool:
@@ -38,20 +42,14 @@ def interpret() -> bool:
     return not on_gpu()
 
 
-def capacities(f: int) -> tuple[int, ...]:
-    """Static row capacities for `f` neurons: F/16, F/8, F/4, F/2 rounded up, deduplicated, < F."""
-    caps = set()
-    for frac in CAPACITY_FRACTIONS:
-        k = -(-f // frac)
-        k = -(-k // CAPACITY_ALIGN) * CAPACITY_ALIGN
-        if k < f:
-            caps.add(k)
-    return tuple(sorted(caps))
+def use_dense(count: jnp.ndarray, f: int, dense_above: float = DENSE_ABOVE) -> jnp.ndarray:
+    """Whether the XLA path computes all `f` neurons densely for `count` active ones.
 
-
-def capacity_branch(count: jnp.ndarray, caps: tuple[int, ...]) -> jnp.ndarray:
-    """Index of the smallest capacity >= count; `len(caps)` (the dense branch) if none holds it.
-
-    Chosen from `count` alone, so `sparse_gate_up` and `sparse_down` always take matching branches.
+    Chosen from `count` alone, so `sparse_gate_up` and `sparse_down` always take matching paths.
     """
-    return jnp.sum(jnp.asarray(caps, jnp.int32) < count, dtype=jnp.int32)
+    return count > int(dense_above * f)
+
+
+def num_chunks(count: jnp.ndarray, chunk: int = CHUNK) -> jnp.ndarray:
+    """Chunks of `chunk` compact positions that hold the first `count` (the loop's trip count)."""
+    return (count + (chunk - 1)) // chunk

@@ -88,22 +88,40 @@ def sparse_down_pallas(h, down_t, idx, count, *, block_n: int = 32, block_d: int
     return jnp.sum(partial, axis=0).astype(down_t.dtype)
 
 
-def sparse_down_xla(h, down_t, idx, count):
-    """Gathers a static capacity of rows (same choice as `sparse_gate_up_xla`), else dense."""
-    f = down_t.shape[0]
-    caps = bk.capacities(f)
-    h = jnp.where(jnp.arange(f) < count, h, 0.0)
+def matmul(h: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """`h: [B, K]` float32 times `w: [K, D]` -> `[B, D]` float32, contracting w's leading axis.
 
-    def gathered(k):
-        return lambda h, w, idx: matmul_t(h[:, :k], w[idx[:k]].T)
+    w's rows stay contiguous: a contraction over its last axis (`w.T`) made XLA CPU read the
+    matrix in a transposed, cache-hostile order (10-30x slower at 1B shapes, measured).
+    """
+    dt = jnp.promote_types(h.dtype, w.dtype)
+    return lax.dot_general(h.astype(dt), w.astype(dt), (((1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+
+def sparse_down_xla(h, down_t, idx, count, *, dense_above: float = bk.DENSE_ABOVE):
+    """A loop over chunks of `bk.CHUNK` active rows, or dense: the same choice as
+    `sparse_gate_up_xla` (`bk.use_dense`)."""
+    f = down_t.shape[0]
+    chunk = bk.CHUNK
+    pad = -f % chunk
+    h = jnp.pad(jnp.where(jnp.arange(f) < count, h, 0.0), ((0, 0), (0, pad)))
+    idx_padded = jnp.pad(idx, (0, pad))
+
+    def chunked(h, w, idx):
+        def body(j, acc):
+            rows = lax.dynamic_slice_in_dim(idx_padded, j * chunk, chunk)
+            return acc + matmul(lax.dynamic_slice_in_dim(h, j * chunk, chunk, axis=1), w[rows])
+
+        acc = jnp.zeros((h.shape[0], w.shape[1]), jnp.float32)
+        return lax.fori_loop(0, bk.num_chunks(count), body, acc)
 
     def dense(h, w, idx):
         # Back to natural order; positions >= count hold 0 and all point at row 0, so add, not set.
-        h_nat = jnp.zeros_like(h).at[:, idx].add(h)
-        return matmul_t(h_nat, w.T)
+        h_nat = jnp.zeros((h.shape[0], f), h.dtype).at[:, idx].add(h[:, :f])
+        return matmul(h_nat, w)
 
-    branches = [gathered(k) for k in caps] + [dense]
-    out = lax.switch(bk.capacity_branch(count, caps), branches, h, down_t, idx)
+    out = lax.cond(bk.use_dense(count, f, dense_above), dense, chunked, h, down_t, idx)
     return out.astype(down_t.dtype)
 
 

@@ -113,25 +113,32 @@ def sparse_gate_up_pallas(x, gate, up, idx, count, *, activation: str = "relu",
     )(x, gate, up, idx, count)
 
 
-def sparse_gate_up_xla(x, gate, up, idx, count, *, activation: str, threshold: float):
-    """Gathers a static capacity of rows (the smallest that holds count), else computes densely."""
+def sparse_gate_up_xla(x, gate, up, idx, count, *, activation: str, threshold: float,
+                       dense_above: float = bk.DENSE_ABOVE):
+    """A loop over chunks of `bk.CHUNK` active rows (trip count from `count`), or dense above
+    `dense_above * F` active neurons (`bk.use_dense`)."""
+    b = x.shape[0]
     f = gate.shape[0]
-    caps = bk.capacities(f)
+    chunk = bk.CHUNK
+    # Pad with row 0 so every chunk's slice is in bounds; padded positions are masked to 0.
+    idx_padded = jnp.pad(idx, (0, -f % chunk))
 
-    def gathered(k):
-        def run(x, gate, up, idx, count):
-            rows = idx[:k]
-            h = activate(matmul_t(x, gate[rows]), activation, threshold) * matmul_t(x, up[rows])
-            h = jnp.where(jnp.arange(k) < count, h, 0.0)
-            return jnp.pad(h, ((0, 0), (0, f - k)))
-        return run
+    def chunked(x, gate, up, idx, count):
+        def body(j, h):
+            start = j * chunk
+            rows = lax.dynamic_slice_in_dim(idx_padded, start, chunk)
+            hj = activate(matmul_t(x, gate[rows]), activation, threshold) * matmul_t(x, up[rows])
+            hj = jnp.where(start + jnp.arange(chunk) < count, hj, 0.0)
+            return lax.dynamic_update_slice_in_dim(h, hj, start, axis=1)
+
+        h = jnp.zeros((b, f + (-f % chunk)), jnp.float32)
+        return lax.fori_loop(0, bk.num_chunks(count), body, h)[:, :f]
 
     def dense(x, gate, up, idx, count):
         h = activate(matmul_t(x, gate), activation, threshold) * matmul_t(x, up)
         return jnp.where(jnp.arange(f) < count, jnp.take(h, idx, axis=1), 0.0)
 
-    branches = [gathered(k) for k in caps] + [dense]
-    return lax.switch(bk.capacity_branch(count, caps), branches, x, gate, up, idx, count)
+    return lax.cond(bk.use_dense(count, f, dense_above), dense, chunked, x, gate, up, idx, count)
 
 
 def sparse_gate_up_reference(x, gate, up, idx, count, *, activation: str, threshold: float):

@@ -11,8 +11,8 @@ import pytest
 
 from pallas_kernels import backend as bk
 from pallas_kernels import compact, pack_sign_bits_numpy, sign_predict, sparse_down, sparse_gate_up
-from pallas_kernels.sparse_down import sparse_down_pallas
-from pallas_kernels.sparse_gate_up import sparse_gate_up_pallas
+from pallas_kernels.sparse_down import sparse_down_pallas, sparse_down_xla
+from pallas_kernels.sparse_gate_up import sparse_gate_up_pallas, sparse_gate_up_xla
 from pallas_kernels.triton_check import triton_modules
 
 BACKENDS = ("pallas", "xla", "reference")
@@ -70,9 +70,11 @@ def down_numpy(h, down_t, idx, count):
     return h[:, :count] @ down_t[idx[:count]]
 
 
-def counts_for(f: int, caps: tuple[int, ...]) -> list[int]:
-    """0, 1, F and both sides of every XLA capacity (each lax.switch branch, dense included)."""
-    return sorted({0, 1, f, *caps, *(c + 1 for c in caps)})
+def counts_for(f: int) -> list[int]:
+    """0, 1, F, both sides of the XLA path's chunk edges and of its dense switch point."""
+    chunk, dense = bk.CHUNK, int(bk.DENSE_ABOVE * f)
+    edges = {chunk - 1, chunk, chunk + 1, 2 * chunk + 1, dense, dense + 1}
+    return sorted({0, 1, f, *(c for c in edges if 0 <= c <= f)})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -83,7 +85,7 @@ def test_sparse_gate_up(backend, b, d, f, dtype, activation):
     run = jax.jit(functools.partial(sparse_gate_up, activation=activation,
                                     threshold=FATRELU_THRESHOLD, backend=backend))
     args = [jnp.asarray(a, dtype) for a in (x, gate, up)]
-    for count in counts_for(f, bk.capacities(f)):
+    for count in counts_for(f):
         idx = index_list(f, count, seed=count)
         h = run(*args, jnp.asarray(idx), jnp.int32(count))
         assert h.dtype == jnp.float32 and h.shape == (b, f)
@@ -99,7 +101,7 @@ def test_sparse_down(backend, b, d, f, dtype, activation):
     x, _, _, down_t = weights(b, d, f, dtype, seed=d)
     h = np.random.default_rng(1).standard_normal((b, f)).astype(np.float32)
     run = jax.jit(functools.partial(sparse_down, backend=backend))
-    for count in counts_for(f, bk.capacities(f)):
+    for count in counts_for(f):
         idx = index_list(f, count, seed=count)
         hc = h.copy()
         hc[:, count:] = 0.0  # the contract: sparse_gate_up leaves 0 past count
@@ -148,13 +150,27 @@ def test_fatrelu_is_strict(backend):
     np.testing.assert_array_equal(np.asarray(h)[0], np.where(z > 0.5, z, 0.0))
 
 
-def test_capacities():
-    assert bk.capacities(45) == (8, 16, 24)
-    assert bk.capacities(200) == (16, 32, 56, 104)
-    assert bk.capacities(8) == ()  # too small for any bucket: always dense
-    caps = bk.capacities(200)
-    branch = [int(bk.capacity_branch(jnp.int32(c), caps)) for c in (0, 16, 17, 104, 105, 200)]
-    assert branch == [0, 0, 1, 3, 4, 4]  # 4 = the exact dense branch
+def test_xla_path_choice():
+    assert [bool(bk.use_dense(jnp.int32(c), 200)) for c in (0, 100, 101, 200)] == [
+        False, False, True, True]
+    assert [int(bk.num_chunks(jnp.int32(c), 64)) for c in (0, 1, 64, 65)] == [0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("dense_above", [0.0, 1.0])
+@pytest.mark.parametrize("count", [0, 5, 64, 130, 200])
+def test_xla_chunked_and_dense_paths_agree(dense_above, count):
+    """Forcing either path (dense for every count, or the chunk loop up to F) is exact."""
+    b, d, f = 2, 40, 200
+    x, gate, up, down_t = weights(b, d, f, np.float32, seed=3)
+    idx = index_list(f, count, seed=count)
+    h = sparse_gate_up_xla(jnp.asarray(x), jnp.asarray(gate), jnp.asarray(up), jnp.asarray(idx),
+                           jnp.int32(count), activation="relu", threshold=0.0,
+                           dense_above=dense_above)
+    want = gate_up_numpy(x, gate, up, idx, count, "relu")
+    assert_close(h, want, np.float32)
+    out = sparse_down_xla(h, jnp.asarray(down_t), jnp.asarray(idx), jnp.int32(count),
+                          dense_above=dense_above)
+    assert_close(out, down_numpy(np.asarray(h, np.float64), down_t, idx, count), np.float32)
 
 
 def test_unknown_activation_and_backend_raise():
