@@ -11,6 +11,7 @@ Layout of a checkpoint directory (written by `convert`, read by `load`):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -69,8 +70,10 @@ def restore_params(
 
     Args:
       path: the checkpoint directory.
-      shardings: a tree matching the params tree, each leaf a `jax.sharding.Sharding`; None puts
-        every array on the default device. Each device reads only its own shard.
+      shardings: a nested dict holding every path of the params tree (extra entries, such as
+        ones for arrays an older checkpoint lacks, are ignored), each leaf a
+        `jax.sharding.Sharding`; None puts every array on the default device. Each device reads
+        only its own shard.
       dtype: cast float weights to this dtype on read (None: keep the stored dtype); integer leaves
         (the packed sign bits) are never cast.
 
@@ -87,6 +90,10 @@ def restore_params(
         if shardings is None:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree.map(lambda _: device, meta)
+        else:
+            shardings = jax.tree_util.tree_map_with_path(
+                lambda path, _: functools.reduce(lambda d, k: d[k.key], path, shardings), meta
+            )
 
         def restore_args(m: Any, sharding: jax.sharding.Sharding) -> ocp.ArrayRestoreArgs:
             leaf_dtype = dtype if dtype is not None and _is_float(m.dtype) else m.dtype

@@ -43,13 +43,41 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_mesh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh, e.g. data=1,model=4: heads and MLP neurons split over model, the "
+        "batch over data (default: one device)",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-host job first (jax.distributed.initialize; see docs/multihost.md)",
+    )
+
+
+def _mesh(args: argparse.Namespace):
+    """The `--mesh` as a jax Mesh (None without it), after joining a multi-host job if asked."""
+    from sparseinfer_jax import sharding
+
+    if args.distributed:
+        sharding.initialize_distributed()
+    return sharding.mesh_from_text(args.mesh)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from sparseinfer_jax.generation import generate
     from sparseinfer_jax.loading import SHIPPED_MODEL, load
 
     args.model = args.model or SHIPPED_MODEL
     model, tokenizer = load(
-        args.model, dtype=args.dtype, mode=args.mode, backend=args.backend, alpha=args.alpha
+        args.model,
+        dtype=args.dtype,
+        mode=args.mode,
+        backend=args.backend,
+        alpha=args.alpha,
+        mesh=_mesh(args),
     )
     if tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer.json, so text prompts cannot be encoded.")
@@ -164,7 +192,9 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError(f"--modes must be a comma list of {', '.join(MODES)}, got '{args.modes}'.")
     _check_text_args(args)
     path = _model_path(args)
-    model, tokenizer = load(path, dtype=args.dtype, backend=args.backend, alpha=args.alpha)
+    model, tokenizer = load(
+        path, dtype=args.dtype, backend=args.backend, alpha=args.alpha, mesh=_mesh(args)
+    )
     windows = _encode_windows(args, tokenizer, path)
     result = evaluate(model, windows, modes=modes, backend=args.backend, progress=True)
     if args.plot:
@@ -197,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(gen)
+    _add_mesh_args(gen)
     gen.add_argument(
         "--prompt", action="append", required=True, help="prompt text (repeat for a batch)"
     )
@@ -224,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(run=_calibrate)
     ev = sub.add_parser("eval", help="perplexity and predictor quality per MLP mode")
     _add_model_args(ev)
+    _add_mesh_args(ev)
     _add_text_args(ev)
     ev.add_argument("--modes", default="dense,sparse", help="comma list of " + ",".join(MODES))
     ev.add_argument("--json", default=None, help="also write the results to this JSON file")

@@ -19,7 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from sparseinfer_jax import sharding
 from sparseinfer_jax.config import alpha_per_layer
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.mlp import STAT_FIELDS, check_mode
@@ -135,6 +138,8 @@ def _program(
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
     cache = KVCache.zeros(cfg, b, p + new_slots, model.dtype)
+    if model.mesh is not None:
+        cache = jax.lax.with_sharding_constraint(cache, sharding.cache_sharding(cfg, model.mesh, b))
     positions = jnp.maximum(jnp.arange(p)[None, :] - pad[:, None], 0).astype(jnp.int32)
     mask = (slots[None, :] <= jnp.arange(p)[:, None])[None] & valid[:, None, :]
     hidden, cache, _ = model.forward(
@@ -293,21 +298,32 @@ def generate(
         eos_ids=eos_ids,
         pad_id=int(pad_id),
     )
-    args = (
-        state,
-        jnp.asarray(tokens),
-        jnp.asarray(pad),
-        jnp.int32(max_new_tokens),
-        jnp.float32(temperature),
-        jnp.float32(top_p),
+    data = (
+        tokens,
+        pad,
+        np.int32(max_new_tokens),
+        np.float32(temperature),
+        np.float32(top_p),
         _alpha_array(model, alpha),
         jax.random.key(seed),
+        np.int32(1),  # the step limit of the prefill-only timing run
     )
+    jit_kwargs = {}
+    if model.mesh is not None:  # rows over `data`; results replicated, so every host can read them
+        rows, replicated = (
+            sharding.batch_sharding(model.mesh, len(ids)),
+            NamedSharding(model.mesh, P()),
+        )
+        data = jax.device_put(data, (rows, rows) + (replicated,) * 6)
+        jit_kwargs["out_shardings"] = replicated
+    else:
+        data = jax.device_put(data)
+    args, one_step = (state, *data[:-1]), data[-1]
     cache_key = (graphdef, tokens.shape, tuple(sorted(statics.items())))
     compile_s = 0.0
     if cache_key not in _COMPILED:
         start = time.perf_counter()
-        program = jax.jit(functools.partial(_program, graphdef=graphdef, **statics))
+        program = jax.jit(functools.partial(_program, graphdef=graphdef, **statics), **jit_kwargs)
         _COMPILED[cache_key] = program.lower(*args).compile()
         compile_s = time.perf_counter() - start
     compiled = _COMPILED[cache_key]
@@ -315,7 +331,7 @@ def generate(
     prefill_s = None
     if timing:
         start = time.perf_counter()
-        jax.block_until_ready(compiled(*args[:3], jnp.int32(1), *args[4:]))
+        jax.block_until_ready(compiled(*args[:3], one_step, *args[4:]))
         prefill_s = time.perf_counter() - start
     start = time.perf_counter()
     out, steps, stat_sums = jax.block_until_ready(compiled(*args))

@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from pallas_kernels.pack import pack_sign_bits_reference
+from sparseinfer_jax import sharding
 from sparseinfer_jax.config import LlamaConfig, alpha_per_layer, config_from_hf_dict, default_alpha
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.mlp import check_mode
@@ -38,12 +40,17 @@ def model_from_params(
     alpha=None,
     mode: str = "dense",
     backend: str = "auto",
+    mesh: Mesh | None = None,
 ) -> Llama:
     """Builds a `Llama` around a nested dict of arrays in the checkpoint layout (see DESIGN.md).
 
-    Missing `gate_sign_bits` (checkpoints from before the sparse core) are computed here.
+    Missing `gate_sign_bits` (checkpoints from before the sparse core) are computed here. With a
+    `mesh`, every array is placed per `sharding.param_specs` (each device receives only its
+    slice; arrays already placed that way stay where they are); else on the default device.
     """
     check_mode(cfg, mode, backend)
+    if mesh is not None:
+        sharding.check_config(cfg, mesh)
     if not cfg.is_relu_family:
         log.warning(
             "hidden_act is '%s': SparseInfer needs relu or fatrelu, so this model runs dense only.",
@@ -54,16 +61,15 @@ def model_from_params(
         lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode, backend=backend)
     )
     graphdef, state = nnx.split(abstract)
-    params = jax.tree.map(
-        lambda a: jnp.asarray(a) if a.dtype == np.uint32 else jnp.asarray(a, dtype), params
-    )
+    # Cast where the array is (numpy on the host, jax.Array on its devices): no gather.
+    params = jax.tree.map(lambda a: a if a.dtype == np.uint32 else a.astype(dtype), params)
     mlp = params["layers"]["mlp"]
     if "gate_sign_bits" not in mlp:
         log.info("checkpoint has no gate sign bits; computing them at load time")
         mlp["gate_sign_bits"] = jax.jit(pack_sign_bits_reference)(mlp["gate"])
     layers = cfg.num_hidden_layers
     alpha = default_alpha(layers) if alpha is None else alpha
-    params["layers"]["mlp"]["alpha"] = jnp.asarray(alpha_per_layer(alpha, layers))
+    params["layers"]["mlp"]["alpha"] = alpha_per_layer(alpha, layers)
     expected = nnx.to_pure_dict(state)
     got_shapes = jax.tree.map(lambda a: a.shape, params)
     want_shapes = jax.tree.map(lambda a: a.shape, expected)
@@ -72,8 +78,11 @@ def model_from_params(
             "the checkpoint's arrays do not match its config.json "
             "(shapes or names differ); re-convert it with sparseinfer-convert."
         )
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    shardings = None if mesh is None else sharding.param_shardings(cfg, mesh)
+    nnx.replace_by_pure_dict(state, jax.device_put(params, shardings))
+    model = nnx.merge(graphdef, state)
+    model.mesh = mesh
+    return model
 
 
 SHIPPED_MODEL = os.path.join(os.path.dirname(__file__), "models", "tiny-relu-llama")
@@ -86,6 +95,7 @@ def load(
     mode: str = "dense",
     backend: str = "auto",
     alpha=None,
+    mesh: Mesh | None = None,
 ) -> tuple[Llama, Tokenizer | None]:
     """Loads a model and its tokenizer.
 
@@ -97,6 +107,10 @@ def load(
       backend: sparse kernel backend: "auto", "pallas", "xla" or "reference".
       alpha: per-layer conservativeness override (a number or one per layer); default: the
         checkpoint's calibrated values.
+      mesh: a `(data, model)` device mesh (`sharding.make_mesh`) to shard the model over; a
+        converted checkpoint is read straight into that layout (each device reads its own
+        slices), an HF folder is converted on the host and each slice sent to its device.
+        Default: one device.
     Returns:
       (model, tokenizer); the tokenizer is None when the folder has no tokenizer files.
     """
@@ -105,7 +119,13 @@ def load(
     path = os.fspath(path)
     if checkpoint.is_checkpoint(path):
         hf, block = checkpoint.read_checkpoint_config(path)
-        params = checkpoint.restore_params(path)
+        shardings = None
+        if mesh is not None:
+            cfg = config_from_hf_dict(hf)
+            sharding.check_config(cfg, mesh)
+            shardings = sharding.param_shardings(cfg, mesh)
+        # Cast on read: a cast after restoring would hold two copies of the weights at once.
+        params = checkpoint.restore_params(path, shardings=shardings, dtype=_dtype(dtype))
         alpha = block.get("alpha") if alpha is None else alpha
         folder = path
     else:
@@ -119,5 +139,7 @@ def load(
         if alpha is None:  # an HF folder may carry calibrated alphas in the same block
             alpha = (hf.get("sparseinfer") or {}).get("alpha")
     cfg = config_from_hf_dict(hf)
-    model = model_from_params(cfg, params, dtype=dtype, alpha=alpha, mode=mode, backend=backend)
+    model = model_from_params(
+        cfg, params, dtype=dtype, alpha=alpha, mode=mode, backend=backend, mesh=mesh
+    )
     return model, load_tokenizer(folder)

@@ -22,9 +22,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
 from pallas_kernels.pack import pack_sign_bits_reference
+from sparseinfer_jax import sharding
 from sparseinfer_jax.config import LlamaConfig
 from sparseinfer_jax.errors import UserError
 
@@ -107,6 +110,7 @@ class MLP(nnx.Module):
         mode: str = "dense",
         backend: str = "auto",
         stats: str | None = None,
+        mesh: Mesh | None = None,
     ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
         """Applies the MLP.
 
@@ -116,12 +120,30 @@ class MLP(nnx.Module):
           backend: kernel backend for the sparse path, one of BACKENDS (static).
           stats: None, "predicted" (predictor statistics) or "diagnostic" (also the true mask,
             which costs the full gate matvec).
+          mesh: a `(data, model)` mesh to run tensor-parallel on (see `sharded`), or None.
 
         Returns:
           `[B, T, D]` output, and with `stats` an int32 vector over STAT_FIELDS: rows, rows'
           predicted-active neurons, truly active neurons, neurons both predicted and truly active
           (all summed over rows; the last two are 0 unless "diagnostic"), and neurons the layer
           actually computed.
+        """
+        b, t, _ = x.shape
+        if mesh is None:
+            y, counts = self.apply(x, mode, backend, stats)
+        else:
+            y, counts = self.sharded(x, mode, backend, stats, mesh)
+        if not stats:
+            return y, None
+        return y, jnp.concatenate([jnp.full((1,), b * t, jnp.int32), counts])
+
+    def apply(
+        self, x: jnp.ndarray, mode: str, backend: str, stats: str | None, data_axis=None
+    ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """The MLP on `x: [B, T, D]` -> (`[B, T, D]` in the weights' dtype, counts `[4]` or None).
+
+        counts are STAT_FIELDS without "rows". `data_axis` names the mesh axis the batch is split
+        over inside `shard_map`: the union of active neurons is then taken over every row.
         """
         b, t, d = x.shape
         rows = x.reshape(b * t, d)
@@ -140,6 +162,10 @@ class MLP(nnx.Module):
             else:
                 true_mask = self.hidden(rows) != 0
                 active = jnp.any(true_mask, axis=0)
+            if data_axis is not None:
+                # One union over the whole batch, as on one device, so results do not depend on
+                # how the rows are split.
+                active = jax.lax.psum(active.astype(jnp.int32), data_axis) > 0
             idx, computed = pk.compact(active, backend=backend)
             h = pk.sparse_gate_up(
                 rows,
@@ -164,10 +190,46 @@ class MLP(nnx.Module):
         count = lambda m: jnp.sum(m, dtype=jnp.int32)  # noqa: E731
         return y, jnp.stack(
             [
-                jnp.int32(b * t),
                 count(predicted),
                 count(true_mask),
                 count(predicted & true_mask),
                 computed.astype(jnp.int32),
             ]
         )
+
+    def sharded(
+        self, x: jnp.ndarray, mode: str, backend: str, stats: str | None, mesh: Mesh
+    ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """`apply` tensor-parallel: each device of the `model` axis runs it on its own neurons.
+
+        Under `shard_map` every device holds `[F/m, D]` slices of gate, up, down_t (and its sign
+        bits), predicts, compacts and gathers only its own neurons, and the partial down
+        projections end in one float32 `psum` over `model`. The batch is split over `data` when it
+        divides evenly. Returns what `apply` returns; counts are summed over shards.
+        """
+        graphdef, state = nnx.split(self)
+        specs = jax.tree.map(lambda a: P("model") if a.ndim else P(), state)
+        data = sharding.batch_axis(mesh, x.shape[0])
+        row_axes = ("model",) if data is None else ("model", data)
+
+        def local(state, x):
+            y, counts = nnx.merge(graphdef, state).apply(x, mode, backend, stats, data)
+            y = jax.lax.psum(y.astype(jnp.float32), "model")
+            if counts is not None:
+                # Row counts add up over data shards; the computed count (of the one union over
+                # the batch) is the same on each of them.
+                counts = jnp.concatenate(
+                    [jax.lax.psum(counts[:3], row_axes), jax.lax.psum(counts[3:], "model")]
+                )
+            return y, counts
+
+        # check_vma=False: the kernels know nothing of meshes (their loop carries start out
+        # unvarying), and the counts above are replicated by construction.
+        y, counts = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(specs, P(data)),
+            out_specs=(P(data), P()),
+            check_vma=False,
+        )(state, x)
+        return y.astype(self.down_t.dtype), counts

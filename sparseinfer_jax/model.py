@@ -105,11 +105,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache, cache_index, *, mode, backend, stats):
+    def __call__(self, x, cos, sin, mask, cache, cache_index, *, mode, backend, stats, mesh):
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
         x = x + attn
         mlp, layer_stats = self.mlp(
-            self.post_attention_layernorm(x), mode=mode, backend=backend, stats=stats
+            self.post_attention_layernorm(x), mode=mode, backend=backend, stats=stats, mesh=mesh
         )
         return x + mlp, cache, layer_stats
 
@@ -128,6 +128,8 @@ class Llama(nnx.Module):
     ):
         self.config = cfg
         self.mode, self.backend = mode, backend
+        # The device mesh the arrays live on (set by `sharding.shard_model`), or None.
+        self.mesh = None
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
         )
@@ -188,7 +190,16 @@ class Llama(nnx.Module):
             layer_state, layer_cache = scanned
             layer = nnx.merge(graphdef, layer_state)
             x, layer_cache, layer_stats = layer(
-                x, cos, sin, mask, layer_cache, cache_index, mode=mode, backend=backend, stats=stats
+                x,
+                cos,
+                sin,
+                mask,
+                layer_cache,
+                cache_index,
+                mode=mode,
+                backend=backend,
+                stats=stats,
+                mesh=self.mesh,
             )
             return x, (layer_cache, layer_stats)
 

@@ -1,0 +1,207 @@
+"""Tensor parallelism: a `data` x `model` device mesh and where every array lives on it.
+
+Attention heads and MLP neurons are split over `model`, the batch over `data`. KV heads are split
+over `model` when their count divides it, and replicated when the axis is a multiple of it (each
+device then holds every KV head, as in other tensor-parallel servers). The sparse MLP runs per
+neuron shard under `shard_map` (see `mlp.py`): shard s holds neurons [s F/m, (s+1) F/m) of every
+layer. Everything else is placed with `NamedSharding`s and left to XLA's sharding propagation.
+The vocabulary (embedding and LM head) is split over `model` when the axis divides it.
+
+Shapes: L layers, V vocab, D hidden, F intermediate, H heads, K kv heads, hd head_dim.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sparseinfer_jax.config import LlamaConfig
+from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.rope import rope_tables
+
+AXES = ("data", "model")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """Parses "data=1,model=4" into `{"data": 1, "model": 4}` (a missing axis is 1)."""
+    sizes = dict.fromkeys(AXES, 1)
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in AXES or not value.strip().isdigit() or int(value) < 1:
+            raise UserError(
+                f"mesh must look like 'data=1,model=4' (axes {', '.join(AXES)}, sizes >= 1), "
+                f"got '{text}'."
+            )
+        sizes[name] = int(value)
+    return sizes
+
+
+def make_mesh(data: int = 1, model: int = 1, devices=None) -> Mesh:
+    """A `(data, model)` mesh over the first `data * model` of `devices` (default: all devices).
+
+    With several processes (`jax.distributed.initialize`), `jax.devices()` lists every host's
+    devices, so the mesh spans hosts; keep `model` within one host (fast links) and `data` across.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    n = data * model
+    if n > len(devices):
+        raise UserError(
+            f"the mesh data={data},model={model} needs {n} devices but only {len(devices)} are "
+            "visible; choose a smaller mesh."
+        )
+    return jax.make_mesh(
+        (data, model), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices[:n]
+    )
+
+
+def mesh_from_text(text: str | None) -> Mesh | None:
+    """The mesh for a `--mesh` option value; None (one device, no mesh) when text is None."""
+    return None if text is None else make_mesh(**parse_mesh(text))
+
+
+def initialize_distributed() -> None:
+    """Joins a multi-host job (`jax.distributed.initialize`) before any device is used.
+
+    Coordinator, process count and id come from the environment: JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID, or the cluster's own variables (SLURM, Open MPI, Cloud
+    TPU), which JAX detects itself. See docs/multihost.md.
+    """
+    env = {
+        "coordinator_address": os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        "num_processes": os.environ.get("JAX_NUM_PROCESSES"),
+        "process_id": os.environ.get("JAX_PROCESS_ID"),
+    }
+    kwargs = {k: (v if k == "coordinator_address" else int(v)) for k, v in env.items() if v}
+    jax.distributed.initialize(**kwargs)
+
+
+def check_config(cfg: LlamaConfig, mesh: Mesh) -> None:
+    """Raises UserError when the model cannot be split over the mesh's `model` axis."""
+    m = mesh.shape["model"]
+    for name in ("num_attention_heads", "intermediate_size"):
+        n = getattr(cfg, name)
+        if n % m:
+            raise UserError(
+                f"{name} ({n}) is not divisible by the mesh's model axis ({m}); choose a model "
+                "axis size that divides it."
+            )
+    k = cfg.num_key_value_heads
+    if k % m and m % k:
+        raise UserError(
+            f"num_key_value_heads ({k}) and the mesh's model axis ({m}) must divide one another; "
+            "choose another model axis size."
+        )
+
+
+def _kv_axis(cfg: LlamaConfig, mesh: Mesh) -> str | None:
+    return "model" if cfg.num_key_value_heads % mesh.shape["model"] == 0 else None
+
+
+def param_specs(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
+    """PartitionSpecs of the params tree (checkpoint layout, layers stacked on a leading L axis)."""
+    kv = _kv_axis(cfg, mesh)
+    vocab = "model" if cfg.vocab_size % mesh.shape["model"] == 0 else None
+    neurons = P(None, "model", None)  # [L, F, D] and [L, F, W]: each device its own neurons
+    specs = {
+        "embed_tokens": {"embedding": P(vocab, None)},
+        "norm": {"weight": P()},
+        "layers": {
+            "input_layernorm": {"weight": P()},
+            "post_attention_layernorm": {"weight": P()},
+            "self_attn": {
+                "q_proj": {"kernel": P(None, None, "model")},  # [L, D, H*hd]
+                "k_proj": {"kernel": P(None, None, kv)},  # [L, D, K*hd]
+                "v_proj": {"kernel": P(None, None, kv)},
+                "o_proj": {"kernel": P(None, "model", None)},  # [L, H*hd, D]
+            },
+            "mlp": {
+                "gate": neurons,
+                "up": neurons,
+                "down_t": neurons,
+                "gate_sign_bits": neurons,
+                "alpha": P(),  # [L]
+            },
+        },
+    }
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = {"kernel": P(None, vocab)}  # [D, V]
+    return specs
+
+
+def param_shardings(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
+    """`param_specs` as NamedShardings on `mesh`."""
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec),
+        param_specs(cfg, mesh),
+        is_leaf=lambda x: isinstance(x, P),
+    )
+
+
+def batch_axis(mesh: Mesh, batch: int) -> str | None:
+    """The "data" axis when the batch splits evenly over it, else None (rows replicated)."""
+    return "data" if batch % mesh.shape["data"] == 0 else None
+
+
+def batch_sharding(mesh: Mesh, batch: int) -> NamedSharding:
+    """Sharding of a `[B, ...]` array: rows over `data`."""
+    return NamedSharding(mesh, P(batch_axis(mesh, batch)))
+
+
+def cache_sharding(cfg: LlamaConfig, mesh: Mesh, batch: int) -> NamedSharding:
+    """Sharding of a KV cache array `[L, B, S, K, hd]`: batch over data, KV heads over model."""
+    return NamedSharding(mesh, P(None, batch_axis(mesh, batch), None, _kv_axis(cfg, mesh), None))
+
+
+def shard_model(model, mesh: Mesh):
+    """Moves every array of `model` (a `Llama`) onto `mesh` per `param_specs`; returns the model.
+
+    Later calls (forward, `generate`) run tensor-parallel; the sparse MLP runs per neuron shard.
+    """
+    check_config(model.config, mesh)
+    state = nnx.state(model)
+    placed = jax.device_put(nnx.to_pure_dict(state), param_shardings(model.config, mesh))
+    nnx.replace_by_pure_dict(state, placed)
+    nnx.update(model, state)
+    model.mesh = mesh
+    return model
+
+
+def shard_active_counts(model, input_ids: jnp.ndarray, num_shards: int) -> np.ndarray:
+    """Predicted-active neurons of each neuron shard, per layer and token: `[L, T, num_shards]`.
+
+    Replays `input_ids: [1, T]` through the model (dense MLP, so every token sees the same inputs
+    it would when decoding) and counts, on each of `num_shards` contiguous slices of the F
+    neurons, the neurons the sign-bit predictor keeps: the work each device of a `model` axis of
+    that size does per decoded token. Needs no mesh.
+    """
+    assert model.config.intermediate_size % num_shards == 0, num_shards
+    return np.asarray(_shard_counts(model, jnp.asarray(input_ids), num_shards))
+
+
+@nnx.jit(static_argnames="num_shards")
+def _shard_counts(model, input_ids, num_shards):
+    b, t = input_ids.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    cos, sin = rope_tables(model.config, positions)
+    graphdef, state = nnx.split(model.layers)
+
+    def body(x, layer_state):
+        layer = nnx.merge(graphdef, layer_state)
+        attn, _ = layer.self_attn(layer.input_layernorm(x), cos, sin, mask)
+        x = x + attn
+        h = layer.post_attention_layernorm(x)
+        per_row = layer.mlp.predict(h.reshape(b * t, -1), "xla")[1]  # [T, F]
+        counts = per_row.reshape(b * t, num_shards, -1).sum(-1, dtype=jnp.int32)
+        y, _ = layer.mlp(h, mode="dense")
+        return x + y, counts
+
+    return jax.lax.scan(body, model.embed_tokens(input_ids), state)[1]
