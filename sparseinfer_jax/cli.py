@@ -215,6 +215,46 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from sparseinfer_jax import bench
+
+    def split(text: str, kind, flag: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise UserError(f"{flag} must be a comma list, got '{text}'.") from None
+
+    settings = bench.Settings(
+        shape=args.shape, layers=args.layers, dtype=args.dtype,
+        modes=split(args.modes, str, "--modes"), backends=split(args.backend, str, "--backend"),
+        active=split(args.active, float, "--active"), tokens=args.tokens, repeats=args.repeats,
+        kernels=not args.no_kernels, batches=split(args.batches, int, "--batches"),
+        peer=args.peer, seed=args.seed)
+    settings.check()
+    if args.plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:  # fail before measuring, not after
+            raise UserError("--plot needs matplotlib; pip install matplotlib.")
+    def save(records: list[dict]) -> None:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+            f.write("\n")
+
+    records = bench.run(settings, log=lambda line: print(line, flush=True),
+                        save=save if args.json else None)
+    kernels = bench.format_kernels(records)
+    if kernels:
+        print()
+        print(kernels)
+    if args.plot:
+        bench.plot(records, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
 def _add_text_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="same as --model")
     p.add_argument("--text", required=True, help="UTF-8 text file")
@@ -263,6 +303,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sweep", default="0.9,0.95,1,1.05,1.1,1.2",
                     help="alpha scale factors swept for --plot (perplexity vs sparsity)")
     ev.set_defaults(run=_eval)
+    be = sub.add_parser("bench", help="decode speed vs active fraction on a random-weight model")
+    be.add_argument("--shape", default="tiny", help="tiny, 1b (TinyLlama-1.1B) or 7b (Llama-2-7B)")
+    be.add_argument("--layers", type=int, default=None, help="cut the depth to N layers")
+    be.add_argument("--dtype", default="float32", help="bfloat16 or float32")
+    be.add_argument("--modes", default="dense,sparse", help="comma list of dense,sparse")
+    be.add_argument("--backend", default="xla", help="comma list of sparse kernel backends")
+    be.add_argument("--active", default="0.05,0.1,0.2,0.5,1.0",
+                    help="predicted active fractions to set alpha for, in (0, 1]")
+    be.add_argument("--tokens", type=int, default=64, help="decode steps per timed loop")
+    be.add_argument("--repeats", type=int, default=5, help="timed loops per setting")
+    be.add_argument("--batches", default="", help="also decode at these batch sizes (union)")
+    be.add_argument("--no-kernels", action="store_true", help="skip the per-kernel timings")
+    be.add_argument("--peer", choices=("hf",), default=None,
+                    help="also time Hugging Face transformers (torch, CPU) on the same weights")
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--json", default=None, help="write the records to this JSON file")
+    be.add_argument("--plot", default=None, help="write a PNG: latency vs active fraction")
+    be.set_defaults(run=_bench)
     return parser
 
 

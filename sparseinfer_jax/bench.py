@@ -1,0 +1,543 @@
+"""Decode benchmarks: latency vs predicted active fraction, against dense and the bandwidth limit.
+
+A model of a named shape (`SHAPES`) is built with random weights on the fly: decode speed depends
+on how many neurons are computed, not on what the weights mean. Per layer, alpha is set so that
+the sign-bit predictor keeps a requested fraction of the neurons on decode-time MLP inputs (the
+hidden states of a greedy dense continuation, replayed by `calibration.window_counts` over an alpha
+grid fine enough to hit any fraction), and the fraction actually computed is measured in the
+sparse run itself.
+
+Every figure comes from `block_until_ready` timings of compiled programs after a warm-up run:
+- decode: `generate()` (prefill + `lax.while_loop` of `tokens` decode steps, one program) run
+  `repeats` times; per-token latency = (full run - prefill-only run) / (tokens - 1), median and
+  spread over the repeats;
+- bytes per decode step: the weights the step must read (attention, the computed MLP rows, sign
+  bits, final norm and LM head, one embedding row) plus the live KV cache; / latency = achieved
+  GB/s, compared with the copy bandwidth measured in the same run (`copy_bandwidth`);
+- kernels: one layer's predictor, gate/up, down and the whole MLP alone, against the dense matvec
+  of the same shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pallas_kernels as pk
+from convert import names
+from pallas_kernels.sparse_down import matmul
+from pallas_kernels.sparse_gate_up import activate, matmul_t
+from sparseinfer_jax.calibration import window_counts
+from sparseinfer_jax.config import LlamaConfig
+from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.generation import generate
+from sparseinfer_jax.loading import model_from_params
+from sparseinfer_jax.mlp import BACKENDS
+from sparseinfer_jax.model import Llama
+
+# hidden, intermediate, heads, kv heads, head_dim, layers, vocab (TinyLlama-1.1B, Llama-2-7B).
+SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64, num_hidden_layers=4, vocab_size=4096),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+               num_key_value_heads=4, head_dim=64, num_hidden_layers=22, vocab_size=32000),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+               num_key_value_heads=32, head_dim=128, num_hidden_layers=32, vocab_size=32000),
+}
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+MODES = ("dense", "sparse")
+PROMPT_TOKENS = 8
+INIT_STD = 0.02
+
+
+def shape_config(shape: str, layers: int | None = None) -> LlamaConfig:
+    """The `LlamaConfig` of a named shape, with its depth cut to `layers` when given."""
+    if shape not in SHAPES:
+        raise UserError(f"--shape must be one of {', '.join(SHAPES)}, got '{shape}'.")
+    fields = dict(SHAPES[shape])
+    if layers is not None:
+        if layers < 1:
+            raise UserError(f"--layers must be at least 1, got {layers}.")
+        fields["num_hidden_layers"] = min(layers, fields["num_hidden_layers"])
+    return LlamaConfig(**fields, rms_norm_eps=1e-5, max_position_embeddings=4096,
+                       hidden_act="relu", bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
+
+
+@functools.partial(jax.jit, static_argnames=["shape", "dtype"])
+def _normal(key, shape, dtype):
+    return (INIT_STD * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def random_model(cfg: LlamaConfig, dtype: str = "float32", *, seed: int = 0) -> Llama:
+    """A `Llama` with N(0, 0.02) weights and unit norms, one `jax.random` call per array."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'.")
+    params: dict[str, Any] = {}
+    key = jax.random.key(seed)
+    for path, shape in names.out_shapes(cfg).items():
+        key, sub = jax.random.split(key)
+        node = params
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        is_norm = path[-1] == "weight"
+        node[path[-1]] = (jnp.ones(shape, DTYPES[dtype]) if is_norm
+                          else _normal(sub, shape, DTYPES[dtype]))
+    return model_from_params(cfg, params, dtype=DTYPES[dtype])
+
+
+def step_bytes(cfg: LlamaConfig, itemsize: int, computed: float, context: float) -> dict:
+    """Bytes one batch-1 decode step must read.
+
+    Args:
+      itemsize: bytes per weight (2 for bfloat16, 4 for float32); sign bits are uint32.
+      computed: MLP neurons computed per layer (F for dense; the active count when sparse).
+      context: KV cache slots the step attends to (the live context length).
+
+    Returns:
+      {"attention", "mlp", "sign_bits", "kv_cache", "other", "total"} in bytes, summed over layers.
+      "sign_bits" is 0 when every neuron is computed (the dense path reads none).
+    """
+    d, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    out = {
+        "attention": layers * (2 * d * q + 2 * d * kv + 2 * d) * itemsize,
+        "mlp": layers * 3 * computed * d * itemsize,
+        "sign_bits": 0 if computed >= f else layers * f * cfg.sign_words * 4,
+        "kv_cache": layers * 2 * context * kv * itemsize,
+        # Final norm, LM head (the tied embedding when there is no head) and one embedding row.
+        "other": (d + cfg.vocab_size * d + d) * itemsize,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def alpha_grid(d: int) -> np.ndarray:
+    """Alphas `[d + 1]` float32 ascending: alpha_t keeps a neuron iff N_neg <= t (t = 0..d) when
+    all `d` inputs are non-zero, so every achievable active fraction has its grid point."""
+    t = np.arange(d + 1, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return ((t + 0.5) / np.maximum(d - t - 0.5, 0.0)).astype(np.float32)
+
+
+def fit_alphas(grid: np.ndarray, predicted_fraction: np.ndarray,
+               target: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, the grid alpha whose predicted active fraction is closest to `target`.
+
+    Args:
+      grid: `[G]` alphas ascending; predicted_fraction: `[L, G]` active fraction at each.
+      target: wanted active fraction in (0, 1]; 1 gives alpha = inf (every neuron, exactly).
+
+    Returns:
+      alphas `[L]` float32 and the fractions they give on the fitting data `[L]`.
+    """
+    layers = predicted_fraction.shape[0]
+    if target >= 1.0:
+        return np.full((layers,), np.inf, np.float32), np.ones((layers,))
+    idx = np.argmin(np.abs(predicted_fraction - target), axis=1)
+    rows = np.arange(layers)
+    return grid[idx], predicted_fraction[rows, idx]
+
+
+def decode_inputs_fraction(model: Llama, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted active fraction `[L, G]` over `alpha_grid(D)` on the MLP inputs of `ids: [1, T]`.
+
+    `ids` should be a prompt and its greedy continuation, so the MLP inputs are decode-time ones.
+    """
+    grid = alpha_grid(model.config.hidden_size)
+    counts = window_counts(model, jnp.asarray(ids), jnp.asarray(grid))
+    predicted, _, _, rows = jax.device_get(counts)
+    return grid, predicted / (rows[:, None] * model.config.intermediate_size)
+
+
+def spread(values: Sequence[float]) -> dict:
+    """Median, quartiles, min and max of `values`."""
+    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return dict(median=statistics.median(values), q1=q1, q3=q3, min=min(values), max=max(values))
+
+
+def time_calls(fn: Callable, *args, repeats: int) -> list[float]:
+    """Seconds per call of `fn(*args)` (already jitted), `repeats` times after one warm-up."""
+    jax.block_until_ready(fn(*args))
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """GB/s of a jitted copy of an `nbytes` float32 array (bytes read + bytes written) / time."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    scale = jnp.float32(1.0)
+    fn = jax.jit(lambda x, s: x * s)  # a multiply by data, so XLA cannot skip the copy
+    return 2 * nbytes / statistics.median(time_calls(fn, x, scale, repeats=repeats)) / 1e9
+
+
+def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """GB/s of a jitted float32 matvec over an `nbytes` matrix (bytes read / time): the rate a
+    decode step's weight reads can reach (on a CPU, XLA's elementwise copy may use one core)."""
+    w = jnp.ones((nbytes // 4 // 2048, 2048), jnp.float32)
+    x = jnp.ones((2048,), jnp.float32)
+    return nbytes / statistics.median(time_calls(jax.jit(jnp.dot), w, x, repeats=repeats)) / 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What one `run` measures (see the `bench` command's flags)."""
+
+    shape: str = "tiny"
+    layers: int | None = None
+    dtype: str = "float32"
+    modes: tuple[str, ...] = MODES
+    backends: tuple[str, ...] = ("xla",)
+    active: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)
+    tokens: int = 64
+    repeats: int = 5
+    kernels: bool = True
+    batches: tuple[int, ...] = ()
+    peer: str | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raises UserError for a bad setting (before anything is built)."""
+        shape_config(self.shape, self.layers)
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'.")
+        bad = [m for m in self.modes if m not in MODES]
+        if not self.modes or bad:
+            raise UserError(f"--modes must be a comma list of {', '.join(MODES)}.")
+        bad = [b for b in self.backends if b not in BACKENDS]
+        if not self.backends or bad:
+            raise UserError(f"--backend must be a comma list of {', '.join(BACKENDS)}.")
+        if not self.active or any(not 0 < a <= 1 for a in self.active):
+            raise UserError("--active must be a comma list of fractions in (0, 1].")
+        if self.tokens < 2:
+            raise UserError(f"--tokens must be at least 2, got {self.tokens}.")
+        if self.repeats < 1:
+            raise UserError(f"--repeats must be at least 1, got {self.repeats}.")
+        if any(b < 1 for b in self.batches):
+            raise UserError("--batches must be positive batch sizes.")
+        if self.peer not in (None, "hf"):
+            raise UserError(f"--peer must be 'hf', got '{self.peer}'.")
+
+
+def _record(kind: str, mode: str, backend: str, active: float | None, **fields) -> dict:
+    base = dict(kind=kind, mode=mode, backend=backend, active_fraction=active,
+                tokens_per_s=None, decode_ms_median=None, achieved_gb_s=None)
+    return {**base, **fields}
+
+
+def decode_record(model: Llama, prompt: np.ndarray, settings: Settings, mode: str, backend: str,
+                  alphas: np.ndarray, copy_gb_s: float, read_gb_s: float) -> dict:
+    """Times `generate` (see the module docstring) and measures the computed fraction.
+
+    `limit_ms` is the step's bytes over the faster of the copy and matvec read bandwidths."""
+    cfg = model.config
+    kw = dict(max_new_tokens=settings.tokens, mode=mode, backend=backend, alpha=alphas,
+              stop_at_eos=False)
+    first = generate(model, prompt, **kw)
+    runs = [generate(model, prompt, **kw).timing for _ in range(settings.repeats)]
+    computed = 1.0
+    if mode != "dense":
+        stats = generate(model, prompt, **kw, stats="predicted", timing=False).stats
+        computed = float(np.mean(stats.computed_fraction))
+    ms = spread([t.decode_s_per_token * 1e3 for t in runs])
+    batch, p = prompt.shape
+    context = p + settings.tokens / 2  # mean live slots over the decode steps
+    nbytes = step_bytes(cfg, jnp.dtype(model.dtype).itemsize,
+                        computed * cfg.intermediate_size, context)
+    gb_s = nbytes["total"] / (ms["median"] * 1e-3) / 1e9
+    return _record(
+        "decode", mode, backend if mode != "dense" else "-", round(computed, 4),
+        batch=batch, tokens_per_s=1e3 / ms["median"], decode_ms_median=ms["median"],
+        decode_ms=ms, compile_s=first.timing.compile_s,
+        prefill_ms=statistics.median(t.prefill_s for t in runs) * 1e3,
+        bytes_per_step=nbytes, achieved_gb_s=gb_s, fraction_of_copy=gb_s / copy_gb_s,
+        limit_ms=nbytes["total"] / (max(copy_gb_s, read_gb_s) * 1e9) * 1e3)
+
+
+def kernel_records(model: Llama, settings: Settings, backend: str, fraction: float,
+                   copy_gb_s: float) -> list[dict]:
+    """Layer 0's predictor, gate/up, down and whole MLP alone, each against the dense matvec.
+
+    The gathered kernels get `round(fraction * F)` random active neurons; the sparse MLP gets an
+    alpha fitted to keep `fraction` of the neurons for its random input.
+    """
+    mlp = model.layers.mlp
+    gate, up, down_t = (a[...][0] for a in (mlp.gate, mlp.up, mlp.down_t))
+    bits = mlp.gate_sign_bits[...][0]
+    f, d = gate.shape
+    dt, item = gate.dtype, gate.dtype.itemsize
+    rng = np.random.default_rng(settings.seed)
+    x = jnp.asarray(rng.standard_normal((1, d)), dt)
+    count = max(1, round(fraction * f))
+    active = np.zeros((f,), bool)
+    active[rng.choice(f, count, replace=False)] = True
+    idx, cnt = pk.compact(jnp.asarray(active))
+    h = jnp.asarray(rng.standard_normal((1, f)) * (np.arange(f) < count), jnp.float32)
+    _, n_neg = pk.sign_predict(x, bits, jnp.float32(1.0), backend="xla")
+    grid = alpha_grid(d)
+    frac = (np.asarray(n_neg)[0][None, :] <= np.arange(d + 1)[:, None]).mean(axis=1)
+    alpha = jnp.float32(fit_alphas(grid, frac[None], fraction)[0][0])
+
+    def dense_mlp(x):
+        hh = activate(matmul_t(x, gate), "relu", 0.0) * matmul_t(x, up)
+        return matmul(hh.astype(dt), down_t).astype(dt)
+
+    def sparse_mlp(x, alpha):
+        act, _ = pk.sign_predict(x, bits, alpha, backend=backend)
+        i, c = pk.compact(act)
+        hh = pk.sparse_gate_up(x, gate, up, i, c, backend=backend)
+        return pk.sparse_down(hh, down_t, i, c, backend=backend)
+
+    read_bits = f * bits.shape[1] * 4
+    predict = functools.partial(pk.sign_predict, backend=backend)
+    gate_up = functools.partial(pk.sparse_gate_up, backend=backend)
+    down = functools.partial(pk.sparse_down, backend=backend)
+    # (op, mode, function, arguments, bytes it must read)
+    cases = [
+        ("gate_matvec", "dense", lambda x: matmul_t(x, gate), (x,), f * d * item),
+        ("predictor", "sparse", predict, (x, bits, alpha), read_bits),
+        ("gate_up", "dense", lambda x: activate(matmul_t(x, gate), "relu", 0.0) * matmul_t(x, up),
+         (x,), 2 * f * d * item),
+        ("gate_up", "sparse", gate_up, (x, gate, up, idx, cnt), 2 * count * d * item),
+        ("down", "dense", lambda h: matmul(h.astype(dt), down_t), (h,), f * d * item),
+        ("down", "sparse", down, (h, down_t, idx, cnt), count * d * item),
+        ("mlp", "dense", dense_mlp, (x,), 3 * f * d * item),
+        ("mlp", "sparse", sparse_mlp, (x, alpha), 3 * count * d * item + read_bits),
+    ]
+    out = []
+    for op, mode, fn, args, nbytes in cases:
+        ms = spread([s * 1e3 for s in time_calls(jax.jit(fn), *args,
+                                                 repeats=max(20, settings.repeats))])
+        gb_s = nbytes / (ms["median"] * 1e-3) / 1e9
+        sparse = mode == "sparse"
+        out.append(_record("kernel", mode, backend if sparse else "-",
+                           fraction if sparse else 1.0, op=op, ms=ms, bytes=nbytes,
+                           achieved_gb_s=gb_s, fraction_of_copy=gb_s / copy_gb_s))
+    return out
+
+
+def fitted_alphas(model: Llama, prompt: np.ndarray, settings: Settings) -> dict[float, dict]:
+    """For each requested fraction: per-layer alphas fitted on decode-time MLP inputs.
+
+    The inputs are those of `prompt[:1]` and its greedy dense continuation of `tokens` tokens.
+    """
+    dense = generate(model, prompt[:1], max_new_tokens=settings.tokens, mode="dense",
+                     stop_at_eos=False, timing=False)
+    ids = np.concatenate([prompt[:1], dense.tokens], axis=1)
+    grid, fraction = decode_inputs_fraction(model, ids)
+    out = {}
+    for target in settings.active:
+        alphas, got = fit_alphas(grid, fraction, target)
+        out[target] = dict(alphas=alphas, fitted_fraction=float(np.mean(got)))
+    return out
+
+
+def hf_peer_record(model: Llama, prompt: np.ndarray, settings: Settings, copy_gb_s: float) -> dict:
+    """Hugging Face transformers (torch, CPU) greedy decoding with the same shape and weights.
+
+    `generate` greedy with its default KV cache, under `torch.inference_mode()`, on as many torch
+    threads as this process may use. Per-token time is measured as ours: (a run of `tokens` new
+    tokens - a prefill-only run of 1) / (tokens - 1), paired per repeat, after a warm-up.
+    OpenMP threads wait passively unless OMP_WAIT_POLICY is set: torch's default spin-waiting
+    made a 4-layer model 30-50x slower (450 vs 10 ms/token) on 2 cores shared with other work.
+    """
+    # libgomp reads this once, when torch loads it (nothing in this package imports torch before).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import torch
+        from transformers import LlamaConfig as HFConfig
+        from transformers import LlamaForCausalLM
+    except ImportError:
+        raise UserError("--peer hf needs torch and transformers; pip install torch "
+                        "transformers (or drop --peer).") from None
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(threads)
+    cfg = model.config
+    tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[jnp.dtype(model.dtype).name]
+    hf_cfg = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures",)}
+    hf = LlamaForCausalLM(HFConfig(**hf_cfg)).to(tdtype).eval()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    state = {}
+    for name, target in names.hf_targets(cfg).items():
+        node = params
+        for k in target.entry.path:
+            node = node[k]
+        a = np.asarray(jnp.asarray(node, jnp.float32))
+        a = a[target.layer] if target.layer is not None else a
+        state[name] = torch.from_numpy(np.array(a.T if target.entry.transpose else a)).to(tdtype)
+    missing, _ = hf.load_state_dict(state, strict=False)
+    assert not [m for m in missing if "rotary" not in m], missing
+    ids = torch.from_numpy(prompt.astype(np.int64))
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=cfg.pad_token_id)
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        return time.perf_counter() - start
+
+    run(1)  # warm-up
+    run(settings.tokens)
+    per_token, prefills = [], []
+    for _ in range(settings.repeats):
+        prefills.append(run(1))
+        per_token.append((run(settings.tokens) - prefills[-1]) / (settings.tokens - 1) * 1e3)
+    ms = spread(per_token)
+    nbytes = step_bytes(cfg, jnp.dtype(model.dtype).itemsize, cfg.intermediate_size,
+                        prompt.shape[1] + settings.tokens / 2)
+    gb_s = nbytes["total"] / (ms["median"] * 1e-3) / 1e9
+    return _record("decode", "hf-dense", f"torch {torch.__version__}", 1.0, batch=prompt.shape[0],
+                   tokens_per_s=1e3 / ms["median"], decode_ms_median=ms["median"], decode_ms=ms,
+                   prefill_ms=statistics.median(prefills) * 1e3, bytes_per_step=nbytes,
+                   achieved_gb_s=gb_s, fraction_of_copy=gb_s / copy_gb_s, torch_threads=threads,
+                   omp_wait_policy=os.environ["OMP_WAIT_POLICY"])
+
+
+def run(settings: Settings, *, log: Callable[[str], None] = print,
+        save: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Builds the model and measures everything `settings` asks for; returns the JSON records.
+
+    `save(records)`, when given, gets the records so far after each one, so a run stopped by a
+    time limit still leaves every figure it measured.
+    """
+    settings.check()
+    cfg = shape_config(settings.shape, settings.layers)
+    shared = dict(shape=settings.shape, layers=cfg.num_hidden_layers, dtype=settings.dtype,
+                  tokens=settings.tokens)
+    records: list[dict] = []
+
+    def add(*new: dict, show: bool = True) -> None:
+        for rec in new:
+            records.append({**rec, **shared})
+            if show:
+                log(format_row(records[-1]))
+        if save is not None:
+            save(records)
+
+    copy_gb_s, read_gb_s = copy_bandwidth(), read_bandwidth()
+    add(_record("copy", "copy", jax.default_backend(), None, achieved_gb_s=copy_gb_s,
+                read_gb_s=read_gb_s, device=str(jax.devices()[0]), jax=jax.__version__),
+        show=False)
+    log(f"copy bandwidth {copy_gb_s:.1f} GB/s, matvec read bandwidth {read_gb_s:.1f} GB/s "
+        f"({jax.devices()[0]})")
+    start = time.perf_counter()
+    model = random_model(cfg, settings.dtype, seed=settings.seed)
+    log(f"built {settings.shape} x {cfg.num_hidden_layers} layers ({settings.dtype}) in "
+        f"{time.perf_counter() - start:.1f} s")
+    rng = np.random.default_rng(settings.seed)
+    prompt = rng.integers(3, cfg.vocab_size, (1, PROMPT_TOKENS)).astype(np.int32)
+    fits = fitted_alphas(model, prompt, settings) if "sparse" in settings.modes else {}
+    log(HEADER)
+    if "dense" in settings.modes:
+        add(decode_record(model, prompt, settings, "dense", "xla", None, copy_gb_s, read_gb_s))
+    for backend in settings.backends if "sparse" in settings.modes else ():
+        for target in settings.active:
+            fit = fits[target]
+            rec = decode_record(model, prompt, settings, "sparse", backend, fit["alphas"],
+                                copy_gb_s, read_gb_s)
+            add(dict(rec, requested_fraction=target, fitted_fraction=fit["fitted_fraction"],
+                     alphas=[float(a) for a in fit["alphas"]]))
+        if settings.kernels:
+            for target in settings.active:
+                add(*kernel_records(model, settings, backend, target, copy_gb_s), show=False)
+        for b in settings.batches:
+            batch = rng.integers(3, cfg.vocab_size, (b, PROMPT_TOKENS)).astype(np.int32)
+            alphas = fits[min(settings.active)]["alphas"]
+            for mode in settings.modes:
+                rec = decode_record(model, batch, settings, mode, backend, alphas, copy_gb_s,
+                                    read_gb_s)
+                add(dict(rec, kind="batch"))
+    if settings.peer == "hf":
+        add(hf_peer_record(model, prompt, settings, copy_gb_s))
+    return records
+
+
+HEADER = (f"{'kind':<7} {'mode':<9} {'backend':<8} {'B':>2} {'active':>6} {'ms/token':>9} "
+          f"{'IQR':>13} {'tok/s':>7} {'GB/s':>6} {'of copy':>7} {'compile s':>9}")
+
+
+def format_row(r: dict) -> str:
+    """One table line of a decode or batch record."""
+    ms = r["decode_ms"]
+    compile_s = r.get("compile_s")
+    return (f"{r['kind']:<7} {r['mode']:<9} {r['backend'][:8]:<8} {r.get('batch', 1):>2} "
+            f"{r['active_fraction']:>6.3f} {ms['median']:>9.2f} "
+            f"{ms['q1']:>6.2f}-{ms['q3']:<6.2f} {r['tokens_per_s']:>7.1f} "
+            f"{r['achieved_gb_s']:>6.1f} {r['fraction_of_copy']:>7.2f} "
+            + (f"{compile_s:>9.2f}" if compile_s else f"{'':>9}"))
+
+
+def format_kernels(records: list[dict]) -> str:
+    """The kernel table: each op's median ms, sparse / dense time ratio and GB/s.
+
+    Each sparse row is compared with the dense row timed just before it (`kernel_records` times
+    the dense ops again for every fraction, so a ratio comes from one stretch of one run)."""
+    rows = [r for r in records if r["kind"] == "kernel"]
+    if not rows:
+        return ""
+    dense: dict[str, float] = {}
+    lines = [f"{'op':<12} {'backend':<8} {'active':>6} {'ms':>8} {'vs dense':>8} {'GB/s':>6}"]
+    for r in rows:
+        if r["mode"] == "dense":
+            dense[r["op"]] = r["ms"]["median"]
+        base = dense["gate_matvec" if r["op"] == "predictor" else r["op"]]
+        lines.append(f"{r['op']:<12} {r['backend']:<8} {r['active_fraction']:>6.3f} "
+                     f"{r['ms']['median']:>8.3f} {r['ms']['median'] / base:>8.3f} "
+                     f"{r['achieved_gb_s']:>6.1f}")
+    return "\n".join(lines)
+
+
+def format_table(records: list[dict]) -> str:
+    """Decode rows, then the kernel table."""
+    rows = [format_row(r) for r in records if r["kind"] in ("decode", "batch")]
+    return "\n".join([HEADER, *rows, "", format_kernels(records)]).rstrip()
+
+
+def plot(records: list[dict], path: str) -> None:
+    """Writes a PNG: decode ms/token vs active fraction per backend, dense, peer and the limit."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib; pip install matplotlib.") from None
+    decode = [r for r in records if r["kind"] == "decode"]
+    copy = next(r["achieved_gb_s"] for r in records if r["kind"] == "copy")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for backend in sorted({r["backend"] for r in decode if r["mode"] == "sparse"}):
+        rows = sorted((r for r in decode if r["mode"] == "sparse" and r["backend"] == backend),
+                      key=lambda r: r["active_fraction"])
+        x = [r["active_fraction"] for r in rows]
+        ax.errorbar(x, [r["decode_ms_median"] for r in rows],
+                    yerr=[[r["decode_ms"]["median"] - r["decode_ms"]["q1"] for r in rows],
+                          [r["decode_ms"]["q3"] - r["decode_ms"]["median"] for r in rows]],
+                    fmt="o-", capsize=3, label=f"sparse ({backend})")
+        ax.plot(x, [r["limit_ms"] for r in rows], "k:", label="bandwidth limit (bytes / GB/s)")
+    for r in decode:
+        if r["mode"] != "sparse":
+            ax.axhline(r["decode_ms_median"], ls="--", color="gray" if r["mode"] == "dense"
+                       else "tab:red", label=f"{r['mode']} ({r['backend']})")
+    first = decode[0]
+    ax.set_title(f"{first['shape']} x {first['layers']} layers, {first['dtype']}, batch 1, "
+                 f"copy {copy:.0f} GB/s")
+    ax.set_xlabel("MLP neurons computed (fraction)")
+    ax.set_ylabel("decode latency (ms/token)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

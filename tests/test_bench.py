@@ -1,0 +1,132 @@
+"""The benchmark's machinery: alpha fitting, byte accounting, the `bench` command. No timings."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparseinfer_jax import bench
+from sparseinfer_jax.cli import main
+from sparseinfer_jax.generation import generate
+
+# Fitted on one continuation, measured on the same decode run: the fraction moves by the few
+# tokens where sparse decoding diverges from dense, and by the grid's step (1/F per neuron).
+FRACTION_TOLERANCE = 0.03
+# One depth and one token count everywhere (and the CLI test builds the same shape), so every test
+# reuses the same compiled generate programs: compiling, not running, is what these tests pay for.
+LAYERS = 2
+TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return bench.random_model(bench.shape_config("tiny", LAYERS), "float32")
+
+
+def test_alpha_grid_reaches_every_count():
+    d = 64
+    grid = bench.alpha_grid(d)
+    n_neg = np.arange(d + 1)
+    tau = np.asarray(jax.vmap(lambda a: bench.pk.threshold(a, jnp.int32(d)))(jnp.asarray(grid)))
+    np.testing.assert_array_equal(tau, n_neg)  # alpha_t keeps exactly N_neg <= t
+
+
+@pytest.mark.parametrize("target", [0.1, 0.3])
+def test_fitted_alpha_hits_the_active_fraction(tiny, target):
+    prompt = np.arange(3, 3 + bench.PROMPT_TOKENS, dtype=np.int32)[None]
+    settings = bench.Settings(active=(target,), tokens=TOKENS)
+    fit = bench.fitted_alphas(tiny, prompt, settings)[target]
+    assert abs(fit["fitted_fraction"] - target) < FRACTION_TOLERANCE
+    stats = generate(tiny, prompt, max_new_tokens=TOKENS, mode="sparse", backend="xla",
+                     alpha=fit["alphas"], stop_at_eos=False, stats="predicted").stats
+    assert abs(float(np.mean(stats.computed_fraction)) - target) < FRACTION_TOLERANCE
+
+
+def test_step_bytes_equal_the_model_arrays(tiny):
+    """Dense step bytes = every parameter array but the embedding table (one row) + the KV read."""
+    cfg = tiny.config
+    params = nnx.state(tiny, nnx.Param)
+    arrays = jax.tree.leaves(params)
+    total = sum(a.size * a.dtype.itemsize for a in arrays)
+    embed = tiny.embed_tokens.embedding[...]
+    context = 10
+    kv = 2 * cfg.num_hidden_layers * context * cfg.num_key_value_heads * cfg.head_dim * 4
+    want = total - embed.nbytes + embed.shape[1] * 4 + kv
+    assert bench.step_bytes(cfg, 4, cfg.intermediate_size, context)["total"] == want
+    # Sparse: the MLP's rows scale with the computed count, plus the sign bits it reads.
+    sparse = bench.step_bytes(cfg, 4, 100, context)
+    bits = tiny.layers.mlp.gate_sign_bits[...]
+    mlp = 3 * cfg.num_hidden_layers * 100 * cfg.hidden_size * 4
+    assert sparse["mlp"] == mlp and sparse["sign_bits"] == bits.nbytes
+
+
+def test_sparse_at_full_activity_decodes_like_dense(tiny):
+    prompt = np.arange(5, 5 + bench.PROMPT_TOKENS, dtype=np.int32)[None]
+    kw = dict(max_new_tokens=TOKENS, stop_at_eos=False, timing=False)
+    dense = generate(tiny, prompt, mode="dense", **kw)
+    sparse = generate(tiny, prompt, mode="sparse", backend="xla", alpha=np.inf, **kw)
+    np.testing.assert_array_equal(dense.tokens, sparse.tokens)
+
+
+def test_kernel_records_time_each_op_against_dense(tiny):
+    cfg = tiny.config
+    f, d = cfg.intermediate_size, cfg.hidden_size
+    records = bench.kernel_records(tiny, bench.Settings(repeats=1), "xla", 0.25, copy_gb_s=10.0)
+    got = [(r["op"], r["mode"]) for r in records]
+    ops = ("gate_up", "down", "mlp")
+    assert got == [("gate_matvec", "dense"), ("predictor", "sparse"),
+                   *((op, mode) for op in ops for mode in ("dense", "sparse"))]
+    by = {(r["op"], r["mode"]): r for r in records}
+    count = round(0.25 * f)
+    assert by["gate_matvec", "dense"]["bytes"] == f * d * 4
+    assert by["gate_up", "sparse"]["bytes"] == 2 * count * d * 4
+    assert by["down", "sparse"]["bytes"] == count * d * 4
+    for r in records:
+        assert r["ms"]["median"] > 0 and r["achieved_gb_s"] > 0
+    assert "vs dense" in bench.format_kernels(records)
+
+
+def test_cli_writes_json_records_and_plot(tmp_path, capsys, monkeypatch):
+    # The bandwidth probes stream 512 MiB each by default; a few MiB exercise the same code.
+    monkeypatch.setattr(bench, "copy_bandwidth", functools.partial(bench.copy_bandwidth, 8 << 20))
+    monkeypatch.setattr(bench, "read_bandwidth", functools.partial(bench.read_bandwidth, 8 << 20))
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    argv = ["bench", "--shape", "tiny", "--layers", str(LAYERS), "--tokens", str(TOKENS),
+            "--repeats", "1", "--active", "0.2,1", "--no-kernels", "--json", str(out),
+            "--plot", str(png)]
+    assert main(argv) == 0
+    records = json.loads(out.read_text())
+    decode = [r for r in records if r["kind"] == "decode"]
+    assert [(r["mode"], r["requested_fraction"] if r["mode"] == "sparse" else None)
+            for r in decode] == [("dense", None), ("sparse", 0.2), ("sparse", 1.0)]
+    for r in decode:
+        for key in ("mode", "backend", "active_fraction", "tokens_per_s", "decode_ms_median",
+                    "achieved_gb_s"):
+            assert r[key] is not None, key
+        assert r["decode_ms"]["min"] <= r["decode_ms_median"] <= r["decode_ms"]["max"]
+    assert decode[-1]["active_fraction"] == 1.0
+    assert png.stat().st_size > 0
+    assert "ms/token" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--shape", "13b"], "--shape must be one of"),
+    (["--active", "0"], "--active"),
+    (["--active", "1.5"], "--active"),
+    (["--active", "x"], "--active must be a comma list"),
+    (["--modes", "oracle"], "--modes"),
+    (["--backend", "cuda"], "--backend"),
+    (["--dtype", "float16"], "--dtype"),
+    (["--layers", "0"], "--layers"),
+    (["--tokens", "1"], "--tokens"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, match, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and err.count("\n") == 1
