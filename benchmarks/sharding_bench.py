@@ -3,7 +3,8 @@
 Two measurements, one JSON file:
 
 1. latency: ms per decoded token of `generate` on a TinyLlama-1.1B-shaped model (D=2048, F=5632,
-   32 heads, 4 KV heads, vocab 32000; depth cut to --layers, random ReLU weights), dense and
+   32 heads, 4 KV heads, vocab 32000; depth cut to --layers, random ReLU weights, float32 by
+   default: bfloat16 matmuls are slow on CPU), dense and
    sparse, on meshes data=1,model=m for each m of --devices. Forced CPU host devices share the
    machine's cores, so on a CPU this shows the cost of the collectives, not a speed-up.
 2. imbalance: on the shipped model over a text, predicted-active neurons per token on each of m
@@ -22,39 +23,29 @@ import statistics
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from sparseinfer_jax import generate, load
-from sparseinfer_jax.config import config_from_hf_dict
+from sparseinfer_jax.bench import random_model, shape_config
 from sparseinfer_jax.loading import SHIPPED_MODEL
 from sparseinfer_jax.model import Llama
 from sparseinfer_jax.sharding import make_mesh, shard_active_counts, shard_model
 
-SHAPE_1B = dict(
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    vocab_size=32000,
-    hidden_act="relu",
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-5,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+
+def random_1b(layers: int, mode: str, dtype: str) -> Llama:
+    """The `bench` 1b shape cut to `layers`, random weights, alpha 1.0 (about half the neurons
+    predicted active on random weights)."""
+    model = random_model(shape_config("1b", layers), dtype)
+    model.mode, model.backend = mode, "xla"
+    return model
 
 
-def random_1b(layers: int, mode: str) -> Llama:
-    """The 1b shape with `layers` layers and random bfloat16 weights (activations ~50% sparse)."""
-    cfg = config_from_hf_dict({"model_type": "llama", **SHAPE_1B, "num_hidden_layers": layers})
-    return Llama(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), mode=mode, backend="xla")
-
-
-def latency(layers: int, devices: list[int], new_tokens: int, repeats: int) -> list[dict]:
+def latency(
+    layers: int, devices: list[int], new_tokens: int, repeats: int, dtype: str
+) -> list[dict]:
     """Median ms per decoded token (batch 1, prompt of 8) per mode and model-axis size."""
     rows = []
     for mode in ("dense", "sparse"):
-        model = random_1b(layers, mode)
+        model = random_1b(layers, mode, dtype)
         for m in devices:
             shard_model(model, make_mesh(1, m))
             runs = [
@@ -100,6 +91,7 @@ def imbalance(text_file: str, max_tokens: int, shards: list[int]) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (slow on CPU)")
     p.add_argument("--devices", default="1,2,4", help="model-axis sizes to time")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -111,7 +103,7 @@ def main() -> None:
     result = dict(
         machine=f"{jax.device_count()} {jax.default_backend()} devices, jax {jax.__version__}",
         imbalance=imbalance(args.text, args.max_tokens, devices),
-        latency=latency(args.layers, devices, args.new_tokens, args.repeats),
+        latency=latency(args.layers, devices, args.new_tokens, args.repeats, args.dtype),
     )
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
