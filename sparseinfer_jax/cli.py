@@ -48,7 +48,8 @@ def _add_mesh_args(p: argparse.ArgumentParser) -> None:
         "--mesh",
         default=None,
         help="device mesh, e.g. data=1,model=4: heads and MLP neurons split over model, the "
-        "batch over data (default: one device)",
+        "batch over data (default: one device, or all local devices on model when the model "
+        "does not fit one)",
     )
     p.add_argument(
         "--distributed",
@@ -58,12 +59,12 @@ def _add_mesh_args(p: argparse.ArgumentParser) -> None:
 
 
 def _mesh(args: argparse.Namespace):
-    """The `--mesh` as a jax Mesh (None without it), after joining a multi-host job if asked."""
+    """The `--mesh` as a jax Mesh ("auto" without it), after joining a multi-host job if asked."""
     from sparseinfer_jax import sharding
 
     if args.distributed:
         sharding.initialize_distributed()
-    return sharding.mesh_from_text(args.mesh)
+    return "auto" if args.mesh is None else sharding.mesh_from_text(args.mesh)
 
 
 def _generate(args: argparse.Namespace) -> int:

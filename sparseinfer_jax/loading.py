@@ -85,6 +85,13 @@ def model_from_params(
     return model
 
 
+def _auto(mesh: str, cfg: LlamaConfig, dtype) -> Mesh | None:
+    if mesh != "auto":
+        raise UserError(f"mesh must be a jax Mesh, None or 'auto', got '{mesh}'.")
+    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    return sharding.auto_mesh(cfg, name if name in DTYPES else "bfloat16")
+
+
 SHIPPED_MODEL = os.path.join(os.path.dirname(__file__), "models", "tiny-relu-llama")
 
 
@@ -95,7 +102,7 @@ def load(
     mode: str = "dense",
     backend: str = "auto",
     alpha=None,
-    mesh: Mesh | None = None,
+    mesh: Mesh | str | None = "auto",
 ) -> tuple[Llama, Tokenizer | None]:
     """Loads a model and its tokenizer.
 
@@ -110,7 +117,8 @@ def load(
       mesh: a `(data, model)` device mesh (`sharding.make_mesh`) to shard the model over; a
         converted checkpoint is read straight into that layout (each device reads its own
         slices), an HF folder is converted on the host and each slice sent to its device.
-        Default: one device.
+        None: one device. "auto" (default): one device when the model fits it, else every
+        local device on `model` (`sharding.auto_mesh`).
     Returns:
       (model, tokenizer); the tokenizer is None when the folder has no tokenizer files.
     """
@@ -119,6 +127,8 @@ def load(
     path = os.fspath(path)
     if checkpoint.is_checkpoint(path):
         hf, block = checkpoint.read_checkpoint_config(path)
+        if isinstance(mesh, str):
+            mesh = _auto(mesh, config_from_hf_dict(hf), dtype or block.get("dtype"))
         shardings = None
         if mesh is not None:
             cfg = config_from_hf_dict(hf)
@@ -139,6 +149,8 @@ def load(
         if alpha is None:  # an HF folder may carry calibrated alphas in the same block
             alpha = (hf.get("sparseinfer") or {}).get("alpha")
     cfg = config_from_hf_dict(hf)
+    if isinstance(mesh, str):
+        mesh = _auto(mesh, cfg, dtype or "bfloat16")
     model = model_from_params(
         cfg, params, dtype=dtype, alpha=alpha, mode=mode, backend=backend, mesh=mesh
     )

@@ -12,6 +12,7 @@ Shapes: L layers, V vocab, D hidden, F intermediate, H heads, K kv heads, hd hea
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -27,6 +28,7 @@ from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.rope import rope_tables
 
 AXES = ("data", "model")
+log = logging.getLogger(__name__)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -65,6 +67,33 @@ def make_mesh(data: int = 1, model: int = 1, devices=None) -> Mesh:
 def mesh_from_text(text: str | None) -> Mesh | None:
     """The mesh for a `--mesh` option value; None (one device, no mesh) when text is None."""
     return None if text is None else make_mesh(**parse_mesh(text))
+
+
+def auto_mesh(cfg: LlamaConfig, dtype: str = "bfloat16", devices=None) -> Mesh | None:
+    """The default placement: one device (None) when the model fits it, else every local device
+    on `model`.
+
+    "Fits" compares `memory.estimate_memory` (weights, sign bits and a 2k-token KV cache at batch
+    1) with the first device's memory limit; devices that report none (the CPU) count as fitting.
+    """
+    from sparseinfer_jax.memory import estimate_memory
+
+    devices = jax.local_devices() if devices is None else list(devices)
+    limit = (devices[0].memory_stats() or {}).get("bytes_limit") if devices else None
+    if len(devices) < 2 or not limit:
+        return None
+    context = min(2048, cfg.max_position_embeddings)
+    need = estimate_memory(cfg, context=context, dtype=dtype).total_bytes
+    if need <= limit:
+        return None
+    mesh = make_mesh(1, len(devices), devices)
+    check_config(cfg, mesh)
+    log.warning(
+        "the model needs about %.1f GiB, more than one device's %.1f GiB: sharding it over %d "
+        "devices (data=1,model=%d); pass a mesh to choose another layout.",
+        need / 2**30, limit / 2**30, len(devices), len(devices),
+    )
+    return mesh
 
 
 def initialize_distributed() -> None:

@@ -216,3 +216,41 @@ if __name__ == "__main__":
     kind, *rest = sys.argv[1:]
     result = _random_checks(*rest) if kind == "random" else _shipped_checks()
     print(json.dumps(result))
+
+
+class _Device:
+    """Stands in for a jax device: only its reported memory limit matters to `auto_mesh`."""
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def memory_stats(self):
+        return None if self.limit is None else {"bytes_limit": self.limit}
+
+
+def test_auto_mesh_shards_only_what_does_not_fit(monkeypatch):
+    from sparseinfer_jax import sharding
+    from sparseinfer_jax.bench import shape_config
+    from sparseinfer_jax.memory import estimate_memory
+
+    made = []
+    monkeypatch.setattr(sharding, "make_mesh", lambda d, m, devs: made.append((d, m)) or "mesh")
+    monkeypatch.setattr(sharding, "check_config", lambda cfg, mesh: None)
+    cfg = shape_config("7b")
+    need = estimate_memory(cfg, context=2048, dtype="bfloat16").total_bytes
+    gib = 2**30
+    assert 14 * gib < need < 20 * gib  # 7B in bf16 with a 2k cache
+    assert sharding.auto_mesh(cfg, "bfloat16", [_Device(80 * gib)] * 4) is None  # fits one
+    assert sharding.auto_mesh(cfg, "bfloat16", [_Device(None)] * 4) is None  # CPU: no limit
+    assert sharding.auto_mesh(cfg, "bfloat16", [_Device(8 * gib)]) is None  # nothing to split on
+    assert made == []
+    assert sharding.auto_mesh(cfg, "bfloat16", [_Device(12 * gib)] * 4) == "mesh"
+    assert sharding.auto_mesh(cfg, "float32", [_Device(20 * gib)] * 2) == "mesh"
+    assert made == [(1, 4), (1, 2)]
+
+
+def test_load_rejects_an_unknown_mesh_word():
+    from sparseinfer_jax import load
+
+    with pytest.raises(UserError, match="'auto'"):
+        load(mesh="everything")
