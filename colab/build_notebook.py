@@ -270,7 +270,7 @@ SCALES = [0.8, 0.9, 1.0, 1.1, 1.25, 1.5] if ON_GPU else [0.9, 1.0, 1.2]
 EVAL_TOKENS = 4096 if ON_GPU else 256
 text = read_text(Path(SHIPPED_MODEL) / "validation.txt")
 windows = token_windows(tokenizer.encode(text), max_tokens=EVAL_TOKENS)
-base_alpha = np.asarray(model.layers.mlp.alpha[...])
+base_alpha = np.asarray(model.alphas())
 
 points = alpha_sweep(model, windows, SCALES)
 for point in points:
@@ -326,7 +326,7 @@ print("logits", logits.shape, logits.dtype, "| next token:",
 
 params = nnx.state(model, nnx.Param)
 print(f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f} M parameters;",
-      "alpha per layer:", np.asarray(model.layers.mlp.alpha[...]).round(3))
+      "alpha per layer:", np.asarray(model.alphas()).round(3))
 
 
 @nnx.jit
@@ -335,9 +335,9 @@ def next_token(model, ids):
 
 
 print("greedy next token:", tokenizer.decode(next_token(model, ids).tolist()))
-model.layers.mlp.alpha.value = model.layers.mlp.alpha[...] * 0.8  # more skipping, same program
+model.set_alphas(model.alphas() * 0.8)  # more skipping, same program
 print("with alpha x0.8:  ", tokenizer.decode(next_token(model, ids).tolist()))
-model.layers.mlp.alpha.value = jnp.asarray(base_alpha)"""),
+model.set_alphas(base_alpha)"""),
     ("md", """\
 ## What fits where, and what was not verified
 

@@ -274,9 +274,9 @@ def kernel_records(model: Llama, settings: Settings, backend: str, fraction: flo
     The gathered kernels get `round(fraction * F)` random active neurons; the sparse MLP gets an
     alpha fitted to keep `fraction` of the neurons for its random input.
     """
-    mlp = model.layers.mlp
-    gate, up, down_t = (a[...][0] for a in (mlp.gate, mlp.up, mlp.down_t))
-    bits = mlp.gate_sign_bits[...][0]
+    mlp = model.layers[0].mlp
+    gate, up, down_t = (a[...] for a in (mlp.gate, mlp.up, mlp.down_t))
+    bits = mlp.gate_sign_bits[...]
     f, d = gate.shape
     dt, item = gate.dtype, gate.dtype.itemsize
     rng = np.random.default_rng(settings.seed)
@@ -372,11 +372,13 @@ def hf_peer_record(model: Llama, prompt: np.ndarray, settings: Settings, copy_gb
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     state = {}
     for name, target in names.hf_targets(cfg).items():
+        path = target.entry.path  # the checkpoint's: ("layers", ...) stacked
+        if target.layer is not None:  # the model holds one array per layer
+            path = (path[0], target.layer, *path[1:])
         node = params
-        for k in target.entry.path:
+        for k in path:
             node = node[k]
         a = np.asarray(jnp.asarray(node, jnp.float32))
-        a = a[target.layer] if target.layer is not None else a
         state[name] = torch.from_numpy(np.array(a.T if target.entry.transpose else a)).to(tdtype)
     missing, _ = hf.load_state_dict(state, strict=False)
     assert not [m for m in missing if "rotary" not in m], missing

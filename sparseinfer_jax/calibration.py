@@ -88,11 +88,9 @@ def window_counts(model, input_ids, alphas):
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     cos, sin = rope_tables(model.config, positions)
     x = model.embed_tokens(input_ids)
-    graphdef, state = nnx.split(model.layers)
     g = alphas.shape[0]
 
-    def body(x, layer_state):
-        layer = nnx.merge(graphdef, layer_state)
+    def body(x, layer):
         attn, _ = layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None, None)
         x = x + attn
         rows = layer.post_attention_layernorm(x).reshape(b * t, -1)
@@ -114,8 +112,11 @@ def window_counts(model, input_ids, alphas):
         x = x + layer.mlp.down(h).reshape(x.shape)
         return x, (predicted, both, jnp.sum(true, dtype=jnp.int32), jnp.int32(b * t))
 
-    _, out = jax.lax.scan(body, x, state)
-    return out
+    out = []
+    for layer in model.layers:
+        x, counts = body(x, layer)
+        out.append(counts)
+    return tuple(jnp.stack(c) for c in zip(*out, strict=True))
 
 
 @dataclasses.dataclass
@@ -236,13 +237,13 @@ def _perplexity_search(model, windows, grid_recall, max_increase, backend, progr
     windows = list(getattr(windows, "iterable", windows))  # unwrap a tqdm
     dense = perplexity(model, windows, mode="dense", backend=backend)
     budget = dense * (1.0 + max_increase / 100.0)
-    base = model.layers.mlp.alpha.value
+    base = model.alphas()
     cache: dict[int, float] = {}
 
     def sparse_ppl(level: int) -> float:
         if level not in cache:
             idx = _recall_index(grid_recall, RECALL_LEVELS[level])
-            model.layers.mlp.alpha.value = jnp.asarray(ALPHA_GRID[idx])
+            model.set_alphas(ALPHA_GRID[idx])
             cache[level] = perplexity(model, windows, mode="sparse", backend=backend)
         return cache[level]
 
@@ -264,7 +265,7 @@ def _perplexity_search(model, windows, grid_recall, max_increase, backend, progr
             if bar is not None:
                 bar.update()
     finally:
-        model.layers.mlp.alpha.value = base
+        model.set_alphas(base)
         if bar is not None:
             bar.close()
     ppl = cache.get(hi, dense)

@@ -166,15 +166,15 @@ def alpha_sweep(model, windows, scales, *, backend: str = "auto") -> list[dict]:
 
     Alpha is data, so every point reuses one compiled forward. The model's alphas are restored.
     """
-    base = model.layers.mlp.alpha.value
+    base = model.alphas()
     points = []
     try:
         for scale in scales:
-            model.layers.mlp.alpha.value = base * jnp.float32(scale)
+            model.set_alphas(base * jnp.float32(scale))
             sparse = evaluate(model, windows, modes=("sparse",), backend=backend)["modes"]["sparse"]
             points.append({"scale": float(scale), "alpha": np.asarray(
-                model.layers.mlp.alpha.value).round(4).tolist(), **{
+                model.alphas()).round(4).tolist(), **{
                 k: sparse[k] for k in ("perplexity", "predicted_sparsity", "recall")}})
     finally:
-        model.layers.mlp.alpha.value = base
+        model.set_alphas(base)
     return points

@@ -130,7 +130,7 @@ def _program(
 ):
     """Prefill + decode loop. tokens `[B, P]` left-padded, pad `[B]` pad counts."""
     model: Llama = nnx.merge(graphdef, state)
-    model.layers.mlp.alpha.value = alpha
+    model.set_alphas(alpha)
     cfg = model.config
     b, p = tokens.shape
     slots = jnp.arange(p + new_slots)
@@ -228,7 +228,7 @@ def _check(
 
 def _alpha_array(model: Llama, alpha) -> jnp.ndarray:
     if alpha is None:
-        return jnp.asarray(model.layers.mlp.alpha[...], jnp.float32)
+        return model.alphas()
     return jnp.asarray(alpha_per_layer(alpha, model.config.num_hidden_layers))
 
 

@@ -17,7 +17,7 @@ from sparseinfer_jax import sharding
 from sparseinfer_jax.config import LlamaConfig, alpha_per_layer, config_from_hf_dict, default_alpha
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.mlp import check_mode
-from sparseinfer_jax.model import Llama
+from sparseinfer_jax.model import Llama, unstack_layers
 from sparseinfer_jax.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,10 @@ def model_from_params(
 ) -> Llama:
     """Builds a `Llama` around a nested dict of arrays in the checkpoint layout (see DESIGN.md).
 
-    Missing `gate_sign_bits` (checkpoints from before the sparse core) are computed here. With a
-    `mesh`, every array is placed per `sharding.param_specs` (each device receives only its
-    slice; arrays already placed that way stay where they are); else on the default device.
+    The stacked `layers` subtree of `params` is emptied (moved into the model's per-layer
+    arrays). Missing `gate_sign_bits` (checkpoints from before the sparse core) are computed here.
+    With a `mesh`, every array is placed per `sharding.model_shardings` (each device receives only
+    its slice; arrays already placed that way stay where they are); else on the default device.
     """
     check_mode(cfg, mode, backend)
     if mesh is not None:
@@ -61,24 +62,33 @@ def model_from_params(
         lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode, backend=backend)
     )
     graphdef, state = nnx.split(abstract)
-    # Cast where the array is (numpy on the host, jax.Array on its devices): no gather.
-    params = jax.tree.map(lambda a: a if a.dtype == np.uint32 else a.astype(dtype), params)
     mlp = params["layers"]["mlp"]
     if "gate_sign_bits" not in mlp:
         log.info("checkpoint has no gate sign bits; computing them at load time")
         mlp["gate_sign_bits"] = jax.jit(pack_sign_bits_reference)(mlp["gate"])
     layers = cfg.num_hidden_layers
     alpha = default_alpha(layers) if alpha is None else alpha
-    params["layers"]["mlp"]["alpha"] = alpha_per_layer(alpha, layers)
+    mlp["alpha"] = alpha_per_layer(alpha, layers)
     expected = nnx.to_pure_dict(state)
-    got_shapes = jax.tree.map(lambda a: a.shape, params)
-    want_shapes = jax.tree.map(lambda a: a.shape, expected)
-    if got_shapes != want_shapes:
+    stacked_shape = lambda a: (layers, *a.shape)  # noqa: E731
+    want_shapes = {
+        **jax.tree.map(lambda a: a.shape, {k: v for k, v in expected.items() if k != "layers"}),
+        "layers": jax.tree.map(stacked_shape, expected["layers"][0]),
+    }
+    if jax.tree.map(lambda a: a.shape, params) != want_shapes:
         raise UserError(
             "the checkpoint's arrays do not match its config.json "
             "(shapes or names differ); re-convert it with sparseinfer-convert."
         )
-    shardings = None if mesh is None else sharding.param_shardings(cfg, mesh)
+    # The model holds one array per layer: move the stacked checkpoint arrays out of `params`
+    # (the caller's tree too, so the weights are never held twice), then cast each where it is
+    # (numpy on the host, jax.Array on its devices): no gather.
+    alphas = mlp.pop("alpha")  # float32 whatever the weights' dtype
+    params = {**params, "layers": unstack_layers(params["layers"], layers)}
+    params = jax.tree.map(lambda a: a if a.dtype == np.uint32 else a.astype(dtype), params)
+    for i in range(layers):
+        params["layers"][i]["mlp"]["alpha"] = alphas[i]
+    shardings = None if mesh is None else sharding.model_shardings(cfg, mesh)
     nnx.replace_by_pure_dict(state, jax.device_put(params, shardings))
     model = nnx.merge(graphdef, state)
     model.mesh = mesh

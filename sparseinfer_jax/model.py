@@ -1,13 +1,17 @@
-"""Llama in Flax NNX: decoder layers stacked on a leading axis and applied with `lax.scan`.
+"""Llama in Flax NNX: a list of decoder layers, each holding its own arrays.
 
-Stacking keeps compile time independent of depth (one layer body is compiled, not L copies) and
-makes per-layer data such as alpha a plain `[L]` array. Shapes: B batch, T tokens in this call,
-S KV-cache slots, D hidden, H heads, K kv heads, hd head_dim, V vocab.
+The layers are not stacked on a leading `[L]` axis and scanned: inside a scan each layer's weights
+are a slice of the stack, and XLA (on the CPU at least) copies that slice before every matvec,
+which made a decode step copy the whole model (`benchmarks/layer_stack.py`: 5x slower than
+separate arrays). A Python loop over separate arrays costs compile time linear in depth instead.
+Checkpoints stay stacked (`unstack_layers` splits them at load). Per-layer alpha is read and set
+as an `[L]` array with `Llama.alphas` / `Llama.set_alphas`. Shapes: B batch, T tokens in this
+call, S KV-cache slots, D hidden, H heads, K kv heads, hd head_dim, V vocab, L layers.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,15 +23,16 @@ from sparseinfer_jax.rope import apply_rope, rope_tables
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer, `[L, B, S, K, hd]` each, rotated keys as in HF."""
+    """Keys and values, one `[B, S, K, hd]` array per layer in each tuple; rotated keys as in HF."""
 
-    k: jnp.ndarray
-    v: jnp.ndarray
+    k: tuple[jnp.ndarray, ...]
+    v: tuple[jnp.ndarray, ...]
 
     @classmethod
     def zeros(cls, cfg: LlamaConfig, batch: int, slots: int, dtype: jnp.dtype) -> KVCache:
-        shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        shape = (batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+        layers = range(cfg.num_hidden_layers)
+        return cls(*(tuple(jnp.zeros(shape, dtype) for _ in layers) for _ in "kv"))
 
 
 class RMSNorm(nnx.Module):
@@ -114,6 +119,30 @@ class DecoderLayer(nnx.Module):
         return x + mlp, cache, layer_stats
 
 
+def unstack_layers(stacked: dict[str, Any], num_layers: int) -> dict[int, dict[str, Any]]:
+    """The checkpoint's stacked layer tree (`{name: [L, ...]}`) -> `{i: {name: [...]}}`, the
+    model's layout. Empties `stacked` leaf by leaf, so no more than one leaf is held twice."""
+    layers: dict[int, dict[str, Any]] = {i: {} for i in range(num_layers)}
+
+    def move(src: dict[str, Any], dsts: list[dict[str, Any]]) -> None:
+        for key in list(src):
+            value = src.pop(key)
+            if isinstance(value, dict):
+                move(value, [d.setdefault(key, {}) for d in dsts])
+            else:
+                for i, d in enumerate(dsts):
+                    d[key] = value[i]
+                del value
+
+    move(stacked, [layers[i] for i in range(num_layers)])
+    return layers
+
+
+def stack_layers(layers: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The inverse of `unstack_layers`: the model's per-layer tree -> the checkpoint's."""
+    return jax.tree.map(lambda *a: jnp.stack(a), *(layers[i] for i in sorted(layers)))
+
+
 class Llama(nnx.Module):
     """A Llama causal LM. `model(input_ids)` returns logits `[B, T, V]` like `LlamaForCausalLM`."""
 
@@ -133,13 +162,9 @@ class Llama(nnx.Module):
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
         )
-
-        @nnx.split_rngs(splits=cfg.num_hidden_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(cfg, dtype=dtype, rngs=rngs)
-
-        self.layers = make_layers(rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, dtype, rngs)
@@ -147,6 +172,16 @@ class Llama(nnx.Module):
     @property
     def dtype(self) -> jnp.dtype:
         return self.embed_tokens.embedding.dtype
+
+    def alphas(self) -> jnp.ndarray:
+        """Every layer's alpha, `[L]` float32."""
+        return jnp.stack([jnp.asarray(layer.mlp.alpha[...], jnp.float32) for layer in self.layers])
+
+    def set_alphas(self, values) -> None:
+        """Sets every layer's alpha from `values: [L]` (data: a change never recompiles)."""
+        values = jnp.asarray(values, jnp.float32)
+        for i, layer in enumerate(self.layers):
+            layer.mlp.alpha.value = values[i]
 
     def logits(self, x: jnp.ndarray) -> jnp.ndarray:
         """Final norm and LM head: `[B, T, D]` -> `[B, T, V]` float32."""
@@ -184,11 +219,9 @@ class Llama(nnx.Module):
         """
         x = self.embed_tokens(input_ids)
         cos, sin = rope_tables(self.config, positions)
-        graphdef, state = nnx.split(self.layers)
-
-        def body(x, scanned):
-            layer_state, layer_cache = scanned
-            layer = nnx.merge(graphdef, layer_state)
+        keys, values, all_stats = [], [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
             x, layer_cache, layer_stats = layer(
                 x,
                 cos,
@@ -201,10 +234,12 @@ class Llama(nnx.Module):
                 stats=stats,
                 mesh=self.mesh,
             )
-            return x, (layer_cache, layer_stats)
-
-        x, (new_cache, layer_stats) = jax.lax.scan(body, x, (state, cache))
-        return x, (None if cache is None else KVCache(*new_cache)), layer_stats
+            if cache is not None:
+                keys.append(layer_cache[0])
+                values.append(layer_cache[1])
+            all_stats.append(layer_stats)
+        new_cache = None if cache is None else KVCache(tuple(keys), tuple(values))
+        return x, new_cache, (None if stats is None else jnp.stack(all_stats))
 
     def __call__(
         self,

@@ -165,13 +165,24 @@ def param_specs(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
     return specs
 
 
-def param_shardings(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
-    """`param_specs` as NamedShardings on `mesh`."""
+def _named(mesh: Mesh, specs: dict[str, Any]) -> dict[str, Any]:
     return jax.tree.map(
-        lambda spec: NamedSharding(mesh, spec),
-        param_specs(cfg, mesh),
-        is_leaf=lambda x: isinstance(x, P),
+        lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P)
     )
+
+
+def param_shardings(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
+    """`param_specs` as NamedShardings on `mesh` (checkpoint layout)."""
+    return _named(mesh, param_specs(cfg, mesh))
+
+
+def model_shardings(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
+    """NamedShardings of the model's own layout: `param_specs` with the leading L axis dropped,
+    once per layer (`{"layers": {i: ...}}`)."""
+    specs = param_specs(cfg, mesh)
+    layer = jax.tree.map(lambda p: P(*p[1:]), specs["layers"], is_leaf=lambda x: isinstance(x, P))
+    specs["layers"] = {i: layer for i in range(cfg.num_hidden_layers)}
+    return _named(mesh, specs)
 
 
 def batch_axis(mesh: Mesh, batch: int) -> str | None:
@@ -185,8 +196,9 @@ def batch_sharding(mesh: Mesh, batch: int) -> NamedSharding:
 
 
 def cache_sharding(cfg: LlamaConfig, mesh: Mesh, batch: int) -> NamedSharding:
-    """Sharding of a KV cache array `[L, B, S, K, hd]`: batch over data, KV heads over model."""
-    return NamedSharding(mesh, P(None, batch_axis(mesh, batch), None, _kv_axis(cfg, mesh), None))
+    """Sharding of one layer's KV cache array `[B, S, K, hd]`: batch over data, KV heads over
+    model."""
+    return NamedSharding(mesh, P(batch_axis(mesh, batch), None, _kv_axis(cfg, mesh), None))
 
 
 def shard_model(model, mesh: Mesh):
@@ -196,7 +208,7 @@ def shard_model(model, mesh: Mesh):
     """
     check_config(model.config, mesh)
     state = nnx.state(model)
-    placed = jax.device_put(nnx.to_pure_dict(state), param_shardings(model.config, mesh))
+    placed = jax.device_put(nnx.to_pure_dict(state), model_shardings(model.config, mesh))
     nnx.replace_by_pure_dict(state, placed)
     nnx.update(model, state)
     model.mesh = mesh
@@ -221,16 +233,14 @@ def _shard_counts(model, input_ids, num_shards):
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     cos, sin = rope_tables(model.config, positions)
-    graphdef, state = nnx.split(model.layers)
-
-    def body(x, layer_state):
-        layer = nnx.merge(graphdef, layer_state)
+    x = model.embed_tokens(input_ids)
+    counts = []
+    for layer in model.layers:
         attn, _ = layer.self_attn(layer.input_layernorm(x), cos, sin, mask)
         x = x + attn
         h = layer.post_attention_layernorm(x)
         per_row = layer.mlp.predict(h.reshape(b * t, -1), "xla")[1]  # [T, F]
-        counts = per_row.reshape(b * t, num_shards, -1).sum(-1, dtype=jnp.int32)
+        counts.append(per_row.reshape(b * t, num_shards, -1).sum(-1, dtype=jnp.int32))
         y, _ = layer.mlp(h, mode="dense")
-        return x + y, counts
-
-    return jax.lax.scan(body, model.embed_tokens(input_ids), state)[1]
+        x = x + y
+    return jnp.stack(counts)

@@ -53,7 +53,7 @@ def _random_checks(folder: str, bad_folder: str, out_dir: str) -> dict:
 
     from convert import convert
     from sparseinfer_jax import load
-    from sparseinfer_jax.sharding import param_shardings
+    from sparseinfer_jax.sharding import model_shardings
 
     model, _ = load(folder, dtype="float32")
     found = {}
@@ -62,10 +62,10 @@ def _random_checks(folder: str, bad_folder: str, out_dir: str) -> dict:
     ckpt = convert(folder, os.path.join(out_dir, "ckpt"), dtype="float32")
     mesh = make_mesh(1, 4)
     restored, _ = load(ckpt, mesh=mesh)
-    want = param_shardings(restored.config, mesh)
+    want = model_shardings(restored.config, mesh)
     got = nnx.to_pure_dict(nnx.state(restored))
     found["restore"] = {
-        "/".join(k.key for k in path): {
+        "/".join(str(k.key) for k in path): {
             "intended": a.sharding.is_equivalent_to(s, a.ndim),
             "shard": list(a.addressable_shards[0].data.shape),
             "global": list(a.shape),
@@ -77,8 +77,7 @@ def _random_checks(folder: str, bad_folder: str, out_dir: str) -> dict:
 
     # Layer 0's MLP on a (2, 2) mesh, its neurons split as in the model, against one device.
     mesh = make_mesh(2, 2)
-    graphdef, state = nnx.split(model.layers.mlp)
-    state = jax.tree.map(lambda a: a[0], state)
+    graphdef, state = nnx.split(model.layers[0].mlp)
     split = jax.tree.map(lambda a: NamedSharding(mesh, P("model") if a.ndim else P()), state)
     placed = jax.device_put(state, split)
     mlps = {None: nnx.merge(graphdef, state), mesh: nnx.merge(graphdef, placed)}
@@ -169,12 +168,12 @@ def test_restore_places_every_array_on_its_intended_sharding(found):
     assert restore and all(a["intended"] for a in restore.values())
     shard = {k: a["shard"] for k, a in restore.items()}
     # TINY on model=4: 120 neurons -> 30, 4 heads x 12 -> 1 head, 2 KV heads replicated, 96 vocab.
-    assert shard["layers/mlp/gate"] == [2, 30, 48]
-    assert shard["layers/mlp/down_t"] == [2, 30, 48]
-    assert shard["layers/mlp/gate_sign_bits"] == [2, 30, 2]
-    assert shard["layers/self_attn/q_proj/kernel"] == [2, 48, 12]
-    assert shard["layers/self_attn/o_proj/kernel"] == [2, 12, 48]
-    assert shard["layers/self_attn/k_proj/kernel"] == [2, 48, 24]
+    assert shard["layers/1/mlp/gate"] == [30, 48]
+    assert shard["layers/1/mlp/down_t"] == [30, 48]
+    assert shard["layers/1/mlp/gate_sign_bits"] == [30, 2]
+    assert shard["layers/1/self_attn/q_proj/kernel"] == [48, 12]
+    assert shard["layers/1/self_attn/o_proj/kernel"] == [12, 48]
+    assert shard["layers/1/self_attn/k_proj/kernel"] == [48, 24]
     assert shard["embed_tokens/embedding"] == [24, 48]
     assert shard["norm/weight"] == [48]
 

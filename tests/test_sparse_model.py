@@ -25,11 +25,8 @@ def tiny(tmp_path_factory):
 
 
 def first_mlp(model):
-    """Layer 0's MLP as a standalone module (the stacked layers are split along axis 0)."""
-    from flax import nnx
-
-    graphdef, state = nnx.split(model.layers.mlp)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+    """Layer 0's MLP."""
+    return model.layers[0].mlp
 
 
 @pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])

@@ -303,7 +303,7 @@ def train(model: Llama, tokens: np.ndarray, args: argparse.Namespace) -> dict:
 def _eval_batch(model: Llama, batch: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """`batch: [B, T + 1]` -> (summed next-token NLL, per-layer count of zero MLP neurons `[L]`).
 
-    Walks the layers one by one (the model scans them) to see each MLP's input; a neuron is zero
+    Walks the layers one by one to see each MLP's input; a neuron is zero
     when relu(gate . x) == 0, so its up and down rows need not be read.
     """
     cfg = model.config
@@ -312,11 +312,9 @@ def _eval_batch(model: Llama, batch: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndar
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = rope_tables(cfg, positions)
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-    graphdef, state = nnx.split(model.layers)
     x = model.embed_tokens(ids)
     zeros = []
-    for i in range(cfg.num_hidden_layers):
-        layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+    for layer in model.layers:
         x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask)[0]
         h = layer.post_attention_layernorm(x)
         pre = jnp.einsum("btd,fd->btf", h, layer.mlp.gate[...], preferred_element_type=jnp.float32)
@@ -384,9 +382,8 @@ def hf_state_dict(model: Llama, dtype=jnp.bfloat16) -> dict[str, jnp.ndarray]:
         if path[0] in params:
             out[name] = get(params, path, transposed)
     for name, (path, transposed) in LAYER_NAMES.items():
-        stacked = get(params["layers"], path, transposed)
         for i in range(model.config.num_hidden_layers):
-            out[f"model.layers.{i}.{name}"] = stacked[i]
+            out[f"model.layers.{i}.{name}"] = get(params["layers"][i], path, transposed)
     return out
 
 
