@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sparseinfer_jax.bench import time_calls
 
 DIMS = (((1,), (1,)), ((), ()))
 
@@ -70,15 +71,8 @@ def main() -> None:
     records = []
     print(f"{jax.devices()[0].device_kind}: {args.layers} x [{args.rows}, {args.cols}] {dtype}")
     for name, fn in variants(args.layers).items():
-        f = jax.jit(fn)
         w = parts if name == "separate" else stack
-        f(w, x).block_until_ready()
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            f(w, x).block_until_ready()
-            times.append(time.perf_counter() - start)
-        ms = float(np.median(times)) * 1e3
+        ms = float(np.median(time_calls(jax.jit(fn), w, x, repeats=args.repeats))) * 1e3
         records.append({"variant": name, "ms": ms, "gb_s": nbytes / ms / 1e6})
         print(f"{name:>9}: {ms:8.3f} ms  {nbytes / ms / 1e6:7.1f} GB/s")
     if args.json:

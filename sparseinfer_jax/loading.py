@@ -137,11 +137,11 @@ def load(
     path = os.fspath(path)
     if checkpoint.is_checkpoint(path):
         hf, block = checkpoint.read_checkpoint_config(path)
+        cfg = config_from_hf_dict(hf)
         if isinstance(mesh, str):
-            mesh = _auto(mesh, config_from_hf_dict(hf), dtype or block.get("dtype"))
+            mesh = _auto(mesh, cfg, dtype or block.get("dtype"))
         shardings = None
-        if mesh is not None:
-            cfg = config_from_hf_dict(hf)
+        if mesh is not None:  # checked before restoring, so a bad mesh fails before any read
             sharding.check_config(cfg, mesh)
             shardings = sharding.param_shardings(cfg, mesh)
         # Cast on read: a cast after restoring would hold two copies of the weights at once.
@@ -158,9 +158,9 @@ def load(
         )
         if alpha is None:  # an HF folder may carry calibrated alphas in the same block
             alpha = (hf.get("sparseinfer") or {}).get("alpha")
-    cfg = config_from_hf_dict(hf)
-    if isinstance(mesh, str):
-        mesh = _auto(mesh, cfg, dtype or "bfloat16")
+        cfg = config_from_hf_dict(hf)
+        if isinstance(mesh, str):
+            mesh = _auto(mesh, cfg, dtype or "bfloat16")
     model = model_from_params(
         cfg, params, dtype=dtype, alpha=alpha, mode=mode, backend=backend, mesh=mesh
     )
