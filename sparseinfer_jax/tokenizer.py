@@ -14,12 +14,13 @@ class Tokenizer:
     def __init__(self, folder: str):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self._tok = HFTokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-        settings = {}
-        config_path = os.path.join(folder, "tokenizer_config.json")
-        if os.path.isfile(config_path):
-            with open(config_path) as f:
-                settings = json.load(f)
+        path = os.path.join(folder, "tokenizer.json")
+        try:
+            self._tok = HFTokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises plain Exception for any unreadable file
+            raise UserError(f"{path} is not a valid tokenizer file ({str(e)[:100]}); download it "
+                            "again.") from None
+        settings = _settings(folder)
         bos = settings.get("bos_token")
         bos = bos.get("content") if isinstance(bos, dict) else bos
         self.bos_id = self._tok.token_to_id(bos) if bos else None
@@ -41,6 +42,21 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
+
+
+def _settings(folder: str) -> dict:
+    """`tokenizer_config.json` as a dict ({} when absent)."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            settings = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        settings = None
+    if not isinstance(settings, dict):
+        raise UserError(f"{path} is not a JSON object; download it again.")
+    return settings
 
 
 def load_tokenizer(folder: str) -> Tokenizer | None:
