@@ -147,16 +147,24 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[dict[str, Any], dic
     return config, block
 
 
-def looks_converted(path: str | os.PathLike) -> bool:
-    """True when `path` was written by sparseinfer-convert, in any format version: a params/
-    folder and a config.json whose `sparseinfer` block has a format_version."""
-    if not os.path.isdir(os.path.join(path, PARAMS_DIR)):
-        return False
+def _has_version(path: str | os.PathLike) -> bool:
     try:
         block = _read_config(path)[1].get(BLOCK_KEY)
     except (UserError, OSError):
         return False
     return isinstance(block, dict) and "format_version" in block
+
+
+def looks_converted(path: str | os.PathLike) -> bool:
+    """True when `path` was written by sparseinfer-convert, in any format version: a params/
+    folder and a config.json whose `sparseinfer` block has a format_version."""
+    return os.path.isdir(os.path.join(path, PARAMS_DIR)) and _has_version(path)
+
+
+def claims_converted(path: str | os.PathLike) -> bool:
+    """True when `path` has either sign of a converted checkpoint (a params/ folder, a
+    format_version): `load` then reads it as one, so damage is reported as damage."""
+    return os.path.isdir(os.path.join(path, PARAMS_DIR)) or _has_version(path)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

@@ -207,7 +207,7 @@ def load(
     from sparseinfer_jax import checkpoint
 
     path = os.fspath(path)
-    if checkpoint.looks_converted(path):
+    if checkpoint.claims_converted(path):
         hf, block = checkpoint.read_checkpoint_config(path)
         cfg = config_from_hf_dict(hf)
         tokenizer = load_tokenizer(path)  # a broken tokenizer fails before the weights load

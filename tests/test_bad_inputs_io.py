@@ -264,6 +264,8 @@ CASES = {
     "index deleted": (damaged(lambda p: os.remove(f"{p}/{tensorfiles.INDEX_FILE}")), DAMAGED, 2),
     "params empty": (damaged(lambda p: [os.remove(f"{p}/{f}") for f in os.listdir(p)]),
                      DAMAGED, 2),
+    "params deleted": (damaged(shutil.rmtree), r"has no model\.safetensors\.index\.json; the "
+                       "checkpoint .* is damaged", 2),
     "unknown format_version": (format_version(99), "unknown checkpoint format_version 99", 2),
     "format 1": (format_version(1), "is a checkpoint of format 1 .* convert the model again", 2),
     "checkpoint alpha string": (checkpoint_alpha("x"), "'sparseinfer.alpha' must be a number", 2),
