@@ -13,9 +13,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -314,4 +316,33 @@ def test_real_write_failure_is_an_error_not_a_crash(hf, tmp_path):
     last = result.stderr.strip().splitlines()[-1].split("\r")[-1]
     assert last.startswith("error: writing ") and "File too large" in last, result.stderr
     assert "Traceback" not in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_in_a_real_process(hf, tmp_path):
+    """SIGINT while the converter writes: one line, exit 130, no temporary folder, no output."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from sparseinfer_jax import tensorfiles
+        write = tensorfiles.Writer.write
+        def slow(self, name, x):
+            time.sleep(0.2)
+            write(self, name, x)
+        tensorfiles.Writer.write = slow
+        from convert.cli import main
+        sys.exit(main([{hf!r}, {str(tmp_path / "out")!r}]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    deadline = time.monotonic() + 120
+    while not any(p.startswith(".out.tmp") for p in os.listdir(tmp_path)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the writing loop
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].split("\r")[-1] == "interrupted"
+    assert "Traceback" not in err
     assert os.listdir(tmp_path) == []
