@@ -3,8 +3,8 @@
 Writes a random Llama checkpoint (float32 safetensors, one shard per layer, no torch), converts it
 in a subprocess while polling that process's memory, and reports:
   peak RSS      the kernel's high-water mark (VmHWM) of the converter process: every resident
-                page, including file-backed pages of the mmapped safetensors and of the scratch
-                memmaps (page cache the kernel can write back and drop under pressure);
+                page, file-backed ones included (tensors are read and written with plain
+                read/write, so few are);
   peak anon     polled RSS minus file-backed/shared pages: the memory the conversion holds;
 each also minus the baseline of `sparseinfer-convert --help` (the imports).
 

@@ -1,5 +1,5 @@
 """Hugging Face Llama (safetensors) -> SparseInfer-JAX checkpoint conversion."""
 
-from convert.converter import convert, convert_in_memory
+from convert.converter import convert, convert_in_memory, stream
 
-__all__ = ["convert", "convert_in_memory"]
+__all__ = ["convert", "convert_in_memory", "stream"]

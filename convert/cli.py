@@ -8,7 +8,7 @@ import sys
 import time
 
 from convert.converter import DTYPES, convert
-from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
                         help="dtype of every weight (default: bfloat16)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUT if it exists (once the new checkpoint is complete)")
+                        help="replace OUT when it is a checkpoint written by this tool (only once "
+                             "the new checkpoint is complete); anything else is never replaced")
     parser.add_argument("--alpha", type=float, default=None,
                         help="predictor alpha for every layer (default: the source's calibrated "
                         "sparseinfer.alpha, else 1.0)")
@@ -32,15 +33,15 @@ def _folder_size(path: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the converter; returns the exit status (2 on a user error, printed as one line)."""
+    """Runs the converter; returns the exit status (2 on a user error, printed as one line;
+    130 on Ctrl-C, with nothing left behind)."""
     args = build_parser().parse_args(argv)
+    return run_cli(lambda: _convert(args))
+
+
+def _convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    try:
-        out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                      alpha=args.alpha)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, alpha=args.alpha)
     print(f"converted {args.src} -> {out} ({args.dtype}, {_folder_size(out) / 2**20:.1f} MiB) in "
           f"{time.perf_counter() - start:.1f} s")
     return 0

@@ -1,20 +1,18 @@
 """Streaming conversion of a Hugging Face Llama checkpoint into our checkpoint layout.
 
-One tensor at a time: read, cast to the output dtype, transpose if the table says so, write into
-its layer's slice of the stacked [L, ...] leaf. On disk the stacked leaves are np.memmap files in a
-scratch folder inside the temporary output, handed to orbax without a copy and deleted before the
-output is renamed into place. Measured by benchmarks/convert_memory.py: anonymous memory stays at a
-few tensors whatever the model size; peak RSS is about the output size, the excess being pages of
-the scratch mappings (page cache the kernel can write back and drop). The disk needs about twice
-the output size while converting.
+One tensor at a time: read, cast to the output dtype, transpose if the table says so, check it is
+finite, then either write it (`convert`: straight into its safetensors file, written once, no
+scratch copy) or hand it on (`stream`, which `load` uses to put each array on its device). The
+output needs its own size on disk (checked before any work) and memory for a few tensors.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ml_dtypes
@@ -24,14 +22,15 @@ from tqdm import tqdm
 from convert import names
 from convert.reader import TOKENIZER_FILES, SafetensorsFolder, resolve_source
 from pallas_kernels.pack import pack_sign_bits_numpy
-from sparseinfer_jax import checkpoint
+from sparseinfer_jax import checkpoint, tensorfiles
 from sparseinfer_jax.config import LlamaConfig, config_from_hf_dict, default_alpha, read_hf_config
 from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.tokenizer import load_tokenizer
 
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
-SCRATCH_DIR = "scratch"
-
-Alloc = Callable[[tuple[str, ...], tuple[int, ...], np.dtype], np.ndarray]
+# Exponent bits of each float width: all set means NaN or infinity.
+EXPONENT = {2: (np.uint16, 0x7F80), 4: (np.uint32, 0x7F800000)}
+CHUNK = 2**24  # elements checked at a time, so the check's temporaries stay small
 
 
 def _np_dtype(dtype: str) -> np.dtype:
@@ -65,55 +64,68 @@ def _open_source(folder: str) -> tuple[dict[str, Any], LlamaConfig, SafetensorsF
     return hf, cfg, reader, targets
 
 
-def _nest(flat: dict[tuple[str, ...], np.ndarray]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
+def _check_finite(name: str, x: np.ndarray) -> None:
+    """Refuses NaN or infinite weights (bfloat16 or float32 `x`), naming the HF tensor."""
+    uint, mask = EXPONENT[x.dtype.itemsize]
+    flat = x.reshape(-1).view(uint)
+    bad = sum(int(np.count_nonzero((flat[k:k + CHUNK] & mask) == mask))
+              for k in range(0, flat.size, CHUNK))
+    if bad:
+        raise UserError(f"tensor '{name}' has {bad} NaN or infinite values; the checkpoint is "
+                        "damaged or its training diverged: download it again or fix it.")
 
 
-def _fill(reader: SafetensorsFolder, cfg: LlamaConfig, targets: dict[str, names.Target],
-          dtype: np.dtype, alloc: Alloc, *, bar_off: bool | None
-          ) -> dict[tuple[str, ...], np.ndarray]:
-    """Streams every HF tensor into leaves from `alloc(path, shape, dtype)`; returns them flat.
+Leaf = tuple[names.Path, np.ndarray]
 
-    `bar_off` is tqdm's `disable`: False always shows the progress bar, None only on a terminal.
+
+def _leaves(reader: SafetensorsFolder, cfg: LlamaConfig, dtype: np.dtype) -> Iterator[Leaf]:
+    """Yields `(params path, array)` in `names.out_order`, one converted tensor at a time."""
+    gate = None
+    for path, _, target in names.out_order(cfg):
+        if target is None:  # the sign bits of the gate just yielded
+            yield path, pack_sign_bits_numpy(gate)
+            continue
+        x = reader.read(target.hf).astype(dtype, copy=False)
+        if target.entry.transpose:
+            x = np.ascontiguousarray(x.T)
+        _check_finite(target.hf, x)
+        if target.entry.path[1:] == names.SIGN_BITS_SOURCE:
+            gate = x
+        yield path, x
+    del gate
+
+
+def stream(src: str | os.PathLike, *, dtype: str = "bfloat16"
+           ) -> tuple[dict[str, Any], LlamaConfig, Iterator[Leaf]]:
+    """Opens a Hugging Face folder or hub id for conversion, as `load` does for HF folders.
+
+    Every header, name and shape is checked here; the tensors are read and converted only as the
+    iterator is consumed.
+
+    Returns:
+      (HF config dict, its LlamaConfig, iterator of `(params path, numpy array)` in the model's
+      per-layer layout, see convert/names.py).
     """
-    leaves = {path: alloc(path, shape, dtype) for path, shape in names.out_shapes(cfg).items()}
-    leaves[names.SIGN_BITS_PATH] = alloc(names.SIGN_BITS_PATH, names.sign_bits_shape(cfg),
-                                         np.dtype(np.uint32))
-    with tqdm(total=len(targets), unit="tensor", desc="converting", disable=bar_off) as bar:
-        for name, x in reader.read(targets):
-            target = targets[name]
-            x = x.astype(dtype, copy=False)
-            if target.entry.transpose:
-                x = x.T
-            if target.layer is None:
-                leaves[target.entry.path][...] = x
-            else:
-                leaves[target.entry.path][target.layer] = x
-            if target.entry.path == names.SIGN_BITS_SOURCE:
-                leaves[names.SIGN_BITS_PATH][target.layer] = pack_sign_bits_numpy(x)
-            bar.update()
-    return leaves
+    np_dtype = _np_dtype(dtype)
+    hf, cfg, reader, _ = _open_source(resolve_source(src))
+    return hf, cfg, _leaves(reader, cfg, np_dtype)
 
 
 def convert_in_memory(src: str | os.PathLike, *, dtype: str = "bfloat16"
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Converts a Hugging Face folder or hub id into host memory, as `load` does for HF folders.
+    """Converts a Hugging Face folder or hub id into host memory.
 
     Returns:
-      (HF config dict, params: nested dict of numpy arrays in the checkpoint layout).
+      (HF config dict, params: nested dict of numpy arrays in the model's per-layer layout).
     """
-    np_dtype = _np_dtype(dtype)
-    hf, cfg, reader, targets = _open_source(resolve_source(src))
-    # `load` converts HF folders this way: a bar only on a terminal keeps CLI errors to one line.
-    leaves = _fill(reader, cfg, targets, np_dtype, lambda _, shape, dt: np.empty(shape, dt),
-                   bar_off=None)
-    return hf, _nest(leaves)
+    hf, _, leaves = stream(src, dtype=dtype)
+    tree: dict[Any, Any] = {}
+    for path, x in leaves:
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = x
+    return hf, tree
 
 
 def _check_paths(src: str, out: str) -> None:
@@ -138,15 +150,52 @@ def _alpha(alpha: float | Sequence[float] | None, layers: int) -> list[float]:
     return values
 
 
+def _files(cfg: LlamaConfig, dtype: np.dtype) -> list[tuple[str, dict[str, tuple]]]:
+    """The checkpoint's safetensors files in write order: `(file name, {tensor name: (shape,
+    dtype)})`, the non-layer tensors first, then one file per layer."""
+    groups: dict[Any, dict[str, tuple]] = {}
+    for path, shape, target in names.out_order(cfg):
+        layer = path[1] if path[0] == "layers" else None
+        dt = np.dtype(np.uint32) if target is None else dtype
+        groups.setdefault(layer, {})[names.tensor_name(path)] = (shape, dt)
+    return [(f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors", specs)
+            for k, specs in enumerate(groups.values())]
+
+
+def _write_params(folder: str, files: list[tuple[str, dict[str, tuple]]],
+                  leaves: Iterator[Leaf]) -> None:
+    """Writes every tensor of `leaves` once, into `folder`'s safetensors files and index."""
+    os.mkdir(folder)
+    weight_map = {}
+    with tqdm(total=sum(len(specs) for _, specs in files), unit="tensor", desc="converting",
+              disable=False) as bar:  # notebooks too
+        for file, specs in files:
+            with tensorfiles.Writer(os.path.join(folder, file), specs) as writer:
+                for name in specs:
+                    path, x = next(leaves)
+                    writer.write(names.tensor_name(path), x)
+                    weight_map[name] = file
+                    bar.update()
+    total = sum(tensorfiles.file_size(specs) for _, specs in files)
+    with open(os.path.join(folder, tensorfiles.INDEX_FILE), "x") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+
+
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
             overwrite: bool = False, alpha: float | Sequence[float] | None = None) -> str:
     """Converts a Hugging Face Llama folder (or hub id) into a checkpoint folder at `out`.
 
+    Everything is checked before any work: the output path (an existing `out` is replaced only
+    when it is a checkpoint this tool wrote and `overwrite` is set), the source's config, tensor
+    names and shapes, its tokenizer, and the free disk space. The checkpoint is written to a
+    temporary sibling folder that becomes `out` only when complete; on any failure (or Ctrl-C)
+    the temporary folder is removed and `out` is left as it was.
+
     Args:
       src: a local folder with config.json and safetensors, or a hub id `org/name`.
-      out: the checkpoint folder to create; written to a temporary sibling, renamed at the end.
+      out: the checkpoint folder to create.
       dtype: "bfloat16" or "float32" for every weight (the sign bits are uint32).
-      overwrite: replace an existing `out` (only once the new one is complete).
+      overwrite: replace an existing checkpoint at `out` (only once the new one is complete).
       alpha: the predictor's alpha, one number or one per layer; default: the source's calibrated
         `sparseinfer.alpha` when its config.json has one, else 1.0 per layer.
 
@@ -158,28 +207,21 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
     checkpoint.check_output(out, overwrite=overwrite)
     folder = resolve_source(src)
     _check_paths(folder, out)
-    hf, cfg, reader, targets = _open_source(folder)
+    hf, cfg, reader, _ = _open_source(folder)
+    load_tokenizer(folder)  # a broken tokenizer fails now, not after the conversion
     if alpha is None:  # keep alphas calibrated in the source folder (as `load` does)
-        alpha = (hf.get("sparseinfer") or {}).get("alpha")
+        alpha = checkpoint.block_alpha(hf.get(checkpoint.BLOCK_KEY), "config.json")
     alphas = _alpha(alpha, cfg.num_hidden_layers)
     source = os.path.abspath(folder) if os.path.isdir(os.fspath(src)) else os.fspath(src)
-    with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
-        scratch = os.path.join(tmp, SCRATCH_DIR)
-        os.makedirs(scratch)
-
-        def memmap(path: tuple[str, ...], shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
-            return np.memmap(os.path.join(scratch, ".".join(path)), dtype=dt, mode="w+",
-                             shape=shape)
-
-        # No flush: orbax reads through the same mappings, and the files are deleted unread.
-        leaves = _fill(reader, cfg, targets, np_dtype, memmap, bar_off=False)  # notebooks too
-        checkpoint.save_params(tmp, _nest(leaves))
-        del leaves  # unmap before deleting the files
-        shutil.rmtree(scratch)
+    files = _files(cfg, np_dtype)
+    copies = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))]
+    size = (sum(tensorfiles.file_size(specs) for _, specs in files)
+            + sum(os.path.getsize(os.path.join(folder, f)) for f in copies))
+    with checkpoint.atomic_directory(out, overwrite=overwrite, size=size) as tmp:
+        _write_params(os.path.join(tmp, checkpoint.PARAMS_DIR), files,
+                      _leaves(reader, cfg, np_dtype))
         checkpoint.write_checkpoint_config(tmp, hf, checkpoint.sparseinfer_block(
             alphas, dtype, source))
-        for file in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(folder, file)):
-                shutil.copy2(os.path.join(folder, file), os.path.join(tmp, file))
+        for file in copies:
+            shutil.copy2(os.path.join(folder, file), os.path.join(tmp, file))
     return out
-

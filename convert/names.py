@@ -2,7 +2,9 @@
 
 HF stores linear weights as (out, in); attention kernels are (in, out), so they are transposed.
 The MLP keeps one contiguous row per neuron: `gate` and `up` are HF's (F, D) as is, and `down_t` is
-HF's down_proj (D, F) transposed to (F, D). Per-layer tensors are stacked on a leading [L] axis.
+HF's down_proj (D, F) transposed to (F, D). Paths are the model's own (`nnx.to_pure_dict` of a
+`Llama`): per-layer tensors live at `("layers", i, ...)`, one array per layer, never stacked. In a
+checkpoint file a path is the tensor name joined with dots (`layers.3.mlp.gate`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import dataclasses
 import re
 
 from sparseinfer_jax.config import LlamaConfig
+from sparseinfer_jax.tensorfiles import tensor_name, tensor_path
+
+__all__ = ["tensor_name", "tensor_path"]  # re-exported: the checkpoint's tensor names
 
 LAYER = "{i}"
 
@@ -54,20 +59,36 @@ TABLE = (
           transpose=True),
 )
 LM_HEAD = "lm_head.weight"
-# Packed sign bits of the gate rows, [L, F, ceil(D/32)] uint32, computed from the converted gate.
-SIGN_BITS_SOURCE = ("layers", "mlp", "gate")
-SIGN_BITS_PATH = ("layers", "mlp", "gate_sign_bits")
+# Packed sign bits of each layer's gate rows, [F, ceil(D/32)] uint32, computed from its gate.
+SIGN_BITS_SOURCE = ("mlp", "gate")
+SIGN_BITS = ("mlp", "gate_sign_bits")
 # Buffers some exporters save that carry no weights.
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
+Path = tuple  # of str and, for a layer, its int index
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """Where one concrete HF tensor goes: its entry, its layer (None if not per layer)."""
+    """Where one concrete HF tensor goes: its entry, its layer (None if not per layer), and the
+    HF shape it must have."""
 
     entry: Entry
     layer: int | None
     shape: tuple[int, ...]
+
+    @property
+    def hf(self) -> str:
+        """Its HF tensor name."""
+        layer = self.layer
+        return self.entry.hf if layer is None else self.entry.hf.replace(LAYER, str(layer))
+
+    @property
+    def path(self) -> Path:
+        """Its path in the model's params tree."""
+        p = self.entry.path
+        return p if self.layer is None else (p[0], self.layer, *p[1:])
 
 
 def _sizes(cfg: LlamaConfig) -> dict[str, int]:
@@ -89,8 +110,8 @@ def hf_targets(cfg: LlamaConfig) -> dict[str, Target]:
         shape = tuple(sizes[d] for d in e.dims)
         layers = range(cfg.num_hidden_layers) if e.per_layer else [None]
         for i in layers:
-            name = e.hf if i is None else e.hf.replace(LAYER, str(i))
-            targets[name] = Target(e, i, shape)
+            target = Target(e, i, shape)
+            targets[target.hf] = target
     return targets
 
 
@@ -100,17 +121,16 @@ def is_ignored(name: str, cfg: LlamaConfig) -> bool:
     return bool(IGNORED.fullmatch(name)) or (cfg.tie_word_embeddings and name == LM_HEAD)
 
 
-def out_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Shape of each float leaf of our params tree (the sign bits excluded)."""
-    sizes = _sizes(cfg)
-    shapes = {}
-    for e in entries(cfg):
-        shape = tuple(sizes[d] for d in e.dims)
-        shape = shape[::-1] if e.transpose else shape
-        shapes[e.path] = (cfg.num_hidden_layers, *shape) if e.per_layer else shape
-    return shapes
-
-
-def sign_bits_shape(cfg: LlamaConfig) -> tuple[int, ...]:
-    """[L, F, ceil(D/32)]: the packed sign bits of every gate row."""
-    return (cfg.num_hidden_layers, cfg.intermediate_size, cfg.sign_words)
+def out_order(cfg: LlamaConfig) -> list[tuple[Path, tuple[int, ...], Target | None]]:
+    """Every leaf of the params tree (no alpha) in checkpoint order: the non-layer tensors, then
+    each layer's, its sign bits right after its gate. Each with its shape and HF target (None for
+    the sign bits, computed from the gate)."""
+    by_layer: dict[int | None, list] = {}
+    for target in hf_targets(cfg).values():
+        shape = target.shape[::-1] if target.entry.transpose else target.shape
+        rows = by_layer.setdefault(target.layer, [])
+        rows.append((target.path, shape, target))
+        if target.entry.path[1:] == SIGN_BITS_SOURCE:
+            bits = (target.layer, *SIGN_BITS)
+            rows.append((("layers", *bits), (cfg.intermediate_size, cfg.sign_words), None))
+    return [row for layer in by_layer for row in by_layer[layer]]

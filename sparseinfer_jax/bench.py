@@ -84,7 +84,9 @@ def random_model(cfg: LlamaConfig, dtype: str = "float32", *, seed: int = 0) -> 
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'.")
     params: dict[str, Any] = {}
     key = jax.random.key(seed)
-    for path, shape in names.out_shapes(cfg).items():
+    for path, shape, target in names.out_order(cfg):
+        if target is None:  # the gate's sign bits: model_from_params packs them
+            continue
         key, sub = jax.random.split(key)
         node = params
         for k in path[:-1]:

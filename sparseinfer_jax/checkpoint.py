@@ -1,109 +1,70 @@
-"""Checkpoint folder I/O: config.json with a `sparseinfer` block, params/ (orbax), atomic writes.
+"""Checkpoint folder I/O: config.json with a `sparseinfer` block, params/ (safetensors), atomic
+writes.
 
-Layout of a checkpoint directory (written by `convert`, read by `load`):
+Layout of a checkpoint directory (written by `convert`, read by `load`), format_version 2:
   config.json   the Hugging Face config fields plus
-                "sparseinfer": {"format_version": 1, "alpha": [float per layer],
+                "sparseinfer": {"format_version": 2, "alpha": [float per layer],
                                 "dtype": "bfloat16" | "float32", "source": str}
-  params/       an orbax PyTree checkpoint of the nested dict of arrays (see convert/names.py)
+  params/       model.safetensors.index.json and model-NNNNN-of-NNNNN.safetensors files: the
+                non-layer tensors in the first, then one file per decoder layer. Tensor names are
+                the model's params paths joined with dots (`layers.3.mlp.gate`, see
+                convert/names.py), one array per layer as the model holds them, so `load` reads
+                each array straight into its place and nothing is ever stacked or split.
   tokenizer files copied from the source.
+Format 1 (an orbax PyTree of `[L, ...]` stacked arrays) is refused with a request to re-convert.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import errno
 import json
+import numbers
 import os
 import secrets
 import shutil
 from collections.abc import Iterator
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import orbax.checkpoint as ocp
-
 from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.tensorfiles import INDEX_FILE, SafetensorsFolder, tensor_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 BLOCK_KEY = "sparseinfer"
 DTYPES = ("bfloat16", "float32")
-
-# NumpyHandler deep-copies host arrays by default, which would hold the whole model in memory;
-# the converter hands it np.memmap leaves it does not touch again, so the copy is pure waste.
-# Uncompressed: zstd saves ~20% of disk on random bf16 but buffers the compressed chunks in memory
-# until the commit (measured: anonymous memory grew by about the compressed size during the save),
-# and every load would pay for decompression.
-_REGISTRY = ocp.type_handlers.create_type_handler_registry(
-    (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-    (jax.Array, ocp.type_handlers.ArrayHandler()),
-)
+# Room kept free beyond the checkpoint's own bytes (config, index, filesystem metadata).
+SPACE_MARGIN = 16 * 2**20
 
 
-def _checkpointer() -> ocp.Checkpointer:
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_REGISTRY, use_compression=False)
-    return ocp.Checkpointer(handler)
+def _damaged(path: str | os.PathLike) -> str:
+    return (f"the checkpoint {os.fspath(path)} is damaged: convert the model again with "
+            "sparseinfer-convert")
 
 
-def save_params(path: str | os.PathLike, params: dict[str, Any]) -> None:
-    """Writes `params` (nested dict of numpy or jax arrays) to `path/params/` with orbax.
-
-    Args:
-      path: the checkpoint directory; `params/` inside it must not exist yet.
-      params: nested dict of arrays; numpy leaves (np.memmap included) are written without a copy.
-    """
-    with _checkpointer() as ckpt:
-        ckpt.save(os.path.abspath(os.path.join(path, PARAMS_DIR)), args=ocp.args.PyTreeSave(params))
+def open_params(path: str | os.PathLike) -> SafetensorsFolder:
+    """The tensors of `path/params/`, every file's header checked (no data read yet)."""
+    params = os.path.join(path, PARAMS_DIR)
+    if not os.path.isfile(os.path.join(params, INDEX_FILE)):
+        raise UserError(f"{params} has no {INDEX_FILE}; {_damaged(path)}.")
+    return SafetensorsFolder(params, remedy=_damaged(path), codes=("BF16", "F32", "U32"))
 
 
-def _is_float(dtype: Any) -> bool:
-    return jnp.issubdtype(dtype, jnp.floating)
-
-
-def restore_params(
-    path: str | os.PathLike, *, shardings: Any = None, dtype: Any = None
-) -> dict[str, Any]:
-    """Reads `path/params/` straight onto devices.
-
-    Args:
-      path: the checkpoint directory.
-      shardings: a nested dict holding every path of the params tree (extra entries, such as
-        ones for arrays an older checkpoint lacks, are ignored), each leaf a
-        `jax.sharding.Sharding`; None puts every array on the default device. Each device reads
-        only its own shard.
-      dtype: cast float weights to this dtype on read (None: keep the stored dtype); integer leaves
-        (the packed sign bits) are never cast.
-
-    Returns:
-      The nested dict of `jax.Array`.
-    """
-    params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
-    if not os.path.isdir(params_dir):
-        raise UserError(
-            f"{path} has no {PARAMS_DIR}/ folder; convert the model with sparseinfer-convert first."
-        )
-    with _checkpointer() as ckpt:
-        meta = ckpt.metadata(params_dir).item_metadata.tree
-        if shardings is None:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            shardings = jax.tree.map(lambda _: device, meta)
-        else:
-            shardings = jax.tree_util.tree_map_with_path(
-                lambda path, _: functools.reduce(lambda d, k: d[k.key], path, shardings), meta
-            )
-
-        def restore_args(m: Any, sharding: jax.sharding.Sharding) -> ocp.ArrayRestoreArgs:
-            leaf_dtype = dtype if dtype is not None and _is_float(m.dtype) else m.dtype
-            return ocp.ArrayRestoreArgs(sharding=sharding, dtype=leaf_dtype, global_shape=m.shape)
-
-        args = jax.tree.map(restore_args, meta, shardings)
-        target = jax.tree.map(
-            lambda m, a: jax.ShapeDtypeStruct(m.shape, a.dtype, sharding=a.sharding), meta, args
-        )
-        return ckpt.restore(params_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=args))
+def block_alpha(block: Any, where: str) -> Any:
+    """The `alpha` of a `sparseinfer` block (None when absent), its types checked."""
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise UserError(f"{where} field '{BLOCK_KEY}' must be an object, got "
+                        f"{type(block).__name__}; fix it or convert the model again.")
+    alpha = block.get("alpha")
+    items = alpha if isinstance(alpha, list) else [alpha]
+    if alpha is not None and not all(isinstance(a, numbers.Real) and not isinstance(a, bool)
+                                      for a in items):
+        raise UserError(f"{where} field '{BLOCK_KEY}.alpha' must be a number or a list of "
+                        f"numbers, got {alpha!r}; fix it or calibrate again.")
+    return alpha
 
 
 def sparseinfer_block(alpha: list[float], dtype: str, source: str) -> dict[str, Any]:
@@ -141,8 +102,7 @@ def write_checkpoint_config(
         raise
 
 
-def read_checkpoint_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Reads `path/config.json` -> (HF config dict without the block, `sparseinfer` block)."""
+def _read_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):
         raise UserError(
@@ -153,22 +113,63 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[dict[str, Any], dic
             config = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{file} is not UTF-8 text; restore it or convert again.") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{file} must hold a JSON object, got {type(config).__name__}.")
+    return file, config
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Reads `path/config.json` -> (HF config dict without the block, `sparseinfer` block)."""
+    file, config = _read_config(path)
     block = config.pop(BLOCK_KEY, None)
     if not isinstance(block, dict):
         raise UserError(
             f"{file} has no '{BLOCK_KEY}' block; convert the model with sparseinfer-convert first."
         )
-    if block.get("format_version") != FORMAT_VERSION:
+    version = block.get("format_version")
+    if version == 1:
         raise UserError(
-            f"{file} has checkpoint format_version {block.get('format_version')}, this "
-            f"version reads {FORMAT_VERSION}; convert the model again."
+            f"{path} is a checkpoint of format 1 (stacked layers, written by an older "
+            f"sparseinfer-convert); this version reads format {FORMAT_VERSION}: convert the "
+            "model again."
         )
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"{file} has an unknown checkpoint format_version {version!r} (this version reads "
+            f"{FORMAT_VERSION}); convert the model again with this version of sparseinfer-convert."
+        )
+    block_alpha(block, file)
+    if block.get("dtype") not in DTYPES:
+        raise UserError(f"{file} field '{BLOCK_KEY}.dtype' is {block.get('dtype')!r}, not one of "
+                        f"{', '.join(DTYPES)}; {_damaged(path)}.")
     return config, block
 
 
+def _has_version(path: str | os.PathLike) -> bool:
+    try:
+        block = _read_config(path)[1].get(BLOCK_KEY)
+    except (UserError, OSError):
+        return False
+    return isinstance(block, dict) and "format_version" in block
+
+
+def looks_converted(path: str | os.PathLike) -> bool:
+    """True when `path` was written by sparseinfer-convert, in any format version: a params/
+    folder and a config.json whose `sparseinfer` block has a format_version."""
+    return os.path.isdir(os.path.join(path, PARAMS_DIR)) and _has_version(path)
+
+
+def claims_converted(path: str | os.PathLike) -> bool:
+    """True when `path` has either sign of a converted checkpoint (a params/ folder, a
+    format_version): `load` then reads it as one, so damage is reported as damage."""
+    return os.path.isdir(os.path.join(path, PARAMS_DIR)) or _has_version(path)
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """True when `path` looks like a converted checkpoint (config.json with the block, params/)."""
-    if not os.path.isdir(os.path.join(path, PARAMS_DIR)):
+    """True when `path` is a checkpoint this version can read (see `looks_converted`)."""
+    if not looks_converted(path):
         return False
     try:
         read_checkpoint_config(path)
@@ -178,41 +179,103 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def check_output(out: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Refuses an existing `out` unless `overwrite` (and then only a real folder)."""
-    if os.path.lexists(out):
+    """Checks that a checkpoint can be written at `out`, before any work.
+
+    A missing `out` (its nearest existing ancestor must be a folder) or an empty folder is fine.
+    An existing checkpoint needs `overwrite`. Anything else (a file, a link, a folder that is not
+    a converted checkpoint) is refused, `overwrite` or not: the tool never deletes what it did not
+    write.
+    """
+    out = os.path.abspath(out)
+    if os.path.islink(out) or (os.path.lexists(out) and not os.path.isdir(out)):
+        raise UserError(f"{out} is a file, not a checkpoint folder; choose a new output folder "
+                        "(or remove the file yourself).")
+    if os.path.isdir(out):
+        if not os.listdir(out):
+            return
+        if not looks_converted(out):
+            raise UserError(f"{out} already exists and is not a checkpoint written by "
+                            "sparseinfer-convert; choose a new output folder (--overwrite only "
+                            "replaces a converted checkpoint).")
         if not overwrite:
             raise UserError(f"{out} already exists; pass --overwrite to replace it.")
-        if not os.path.isdir(out) or os.path.islink(out):
-            raise UserError(
-                f"{out} exists and is not a folder; remove it or choose another output."
-            )
+        return
+    parent = os.path.dirname(out)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{parent} is a file, so {out} cannot be created; choose an output "
+                        "folder elsewhere.")
+
+
+def _write_error(out: str, e: OSError) -> UserError:
+    what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (
+        e.strerror or str(e))
+    return UserError(f"writing {out} failed ({what}); nothing was written: free some space or "
+                     "choose an output folder you can write to.")
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[str]:
+def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
+                     size: int = 0) -> Iterator[str]:
     """Yields a temporary sibling folder of `out` that becomes `out` when the block succeeds.
 
-    On any exception the temporary folder is removed and `out` is left as it was. An existing `out`
-    is refused unless `overwrite`, and then replaced only after the new folder is complete.
+    Before yielding: `check_output`, the parent folders made, the temporary folder created (so an
+    unwritable place fails before any work) and at least `size` bytes free on its disk. On any
+    exception (Ctrl-C included) the temporary folder and any parents it made are removed and
+    `out` is left as it was; an OSError from the block becomes a one-line UserError. An existing
+    `out` is replaced only after the new folder is complete.
     """
     out = os.path.abspath(out)
     check_output(out, overwrite=overwrite)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    made = os.path.dirname(out)
+    while not os.path.lexists(os.path.dirname(made)):
+        made = os.path.dirname(made)
+    made = None if os.path.lexists(made) else made  # the top folder this call creates, if any
     tmp = _sibling(out, "tmp")
-    os.mkdir(tmp)
     try:
-        yield tmp
-        if os.path.lexists(out):
-            old = _sibling(out, "old")
-            os.replace(out, old)
-            try:
+        try:
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            os.mkdir(tmp)
+        except OSError as e:
+            raise UserError(f"cannot create {out} ({e.strerror or e}); choose an output folder "
+                            "you can write to.") from None
+        free = shutil.disk_usage(tmp).free
+        if free < size + SPACE_MARGIN:
+            raise UserError(f"{os.path.dirname(out)} has {free / 2**30:.2f} GiB free but the "
+                            f"checkpoint needs {(size + SPACE_MARGIN) / 2**30:.2f} GiB; free some "
+                            "space or choose another output folder.")
+        try:
+            yield tmp
+            if os.path.isdir(out) and os.listdir(out):
+                old = _sibling(out, "old")
+                os.replace(out, old)
+                try:
+                    os.replace(tmp, out)
+                except BaseException:
+                    os.replace(old, out)
+                    raise
+                shutil.rmtree(old)
+            else:
                 os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        except OSError as e:
+            raise _write_error(out, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
         raise
+
+
+def read_params(path: str | os.PathLike) -> dict[Any, Any]:
+    """Every array of `path/params/` on the host: a nested dict in the model's per-layer layout
+    (`{"layers": {i: {...}}, ...}`). For inspection; `load` streams them to devices instead."""
+    reader = open_params(path)
+    tree: dict[Any, Any] = {}
+    for name in reader.files:
+        *parents, leaf = tensor_path(name)
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = reader.read(name)
+    return tree

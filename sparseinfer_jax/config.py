@@ -109,50 +109,100 @@ class LlamaConfig:
         return out
 
 
-def _field(hf: dict[str, Any], name: str) -> Any:
-    if name not in hf:
-        raise UserError(f"config.json has no '{name}' field; is this a Llama checkpoint?")
-    return hf[name]
+_MISSING = object()
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+          dict: "an object", list: "a list"}
+
+
+def _field(hf: dict[str, Any], name: str, kind: type, default: Any = _MISSING, *,
+           where: str = "") -> Any:
+    """`hf[name]` checked to be of `kind` (int, float, bool, str, dict or list); null or absent
+    gives `default` (absent and no default: an error). Errors name the field."""
+    value = hf.get(name)
+    if value is None:
+        if default is _MISSING:
+            raise UserError(f"config.json has no '{where}{name}' field (or it is null); is this a "
+                            "Llama checkpoint?")
+        return default
+    ok = (isinstance(value, (int, float)) if kind is float else isinstance(value, kind))
+    if ok and kind is not bool and isinstance(value, bool):
+        ok = False
+    if not ok:
+        raise UserError(f"config.json field '{where}{name}' must be {_KINDS[kind]}, got "
+                        f"{value!r}; fix config.json.")
+    return float(value) if kind is float else value
+
+
+def _positive(hf: dict[str, Any], name: str, default: Any = _MISSING) -> int:
+    value = _field(hf, name, int, default)
+    if value is not None and value < 1:
+        raise UserError(f"config.json field '{name}' must be at least 1, got {value}.")
+    return value
+
+
+def _rope_params(hf: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The RoPE settings and the field they came from; both fields given must agree."""
+    new = _field(hf, "rope_parameters", dict, None)
+    old = _field(hf, "rope_scaling", dict, None)
+    theta = _field(hf, "rope_theta", float, None)
+    if new is None:
+        params = dict(old or {})
+        params.setdefault("rope_theta", 10000.0 if theta is None else theta)
+        return params, "rope_scaling"
+    legacy = {("rope_type" if k == "type" else k): v for k, v in (old or {}).items()}
+    if theta is not None:
+        legacy["rope_theta"] = theta
+    new_type = new.get("rope_type", new.get("type", "default"))
+    for key, value in legacy.items():
+        mine = new_type if key == "rope_type" else new.get(key)
+        if mine is not None and mine != value:
+            raise UserError(
+                f"config.json fields 'rope_parameters' and 'rope_scaling'/'rope_theta' disagree "
+                f"on '{key}' ({mine!r} vs {value!r}); keep only one of them."
+            )
+    return new, "rope_parameters"
 
 
 def _rope_config(hf: dict[str, Any], max_positions: int) -> RopeConfig:
     """Reads RoPE from `rope_parameters` (transformers >= 5) or `rope_theta` + `rope_scaling`."""
-    params = hf.get("rope_parameters")
-    if params is None:
-        params = dict(hf.get("rope_scaling") or {})
-        params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-    params = dict(params)
+    params, where = _rope_params(hf)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise UserError(
-            f"config.json field 'rope_scaling.rope_type' is '{rope_type}'; "
+            f"config.json field '{where}.rope_type' is '{rope_type}'; "
             f"supported types are {', '.join(ROPE_TYPES)}."
         )
-    factor = float(params.get("factor", 1.0))
+    at = f"{where}."
+    factor = _field(params, "factor", float, 1.0, where=at)
     if rope_type != "default" and not factor >= 1.0:
-        raise UserError(f"config.json field 'rope_scaling.factor' must be >= 1, got {factor}.")
-    original = params.get("original_max_position_embeddings")
+        raise UserError(f"config.json field '{where}.factor' must be >= 1, got {factor}.")
+    original = _field(params, "original_max_position_embeddings", int, None, where=at)
     if rope_type == "llama3" and original is None:
         raise UserError(
-            "config.json field 'rope_scaling.original_max_position_embeddings' is "
+            f"config.json field '{where}.original_max_position_embeddings' is "
             "required for llama3 rope scaling."
         )
     return RopeConfig(
         rope_type=rope_type,
-        theta=float(params.get("rope_theta", 10000.0)),
+        theta=_field(params, "rope_theta", float, 10000.0, where=at),
         factor=factor,
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=None if original is None else int(original),
+        low_freq_factor=_field(params, "low_freq_factor", float, 1.0, where=at),
+        high_freq_factor=_field(params, "high_freq_factor", float, 4.0, where=at),
+        original_max_position_embeddings=original,
     )
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+def _token_id(hf: dict[str, Any], name: str) -> int | None:
+    return _field(hf, name, int, None)
+
+
+def _eos_ids(hf: dict[str, Any]) -> tuple[int, ...]:
+    value = hf.get("eos_token_id")
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise UserError(f"config.json field 'eos_token_id' must be an integer or a list of "
+                        f"integers, got {value!r}; fix config.json.")
+    return tuple(values)
 
 
 def config_from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
@@ -162,40 +212,42 @@ def config_from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
       UserError: naming the field, for anything this project cannot run (unknown architecture,
         activation or rope type, attention or MLP bias, inconsistent head sizes).
     """
-    architectures = hf.get("architectures") or []
+    if not isinstance(hf, dict):
+        raise UserError(f"config.json must hold a JSON object, got {type(hf).__name__}.")
+    architectures = _field(hf, "architectures", list, [])
     if any(a not in ARCHITECTURES for a in architectures):
         raise UserError(
             f"config.json field 'architectures' is {architectures}; only Llama-architecture "
             "models (LlamaForCausalLM) are supported."
         )
-    model_type = hf.get("model_type", "llama")
+    model_type = _field(hf, "model_type", str, "llama")
     if model_type not in MODEL_TYPES:
         raise UserError(
             f"config.json field 'model_type' is '{model_type}'; only 'llama' models are supported."
         )
     for bias in ("attention_bias", "mlp_bias"):
-        if hf.get(bias):
+        if _field(hf, bias, bool, False):
             raise UserError(
                 f"config.json field '{bias}' is true; biased Llama layers are not supported."
             )
-    act = hf.get("hidden_act", "silu")
+    act = _field(hf, "hidden_act", str, "silu")
     if act not in ACTIVATIONS:
         raise UserError(
             f"config.json field 'hidden_act' is '{act}'; supported are {', '.join(ACTIVATIONS)}."
         )
     threshold = 0.0
     if act == "fatrelu":
-        threshold = float(hf.get(FATRELU_THRESHOLD_FIELD, 0.0) or 0.0)
+        threshold = _field(hf, FATRELU_THRESHOLD_FIELD, float, 0.0)
 
-    hidden = int(_field(hf, "hidden_size"))
-    heads = int(_field(hf, "num_attention_heads"))
-    kv_heads = int(hf.get("num_key_value_heads") or heads)
+    hidden = _positive(hf, "hidden_size")
+    heads = _positive(hf, "num_attention_heads")
+    kv_heads = _positive(hf, "num_key_value_heads", heads)
     if heads % kv_heads:
         raise UserError(
             f"config.json field 'num_key_value_heads' ({kv_heads}) must divide "
             f"'num_attention_heads' ({heads})."
         )
-    head_dim = hf.get("head_dim")
+    head_dim = _positive(hf, "head_dim", None)
     if head_dim is None:
         if hidden % heads:
             raise UserError(
@@ -205,24 +257,24 @@ def config_from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
         head_dim = hidden // heads
     if int(head_dim) % 2:
         raise UserError(f"config.json field 'head_dim' must be even for RoPE, got {head_dim}.")
-    max_positions = int(hf.get("max_position_embeddings", 2048))
+    max_positions = _positive(hf, "max_position_embeddings", 2048)
     return LlamaConfig(
-        vocab_size=int(_field(hf, "vocab_size")),
+        vocab_size=_positive(hf, "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(_field(hf, "intermediate_size")),
-        num_hidden_layers=int(_field(hf, "num_hidden_layers")),
+        intermediate_size=_positive(hf, "intermediate_size"),
+        num_hidden_layers=_positive(hf, "num_hidden_layers"),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=int(head_dim),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rms_norm_eps=_field(hf, "rms_norm_eps", float, 1e-6),
+        tie_word_embeddings=_field(hf, "tie_word_embeddings", bool, False),
         max_position_embeddings=max_positions,
         rope=_rope_config(hf, max_positions),
         hidden_act=act,
         act_threshold=threshold,
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=_eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
+        bos_token_id=_token_id(hf, "bos_token_id"),
+        eos_token_ids=_eos_ids(hf),
+        pad_token_id=_token_id(hf, "pad_token_id"),
     )
 
 
@@ -233,9 +285,14 @@ def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{folder} has no config.json; point to a Hugging Face model folder.")
     try:
         with open(path) as f:
-            return json.load(f)
+            hf = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; download it again.") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{path} must hold a JSON object, got {type(hf).__name__}.")
+    return hf
 
 
 def default_alpha(num_layers: int) -> list[float]:

@@ -1,9 +1,16 @@
-"""`load`: a converted checkpoint, or an HF folder converted in memory -> (model, tokenizer)."""
+"""`load`: a converted checkpoint, or an HF folder converted on the fly -> (model, tokenizer).
+
+Arrays are streamed: each one is read from its file (or converted from the HF tensor), cast if
+the requested dtype differs, and put on its device(s) before the next is read, so the host holds
+at most one array beyond what the devices hold. On the CPU the "device" is host memory: loading
+needs the model's bytes plus about one array (benchmarks/scale.py measures it).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -12,16 +19,18 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from pallas_kernels.pack import pack_sign_bits_reference
+from pallas_kernels.pack import pack_sign_bits_numpy
 from sparseinfer_jax import sharding
 from sparseinfer_jax.config import LlamaConfig, alpha_per_layer, config_from_hf_dict, default_alpha
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.mlp import check_mode
-from sparseinfer_jax.model import Llama, unstack_layers
+from sparseinfer_jax.model import Llama
+from sparseinfer_jax.tensorfiles import tensor_path
 from sparseinfer_jax.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+Path = tuple  # a params path: ("layers", 3, "mlp", "gate")
 
 
 def _dtype(name) -> jnp.dtype:
@@ -30,6 +39,109 @@ def _dtype(name) -> jnp.dtype:
     if name not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got '{name}'.")
     return DTYPES[name]
+
+
+def _flat(tree: dict[Any, Any], prefix: Path = ()) -> dict[Path, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, (*prefix, key)))
+        else:
+            out[(*prefix, key)] = value
+    return out
+
+
+def _put(x: Any, target: jax.sharding.Sharding | None) -> jax.Array:
+    """One array onto its device(s): each device gets only its slice (its own process's devices
+    only, so this works over several processes too)."""
+    if target is None:
+        return jax.device_put(x)
+    return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+
+def assemble(
+    cfg: LlamaConfig,
+    leaves: Iterable[tuple[Path, Any]],
+    *,
+    dtype,
+    alpha=None,
+    mode: str = "dense",
+    backend: str = "auto",
+    mesh: Mesh | None = None,
+    source: str = "the parameters",
+    remedy: str = "re-convert the model with sparseinfer-convert",
+) -> Llama:
+    """Builds a `Llama` from `(params path, array)` pairs in the model's per-layer layout.
+
+    Each array is checked against the model's shape, cast to `dtype` (floats only; the packed
+    sign bits stay uint32; no copy when already in `dtype`) and placed before the next is taken,
+    with `mesh` per `sharding.model_shardings`, else on the default device. Errors name `source`
+    and end with `remedy`.
+    """
+    check_mode(cfg, mode, backend)
+    if mesh is not None:
+        sharding.check_config(cfg, mesh)
+    if not cfg.is_relu_family:
+        log.warning(
+            "hidden_act is '%s': SparseInfer needs relu or fatrelu, so this model runs dense only.",
+            cfg.hidden_act,
+        )
+    abstract = nnx.eval_shape(
+        lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode, backend=backend)
+    )
+    graphdef, state = nnx.split(abstract)
+    expected = {p: a for p, a in _flat(nnx.to_pure_dict(state)).items() if p[-1] != "alpha"}
+    targets = None if mesh is None else _flat(sharding.model_shardings(cfg, mesh))
+    placed: dict[Path, jax.Array] = {}
+    for path, x in leaves:
+        want = expected.get(path)
+        name = ".".join(str(k) for k in path)
+        if want is None or tuple(x.shape) != tuple(want.shape):
+            what = "an unexpected tensor" if want is None else f"tensor of shape {list(x.shape)}"
+            raise UserError(f"{source} has {what} '{name}' that its config.json does not imply; "
+                            f"{remedy}.")
+        if jnp.issubdtype(want.dtype, jnp.floating) and x.dtype != want.dtype:
+            x = x.astype(want.dtype)
+        placed[path] = _put(x, None if targets is None else targets[path])
+        del x  # the host copy goes before the next array is read
+    missing = [p for p in expected if p not in placed]
+    if missing:
+        name = ".".join(str(k) for k in missing[0])
+        raise UserError(f"{source} has no tensor '{name}'; {remedy}.")
+    alphas = alpha_per_layer(default_alpha(cfg.num_hidden_layers) if alpha is None else alpha,
+                             cfg.num_hidden_layers)
+    for i, a in enumerate(alphas):
+        path = ("layers", i, "mlp", "alpha")
+        placed[path] = _put(np.float32(a), None if targets is None else targets[path])
+    tree: dict[Any, Any] = {}
+    for path, x in placed.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = x
+    nnx.replace_by_pure_dict(state, tree)
+    model = nnx.merge(graphdef, state)
+    model.mesh = mesh
+    return model
+
+
+def _unstacked(params: dict[str, Any], layers: int) -> Iterator[tuple[Path, Any]]:
+    """Leaves of a params tree, per-layer (`layers: {i: ...}`) or stacked (`layers: [L, ...]`),
+    as per-layer `(path, array)`, sliced as they are taken; missing `gate_sign_bits` computed."""
+    flat = _flat(params)
+    stacked = any(p[0] == "layers" and not isinstance(p[1], int) for p in flat)
+    for path, x in flat.items():
+        if stacked and path[0] == "layers":
+            yield from ((("layers", i, *path[1:]), x[i]) for i in range(layers))
+        else:
+            yield path, x
+    for i in range(layers):
+        gate, bits = (("layers", "mlp", k) if stacked else ("layers", i, "mlp", k)
+                      for k in ("gate", "gate_sign_bits"))
+        if bits not in flat and gate in flat:
+            log.info("no gate sign bits for layer %d; computing them at load time", i)
+            w = np.asarray(flat[gate][i] if stacked else flat[gate])
+            yield ("layers", i, "mlp", "gate_sign_bits"), pack_sign_bits_numpy(w)
 
 
 def model_from_params(
@@ -42,57 +154,16 @@ def model_from_params(
     backend: str = "auto",
     mesh: Mesh | None = None,
 ) -> Llama:
-    """Builds a `Llama` around a nested dict of arrays in the checkpoint layout (see DESIGN.md).
+    """Builds a `Llama` around a nested dict of arrays (numpy or jax).
 
-    The stacked `layers` subtree of `params` is emptied (moved into the model's per-layer
-    arrays). Missing `gate_sign_bits` (checkpoints from before the sparse core) are computed here.
-    With a `mesh`, every array is placed per `sharding.model_shardings` (each device receives only
-    its slice; arrays already placed that way stay where they are); else on the default device.
+    `params` is in the model's per-layer layout (`convert.convert_in_memory`) or in the stacked
+    `[L, ...]` layout of older code. Missing `gate_sign_bits` are computed here. With a `mesh`,
+    every array is placed per `sharding.model_shardings` (each device receives only its slice);
+    else on the default device. `dtype`: default, the embedding's.
     """
-    check_mode(cfg, mode, backend)
-    if mesh is not None:
-        sharding.check_config(cfg, mesh)
-    if not cfg.is_relu_family:
-        log.warning(
-            "hidden_act is '%s': SparseInfer needs relu or fatrelu, so this model runs dense only.",
-            cfg.hidden_act,
-        )
     dtype = _dtype(dtype) or params["embed_tokens"]["embedding"].dtype
-    abstract = nnx.eval_shape(
-        lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode, backend=backend)
-    )
-    graphdef, state = nnx.split(abstract)
-    mlp = params["layers"]["mlp"]
-    if "gate_sign_bits" not in mlp:
-        log.info("checkpoint has no gate sign bits; computing them at load time")
-        mlp["gate_sign_bits"] = jax.jit(pack_sign_bits_reference)(mlp["gate"])
-    layers = cfg.num_hidden_layers
-    alpha = default_alpha(layers) if alpha is None else alpha
-    mlp["alpha"] = alpha_per_layer(alpha, layers)
-    expected = nnx.to_pure_dict(state)
-    stacked_shape = lambda a: (layers, *a.shape)  # noqa: E731
-    want_shapes = {
-        **jax.tree.map(lambda a: a.shape, {k: v for k, v in expected.items() if k != "layers"}),
-        "layers": jax.tree.map(stacked_shape, expected["layers"][0]),
-    }
-    if jax.tree.map(lambda a: a.shape, params) != want_shapes:
-        raise UserError(
-            "the checkpoint's arrays do not match its config.json "
-            "(shapes or names differ); re-convert it with sparseinfer-convert."
-        )
-    # The model holds one array per layer: move the stacked checkpoint arrays out of `params`
-    # (the caller's tree too, so the weights are never held twice), then cast each where it is
-    # (numpy on the host, jax.Array on its devices): no gather.
-    alphas = mlp.pop("alpha")  # float32 whatever the weights' dtype
-    params = {**params, "layers": unstack_layers(params["layers"], layers)}
-    params = jax.tree.map(lambda a: a if a.dtype == np.uint32 else a.astype(dtype), params)
-    for i in range(layers):
-        params["layers"][i]["mlp"]["alpha"] = alphas[i]
-    shardings = None if mesh is None else sharding.model_shardings(cfg, mesh)
-    nnx.replace_by_pure_dict(state, jax.device_put(params, shardings))
-    model = nnx.merge(graphdef, state)
-    model.mesh = mesh
-    return model
+    return assemble(cfg, _unstacked(params, cfg.num_hidden_layers), dtype=dtype, alpha=alpha,
+                    mode=mode, backend=backend, mesh=mesh)
 
 
 def _auto(mesh: str, cfg: LlamaConfig, dtype) -> Mesh | None:
@@ -118,15 +189,16 @@ def load(
 
     Args:
       path: a checkpoint written by `sparseinfer-convert`, or a Hugging Face model folder (or hub
-        id), converted in memory; default: the small ReLU-Llama shipped with the package.
+        id), converted array by array as it loads; default: the small ReLU-Llama shipped with
+        the package.
       dtype: weights' dtype ("bfloat16", "float32"); default: the checkpoint's.
       mode: the decode-step MLP mode: "dense", "sparse" or "oracle".
       backend: sparse kernel backend: "auto", "pallas", "xla" or "reference".
       alpha: per-layer conservativeness override (a number or one per layer); default: the
         checkpoint's calibrated values.
-      mesh: a `(data, model)` device mesh (`sharding.make_mesh`) to shard the model over; a
-        converted checkpoint is read straight into that layout (each device reads its own
-        slices), an HF folder is converted on the host and each slice sent to its device.
+      mesh: a `(data, model)` device mesh (`sharding.make_mesh`) to shard the model over; each
+        array is read (an HF folder's converted) on the host, one at a time, and each device is
+        sent its slice.
         None: one device. "auto" (default): one device when the model fits it, else every
         local device on `model` (`sharding.auto_mesh`).
     Returns:
@@ -135,33 +207,32 @@ def load(
     from sparseinfer_jax import checkpoint
 
     path = os.fspath(path)
-    if checkpoint.is_checkpoint(path):
+    if checkpoint.claims_converted(path):
         hf, block = checkpoint.read_checkpoint_config(path)
         cfg = config_from_hf_dict(hf)
-        if isinstance(mesh, str):
-            mesh = _auto(mesh, cfg, dtype or block.get("dtype"))
-        shardings = None
-        if mesh is not None:  # checked before restoring, so a bad mesh fails before any read
-            sharding.check_config(cfg, mesh)
-            shardings = sharding.param_shardings(cfg, mesh)
-        # Cast on read: a cast after restoring would hold two copies of the weights at once.
-        params = checkpoint.restore_params(path, shardings=shardings, dtype=_dtype(dtype))
+        tokenizer = load_tokenizer(path)  # a broken tokenizer fails before the weights load
+        reader = checkpoint.open_params(path)
+        leaves = (
+            (tensor_path(name), reader.read(name)) for name in reader.files
+        )
         alpha = block.get("alpha") if alpha is None else alpha
-        folder = path
+        dtype = _dtype(dtype) or DTYPES[block["dtype"]]
+        source = f"the checkpoint {path}"
+        remedy = "convert the model again with sparseinfer-convert"
     else:
-        from convert import convert_in_memory
+        import convert
         from convert.reader import resolve_source
 
         folder = resolve_source(path)
-        hf, params = convert_in_memory(
-            folder, dtype=np.dtype(jnp.dtype(_dtype(dtype) or jnp.bfloat16)).name
-        )
+        dtype = _dtype(dtype) or jnp.bfloat16
+        stream_dtype = "float32" if dtype != jnp.bfloat16 else "bfloat16"  # one rounding only
+        hf, cfg, leaves = convert.stream(folder, dtype=stream_dtype)
+        tokenizer = load_tokenizer(folder)
         if alpha is None:  # an HF folder may carry calibrated alphas in the same block
-            alpha = (hf.get("sparseinfer") or {}).get("alpha")
-        cfg = config_from_hf_dict(hf)
-        if isinstance(mesh, str):
-            mesh = _auto(mesh, cfg, dtype or "bfloat16")
-    model = model_from_params(
-        cfg, params, dtype=dtype, alpha=alpha, mode=mode, backend=backend, mesh=mesh
-    )
-    return model, load_tokenizer(folder)
+            alpha = checkpoint.block_alpha(hf.get(checkpoint.BLOCK_KEY), f"{folder}/config.json")
+        source, remedy = folder, "the checkpoint and its config.json disagree"
+    if isinstance(mesh, str):
+        mesh = _auto(mesh, cfg, dtype)
+    model = assemble(cfg, leaves, dtype=dtype, alpha=alpha, mode=mode, backend=backend, mesh=mesh,
+                     source=source, remedy=remedy)
+    return model, tokenizer

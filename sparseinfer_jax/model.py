@@ -4,9 +4,10 @@ The layers are not stacked on a leading `[L]` axis and scanned: inside a scan ea
 are a slice of the stack, and XLA (on the CPU at least) copies that slice before every matvec,
 which made a decode step copy the whole model (`benchmarks/layer_stack.py`: 5x slower than
 separate arrays). A Python loop over separate arrays costs compile time linear in depth instead.
-Checkpoints stay stacked (`unstack_layers` splits them at load). Per-layer alpha is read and set
-as an `[L]` array with `Llama.alphas` / `Llama.set_alphas`. Shapes: B batch, T tokens in this
-call, S KV-cache slots, D hidden, H heads, K kv heads, hd head_dim, V vocab, L layers.
+Checkpoints store the same per-layer arrays (format 2), so loading never splits or stacks.
+Per-layer alpha is read and set as an `[L]` array with `Llama.alphas` / `Llama.set_alphas`.
+Shapes: B batch, T tokens in this call, S KV-cache slots, D hidden, H heads, K kv heads, hd
+head_dim, V vocab, L layers.
 """
 
 from __future__ import annotations
@@ -119,27 +120,9 @@ class DecoderLayer(nnx.Module):
         return x + mlp, cache, layer_stats
 
 
-def unstack_layers(stacked: dict[str, Any], num_layers: int) -> dict[int, dict[str, Any]]:
-    """The checkpoint's stacked layer tree (`{name: [L, ...]}`) -> `{i: {name: [...]}}`, the
-    model's layout. Empties `stacked` leaf by leaf, so no more than one leaf is held twice."""
-    layers: dict[int, dict[str, Any]] = {i: {} for i in range(num_layers)}
-
-    def move(src: dict[str, Any], dsts: list[dict[str, Any]]) -> None:
-        for key in list(src):
-            value = src.pop(key)
-            if isinstance(value, dict):
-                move(value, [d.setdefault(key, {}) for d in dsts])
-            else:
-                for i, d in enumerate(dsts):
-                    d[key] = value[i]
-                del value
-
-    move(stacked, [layers[i] for i in range(num_layers)])
-    return layers
-
-
 def stack_layers(layers: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """The inverse of `unstack_layers`: the model's per-layer tree -> the checkpoint's."""
+    """The model's per-layer tree (`{i: {name: [...]}}`) -> one `[L, ...]` array per name
+    (`model_from_params` takes either layout)."""
     return jax.tree.map(lambda *a: jnp.stack(a), *(layers[i] for i in sorted(layers)))
 
 

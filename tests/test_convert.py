@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -22,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 from convert import convert, convert_in_memory
 from convert.cli import main
 from pallas_kernels.pack import pack_sign_bits_numpy
-from sparseinfer_jax import checkpoint
+from sparseinfer_jax import checkpoint, tensorfiles
 from sparseinfer_jax.errors import UserError
 
 LAYERS = 2
@@ -47,26 +48,26 @@ def hf_tensors(folder: str) -> dict[str, np.ndarray]:
 
 
 def expected_params(folder: str) -> dict:
-    """The checkpoint layout, spelled out by hand from the HF tensors (independent of names.py)."""
+    """The checkpoint layout, spelled out by hand from the HF tensors (independent of names.py):
+    the model's own per-layer tree."""
     hf = hf_tensors(folder)
 
-    def stack(name: str, transpose: bool = False) -> np.ndarray:
-        rows = [hf[f"model.layers.{i}.{name}.weight"] for i in range(LAYERS)]
-        return np.stack([r.T if transpose else r for r in rows])
+    def layer(i: int) -> dict:
+        w = lambda name: hf[f"model.layers.{i}.{name}.weight"]  # noqa: E731
+        return {
+            "input_layernorm": {"weight": w("input_layernorm")},
+            "post_attention_layernorm": {"weight": w("post_attention_layernorm")},
+            "self_attn": {p: {"kernel": w(f"self_attn.{p}").T}
+                          for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+            "mlp": {"gate": w("mlp.gate_proj"), "up": w("mlp.up_proj"),
+                    "down_t": w("mlp.down_proj").T,
+                    "gate_sign_bits": pack_sign_bits_numpy(w("mlp.gate_proj"))},
+        }
 
-    gate = stack("mlp.gate_proj")
     params = {
         "embed_tokens": {"embedding": hf["model.embed_tokens.weight"]},
         "norm": {"weight": hf["model.norm.weight"]},
-        "layers": {
-            "input_layernorm": {"weight": stack("input_layernorm")},
-            "post_attention_layernorm": {"weight": stack("post_attention_layernorm")},
-            "self_attn": {p: {"kernel": stack(f"self_attn.{p}", transpose=True)}
-                          for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
-            "mlp": {"gate": gate, "up": stack("mlp.up_proj"),
-                    "down_t": stack("mlp.down_proj", transpose=True),
-                    "gate_sign_bits": pack_sign_bits_numpy(gate)},
-        },
+        "layers": {i: layer(i) for i in range(LAYERS)},
     }
     if "lm_head.weight" in hf:
         params["lm_head"] = {"kernel": hf["lm_head.weight"].T}
@@ -91,11 +92,11 @@ def test_round_trip_sharded_float32(sharded, tmp_path):
     out = convert(sharded, tmp_path / "ckpt", dtype="float32")
     assert out == str(tmp_path / "ckpt")
     assert checkpoint.is_checkpoint(out)
-    assert_trees_equal(checkpoint.restore_params(out), expected_params(sharded))
+    assert_trees_equal(checkpoint.read_params(out), expected_params(sharded))
     hf, block = checkpoint.read_checkpoint_config(out)
     with open(os.path.join(sharded, "config.json")) as f:
         assert hf == json.load(f)
-    assert block == {"format_version": 1, "alpha": [1.0] * LAYERS, "dtype": "float32",
+    assert block == {"format_version": 2, "alpha": [1.0] * LAYERS, "dtype": "float32",
                      "source": sharded}
     for name in TOKENIZER_FILES:
         with open(os.path.join(sharded, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
@@ -106,7 +107,7 @@ def test_round_trip_sharded_float32(sharded, tmp_path):
 
 def test_tied_embeddings_have_no_lm_head(tied, tmp_path):
     out = convert(tied, tmp_path / "ckpt", dtype="float32", alpha=0.5)
-    params = checkpoint.restore_params(out)
+    params = checkpoint.read_params(out)
     assert "lm_head" not in params
     assert_trees_equal(params, expected_params(tied))
     assert checkpoint.read_checkpoint_config(out)[1]["alpha"] == [0.5] * LAYERS
@@ -131,39 +132,43 @@ def test_bfloat16_is_float32_cast(sharded, tmp_path):
     assert_trees_equal(bf16, want)
     out = convert(sharded, tmp_path / "ckpt")
     assert checkpoint.read_checkpoint_config(out)[1]["dtype"] == "bfloat16"
-    assert_trees_equal(checkpoint.restore_params(out), bf16)
+    assert_trees_equal(checkpoint.read_params(out), bf16)
 
 
-def test_restore_casts_floats_but_not_sign_bits(tied, tmp_path):
+@pytest.mark.parametrize("dtype", [None, "bfloat16", "float32"])
+def test_load_casts_floats_but_not_sign_bits(tied, tmp_path, dtype):
+    from flax import nnx
+
+    from sparseinfer_jax import load
+
     out = convert(tied, tmp_path / "ckpt", dtype="float32")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, expected_params(tied))
-    params = checkpoint.restore_params(out, shardings=shardings, dtype=jnp.bfloat16)
-    mlp = params["layers"]["mlp"]
-    assert isinstance(mlp["gate"], jax.Array) and mlp["gate"].dtype == jnp.bfloat16
-    assert mlp["gate_sign_bits"].dtype == jnp.uint32
-    assert params["norm"]["weight"].sharding == device
+    model, _ = load(out, dtype=dtype, mesh=None)
+    got = nnx.to_pure_dict(nnx.state(model))
+    want = expected_params(tied)
+    for i in range(LAYERS):
+        want["layers"][i]["mlp"]["alpha"] = np.float32(1.0)
+    cast = jnp.dtype(dtype or "float32")
+    want = jax.tree.map(lambda a: a if a.dtype != np.float32 or a.ndim == 0 else a.astype(cast),
+                        want)
+    assert_trees_equal(got, want)
 
 
 @pytest.mark.slow
-def test_restore_onto_a_mesh(tied, tmp_path):
+def test_load_onto_a_mesh(tied, tmp_path):
     """Each of 4 host devices gets its slice of the MLP neurons (a fresh process for the flag)."""
     out = convert(tied, tmp_path / "ckpt")
     script = textwrap.dedent(f"""
         import jax, numpy as np
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from sparseinfer_jax import checkpoint
-        mesh = Mesh(np.array(jax.devices()), ("model",))
-        whole = checkpoint.restore_params({out!r})
-        split = lambda tree: NamedSharding(mesh, P(None, "model")) if tree.ndim == 3 else (
-            NamedSharding(mesh, P()))
-        params = checkpoint.restore_params({out!r}, shardings=jax.tree.map(split, whole))
-        gate = params["layers"]["mlp"]["gate"]
+        from sparseinfer_jax import load
+        from sparseinfer_jax.sharding import make_mesh
+        whole, _ = load({out!r}, mesh=None)
+        split, _ = load({out!r}, mesh=make_mesh(1, 4))
+        gate = split.layers[1].mlp.gate[...]
         assert len(gate.addressable_shards) == 4
-        assert gate.addressable_shards[1].data.shape == (2, 30, 48)
-        same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
-                            params, whole)
-        assert jax.tree.all(same)
+        assert gate.addressable_shards[1].data.shape == (30, 48)
+        ids = np.arange(3, 20)[None]
+        a, b = np.asarray(whole(ids)), np.asarray(split(ids))
+        assert np.abs(a - b).max() < 0.05 * np.abs(a).max()  # bf16 sums split over devices
         print("ok")
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -175,20 +180,18 @@ def test_restore_onto_a_mesh(tied, tmp_path):
 
 
 def test_checkpoint_helpers(tmp_path):
-    params = {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3), "bits": np.ones(4, np.uint32)}
-    checkpoint.save_params(tmp_path, params)
-    assert not checkpoint.is_checkpoint(tmp_path)  # no config.json yet
     block = checkpoint.sparseinfer_block([1.0, 2.0], "float32", "src")
+    (tmp_path / "params").mkdir()
+    assert not checkpoint.is_checkpoint(tmp_path)  # no config.json yet
     checkpoint.write_checkpoint_config(tmp_path, {"model_type": "llama", "sparseinfer": 0}, block)
-    assert checkpoint.is_checkpoint(tmp_path)
+    assert checkpoint.is_checkpoint(tmp_path) and checkpoint.looks_converted(tmp_path)
     assert checkpoint.read_checkpoint_config(tmp_path) == ({"model_type": "llama"}, block)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "params"]
-    assert_trees_equal(checkpoint.restore_params(tmp_path), jax.tree.map(np.asarray, params))
-    checkpoint.write_checkpoint_config(tmp_path, {}, {**block, "format_version": 2})
-    with pytest.raises(UserError, match="format_version 2"):
-        checkpoint.read_checkpoint_config(tmp_path)
-    with pytest.raises(UserError, match="has no params/"):
-        checkpoint.restore_params(tmp_path / "nothing")
+    for version in (1, 3):
+        checkpoint.write_checkpoint_config(tmp_path, {}, {**block, "format_version": version})
+        assert checkpoint.looks_converted(tmp_path) and not checkpoint.is_checkpoint(tmp_path)
+        with pytest.raises(UserError, match="format 1 |unknown checkpoint format_version 3"):
+            checkpoint.read_checkpoint_config(tmp_path)
 
 
 def rewrite_single(folder: str, edit) -> None:
@@ -271,30 +274,37 @@ def test_ignores_rotary_inv_freq(tied, tmp_path):
     assert_trees_equal(convert_in_memory(src, dtype="float32")[1], expected_params(tied))
 
 
-def test_existing_output_needs_overwrite(tied, tmp_path):
+def test_overwrite_replaces_only_a_checkpoint(tied, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="is not a checkpoint written by sparseinfer-convert"):
+            convert(tied, out, overwrite=overwrite)
+        assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert checkpoint.is_checkpoint(convert(tied, empty))  # an empty folder is used as is
     with pytest.raises(UserError, match="already exists; pass --overwrite"):
-        convert(tied, out)
-    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
-    convert(tied, out, overwrite=True)
-    assert "keep.txt" not in os.listdir(out) and checkpoint.is_checkpoint(out)
-    assert leftovers(tmp_path) == []
+        convert(tied, empty, alpha=2.0)
+    convert(tied, empty, overwrite=True, alpha=2.0)
+    assert checkpoint.read_checkpoint_config(empty)[1]["alpha"] == [2.0] * LAYERS
+    assert sorted(os.listdir(tmp_path)) == ["empty", "out"]
 
 
-def test_failure_keeps_existing_output(tied, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+def test_failure_keeps_existing_checkpoint(tied, tmp_path, monkeypatch):
+    out = convert(tied, tmp_path / "out", alpha=3.0)
+    before = {p: open(p, "rb").read() for p in glob.glob(f"{out}/**", recursive=True)
+              if os.path.isfile(p)}
 
-    def fail(*args, **kwargs):
-        raise OSError("disk full")
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_params", fail)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(tensorfiles.Writer, "write", full)
+    with pytest.raises(UserError, match=r"failed \(the disk is full\); nothing was written"):
         convert(tied, out, overwrite=True)
-    assert os.listdir(out) == ["keep.txt"]
+    assert {p: open(p, "rb").read() for p in glob.glob(f"{out}/**", recursive=True)
+            if os.path.isfile(p)} == before
     assert leftovers(tmp_path) == []
 
 
@@ -303,7 +313,7 @@ def test_output_and_source_must_not_nest(tied, tmp_path, where):
     src = shutil.copytree(tied, tmp_path / "src")
     before = sorted(os.listdir(src))
     out = {"inside": src / "converted", "same": src, "parent": tmp_path}[where]
-    with pytest.raises(UserError, match="is inside the"):
+    with pytest.raises(UserError, match="is inside the|is not a checkpoint written"):
         convert(src, out, overwrite=True)  # the case that could destroy the source
     assert sorted(os.listdir(src)) == before
 

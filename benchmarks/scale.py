@@ -1,0 +1,225 @@
+"""A 7B model end to end: make it, convert it, load it, generate; time and peak memory of each.
+
+Writes a checkpoint shaped exactly like SparseLLM/prosparse-llama-2-7b (its config.json field for
+field: `sparsellama`, `SparseLlamaForCausalLM`, FATReLU with threshold 0.01, the custom-code
+`auto_map`, 32 layers, bfloat16, two safetensors shards with an index; random weights), then runs
+each stage in a fresh process and reports its wall time, peak RSS (the kernel's VmHWM) and bytes
+written to disk (/proc/self/io):
+  convert      `sparseinfer-convert HF OUT`
+  load         `load(OUT, mesh=None)`, then a 4-token greedy `generate` (`--mode`), peak RSS
+               after each, against the checkpoint's bytes (target: at most 1.15x on the CPU)
+  load-hf      the same from the HF folder (converted array by array), with --hf
+`--layers N` keeps the 7B widths with fewer layers (develop with 4; 32 needs ~28 GB of disk and
+~15 GB of RAM). Figures are for the machine it runs on; say which when you quote them.
+
+  python benchmarks/scale.py --layers 4 --json scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from sparseinfer_jax import tensorfiles  # noqa: E402
+
+GiB = 2**30
+# SparseLLM/prosparse-llama-2-7b's config.json (num_hidden_layers is --layers).
+PROSPARSE_7B = {
+    "_name_or_path": "SparseLLM/prosparse-llama-2-7b",
+    "architectures": ["SparseLlamaForCausalLM"],
+    "auto_map": {
+        "AutoConfig": "configuration_sparsellama.SparseLlamaConfig",
+        "AutoModel": "modeling_sparsellama.SparseLlamaModel",
+        "AutoModelForCausalLM": "modeling_sparsellama.SparseLlamaForCausalLM",
+    },
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "fatrelu",
+    "hidden_act_param": 0.01,
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 4096,
+    "model_type": "sparsellama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 32,
+    "pad_token_id": 0,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.31.0",
+    "use_cache": True,
+    "vocab_size": 32000,
+}
+BF16 = tensorfiles.DTYPES["BF16"]
+
+
+def hf_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of every tensor, in the order HF shards them."""
+    d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    out = [("model.embed_tokens.weight", (v, d))]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out += [(p + f"self_attn.{n}_proj.weight", (d, d)) for n in "qkvo"]
+        out += [(p + "mlp.gate_proj.weight", (f, d)), (p + "mlp.up_proj.weight", (f, d)),
+                (p + "mlp.down_proj.weight", (d, f)), (p + "input_layernorm.weight", (d,)),
+                (p + "post_attention_layernorm.weight", (d,))]
+    return out + [("model.norm.weight", (d,)), ("lm_head.weight", (v, d))]
+
+
+def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random bfloat16 of magnitude 2^-7..2^-6 and random sign, straight from random bits (a
+    normal draw of 7B values would take minutes)."""
+    bits = rng.integers(0, 2**16, size=shape, dtype=np.uint16)
+    return ((bits & 0x807F) | 0x3C00).view(BF16)
+
+
+def make_checkpoint(folder: str, layers: int, seed: int = 0) -> int:
+    """Writes the HF folder (two shards + index), streaming; returns its bytes."""
+    cfg = {**PROSPARSE_7B, "num_hidden_layers": layers}
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    tensors = hf_tensors(cfg)
+    half = len(tensors) // 2
+    rng = np.random.default_rng(seed)
+    weight_map, total = {}, 0
+    for k, part in enumerate((tensors[:half], tensors[half:])):
+        file = f"model-{k + 1:05d}-of-00002.safetensors"
+        specs = {name: (shape, BF16) for name, shape in part}
+        with tensorfiles.Writer(os.path.join(folder, file), specs) as writer:
+            for name, shape in part:
+                norm = name.endswith("norm.weight")
+                writer.write(name, np.ones(shape, BF16) if norm else random_bf16(rng, shape))
+        weight_map.update(dict.fromkeys(specs, file))
+        total += tensorfiles.file_size(specs)
+    with open(os.path.join(folder, tensorfiles.INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return total
+
+
+# Each stage runs in a fresh process; at exit it prints its peak RSS and bytes written as JSON.
+PRELUDE = """
+import atexit, json, sys, time
+def _report():
+    status = open("/proc/self/status").read()
+    io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+    print("STAGE" + json.dumps({"vmhwm": int(status.split("VmHWM:")[1].split()[0]) * 1024,
+                                "write_bytes": int(io["write_bytes"])}), file=sys.stderr)
+atexit.register(_report)
+"""
+CONVERT = PRELUDE + """
+from convert.cli import main
+status = main(sys.argv[1:3])
+sys.exit(status)
+"""
+LOAD = PRELUDE + """
+import numpy as np
+t0 = time.perf_counter()
+from sparseinfer_jax import load, generate
+model, _ = load(sys.argv[1], mesh=None, mode=sys.argv[2])
+t1 = time.perf_counter()
+status = open("/proc/self/status").read()
+found = {"load_s": t1 - t0, "vmhwm_after_load": int(status.split("VmHWM:")[1].split()[0]) * 1024}
+if sys.argv[3] == "generate":
+    ids = np.random.default_rng(0).integers(3, 32000, size=(1, 12)).tolist()
+    result = generate(model, ids, max_new_tokens=4, stop_at_eos=False, timing=False)
+    found["generate_s"] = time.perf_counter() - t1
+    found["tokens"] = np.asarray(result.tokens).tolist()
+print("STAGE" + json.dumps(found), file=sys.stderr)
+"""
+
+
+def run_stage(script: str, args: list[str]) -> dict:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    if proc.returncode:
+        sys.exit(f"stage {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    found = {"seconds": time.perf_counter() - start}
+    for line in proc.stderr.splitlines():
+        if line.startswith("STAGE"):
+            found.update(json.loads(line[5:]))
+    return found
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers (7B: 32)")
+    parser.add_argument("--mode", default="sparse", choices=("dense", "sparse"))
+    parser.add_argument("--hf", action="store_true", help="also load the HF folder directly")
+    parser.add_argument("--no-generate", action="store_true",
+                        help="load only (a CPU generate holds float32 copies of bf16 weights)")
+    parser.add_argument("--workdir", default=None, help="where to write (default: a temp folder)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        src, out = os.path.join(work, "hf"), os.path.join(work, "ckpt")
+        start = time.perf_counter()
+        source_bytes = make_checkpoint(src, args.layers)
+        result = {"layers": args.layers, "mode": args.mode, "source_bytes": source_bytes,
+                  "make_s": time.perf_counter() - start}
+        result["convert"] = run_stage(CONVERT, [src, out])
+        result["checkpoint_bytes"] = folder_bytes(out)
+        result["params_bytes"] = folder_bytes(os.path.join(out, "params"))
+        then = "load" if args.no_generate else "generate"
+        result["load"] = run_stage(LOAD, [out, args.mode, then])
+        if args.hf:
+            result["load_hf"] = run_stage(LOAD, [src, args.mode, then])
+    params = result["params_bytes"]
+    result["load_peak_over_checkpoint"] = result["load"]["vmhwm"] / params
+    print(f"{args.layers} layers of 7B shape, bf16: HF source {source_bytes / GiB:.2f} GiB, "
+          f"made in {result['make_s']:.0f} s")
+    c = result["convert"]
+    print(f"convert   {c['seconds']:6.1f} s  peak RSS {c['vmhwm'] / GiB:6.2f} GiB  wrote "
+          f"{c['write_bytes'] / GiB:6.2f} GiB (checkpoint {result['checkpoint_bytes'] / GiB:.2f} "
+          f"GiB, {c['write_bytes'] / result['checkpoint_bytes']:.2f}x)")
+    for key in ("load", "load_hf"):
+        if key in result:
+            r = result[key]
+            line = (f"{key:<9} {r['load_s']:6.1f} s  peak RSS {r['vmhwm_after_load'] / GiB:6.2f} "
+                    f"GiB ({r['vmhwm_after_load'] / params:.3f}x the weights)")
+            if "generate_s" in r:
+                line += (f"; + generate 4 tokens ({args.mode}) {r['generate_s']:6.1f} s  peak RSS "
+                         f"{r['vmhwm'] / GiB:6.2f} GiB ({r['vmhwm'] / params:.3f}x)")
+            print(line)
+    # On a GPU the weights live on the device: host memory while loading is this process's
+    # baseline plus the arrays in flight. On the CPU the same figure is peak RSS minus the weights.
+    largest = max(int(np.prod(shape)) * 2 for _, shape in hf_tensors(
+        {**PROSPARSE_7B, "num_hidden_layers": 1}))
+    beyond = result["load"]["vmhwm_after_load"] - params
+    result["load_host_beyond_weights"] = beyond
+    print(f"host memory beyond the weights during load: {beyond / GiB:.2f} GiB (GPU bound: the "
+          f"largest array {largest / GiB:.2f} GiB + 2 GiB): "
+          f"{'met' if beyond <= largest + 2 * GiB else 'NOT met'}")
+    what = "load" if args.no_generate else "load + generate"
+    verdict = "met" if result["load_peak_over_checkpoint"] <= 1.15 else "NOT met"
+    print(f"CPU target ({what} <= 1.15x the checkpoint's {params / GiB:.2f} GiB of weights): "
+          f"{result['load_peak_over_checkpoint']:.3f}x, {verdict}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""Bad input to the converter, the checkpoint and the loader: one table, one row per case.
+
+Each row prepares a bad situation in a fresh folder, runs a command (`sparseinfer-convert`) or an
+API call (`load`, through the CLIs' `run_cli`), and checks what a user sees: the exit status, one
+`error:` line holding the expected fragment (or `interrupted`), no traceback, and that nothing
+was written or lost (the source and any existing output unchanged, no temporary folder left).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from conftest import make_hf_checkpoint
+from safetensors.numpy import load_file, save_file
+
+from convert import convert
+from convert.cli import main as convert_main
+from sparseinfer_jax import checkpoint, tensorfiles
+from sparseinfer_jax.errors import run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory) -> str:
+    return make_hf_checkpoint(str(tmp_path_factory.mktemp("hf") / "hf"), tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt(hf, tmp_path_factory) -> str:
+    return convert(hf, tmp_path_factory.mktemp("ckpt") / "ckpt")
+
+
+def snapshot(folder: str) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones too) with its bytes."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            with open(os.path.join(d, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(d, f), folder)] = fh.read()
+    return out
+
+
+def edit_json(path: str, edit) -> None:
+    with open(path) as f:
+        data = json.load(f)
+    data = edit(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def set_fields(**fields):
+    return lambda data: {**data, **fields}
+
+
+def rewrite_tensor(folder: str, name: str, edit) -> None:
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors[name])
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def load_call(path: str, **kwargs):
+    from sparseinfer_jax import load
+
+    return lambda: (load(path, mesh=None, **kwargs), 0)[1]
+
+
+# --- the cases: each `prepare(work, src, ckpt) -> (command, args)` -------------------------------
+# `work` is an empty folder, `src` a copy of a tiny HF folder, `ckpt` a copy of its conversion.
+# command "convert": args for sparseinfer-convert; "api": a no-argument callable returning 0.
+
+
+def out_is_folder_of_other_files(work, src, ckpt):
+    os.makedirs(f"{work}/mine")
+    open(f"{work}/mine/notes.txt", "w").write("keep me")
+    return "convert", [src, f"{work}/mine", "--overwrite"]
+
+
+def out_is_cwd_with_other_files(work, src, ckpt):
+    open(f"{work}/notes.txt", "w").write("keep me")
+    os.chdir(work)
+    return "convert", [src, ".", "--overwrite"]
+
+
+def out_is_a_file(work, src, ckpt):
+    open(f"{work}/out", "w").write("a file")
+    return "convert", [src, f"{work}/out"]
+
+
+def out_is_a_file_overwrite(work, src, ckpt):
+    open(f"{work}/out", "w").write("a file")
+    return "convert", [src, f"{work}/out", "--overwrite"]
+
+
+def out_parent_is_a_file(work, src, ckpt):
+    open(f"{work}/file", "w").write("a file")
+    return "convert", [src, f"{work}/file/sub/out"]
+
+
+def checkpoint_without_overwrite(work, src, ckpt):
+    return "convert", [src, ckpt]
+
+
+def config_edit(**fields):
+    def prepare(work, src, ckpt):
+        edit_json(f"{src}/config.json", set_fields(**fields))
+        return "convert", [src, f"{work}/out"]
+    return prepare
+
+
+def config_not_an_object(work, src, ckpt):
+    edit_json(f"{src}/config.json", lambda data: [data])
+    return "convert", [src, f"{work}/out"]
+
+
+def index_is_a_list(work, src, ckpt):
+    tensors = load_file(f"{src}/model.safetensors")
+    os.rename(f"{src}/model.safetensors", f"{src}/model-00001-of-00001.safetensors")
+    with open(f"{src}/model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": [[n, "model-00001-of-00001.safetensors"] for n in tensors]}, f)
+    return "convert", [src, f"{work}/out"]
+
+
+def weight_value(name, value):
+    def prepare(work, src, ckpt):
+        rewrite_tensor(src, name, lambda x: x.reshape(-1).__setitem__(3, value))
+        return "convert", [src, f"{work}/out"]
+    return prepare
+
+
+def corrupt_tokenizer_convert(work, src, ckpt):
+    open(f"{src}/tokenizer.json", "a").write("}{")
+    return "convert", [src, f"{work}/out"]
+
+
+def corrupt_tokenizer_load(work, src, ckpt):
+    open(f"{ckpt}/tokenizer.json", "a").write("}{")
+    tensorfiles.SafetensorsFolder.read = None  # any weight read would fail loudly
+    return "api", load_call(ckpt)
+
+
+def too_little_space(work, src, ckpt):
+    shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 4096, 4096)
+    return "convert", [src, f"{work}/out"]
+
+
+def disk_full_while_writing(work, src, ckpt):
+    def full(self, name, x):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    tensorfiles.Writer.write = full
+    return "convert", [src, ckpt, "--overwrite"]
+
+
+def unwritable_output_folder(work, src, ckpt):
+    os.makedirs(f"{work}/ro")
+    real = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # root may write anywhere: refuse the way a kernel would
+        if os.path.dirname(path) == f"{work}/ro":
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real(path, *args, **kwargs)
+    os.mkdir = mkdir
+    return "convert", [src, f"{work}/ro/out"]
+
+
+def ctrl_c_while_writing(work, src, ckpt):
+    def interrupt(self, name, x):
+        raise KeyboardInterrupt
+    tensorfiles.Writer.write = interrupt
+    return "convert", [src, ckpt, "--overwrite"]
+
+
+def damaged(edit):
+    def prepare(work, src, ckpt):
+        edit(f"{ckpt}/{checkpoint.PARAMS_DIR}")
+        return "api", load_call(ckpt)
+    return prepare
+
+
+def data_file(params: str) -> str:
+    return os.path.join(params, "model-00002-of-00003.safetensors")
+
+
+def truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 64)
+
+
+def format_version(version):
+    def prepare(work, src, ckpt):
+        edit_json(f"{ckpt}/config.json", lambda d: {
+            **d, "sparseinfer": {**d["sparseinfer"], "format_version": version}})
+        return "api", load_call(ckpt)
+    return prepare
+
+
+def checkpoint_alpha(value):
+    def prepare(work, src, ckpt):
+        edit_json(f"{ckpt}/config.json", lambda d: {**d, "sparseinfer": {
+            **d["sparseinfer"], "alpha": value}})
+        return "api", load_call(ckpt)
+    return prepare
+
+
+DAMAGED = "the checkpoint .* is damaged: convert the model again"
+CASES = {
+    # 11.1: --overwrite replaces only a checkpoint this tool wrote.
+    "overwrite other folder": (out_is_folder_of_other_files,
+                               "is not a checkpoint written by sparseinfer-convert", 2),
+    "overwrite cwd": (out_is_cwd_with_other_files,
+                      "is not a checkpoint written by sparseinfer-convert", 2),
+    "existing checkpoint": (checkpoint_without_overwrite, "already exists; pass --overwrite", 2),
+    # 11.10 and 11.6: what works is suggested; path problems found before any work.
+    "out is a file": (out_is_a_file, "is a file, not a checkpoint folder; choose a new output", 2),
+    "out is a file, overwrite": (out_is_a_file_overwrite, "is a file, not a checkpoint folder", 2),
+    "parent is a file": (out_parent_is_a_file, "is a file, so .* cannot be created", 2),
+    "unwritable output": (unwritable_output_folder, r"cannot create .*\(Permission denied\)", 2),
+    # 11.2: disk space checked up front, write failures are errors.
+    "too little space": (too_little_space, "GiB free but the checkpoint needs", 2),
+    "disk full": (disk_full_while_writing, r"failed \(the disk is full\); nothing was written", 2),
+    # Ctrl-C.
+    "ctrl-c": (ctrl_c_while_writing, "^interrupted$", 130),
+    # 11.8: config values of the wrong type name the field.
+    "hidden_size string": (config_edit(hidden_size="48"),
+                           "'hidden_size' must be an integer, got '48'", 2),
+    "hidden_size null": (config_edit(hidden_size=None), "'hidden_size' field", 2),
+    "rope_scaling list": (config_edit(rope_scaling=[2.0]), "'rope_scaling' must be an object", 2),
+    "rope factor string": (config_edit(rope_parameters=None,
+                                       rope_scaling={"type": "linear", "factor": "2"}),
+                           "'rope_scaling.factor' must be a number", 2),
+    "alpha string": (config_edit(sparseinfer={"alpha": "1.0"}),
+                     "'sparseinfer.alpha' must be a number or a list of numbers", 2),
+    "block list": (config_edit(sparseinfer=[1.0]), "field 'sparseinfer' must be an object", 2),
+    "config list": (config_not_an_object, "must hold a JSON object, got list", 2),
+    "index list": (index_is_a_list, "is not a valid safetensors index", 2),
+    "corrupt tokenizer, convert": (corrupt_tokenizer_convert,
+                                   "tokenizer.json is not a valid tokenizer file", 2),
+    "corrupt tokenizer, load": (corrupt_tokenizer_load,
+                                "tokenizer.json is not a valid tokenizer file", 2),
+    # 11.9: conflicting or unsupported rope settings, non-finite weights.
+    "rope conflict": (config_edit(rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                                  rope_scaling={"rope_type": "yarn", "factor": 2.0}),
+                      "'rope_parameters' and 'rope_scaling'/'rope_theta' disagree on 'rope_type'",
+                      2),
+    "rope yarn": (config_edit(rope_parameters={"rope_type": "yarn", "factor": 2.0}),
+                  "'rope_parameters.rope_type' is 'yarn'; supported", 2),
+    "nan weight": (weight_value("model.layers.1.mlp.up_proj.weight", np.nan),
+                   r"tensor 'model\.layers\.1\.mlp\.up_proj\.weight' has 1 NaN or infinite", 2),
+    "inf weight": (weight_value("model.embed_tokens.weight", -np.inf),
+                   r"tensor 'model\.embed_tokens\.weight' has 1 NaN or infinite", 2),
+    # 11.5: a damaged checkpoint says which and to re-convert it.
+    "data file deleted": (damaged(lambda p: os.remove(data_file(p))), DAMAGED, 2),
+    "data file truncated": (damaged(lambda p: truncate(data_file(p))), DAMAGED, 2),
+    "index deleted": (damaged(lambda p: os.remove(f"{p}/{tensorfiles.INDEX_FILE}")), DAMAGED, 2),
+    "params empty": (damaged(lambda p: [os.remove(f"{p}/{f}") for f in os.listdir(p)]),
+                     DAMAGED, 2),
+    "params deleted": (damaged(shutil.rmtree), r"has no model\.safetensors\.index\.json; the "
+                       "checkpoint .* is damaged", 2),
+    "unknown format_version": (format_version(99), "unknown checkpoint format_version 99", 2),
+    "format 1": (format_version(1), "is a checkpoint of format 1 .* convert the model again", 2),
+    "checkpoint alpha string": (checkpoint_alpha("x"), "'sparseinfer.alpha' must be a number", 2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case, hf, ckpt, tmp_path, monkeypatch, capsys):
+    prepare, fragment, code = CASES[case]
+    work, src, ck = str(tmp_path / "work"), str(tmp_path / "src"), str(tmp_path / "ckpt")
+    os.makedirs(work)
+    shutil.copytree(hf, src)
+    shutil.copytree(ckpt, ck)
+    monkeypatch.chdir(tmp_path)
+    # Whatever `prepare` patches (os.mkdir, Writer.write, ...) is undone after the test.
+    for owner, name in ((os, "mkdir"), (shutil, "disk_usage"), (tensorfiles.Writer, "write"),
+                        (tensorfiles.SafetensorsFolder, "read")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    command, args = prepare(work, src, ck)
+    before = {d: snapshot(d) for d in (work, src, ck)}
+    status = convert_main(args) if command == "convert" else run_cli(args)
+    err = capsys.readouterr().err
+    assert status == code, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1].split("\r")[-1]  # after any progress bar
+    assert last.startswith("error: ") or last == "interrupted", err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) <= 1
+    assert re.search(fragment, last.removeprefix("error: ")), last
+    assert {d: snapshot(d) for d in (work, src, ck)} == before  # nothing written, nothing lost
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_real_write_failure_is_an_error_not_a_crash(hf, tmp_path):
+    """A write the kernel refuses (a file-size limit, as a full disk would) ends in one error line
+    and exit 2, with nothing left behind: writes go through write(), never a memory map."""
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+        from convert.cli import main
+        sys.exit(main([{hf!r}, {str(tmp_path / "out")!r}]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1].split("\r")[-1]
+    assert last.startswith("error: writing ") and "File too large" in last, result.stderr
+    assert "Traceback" not in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_in_a_real_process(hf, tmp_path):
+    """SIGINT while the converter writes: one line, exit 130, no temporary folder, no output."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from sparseinfer_jax import tensorfiles
+        write = tensorfiles.Writer.write
+        def slow(self, name, x):
+            time.sleep(0.2)
+            write(self, name, x)
+        tensorfiles.Writer.write = slow
+        from convert.cli import main
+        sys.exit(main([{hf!r}, {str(tmp_path / "out")!r}]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    deadline = time.monotonic() + 120
+    while not any(p.startswith(".out.tmp") for p in os.listdir(tmp_path)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the writing loop
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].split("\r")[-1] == "interrupted"
+    assert "Traceback" not in err
+    assert os.listdir(tmp_path) == []
