@@ -8,6 +8,10 @@ chains them per decode step:
     h = sparse_gate_up(x, gate, up, idx, count)              # [B, F] float32, compact order
     out = sparse_down(h, down_t, idx, count)                 # [B, D]
 
+or, reading up and down rows only for the candidates whose gate fires (sparse_mlp.py):
+
+    out, fired = sparse_mlp(x, gate, up, down_t, idx, count)
+
 Kernels know nothing of models.
 """
 
@@ -17,6 +21,7 @@ from pallas_kernels.pack import num_words, pack_sign_bits, pack_sign_bits_numpy
 from pallas_kernels.predict import sign_predict, threshold
 from pallas_kernels.sparse_down import sparse_down
 from pallas_kernels.sparse_gate_up import ACTIVATIONS, sparse_gate_up
+from pallas_kernels.sparse_mlp import sparse_mlp
 
 __all__ = [
     "ACTIVATIONS",
@@ -28,5 +33,6 @@ __all__ = [
     "sign_predict",
     "sparse_down",
     "sparse_gate_up",
+    "sparse_mlp",
     "threshold",
 ]
