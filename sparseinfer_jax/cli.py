@@ -246,6 +246,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     records = bench.run(settings, log=lambda line: print(line, flush=True),
                         save=save if args.json else None)
+    print()
+    print(bench.format_bytes(records))
     kernels = bench.format_kernels(records)
     if kernels:
         print()

@@ -62,8 +62,13 @@ def test_step_bytes_equal_the_model_arrays(tiny):
     # Sparse: the MLP's rows scale with the computed count, plus the sign bits it reads.
     sparse = bench.step_bytes(cfg, 4, 100, context)
     bits = sum(layer.mlp.gate_sign_bits[...].nbytes for layer in tiny.layers)
-    mlp = 3 * cfg.num_hidden_layers * 100 * cfg.hidden_size * 4
-    assert sparse["mlp"] == mlp and sparse["sign_bits"] == bits
+    rows = cfg.num_hidden_layers * cfg.hidden_size * 4
+    assert sparse["gate"] == sparse["up"] == sparse["down"] == 100 * rows
+    assert sparse["predictor"] == bits
+    # Two-stage: up and down rows only for the candidates whose gate fires.
+    fired = bench.step_bytes(cfg, 4, 100, context, fired=40)
+    assert fired["gate"] == 100 * rows and fired["up"] == fired["down"] == 40 * rows
+    assert sparse["total"] - fired["total"] == 2 * 60 * rows
 
 
 def test_sparse_at_full_activity_decodes_like_dense(tiny):
