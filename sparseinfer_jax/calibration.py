@@ -23,6 +23,13 @@ Both only grow (recall) or shrink (sparsity) with alpha, so the choice per layer
   active neuron is dropped on this text, so the output is the dense one). About 7 perplexity runs.
 +inf (keep every neuron) always qualifies. A config.json cannot hold inf in strict JSON, so it is
 written as `KEEP_ALL_ALPHA` (1e9), which keeps every neuron for any realistic width.
+
+Safe from the first run: a checkpoint's `sparseinfer` block records how its alphas were chosen
+under "calibration" (the marker; absent = never calibrated). `sparseinfer-convert` calibrates by
+default (`calibrate_checkpoint`: `DEFAULT_RECALL` per layer on `DEFAULT_TEXT`, a short general
+English text shipped with the package, in the model's own tokenizer), and `load(mode="sparse")` of
+a checkpoint without the marker calibrates the same way in memory, with a warning
+(`calibrate_in_memory`), rather than run the untuned alpha 1.0.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +54,10 @@ ALPHA_GRID = np.concatenate([np.round(np.arange(1, 401) * 0.01, 2), [np.inf]]).a
 KEEP_ALL_ALPHA = 1e9
 WINDOW = 128
 RECALL_LEVELS = np.round(np.linspace(0.0, 1.0, 201), 3)  # searched by max_ppl_increase
+DEFAULT_TEXT = os.path.join(os.path.dirname(__file__), "data", "calibration.txt")
+# Conservative: on the shipped model recall 0.99 keeps greedy output on dense's (tests) while
+# still skipping about half of the neurons.
+DEFAULT_RECALL = 0.99
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -277,3 +290,81 @@ def format_table(cal: Calibration) -> str:
     for i, (a, s, r) in enumerate(zip(cal.alphas, cal.predicted_sparsity, cal.recall, strict=True)):
         lines.append(f"{i:>5}  {a:>6.2f}  {s:>14.4f}  {r:>7.4f}")
     return "\n".join(lines)
+
+
+def calibrate_default(model, tokenizer) -> tuple[Calibration, str, float]:
+    """Calibrates `model` for `DEFAULT_RECALL` on `DEFAULT_TEXT` and sets its alphas.
+
+    Returns (the calibration, its description for the config's "calibration" marker, seconds).
+    """
+    start = time.perf_counter()
+    windows = token_windows(tokenizer.encode(read_text(DEFAULT_TEXT)))
+    cal = calibrate(model, windows, target_recall=DEFAULT_RECALL)
+    model.set_alphas(cal.alphas)
+    note = f"recall >= {DEFAULT_RECALL} on the built-in text ({cal.tokens} tokens)"
+    return cal, note, time.perf_counter() - start
+
+
+def calibrate_in_memory(model, tokenizer, where: str) -> None:
+    """For `load` in a sparse mode of a never-calibrated checkpoint: calibrates (or, without a
+    tokenizer, cannot) and says so loudly."""
+    hint = "run `sparseinfer calibrate` to choose and save alphas for your text"
+    if tokenizer is None:
+        warnings.warn(
+            f"{where} was never calibrated and has no tokenizer to calibrate with: sparse mode "
+            f"runs at alpha 1.0, which can change the output; {hint}.",
+            stacklevel=3,
+        )
+        return
+    cal, note, seconds = calibrate_default(model, tokenizer)
+    alphas = ",".join(f"{a:g}" for a in cal.alphas)
+    warnings.warn(
+        f"{where} was never calibrated: calibrated now for {note} in {seconds:.1f} s "
+        f"(alpha {alphas}, not saved); {hint}.",
+        stacklevel=3,
+    )
+
+
+def calibrate_checkpoint(
+    path: str | os.PathLike, source: str | os.PathLike, *, alpha_given: bool, calibrate: bool
+) -> str | None:
+    """`sparseinfer-convert`'s last step on the checkpoint at `path`, converted from `source`.
+
+    Alphas given on the command line, or calibrated ones kept from the source's `sparseinfer`
+    block, are marked as chosen; else, unless `calibrate` is False (`--no-calibrate`: no marker,
+    so sparse mode calibrates in memory at load), `calibrate_default` runs and its alphas and
+    marker are written into config.json. Returns one line saying what happened, or None.
+    """
+    from convert.reader import resolve_source
+    from sparseinfer_jax import checkpoint
+    from sparseinfer_jax.config import is_calibrated, read_hf_config
+    from sparseinfer_jax.loading import load
+
+    source_block = read_hf_config(resolve_source(os.fspath(source))).get("sparseinfer") or {}
+    marker = None
+    if alpha_given:
+        marker = "alpha given to sparseinfer-convert"
+    elif is_calibrated(source_block) and source_block.get("alpha") is not None:
+        marker = source_block["calibration"]
+    if marker is not None or not calibrate:
+        if marker is not None:
+            hf, block = checkpoint.read_checkpoint_config(path)
+            checkpoint.write_checkpoint_config(path, hf, {**block, "calibration": marker})
+        return None
+    model, tokenizer = load(path, mode="dense", mesh=None)
+    if tokenizer is None:
+        return (
+            f"{path} has no tokenizer, so it was not calibrated; sparse mode warns until you run "
+            "`sparseinfer calibrate` with a text."
+        )
+    cal, note, seconds = calibrate_default(model, tokenizer)
+    hf, block = checkpoint.read_checkpoint_config(path)
+    block["alpha"] = cal.config_alphas()
+    block["calibration"] = f"sparseinfer-convert default: {note}"
+    checkpoint.write_checkpoint_config(path, hf, block)
+    sparsity = " ".join(f"{s:.2f}" for s in cal.predicted_sparsity)
+    alphas = ",".join(f"{a:g}" for a in cal.config_alphas())
+    return (
+        f"calibrated for {note} in {seconds:.1f} s: alpha {alphas}, predicted sparsity per layer "
+        f"{sparsity} (override with `sparseinfer calibrate`)"
+    )

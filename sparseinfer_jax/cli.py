@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sparseinfer_jax.errors import UserError
@@ -171,6 +172,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     elif checkpoint.is_checkpoint(path):
         hf, block = checkpoint.read_checkpoint_config(path)
         block["alpha"] = cal.config_alphas()
+        block["calibration"] = f"sparseinfer calibrate on {os.path.basename(args.text)}: {target}"
         checkpoint.write_checkpoint_config(path, hf, block)
         print(f"wrote alpha {alphas} to {path}/config.json")
     else:

@@ -238,6 +238,11 @@ def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
 
 
+def is_calibrated(block: dict[str, Any]) -> bool:
+    """Whether a `sparseinfer` config block records a calibration (its "calibration" marker)."""
+    return bool(block.get("calibration"))
+
+
 def default_alpha(num_layers: int) -> list[float]:
     """The alpha a freshly converted checkpoint gets: 1.0 per layer (the paper's plain majority)."""
     return [1.0] * num_layers
