@@ -14,7 +14,13 @@ from jax.sharding import Mesh
 
 from pallas_kernels.pack import pack_sign_bits_reference
 from sparseinfer_jax import sharding
-from sparseinfer_jax.config import LlamaConfig, alpha_per_layer, config_from_hf_dict, default_alpha
+from sparseinfer_jax.config import (
+    LlamaConfig,
+    alpha_per_layer,
+    config_from_hf_dict,
+    default_alpha,
+    is_calibrated,
+)
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.mlp import check_mode
 from sparseinfer_jax.model import Llama, unstack_layers
@@ -123,7 +129,9 @@ def load(
       mode: the decode-step MLP mode: "dense", "sparse" or "oracle".
       backend: sparse kernel backend: "auto", "pallas", "xla" or "reference".
       alpha: per-layer conservativeness override (a number or one per layer); default: the
-        checkpoint's calibrated values.
+        checkpoint's calibrated values. A sparse mode on a checkpoint never calibrated (no
+        "calibration" marker) calibrates in memory first, with a warning
+        (`calibration.calibrate_in_memory`).
       mesh: a `(data, model)` device mesh (`sharding.make_mesh`) to shard the model over; a
         converted checkpoint is read straight into that layout (each device reads its own
         slices), an HF folder is converted on the host and each slice sent to its device.
@@ -135,6 +143,7 @@ def load(
     from sparseinfer_jax import checkpoint
 
     path = os.fspath(path)
+    override = alpha is not None
     if checkpoint.is_checkpoint(path):
         hf, block = checkpoint.read_checkpoint_config(path)
         cfg = config_from_hf_dict(hf)
@@ -156,12 +165,18 @@ def load(
         hf, params = convert_in_memory(
             folder, dtype=np.dtype(jnp.dtype(_dtype(dtype) or jnp.bfloat16)).name
         )
-        if alpha is None:  # an HF folder may carry calibrated alphas in the same block
-            alpha = (hf.get("sparseinfer") or {}).get("alpha")
+        block = hf.get("sparseinfer") or {}  # an HF folder may carry calibrated alphas
+        if alpha is None:
+            alpha = block.get("alpha")
         cfg = config_from_hf_dict(hf)
         if isinstance(mesh, str):
             mesh = _auto(mesh, cfg, dtype or "bfloat16")
     model = model_from_params(
         cfg, params, dtype=dtype, alpha=alpha, mode=mode, backend=backend, mesh=mesh
     )
-    return model, load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
+    if mode != "dense" and not override and not is_calibrated(block):
+        from sparseinfer_jax.calibration import calibrate_in_memory
+
+        calibrate_in_memory(model, tokenizer, path)
+    return model, tokenizer
