@@ -4,6 +4,7 @@ Every op takes `backend=` among "auto", "pallas", "xla", "reference" (see `backe
 chains them per decode step:
 
     active, n_neg = sign_predict(x, gate_sign_bits, alpha)   # predictor (predict.py)
+    # or signmag_predict: votes weighted by quantised |x| (signmag.py)
     idx, count = compact(active)                             # compact.py
     h = sparse_gate_up(x, gate, up, idx, count)              # [B, F] float32, compact order
     out = sparse_down(h, down_t, idx, count)                 # [B, D]
@@ -19,6 +20,7 @@ from pallas_kernels.backend import BACKENDS
 from pallas_kernels.compact import compact
 from pallas_kernels.pack import num_words, pack_sign_bits, pack_sign_bits_numpy
 from pallas_kernels.predict import sign_predict, threshold
+from pallas_kernels.signmag import signmag_predict
 from pallas_kernels.sparse_down import sparse_down
 from pallas_kernels.sparse_gate_up import ACTIVATIONS, sparse_gate_up
 from pallas_kernels.sparse_mlp import sparse_mlp
@@ -31,6 +33,7 @@ __all__ = [
     "pack_sign_bits",
     "pack_sign_bits_numpy",
     "sign_predict",
+    "signmag_predict",
     "sparse_down",
     "sparse_gate_up",
     "sparse_mlp",

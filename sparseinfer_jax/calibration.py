@@ -1,8 +1,10 @@
 """Per-layer alpha calibration: the most skipping alpha that meets a recall or sparsity target.
 
 The model runs densely over non-overlapping windows of a text. For every layer and every token we
-take the MLP input x (after the post-attention RMSNorm), its negative-product counts n_neg `[N, F]`
-against the layer's gate sign bits, n_nz `[N]` and the true active mask (act(gate x) * (up x) != 0).
+take the MLP input x (after the post-attention RMSNorm), the layer predictor's negative votes
+n_neg `[N, F]` and vote totals n `[N]` (`MLP.votes`: for "sign" the negative-product counts and
+the non-zero inputs; for "signmag" the same weighted by quantised |x|) and the true active mask
+(act(gate x) * (up x) != 0).
 For a grid of candidate alphas (`ALPHA_GRID`: 0.01 .. 4.00 step 0.01, then +inf) we count, exactly
 as the model's rule does (`pallas_kernels.predict.threshold`: predicted active iff n_neg <= tau):
 predicted-active neurons and neurons both predicted and truly active, summed over tokens.
@@ -45,9 +47,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import pallas_kernels as pk
 from pallas_kernels.predict import threshold
+from sparseinfer_jax.config import PREDICTORS
 from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.mlp import bytes_fraction, predictor_share, set_predictor
 from sparseinfer_jax.rope import rope_tables
 
 ALPHA_GRID = np.concatenate([np.round(np.arange(1, 401) * 0.01, 2), [np.inf]]).astype(np.float32)
@@ -109,11 +112,8 @@ def window_counts(model, input_ids, alphas):
         rows = layer.post_attention_layernorm(x).reshape(b * t, -1)
         h = layer.mlp.hidden(rows)
         true = h != 0
-        _, n_neg = pk.sign_predict(
-            rows, layer.mlp.gate_sign_bits[...], jnp.float32(1.0), backend="xla"
-        )
-        n_nz = jnp.sum(rows != 0, axis=-1, dtype=jnp.int32)
-        tau = threshold(alphas[None, :], n_nz[:, None])  # [N, G], ascending in G
+        _, n_neg, total = layer.mlp.votes(rows, "xla")
+        tau = threshold(alphas[None, :], total[:, None])  # [N, G], ascending in G
         # First grid index whose tau admits n_neg: the neuron is predicted active from there on.
         first = jax.vmap(lambda tr, nr: jnp.searchsorted(tr, nr, side="left"))(tau, n_neg)
         hist_all = jnp.bincount(first.ravel(), length=g + 1)[:g]
@@ -145,6 +145,14 @@ class Calibration:
     grid_sparsity: np.ndarray  # [L, G]
     dense_perplexity: float | None = None  # with max_ppl_increase: on the calibration text
     perplexity: float | None = None  # sparse mode at the chosen alphas
+    predictor: str = "sign"
+    # Per layer at the chosen alphas: MLP bytes read per token over dense (`mlp.bytes_fraction`:
+    # sign bits, gate rows of the predicted, up and down rows of the predicted truly active).
+    mlp_bytes_fraction: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def mean_bytes(self) -> float:
+        return float(np.mean(self.mlp_bytes_fraction))
 
     def config_alphas(self) -> list[float]:
         """The alphas as written to config.json (inf -> KEEP_ALL_ALPHA)."""
@@ -215,6 +223,12 @@ def calibrate(
             model, windows, grid_recall, max_ppl_increase, backend, progress
         )
     pick = lambda a: [float(a[i, j]) for i, j in enumerate(idx)]  # noqa: E731
+    share = predictor_share(model.config, jnp.dtype(model.dtype).itemsize)
+    true_fraction = true / (rows * f)
+    nbytes = [
+        float(bytes_fraction(1 - s, r * t, 1, share))
+        for s, r, t in zip(pick(grid_sparsity), pick(grid_recall), true_fraction, strict=True)
+    ]
     return Calibration(
         alphas=[float(ALPHA_GRID[j]) for j in idx],
         recall=pick(grid_recall),
@@ -225,7 +239,22 @@ def calibrate(
         grid_sparsity=grid_sparsity,
         dense_perplexity=dense_ppl,
         perplexity=ppl,
+        predictor=model.layers[0].mlp.predictor,
+        mlp_bytes_fraction=nbytes,
     )
+
+
+def calibrate_predictors(model, windows, predictors=PREDICTORS, **kwargs) -> list[Calibration]:
+    """`calibrate` once per predictor kind; sets the model to the one reading the fewest MLP
+    bytes at the target (its alphas too) and returns every calibration, that one first."""
+    cals = []
+    for kind in predictors:
+        set_predictor(model, kind)
+        cals.append(calibrate(model, windows, **kwargs))
+    cals.sort(key=lambda c: c.mean_bytes)
+    set_predictor(model, cals[0].predictor)
+    model.set_alphas(cals[0].alphas)
+    return cals
 
 
 def _first_ok(ok: np.ndarray) -> np.ndarray:
@@ -286,22 +315,26 @@ def _perplexity_search(model, windows, grid_recall, max_increase, backend, progr
 
 
 def format_table(cal: Calibration) -> str:
-    lines = [f"{'layer':>5}  {'alpha':>6}  {'pred. sparsity':>14}  {'recall':>7}"]
-    for i, (a, s, r) in enumerate(zip(cal.alphas, cal.predicted_sparsity, cal.recall, strict=True)):
-        lines.append(f"{i:>5}  {a:>6.2f}  {s:>14.4f}  {r:>7.4f}")
+    lines = [f"{'layer':>5}  {'alpha':>6}  {'pred. sparsity':>14}  {'recall':>7}  {'MLP bytes':>9}"]
+    rows = zip(cal.alphas, cal.predicted_sparsity, cal.recall, cal.mlp_bytes_fraction, strict=True)
+    for i, (a, s, r, b) in enumerate(rows):
+        lines.append(f"{i:>5}  {a:>6.2f}  {s:>14.4f}  {r:>7.4f}  {b:>9.4f}")
     return "\n".join(lines)
 
 
 def calibrate_default(model, tokenizer) -> tuple[Calibration, str, float]:
-    """Calibrates `model` for `DEFAULT_RECALL` on `DEFAULT_TEXT` and sets its alphas.
+    """Calibrates `model` for `DEFAULT_RECALL` on `DEFAULT_TEXT` (`calibrate_predictors`) and
+    sets its predictor and alphas.
 
     Returns (the calibration, its description for the config's "calibration" marker, seconds).
     """
     start = time.perf_counter()
     windows = token_windows(tokenizer.encode(read_text(DEFAULT_TEXT)))
-    cal = calibrate(model, windows, target_recall=DEFAULT_RECALL)
-    model.set_alphas(cal.alphas)
-    note = f"recall >= {DEFAULT_RECALL} on the built-in text ({cal.tokens} tokens)"
+    cal = calibrate_predictors(model, windows, target_recall=DEFAULT_RECALL)[0]
+    note = (
+        f"recall >= {DEFAULT_RECALL} on the built-in text ({cal.tokens} tokens), "
+        f"predictor {cal.predictor}"
+    )
     return cal, note, time.perf_counter() - start
 
 
@@ -360,6 +393,7 @@ def calibrate_checkpoint(
     cal, note, seconds = calibrate_default(model, tokenizer)
     hf, block = checkpoint.read_checkpoint_config(path)
     block["alpha"] = cal.config_alphas()
+    block["predictor"] = cal.predictor
     block["calibration"] = f"sparseinfer-convert default: {note}"
     checkpoint.write_checkpoint_config(path, hf, block)
     sparsity = " ".join(f"{s:.2f}" for s in cal.predicted_sparsity)

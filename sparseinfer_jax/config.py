@@ -238,6 +238,20 @@ def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
 
 
+PREDICTORS = ("sign", "signmag")
+
+
+def predictor_kind(block: dict[str, Any]) -> str:
+    """The predictor a `sparseinfer` config block names ("sign", the paper's, when absent)."""
+    kind = block.get("predictor", "sign")
+    if kind not in PREDICTORS:
+        raise UserError(
+            f"config.json field 'sparseinfer.predictor' is {kind!r}; use one of "
+            f"{', '.join(PREDICTORS)}."
+        )
+    return kind
+
+
 def is_calibrated(block: dict[str, Any]) -> bool:
     """Whether a `sparseinfer` config block records a calibration (its "calibration" marker)."""
     return bool(block.get("calibration"))

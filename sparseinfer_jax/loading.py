@@ -20,9 +20,10 @@ from sparseinfer_jax.config import (
     config_from_hf_dict,
     default_alpha,
     is_calibrated,
+    predictor_kind,
 )
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.mlp import check_mode
+from sparseinfer_jax.mlp import check_mode, set_predictor
 from sparseinfer_jax.model import Llama, unstack_layers
 from sparseinfer_jax.tokenizer import Tokenizer, load_tokenizer
 
@@ -174,6 +175,7 @@ def load(
     model = model_from_params(
         cfg, params, dtype=dtype, alpha=alpha, mode=mode, backend=backend, mesh=mesh
     )
+    set_predictor(model, predictor_kind(block))
     tokenizer = load_tokenizer(folder)
     if mode != "dense" and not override and not is_calibrated(block):
         from sparseinfer_jax.calibration import calibrate_in_memory

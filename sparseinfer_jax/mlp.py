@@ -7,8 +7,10 @@ what makes the sparse path cheaper.
 
 Modes:
 - `dense`: act(x W_gate^T) * (x W_up^T) W_down^T, every neuron.
-- `sparse`: predict each neuron's sign from sign bits (pallas_kernels.sign_predict: zero iff the
-  negative products outnumber alpha times the positive ones), compute only predicted-active ones.
+- `sparse`: predict each neuron's sign from sign bits and compute only predicted-active ones.
+  Predictors (`MLP.predictor`): "sign", the paper's vote (pallas_kernels.sign_predict: zero iff
+  the negative products outnumber alpha times the positive ones); "signmag", the same vote with
+  each input weighted by its quantised magnitude (pallas_kernels.signmag_predict), same knob.
 - `oracle`: the true activation mask from the full gate, the accuracy ceiling of any predictor.
 
 With one token per row (decoding) `sparse` and `oracle` run the two-stage kernel
@@ -33,13 +35,21 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels as pk
 from pallas_kernels.pack import pack_sign_bits_reference
 from sparseinfer_jax import sharding
-from sparseinfer_jax.config import LlamaConfig
+from sparseinfer_jax.config import PREDICTORS, LlamaConfig
 from sparseinfer_jax.errors import UserError
 
 MODES = ("dense", "sparse", "oracle")
 BACKENDS = ("auto", "pallas", "xla", "reference")
 # Per-layer predictor statistics, summed over rows (one token each): see `MLP.__call__`.
 STAT_FIELDS = ("rows", "predicted_active", "true_active", "both_active", "computed", "fired")
+
+
+def set_predictor(model, kind: str) -> None:
+    """Sets every layer's predictor of `model` (a `Llama`) to `kind`, one of PREDICTORS."""
+    if kind not in PREDICTORS:
+        raise UserError(f"predictor must be one of {', '.join(PREDICTORS)}, got '{kind}'.")
+    for layer in model.layers:
+        layer.mlp.predictor = kind
 
 
 def predictor_share(cfg: LlamaConfig, itemsize: int) -> float:
@@ -86,6 +96,8 @@ class MLP(nnx.Module):
         self.down_t = nnx.Param(init(rngs.params(), (f, d), dtype))
         self.gate_sign_bits = SignBits(pack_sign_bits_reference(self.gate[...]))
         self.alpha = Alpha(jnp.float32(1.0))
+        # One of PREDICTORS (static: a change recompiles; set by `load` from the checkpoint).
+        self.predictor = "sign"
         self.activation = (
             "relu" if cfg.hidden_act == "fatrelu" and cfg.act_threshold == 0 else cfg.hidden_act
         )
@@ -111,14 +123,20 @@ class MLP(nnx.Module):
         w = self.down_t[...]
         return jnp.dot(h.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(w.dtype)
 
+    def votes(self, x: jnp.ndarray, backend: str) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        """The predictor's counts for `x: [N, D]`: (union mask `[F]`, negative votes `[N, F]`,
+        vote totals `[N]`); a row predicts a neuron active iff `n_neg <= threshold(alpha, total)`.
+        """
+        bits, alpha = self.gate_sign_bits[...], self.alpha[...]
+        if self.predictor == "signmag":
+            return pk.signmag_predict(x, bits, alpha, backend=backend)
+        active, n_neg = pk.sign_predict(x, bits, alpha, backend=backend)
+        return active, n_neg, jnp.sum(x != 0, axis=-1, dtype=jnp.int32)
+
     def predict(self, x: jnp.ndarray, backend: str) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """Sign-bit prediction for `x: [N, D]` -> (union mask `[F]`, per-row mask `[N, F]`)."""
-        active, n_neg = pk.sign_predict(
-            x, self.gate_sign_bits[...], self.alpha[...], backend=backend
-        )
-        n_nz = jnp.sum(x != 0, axis=-1, keepdims=True, dtype=jnp.int32)
-        per_row = n_neg <= pk.threshold(self.alpha[...], n_nz)
-        return active, per_row
+        """Prediction for `x: [N, D]` -> (union mask `[F]`, per-row mask `[N, F]`)."""
+        active, n_neg, total = self.votes(x, backend)
+        return active, n_neg <= pk.threshold(self.alpha[...], total[:, None])
 
     def __call__(
         self,
