@@ -105,6 +105,8 @@ def _generate(args: argparse.Namespace) -> int:
     if result.stats is not None:
         sparsity = " ".join(f"{s:.2f}" for s in result.stats.predicted_sparsity)
         print(f"predicted sparsity per layer: {sparsity}", file=sys.stderr)
+        nbytes = " ".join(f"{b:.2f}" for b in result.stats.mlp_bytes_fraction)
+        print(f"MLP bytes read per token, of dense, per layer: {nbytes}", file=sys.stderr)
     return 0
 
 
