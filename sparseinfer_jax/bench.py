@@ -14,8 +14,9 @@ Every figure comes from `block_until_ready` timings of compiled programs after a
 - bytes per decode step: the weights the step must read (attention, the computed MLP rows, sign
   bits, final norm and LM head, one embedding row) plus the live KV cache; / latency = achieved
   GB/s, compared with the copy bandwidth measured in the same run (`copy_bandwidth`);
-- kernels: one layer's predictor, gate/up, down and the whole MLP alone, against the dense matvec
-  of the same shape.
+- kernels: one layer's predictors (sign, signmag), gate/up, down and the whole MLP alone (the
+  two-stage `sparse_mlp`, and the one-stage gate_up + down chain as "mlp_1stage"), against the
+  dense op of the same shape.
 """
 
 from __future__ import annotations
@@ -311,8 +312,16 @@ def kernel_records(model: Llama, settings: Settings, backend: str, fraction: flo
         i, c = pk.compact(act)
         return pk.sparse_mlp(x, gate, up, down_t, i, c, backend=backend)
 
+    def one_stage_mlp(x, alpha):  # the chain before the two-stage op, for comparison
+        act, _ = pk.sign_predict(x, bits, alpha, backend=backend)
+        i, c = pk.compact(act)
+        hh = pk.sparse_gate_up(x, gate, up, i, c, backend=backend)
+        return pk.sparse_down(hh, down_t, i, c, backend=backend)
+
+    candidates = int(pk.sign_predict(x, bits, alpha, backend="xla")[0].sum())
     fired = int(sparse_mlp(x, alpha)[1])
     read_bits = f * bits.shape[1] * 4
+    signmag = functools.partial(pk.signmag_predict, backend=backend)
     predict = functools.partial(pk.sign_predict, backend=backend)
     gate_up = functools.partial(pk.sparse_gate_up, backend=backend)
     down = functools.partial(pk.sparse_down, backend=backend)
@@ -320,13 +329,15 @@ def kernel_records(model: Llama, settings: Settings, backend: str, fraction: flo
     cases = [
         ("gate_matvec", "dense", lambda x: matmul_t(x, gate), (x,), f * d * item),
         ("predictor", "sparse", predict, (x, bits, alpha), read_bits),
+        ("signmag", "sparse", signmag, (x, bits, alpha), read_bits),
         ("gate_up", "dense", lambda x: activate(matmul_t(x, gate), "relu", 0.0) * matmul_t(x, up),
          (x,), 2 * f * d * item),
         ("gate_up", "sparse", gate_up, (x, gate, up, idx, cnt), 2 * count * d * item),
         ("down", "dense", lambda h: matmul(h.astype(dt), down_t), (h,), f * d * item),
         ("down", "sparse", down, (h, down_t, idx, cnt), count * d * item),
         ("mlp", "dense", dense_mlp, (x,), 3 * f * d * item),
-        ("mlp", "sparse", sparse_mlp, (x, alpha), (count + 2 * fired) * d * item + read_bits),
+        ("mlp", "sparse", sparse_mlp, (x, alpha), (candidates + 2 * fired) * d * item + read_bits),
+        ("mlp_1stage", "sparse", one_stage_mlp, (x, alpha), 3 * candidates * d * item + read_bits),
     ]
     out = []
     for op, mode, fn, args, nbytes in cases:
@@ -493,6 +504,10 @@ def format_row(r: dict) -> str:
             + (f"{compile_s:>9.2f}" if compile_s else f"{'':>9}"))
 
 
+# The dense op each sparse-only op is compared with in the kernel table.
+KERNEL_BASE = {"predictor": "gate_matvec", "signmag": "gate_matvec", "mlp_1stage": "mlp"}
+
+
 def format_kernels(records: list[dict]) -> str:
     """The kernel table: each op's median ms, sparse / dense time ratio and GB/s.
 
@@ -506,7 +521,7 @@ def format_kernels(records: list[dict]) -> str:
     for r in rows:
         if r["mode"] == "dense":
             dense[r["op"]] = r["ms"]["median"]
-        base = dense["gate_matvec" if r["op"] == "predictor" else r["op"]]
+        base = dense[KERNEL_BASE.get(r["op"], r["op"])]
         lines.append(f"{r['op']:<12} {r['backend']:<8} {r['active_fraction']:>6.3f} "
                      f"{r['ms']['median']:>8.3f} {r['ms']['median'] / base:>8.3f} "
                      f"{r['achieved_gb_s']:>6.1f}")
