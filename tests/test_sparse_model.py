@@ -127,3 +127,20 @@ def test_working_alpha_runs_in_one_program_and_reports_stats(tiny):
     np.testing.assert_allclose(
         s.mlp_bytes_fraction, (s.computed_fraction + 2 * s.fired_fraction) / 3 + share, atol=1e-9
     )
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
+def test_signmag_predictor_selects_the_computed_neurons(tiny, backend):
+    mlp = first_mlp(tiny)
+    x = jax.random.normal(jax.random.key(11), (3, 1, tiny.config.hidden_size))
+    mlp.predictor, mlp.alpha.value = "signmag", jnp.float32(1.2)
+    try:
+        y, stats = mlp(x, mode="sparse", backend=backend, stats="predicted")
+        active, _, _ = pk.signmag_predict(
+            x[:, 0], mlp.gate_sign_bits[...], jnp.float32(1.2), backend="reference"
+        )
+    finally:
+        mlp.predictor = "sign"
+    expected = mlp.down(jnp.where(active[None], mlp.hidden(x[:, 0]), 0.0))
+    np.testing.assert_allclose(y[:, 0], expected, rtol=F32_RTOL, atol=F32_RTOL)
+    assert int(stats[-2]) == int(active.sum()) < tiny.config.intermediate_size
