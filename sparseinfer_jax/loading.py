@@ -177,7 +177,7 @@ def load(
     )
     set_predictor(model, predictor_kind(block))
     tokenizer = load_tokenizer(folder)
-    if mode != "dense" and not override and not is_calibrated(block):
+    if mode == "sparse" and not override and not is_calibrated(block):
         from sparseinfer_jax.calibration import calibrate_in_memory
 
         calibrate_in_memory(model, tokenizer, path)
