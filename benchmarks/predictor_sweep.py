@@ -7,6 +7,13 @@ over the dense MLP's (predictor included). Prints one row per (target, predictor
 the rows.
 
     python benchmarks/predictor_sweep.py --targets ppl:0.8,recall:0.99 --json out.json
+
+--study instead compares the vote weightings themselves, per layer, on the MLP inputs of a dense
+pass over the first --max-tokens tokens of the calibration text: for each rule, a neuron's margin
+is its negative vote share n_neg / total (the ratio rule keeps it iff the margin is at most
+alpha / (1 + alpha)); the threshold keeping --recall of the truly active (token, neuron) pairs
+gives the predicted sparsity. Rules: "sign" (the paper's count), "planes:P" (signmag with P-bit
+magnitudes, popcounts only) and "exact" (float |x| weights, the unquantised x . sign(W)).
 """
 
 from __future__ import annotations
@@ -16,11 +23,72 @@ import json
 import os
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+import pallas_kernels as pk
 from sparseinfer_jax.calibration import calibrate_predictors, read_text, token_windows
 from sparseinfer_jax.evaluation import evaluate
 from sparseinfer_jax.loading import SHIPPED_MODEL, load
+from sparseinfer_jax.rope import rope_tables
+
+
+def mlp_inputs(model, ids):
+    """Per layer, the MLP inputs `[T, D]` and true active masks `[T, F]` of a dense pass."""
+    t = ids.shape[1]
+    mask = jnp.tril(jnp.ones((t, t), bool))[None]
+    cos, sin = rope_tables(model.config, jnp.arange(t, dtype=jnp.int32)[None])
+    x = model.embed_tokens(ids)
+    out = []
+    for layer in model.layers:
+        attn, _ = layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None, None)
+        x = x + attn
+        rows = layer.post_attention_layernorm(x)[0]
+        h = layer.mlp.hidden(rows)
+        out.append((rows, h != 0))
+        x = x + layer.mlp.down(h)[None]
+    return out
+
+
+def margins(rule: str, x, bits, gate):
+    """Negative vote share `[T, F]` of one rule (see the module docstring)."""
+    if rule == "sign":
+        _, n_neg = pk.sign_predict(x, bits, jnp.float32(1.0), backend="xla")
+        total = jnp.sum(x != 0, axis=-1)
+    elif rule == "exact":
+        a = jnp.abs(x)
+        n_neg = jnp.sum(a[:, None, :] * ((x[:, None, :] * gate[None]) < 0), axis=-1)
+        total = jnp.sum(a, axis=-1)
+    else:
+        _, n_neg, total = pk.signmag_predict(x, bits, jnp.float32(1.0), backend="xla",
+                                             planes=int(rule.split(":")[1]))
+    return np.asarray(n_neg, np.float64) / np.maximum(np.asarray(total, np.float64), 1e-30)[:, None]
+
+
+def study(model, tok, text: str, tokens: int, recall: float) -> None:
+    windows = token_windows(tok.encode(text), max_tokens=tokens)
+    rules = ["sign", "planes:1", "planes:2", "planes:3", "planes:4", "exact"]
+    layers = model.config.num_hidden_layers
+    per = {r: [[] for _ in range(layers)] for r in rules}
+    truth = [[] for _ in range(layers)]
+    for ids in windows:
+        for li, (x, true) in enumerate(mlp_inputs(model, ids)):
+            mlp = model.layers[li].mlp
+            truth[li].append(np.asarray(true))
+            for r in rules:
+                per[r][li].append(margins(r, x, mlp.gate_sign_bits[...], mlp.gate[...]))
+    print(f"predicted sparsity per layer at recall {recall} "
+          f"({sum(w.shape[1] for w in windows)} tokens of the calibration text):")
+    truth = [np.concatenate(t) for t in truth]
+    print(f"{'true':<9} " + " ".join(f"{1 - t.mean():.3f}" for t in truth))
+    for r in rules:
+        row = []
+        for li in range(layers):
+            m, t = np.concatenate(per[r][li]), truth[li]
+            cut = np.quantile(m[t], recall, method="higher")  # keeps >= recall of the active
+            row.append(float((m > cut).mean()))
+        print(f"{r:<9} " + " ".join(f"{v:.3f}" for v in row) + f"  mean {np.mean(row):.3f}")
 
 
 def main() -> None:
@@ -30,9 +98,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="validation tokens")
     parser.add_argument("--backend", default="xla")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--study", action="store_true", help="compare the vote weightings")
+    parser.add_argument("--recall", type=float, default=0.99, help="for --study")
     args = parser.parse_args()
     model, tok = load(args.model, dtype="float32", mesh=None)
-    cal_windows = token_windows(tok.encode(read_text(os.path.join(args.model, "calibration.txt"))))
+    cal_text = read_text(os.path.join(args.model, "calibration.txt"))
+    if args.study:
+        with jax.default_matmul_precision("highest"):
+            study(model, tok, cal_text, args.max_tokens or 4096, args.recall)
+        return
+    cal_windows = token_windows(tok.encode(cal_text))
     val_windows = token_windows(tok.encode(read_text(os.path.join(args.model, "validation.txt"))),
                                 max_tokens=args.max_tokens)
     rows = []
