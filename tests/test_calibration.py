@@ -175,8 +175,13 @@ def test_missing_and_empty_text(tmp_path, capsys, command):
 # --- safe from the first run -------------------------------------------------------------------
 
 FIRST_RUN_TOKENS = 24
-PROMPTS = ["The module", "Return the value of", "This function is used to", "If the file",
-           "Create a new"]
+PROMPTS = [
+    "The module",
+    "Return the value of",
+    "This function is used to",
+    "If the file",
+    "Create a new",
+]
 
 
 @pytest.fixture(scope="module")
