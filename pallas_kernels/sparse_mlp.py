@@ -44,11 +44,6 @@ def _live(values: jnp.ndarray, count: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(jnp.arange(values.shape[1]) < count, values, 0.0)
 
 
-def _fired(a: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Positions of `a: [B, F]` non-zero in any row -> (positions `[F]`, ascending, count)."""
-    return compact(jnp.any(a != 0, axis=0), backend="xla")
-
-
 def gate_xla(x, gate, idx, count, *, dense_above: float = bk.DENSE_ABOVE):
     """Stage 1: `gate[idx[k]] . x` for k < count -> `[B, F]` float32 in compact order (garbage
     at positions >= count: the caller masks)."""
@@ -101,31 +96,29 @@ def up_down_xla(x, a, up, down_t, rows, fired, *, dense_above: float = bk.DENSE_
 
 def sparse_mlp_xla(x, gate, up, down_t, idx, count, *, activation: str, threshold: float,
                    dense_above: float = bk.DENSE_ABOVE):
-    """Two-stage XLA path: (out `[B, D]` float32, fired `[]` int32)."""
+    """Two-stage XLA path: (out `[B, D]` float32, fired `[F]` bool)."""
     f = gate.shape[0]
     a = _live(activate(gate_xla(x, gate, idx, count, dense_above=dense_above), activation,
                        threshold), count)
-    pos, fired = _fired(a)
-    a = jnp.where(jnp.arange(f) < fired, jnp.take(a, pos, axis=1), 0.0)
-    out = up_down_xla(x, a, up, down_t, idx[pos], fired, dense_above=dense_above)
-    return out, fired
+    fired = jnp.any(a != 0, axis=0)
+    pos, n = compact(fired, backend="xla")  # the second compaction: fired positions, ascending
+    a = jnp.where(jnp.arange(f) < n, jnp.take(a, pos, axis=1), 0.0)
+    return up_down_xla(x, a, up, down_t, idx[pos], n, dense_above=dense_above), fired
 
 
 def sparse_mlp_pallas(x, gate, up, down_t, idx, count, *, activation: str, threshold: float):
     """`sparse_gate_up` then `sparse_down` on the Pallas kernels: (out, fired from h != 0)."""
     h = sparse_gate_up(x, gate, up, idx, count, activation=activation, threshold=threshold,
                        backend="pallas")
-    fired = jnp.sum(jnp.any(h != 0, axis=0), dtype=jnp.int32)
-    return sparse_down(h, down_t, idx, count, backend="pallas"), fired
+    return sparse_down(h, down_t, idx, count, backend="pallas"), jnp.any(h != 0, axis=0)
 
 
 def sparse_mlp_reference(x, gate, up, down_t, idx, count, *, activation: str, threshold: float):
     """All F rows gathered through idx, positions >= count masked (pure jnp, the truth)."""
     hp = lax.Precision.HIGHEST
     a = _live(activate(matmul_t(x, gate[idx], precision=hp), activation, threshold), count)
-    fired = jnp.sum(jnp.any(a != 0, axis=0), dtype=jnp.int32)
     h = a * matmul_t(x, up[idx], precision=hp)
-    return matmul_t(h, down_t[idx].T, precision=hp), fired
+    return matmul_t(h, down_t[idx].T, precision=hp), jnp.any(a != 0, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=["activation", "threshold", "backend"])
@@ -145,8 +138,9 @@ def sparse_mlp(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray, down_t: jnp.n
 
     Returns:
       out: `[B, D]` in down_t's dtype (accumulated in float32).
-      fired: `[]` int32 candidates whose activated gate is non-zero for at least one row (the
-        up and down rows a backend must read).
+      fired: `[F]` bool in compact order: candidate k's activated gate is non-zero for at least
+        one row (so its up and down rows are read); False at positions >= count. A mask, not a
+        count, so a caller that splits the batch can take the union over its shards.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"Sparse MLP activation {activation!r} is not ReLU-family: use one of "

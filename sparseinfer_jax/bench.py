@@ -319,7 +319,7 @@ def kernel_records(model: Llama, settings: Settings, backend: str, fraction: flo
         return pk.sparse_down(hh, down_t, i, c, backend=backend)
 
     candidates = int(pk.sign_predict(x, bits, alpha, backend="xla")[0].sum())
-    fired = int(sparse_mlp(x, alpha)[1])
+    fired = int(sparse_mlp(x, alpha)[1].sum())
     read_bits = f * bits.shape[1] * 4
     signmag = functools.partial(pk.signmag_predict, backend=backend)
     predict = functools.partial(pk.sign_predict, backend=backend)

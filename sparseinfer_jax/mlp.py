@@ -216,6 +216,9 @@ class MLP(nnx.Module):
                 threshold=self.threshold,
                 backend=backend,
             )
+            if data_axis is not None:  # fired by any row of the batch, like `active` above
+                fired = jax.lax.psum(fired.astype(jnp.int32), data_axis) > 0
+            fired = jnp.sum(fired, dtype=jnp.int32)
         y = y.reshape(b, t, d)
         if not stats:
             return y, None
