@@ -1,10 +1,19 @@
-"""Predicted vs true sparsity, recall and precision of the sign predictor over alpha.
+"""Which predictor reads fewer MLP bytes at equal perplexity: "sign" vs "signmag", per target.
 
-Decodes greedily from prompts of the shipped model's validation text in `sparse` mode with
-diagnostic statistics, for each alpha, and prints one row per alpha (means over layers) plus the
-per-layer figures; --json writes them.
+For each predictor, calibrates the shipped model on its calibration text (each --target: a
+perplexity budget in percent, or a recall) and evaluates sparse mode on the held-out validation
+text: perplexity against dense, predicted and true sparsity, recall and MLP bytes read per token
+over the dense MLP's (predictor included). Prints one row per (target, predictor); --json writes
+the rows.
 
-    python benchmarks/predictor_sweep.py --alphas 0.5,0.8,1,1.5,2,4 --json out.json
+    python benchmarks/predictor_sweep.py --targets ppl:0.8,recall:0.99 --json out.json
+
+--study instead compares the vote weightings themselves, per layer, on the MLP inputs of a dense
+pass over the first --max-tokens tokens of the calibration text: for each rule, a neuron's margin
+is its negative vote share n_neg / total (the ratio rule keeps it iff the margin is at most
+alpha / (1 + alpha)); the threshold keeping --recall of the truly active (token, neuron) pairs
+gives the predicted sparsity. Rules: "sign" (the paper's count), "planes:P" (signmag with P-bit
+magnitudes, popcounts only) and "exact" (float |x| weights, the unquantised x . sign(W)).
 """
 
 from __future__ import annotations
@@ -12,44 +21,127 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-import sparseinfer_jax as si
-from sparseinfer_jax.loading import SHIPPED_MODEL
+import pallas_kernels as pk
+from sparseinfer_jax.calibration import calibrate_predictors, read_text, token_windows
+from sparseinfer_jax.evaluation import evaluate
+from sparseinfer_jax.loading import SHIPPED_MODEL, load
+from sparseinfer_jax.rope import rope_tables
+
+
+def mlp_inputs(model, ids):
+    """Per layer, the MLP inputs `[T, D]` and true active masks `[T, F]` of a dense pass."""
+    t = ids.shape[1]
+    mask = jnp.tril(jnp.ones((t, t), bool))[None]
+    cos, sin = rope_tables(model.config, jnp.arange(t, dtype=jnp.int32)[None])
+    x = model.embed_tokens(ids)
+    out = []
+    for layer in model.layers:
+        attn, _ = layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None, None)
+        x = x + attn
+        rows = layer.post_attention_layernorm(x)[0]
+        h = layer.mlp.hidden(rows)
+        out.append((rows, h != 0))
+        x = x + layer.mlp.down(h)[None]
+    return out
+
+
+def margins(rule: str, x, bits, gate):
+    """Negative vote share `[T, F]` of one rule (see the module docstring)."""
+    if rule == "sign":
+        _, n_neg = pk.sign_predict(x, bits, jnp.float32(1.0), backend="xla")
+        total = jnp.sum(x != 0, axis=-1)
+    elif rule == "exact":
+        a = jnp.abs(x)
+        n_neg = jnp.sum(a[:, None, :] * ((x[:, None, :] * gate[None]) < 0), axis=-1)
+        total = jnp.sum(a, axis=-1)
+    else:
+        _, n_neg, total = pk.signmag_predict(x, bits, jnp.float32(1.0), backend="xla",
+                                             planes=int(rule.split(":")[1]))
+    return np.asarray(n_neg, np.float64) / np.maximum(np.asarray(total, np.float64), 1e-30)[:, None]
+
+
+def study(model, tok, text: str, tokens: int, recall: float) -> None:
+    windows = token_windows(tok.encode(text), max_tokens=tokens)
+    rules = ["sign", "planes:1", "planes:2", "planes:3", "planes:4", "exact"]
+    layers = model.config.num_hidden_layers
+    per = {r: [[] for _ in range(layers)] for r in rules}
+    truth = [[] for _ in range(layers)]
+    for ids in windows:
+        for li, (x, true) in enumerate(mlp_inputs(model, ids)):
+            mlp = model.layers[li].mlp
+            truth[li].append(np.asarray(true))
+            for r in rules:
+                per[r][li].append(margins(r, x, mlp.gate_sign_bits[...], mlp.gate[...]))
+    print(f"predicted sparsity per layer at recall {recall} "
+          f"({sum(w.shape[1] for w in windows)} tokens of the calibration text):")
+    truth = [np.concatenate(t) for t in truth]
+    print(f"{'true':<9} " + " ".join(f"{1 - t.mean():.3f}" for t in truth))
+    for r in rules:
+        row = []
+        for li in range(layers):
+            m, t = np.concatenate(per[r][li]), truth[li]
+            cut = np.quantile(m[t], recall, method="higher")  # keeps >= recall of the active
+            row.append(float((m > cut).mean()))
+        print(f"{r:<9} " + " ".join(f"{v:.3f}" for v in row) + f"  mean {np.mean(row):.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=SHIPPED_MODEL)
-    parser.add_argument("--alphas", default="0.5,0.8,1,1.5,2,4")
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--targets", default="ppl:0.8,recall:0.99")
+    parser.add_argument("--max-tokens", type=int, default=None, help="validation tokens")
     parser.add_argument("--backend", default="xla")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--study", action="store_true", help="compare the vote weightings")
+    parser.add_argument("--recall", type=float, default=0.99, help="for --study")
     args = parser.parse_args()
-
-    model, tokenizer = si.load(args.model, dtype="float32", mode="sparse", backend=args.backend)
-    with open(os.path.join(SHIPPED_MODEL, "validation.txt")) as f:
-        lines = [line.strip() for line in f if len(line.strip()) > 40]
-    step = max(1, len(lines) // args.prompts)
-    prompts = [line[:60] for line in lines[::step][: args.prompts]]
+    model, tok = load(args.model, dtype="float32", mesh=None)
+    cal_text = read_text(os.path.join(args.model, "calibration.txt"))
+    if args.study:
+        with jax.default_matmul_precision("highest"):
+            study(model, tok, cal_text, args.max_tokens or 4096, args.recall)
+        return
+    cal_windows = token_windows(tok.encode(cal_text))
+    val_windows = token_windows(tok.encode(read_text(os.path.join(args.model, "validation.txt"))),
+                                max_tokens=args.max_tokens)
     rows = []
-    header = ("alpha", "pred_sparsity", "true_sparsity", "recall", "precision")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (6, 13, 13, 7, 9), strict=True)))
-    for alpha in [float(a) for a in args.alphas.split(",")]:
-        r = si.generate(model, prompts, tokenizer=tokenizer, max_new_tokens=args.tokens,
-                        stop_at_eos=False, alpha=alpha, stats="diagnostic")
-        s = r.stats
-        rows.append({"alpha": alpha,
-                     **{k: np.asarray(getattr(s, k)).round(4).tolist() for k in
-                        ("predicted_sparsity", "true_sparsity", "recall", "precision")}})
-        print(f"{alpha:6.2f} {s.predicted_sparsity.mean():13.3f} {s.true_sparsity.mean():13.3f} "
-              f"{s.recall.mean():7.3f} {s.precision.mean():9.3f}   per-layer recall "
-              + " ".join(f"{v:.3f}" for v in s.recall))
+    print(f"{'target':<12} {'predictor':<9} {'ppl':>8} {'dense':>8} {'rise %':>7} "
+          f"{'pred.sp':>7} {'true.sp':>7} {'recall':>6} {'bytes':>6}  alphas")
+    for target in args.targets.split(","):
+        kind, value = target.split(":")
+        key = {"ppl": "max_ppl_increase", "recall": "target_recall"}[kind]
+        for predictor in ("sign", "signmag"):
+            start = time.perf_counter()
+            cal = calibrate_predictors(model, cal_windows, (predictor,),
+                                       backend=args.backend, **{key: float(value)})[0]
+            seconds = time.perf_counter() - start
+            r = evaluate(model, val_windows, modes=("dense", "sparse"), backend=args.backend)
+            dense, sparse = r["modes"]["dense"], r["modes"]["sparse"]
+            row = dict(target=target, predictor=predictor, alphas=cal.alphas,
+                       calibration_s=seconds, dense_perplexity=dense["perplexity"],
+                       calibration_bytes=cal.mlp_bytes_fraction, **{
+                           k: sparse[k] for k in ("perplexity", "predicted_sparsity",
+                                                  "true_sparsity", "recall", "top1_agreement",
+                                                  "mlp_bytes_fraction", "layers")})
+            rows.append(row)
+            rise = 100 * (row["perplexity"] / row["dense_perplexity"] - 1)
+            print(f"{target:<12} {predictor:<9} {row['perplexity']:>8.4f} "
+                  f"{row['dense_perplexity']:>8.4f} {rise:>7.3f} {row['predicted_sparsity']:>7.3f} "
+                  f"{row['true_sparsity']:>7.3f} {row['recall']:>6.3f} "
+                  f"{row['mlp_bytes_fraction']:>6.3f}  {np.round(cal.alphas, 2).tolist()}")
+            print("    per layer: predicted sparsity "
+                  + " ".join(f"{x['predicted_sparsity']:.3f}" for x in row["layers"])
+                  + ", bytes " + " ".join(f"{x['mlp_bytes_fraction']:.3f}" for x in row["layers"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+            f.write("\n")
 
 
 if __name__ == "__main__":

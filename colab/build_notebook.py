@@ -223,7 +223,9 @@ display(HTML("<table><tr><th>mode</th><th>text</th><th>tokens/s</th><th>compile 
              f"{rows}</table>"))
 speedup = results["sparse"].timing.tokens_per_s / results["dense"].timing.tokens_per_s
 skipped = results["sparse"].stats.predicted_sparsity.mean()
-print(f"sparse/dense decode speed: {speedup:.2f}x, with {skipped:.1%} of MLP neurons skipped")"""),
+mlp_bytes = results["sparse"].stats.mlp_bytes_fraction.mean()
+print(f"sparse/dense decode speed: {speedup:.2f}x, with {skipped:.1%} of MLP neurons skipped; "
+      f"MLP bytes read per token: {mlp_bytes:.3f} of dense (predictor included)")"""),
     ("md", """\
 ## 5. Per-layer sparsity (and, in diagnostic mode, recall)
 
@@ -254,14 +256,17 @@ print(f"mean: true sparsity {diag.true_sparsity.mean():.3f}, predicted "
       f"{diag.predicted_sparsity.mean():.3f}, recall {diag.recall.mean():.3f}, "
       f"precision {diag.precision.mean():.3f}")"""),
     ("md", """\
-## 6. The alpha knob: speed and perplexity against sparsity
+## 6. The alpha knob: speed and perplexity against MLP bytes read
 
 A neuron is predicted zero when its negative sign products outnumber `alpha` times the positive
-ones: **larger alpha is more conservative** (skips fewer neurons, higher recall). Alpha is per
-layer and passed to the compiled program as data, so the sweep below never recompiles. For each
-scale of the checkpoint's alphas it measures decode speed (from `generate`) and perplexity on a
-held-out text (from `evaluation.alpha_sweep`). The sweep is small on CPU; on a GPU it uses more
-scales and tokens."""),
+ones (`signmag` weights each vote by the input's quantised magnitude): **larger alpha is more
+conservative** (skips fewer neurons, higher recall). The sparse MLP reads the gate rows of the
+predicted neurons and the up and down rows of those whose gate fires, so the figure that sets
+decode speed is the MLP bytes read per token (predictor included), plotted against perplexity.
+Alpha is per layer and passed to the compiled program as data, so the sweep below never
+recompiles. For each scale of the checkpoint's alphas it measures decode speed (from `generate`)
+and perplexity on a held-out text (from `evaluation.alpha_sweep`). The sweep is small on CPU; on
+a GPU it uses more scales and tokens."""),
     ("code", """\
 from sparseinfer_jax.calibration import read_text, token_windows
 from sparseinfer_jax.evaluation import alpha_sweep, evaluate
@@ -287,15 +292,15 @@ left.axhline(dense_tps, color="gray", ls="--", label="dense")
 left.set_xlabel("predicted sparsity while decoding")
 left.set_ylabel("tokens/s")
 left.set_title("decode speed")
-right.plot([p["predicted_sparsity"] for p in points], [p["perplexity"] for p in points], "o-",
+right.plot([p["mlp_bytes_fraction"] for p in points], [p["perplexity"] for p in points], "o-",
            label="sparse")
 right.axhline(dense_ppl, color="gray", ls="--", label="dense")
-right.set_xlabel("predicted sparsity (share of MLP neurons skipped)")
+right.set_xlabel("MLP bytes read per token (of dense, predictor included)")
 right.set_ylabel(f"perplexity ({sum(w.shape[1] for w in windows)} tokens)")
 right.set_title("accuracy")
 for p in points:
     left.annotate(f"x{p['scale']:g}", (p["decode_sparsity"], p["tokens_per_s"]), fontsize=8)
-    right.annotate(f"x{p['scale']:g}", (p["predicted_sparsity"], p["perplexity"]), fontsize=8)
+    right.annotate(f"x{p['scale']:g}", (p["mlp_bytes_fraction"], p["perplexity"]), fontsize=8)
 for ax in (left, right):
     ax.legend()
 fig.tight_layout()
@@ -304,7 +309,8 @@ plt.show()
 print(f"dense: perplexity {dense_ppl:.2f}, {dense_tps:.1f} tokens/s")
 for p in points:
     print(f"alpha x{p['scale']:<5g} sparsity {p['predicted_sparsity']:.3f}, recall "
-          f"{p['recall']:.3f}, perplexity {p['perplexity']:.2f}, "
+          f"{p['recall']:.3f}, MLP bytes {p['mlp_bytes_fraction']:.3f}, "
+          f"perplexity {p['perplexity']:.2f}, "
           f"{p['tokens_per_s']:.1f} tokens/s")"""),
     ("md", """\
 ## 7. The Flax module in your own code

@@ -8,6 +8,7 @@ import sys
 import time
 
 from convert.converter import DTYPES, convert
+from sparseinfer_jax.calibration import calibrate_checkpoint
 from sparseinfer_jax.errors import run_cli
 
 
@@ -24,7 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "the new checkpoint is complete); anything else is never replaced")
     parser.add_argument("--alpha", type=float, default=None,
                         help="predictor alpha for every layer (default: the source's calibrated "
-                        "sparseinfer.alpha, else 1.0)")
+                        "sparseinfer.alpha, else calibrated)")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="skip calibrating alpha on the built-in text (recall 0.99 per layer); "
+                        "sparse mode then calibrates in memory at load, with a warning")
     return parser
 
 
@@ -44,6 +48,10 @@ def _convert(args: argparse.Namespace) -> int:
     out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, alpha=args.alpha)
     print(f"converted {args.src} -> {out} ({args.dtype}, {_folder_size(out) / 2**20:.1f} MiB) in "
           f"{time.perf_counter() - start:.1f} s")
+    note = calibrate_checkpoint(out, args.src, alpha_given=args.alpha is not None,
+                                calibrate=not args.no_calibrate)
+    if note:
+        print(note)
     return 0
 
 

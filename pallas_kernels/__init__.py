@@ -4,9 +4,14 @@ Every op takes `backend=` among "auto", "pallas", "xla", "reference" (see `backe
 chains them per decode step:
 
     active, n_neg = sign_predict(x, gate_sign_bits, alpha)   # predictor (predict.py)
+    # or signmag_predict: votes weighted by quantised |x| (signmag.py)
     idx, count = compact(active)                             # compact.py
     h = sparse_gate_up(x, gate, up, idx, count)              # [B, F] float32, compact order
     out = sparse_down(h, down_t, idx, count)                 # [B, D]
+
+or, reading up and down rows only for the candidates whose gate fires (sparse_mlp.py):
+
+    out, fired = sparse_mlp(x, gate, up, down_t, idx, count)
 
 Kernels know nothing of models.
 """
@@ -15,8 +20,10 @@ from pallas_kernels.backend import BACKENDS
 from pallas_kernels.compact import compact
 from pallas_kernels.pack import num_words, pack_sign_bits, pack_sign_bits_numpy
 from pallas_kernels.predict import sign_predict, threshold
+from pallas_kernels.signmag import signmag_predict
 from pallas_kernels.sparse_down import sparse_down
 from pallas_kernels.sparse_gate_up import ACTIVATIONS, sparse_gate_up
+from pallas_kernels.sparse_mlp import sparse_mlp
 
 __all__ = [
     "ACTIVATIONS",
@@ -26,7 +33,9 @@ __all__ = [
     "pack_sign_bits",
     "pack_sign_bits_numpy",
     "sign_predict",
+    "signmag_predict",
     "sparse_down",
     "sparse_gate_up",
+    "sparse_mlp",
     "threshold",
 ]

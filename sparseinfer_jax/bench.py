@@ -14,8 +14,9 @@ Every figure comes from `block_until_ready` timings of compiled programs after a
 - bytes per decode step: the weights the step must read (attention, the computed MLP rows, sign
   bits, final norm and LM head, one embedding row) plus the live KV cache; / latency = achieved
   GB/s, compared with the copy bandwidth measured in the same run (`copy_bandwidth`);
-- kernels: one layer's predictor, gate/up, down and the whole MLP alone, against the dense matvec
-  of the same shape.
+- kernels: one layer's predictors (sign, signmag), gate/up, down and the whole MLP alone (the
+  two-stage `sparse_mlp`, and the one-stage gate_up + down chain as "mlp_1stage"), against the
+  dense op of the same shape.
 """
 
 from __future__ import annotations
@@ -97,24 +98,32 @@ def random_model(cfg: LlamaConfig, dtype: str = "float32", *, seed: int = 0) -> 
     return model_from_params(cfg, params, dtype=DTYPES[dtype])
 
 
-def step_bytes(cfg: LlamaConfig, itemsize: int, computed: float, context: float) -> dict:
+def step_bytes(cfg: LlamaConfig, itemsize: int, computed: float, context: float,
+               fired: float | None = None) -> dict:
     """Bytes one batch-1 decode step must read.
 
     Args:
       itemsize: bytes per weight (2 for bfloat16, 4 for float32); sign bits are uint32.
-      computed: MLP neurons computed per layer (F for dense; the active count when sparse).
+      computed: MLP neurons whose gate row is read per layer (F for dense; the candidates when
+        sparse).
       context: KV cache slots the step attends to (the live context length).
+      fired: neurons whose up and down rows are read per layer (the candidates whose gate fires,
+        `pallas_kernels.sparse_mlp`); default: `computed`.
 
     Returns:
-      {"attention", "mlp", "sign_bits", "kv_cache", "other", "total"} in bytes, summed over layers.
-      "sign_bits" is 0 when every neuron is computed (the dense path reads none).
+      {"attention", "predictor", "gate", "up", "down", "kv_cache", "other", "total"} in bytes,
+      summed over layers. "predictor" (the packed sign bits) is 0 when every neuron is computed
+      (the dense path reads none).
     """
     d, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    fired = computed if fired is None else fired
     out = {
         "attention": layers * (2 * d * q + 2 * d * kv + 2 * d) * itemsize,
-        "mlp": layers * 3 * computed * d * itemsize,
-        "sign_bits": 0 if computed >= f else layers * f * cfg.sign_words * 4,
+        "predictor": 0 if computed >= f else layers * f * cfg.sign_words * 4,
+        "gate": layers * computed * d * itemsize,
+        "up": layers * fired * d * itemsize,
+        "down": layers * fired * d * itemsize,
         "kv_cache": layers * 2 * context * kv * itemsize,
         # Final norm, LM head (the tied embedding when there is no head) and one embedding row.
         "other": (d + cfg.vocab_size * d + d) * itemsize,
@@ -250,19 +259,21 @@ def decode_record(model: Llama, prompt: np.ndarray, settings: Settings, mode: st
               stop_at_eos=False)
     first = generate(model, prompt, **kw)
     runs = [generate(model, prompt, **kw).timing for _ in range(settings.repeats)]
-    computed = 1.0
+    computed = fired = 1.0
     if mode != "dense":
         stats = generate(model, prompt, **kw, stats="predicted", timing=False).stats
         computed = float(np.mean(stats.computed_fraction))
+        fired = float(np.mean(stats.fired_fraction))
     ms = spread([t.decode_s_per_token * 1e3 for t in runs])
     batch, p = prompt.shape
     context = p + settings.tokens / 2  # mean live slots over the decode steps
-    nbytes = step_bytes(cfg, jnp.dtype(model.dtype).itemsize,
-                        computed * cfg.intermediate_size, context)
+    f = cfg.intermediate_size
+    nbytes = step_bytes(cfg, jnp.dtype(model.dtype).itemsize, computed * f, context, fired * f)
     gb_s = nbytes["total"] / (ms["median"] * 1e-3) / 1e9
     return _record(
         "decode", mode, backend if mode != "dense" else "-", round(computed, 4),
-        batch=batch, tokens_per_s=1e3 / ms["median"], decode_ms_median=ms["median"],
+        fired_fraction=round(fired, 4), batch=batch, tokens_per_s=1e3 / ms["median"],
+        decode_ms_median=ms["median"],
         decode_ms=ms, compile_s=first.timing.compile_s,
         prefill_ms=statistics.median(t.prefill_s for t in runs) * 1e3,
         bytes_per_step=nbytes, achieved_gb_s=gb_s, fraction_of_copy=gb_s / copy_gb_s,
@@ -273,8 +284,9 @@ def kernel_records(model: Llama, settings: Settings, backend: str, fraction: flo
                    copy_gb_s: float) -> list[dict]:
     """Layer 0's predictor, gate/up, down and whole MLP alone, each against the dense matvec.
 
-    The gathered kernels get `round(fraction * F)` random active neurons; the sparse MLP gets an
-    alpha fitted to keep `fraction` of the neurons for its random input.
+    The gathered kernels get `round(fraction * F)` random active neurons; the sparse MLP (the
+    two-stage `pk.sparse_mlp`, whose bytes count the up and down rows of the fired candidates
+    only) gets an alpha fitted to keep `fraction` of the neurons for its random input.
     """
     mlp = model.layers[0].mlp
     gate, up, down_t = (a[...] for a in (mlp.gate, mlp.up, mlp.down_t))
@@ -300,10 +312,18 @@ def kernel_records(model: Llama, settings: Settings, backend: str, fraction: flo
     def sparse_mlp(x, alpha):
         act, _ = pk.sign_predict(x, bits, alpha, backend=backend)
         i, c = pk.compact(act)
+        return pk.sparse_mlp(x, gate, up, down_t, i, c, backend=backend)
+
+    def one_stage_mlp(x, alpha):  # the chain before the two-stage op, for comparison
+        act, _ = pk.sign_predict(x, bits, alpha, backend=backend)
+        i, c = pk.compact(act)
         hh = pk.sparse_gate_up(x, gate, up, i, c, backend=backend)
         return pk.sparse_down(hh, down_t, i, c, backend=backend)
 
+    candidates = int(pk.sign_predict(x, bits, alpha, backend="xla")[0].sum())
+    fired = int(sparse_mlp(x, alpha)[1].sum())
     read_bits = f * bits.shape[1] * 4
+    signmag = functools.partial(pk.signmag_predict, backend=backend)
     predict = functools.partial(pk.sign_predict, backend=backend)
     gate_up = functools.partial(pk.sparse_gate_up, backend=backend)
     down = functools.partial(pk.sparse_down, backend=backend)
@@ -311,13 +331,15 @@ def kernel_records(model: Llama, settings: Settings, backend: str, fraction: flo
     cases = [
         ("gate_matvec", "dense", lambda x: matmul_t(x, gate), (x,), f * d * item),
         ("predictor", "sparse", predict, (x, bits, alpha), read_bits),
+        ("signmag", "sparse", signmag, (x, bits, alpha), read_bits),
         ("gate_up", "dense", lambda x: activate(matmul_t(x, gate), "relu", 0.0) * matmul_t(x, up),
          (x,), 2 * f * d * item),
         ("gate_up", "sparse", gate_up, (x, gate, up, idx, cnt), 2 * count * d * item),
         ("down", "dense", lambda h: matmul(h.astype(dt), down_t), (h,), f * d * item),
         ("down", "sparse", down, (h, down_t, idx, cnt), count * d * item),
         ("mlp", "dense", dense_mlp, (x,), 3 * f * d * item),
-        ("mlp", "sparse", sparse_mlp, (x, alpha), 3 * count * d * item + read_bits),
+        ("mlp", "sparse", sparse_mlp, (x, alpha), (candidates + 2 * fired) * d * item + read_bits),
+        ("mlp_1stage", "sparse", one_stage_mlp, (x, alpha), 3 * candidates * d * item + read_bits),
     ]
     out = []
     for op, mode, fn, args, nbytes in cases:
@@ -484,6 +506,10 @@ def format_row(r: dict) -> str:
             + (f"{compile_s:>9.2f}" if compile_s else f"{'':>9}"))
 
 
+# The dense op each sparse-only op is compared with in the kernel table.
+KERNEL_BASE = {"predictor": "gate_matvec", "signmag": "gate_matvec", "mlp_1stage": "mlp"}
+
+
 def format_kernels(records: list[dict]) -> str:
     """The kernel table: each op's median ms, sparse / dense time ratio and GB/s.
 
@@ -497,17 +523,40 @@ def format_kernels(records: list[dict]) -> str:
     for r in rows:
         if r["mode"] == "dense":
             dense[r["op"]] = r["ms"]["median"]
-        base = dense["gate_matvec" if r["op"] == "predictor" else r["op"]]
+        base = dense[KERNEL_BASE.get(r["op"], r["op"])]
         lines.append(f"{r['op']:<12} {r['backend']:<8} {r['active_fraction']:>6.3f} "
                      f"{r['ms']['median']:>8.3f} {r['ms']['median'] / base:>8.3f} "
                      f"{r['achieved_gb_s']:>6.1f}")
     return "\n".join(lines)
 
 
+MLP_PARTS = ("predictor", "gate", "up", "down")
+
+
+def format_bytes(records: list[dict]) -> str:
+    """MLP bytes per decode step, split into predictor, gate, up and down (MB, all layers), and
+    their sum over the dense MLP's."""
+    rows = [r for r in records if r["kind"] in ("decode", "batch")]
+    dense = next((r for r in rows if r["mode"] == "dense"), None)
+    if not rows:
+        return ""
+    lines = [f"{'mode':<9} {'backend':<8} {'B':>2} {'active':>6} {'fired':>6} "
+             + " ".join(f"{p + ' MB':>12}" for p in MLP_PARTS) + f" {'of dense':>8}"]
+    for r in rows:
+        b = r["bytes_per_step"]
+        mlp = sum(b[p] for p in MLP_PARTS)
+        ratio = mlp / sum(dense["bytes_per_step"][p] for p in MLP_PARTS) if dense else float("nan")
+        lines.append(f"{r['mode']:<9} {r['backend'][:8]:<8} {r.get('batch', 1):>2} "
+                     f"{r['active_fraction']:>6.3f} {r.get('fired_fraction', 1.0):>6.3f} "
+                     + " ".join(f"{b[p] / 1e6:>12.3f}" for p in MLP_PARTS) + f" {ratio:>8.3f}")
+    return "\n".join(lines)
+
+
 def format_table(records: list[dict]) -> str:
-    """Decode rows, then the kernel table."""
+    """Decode rows, the MLP bytes per step, then the kernel table."""
     rows = [format_row(r) for r in records if r["kind"] in ("decode", "batch")]
-    return "\n".join([HEADER, *rows, "", format_kernels(records)]).rstrip()
+    return "\n".join([HEADER, *rows, "", format_bytes(records), "",
+                      format_kernels(records)]).rstrip()
 
 
 def plot(records: list[dict], path: str) -> None:

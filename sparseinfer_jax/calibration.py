@@ -1,8 +1,10 @@
 """Per-layer alpha calibration: the most skipping alpha that meets a recall or sparsity target.
 
 The model runs densely over non-overlapping windows of a text. For every layer and every token we
-take the MLP input x (after the post-attention RMSNorm), its negative-product counts n_neg `[N, F]`
-against the layer's gate sign bits, n_nz `[N]` and the true active mask (act(gate x) * (up x) != 0).
+take the MLP input x (after the post-attention RMSNorm), the layer predictor's negative votes
+n_neg `[N, F]` and vote totals n `[N]` (`MLP.votes`: for "sign" the negative-product counts and
+the non-zero inputs; for "signmag" the same weighted by quantised |x|) and the true active mask
+(act(gate x) * (up x) != 0).
 For a grid of candidate alphas (`ALPHA_GRID`: 0.01 .. 4.00 step 0.01, then +inf) we count, exactly
 as the model's rule does (`pallas_kernels.predict.threshold`: predicted active iff n_neg <= tau):
 predicted-active neurons and neurons both predicted and truly active, summed over tokens.
@@ -23,6 +25,13 @@ Both only grow (recall) or shrink (sparsity) with alpha, so the choice per layer
   active neuron is dropped on this text, so the output is the dense one). About 7 perplexity runs.
 +inf (keep every neuron) always qualifies. A config.json cannot hold inf in strict JSON, so it is
 written as `KEEP_ALL_ALPHA` (1e9), which keeps every neuron for any realistic width.
+
+Safe from the first run: a checkpoint's `sparseinfer` block records how its alphas were chosen
+under "calibration" (the marker; absent = never calibrated). `sparseinfer-convert` calibrates by
+default (`calibrate_checkpoint`: `DEFAULT_RECALL` per layer on `DEFAULT_TEXT`, a short general
+English text shipped with the package, in the model's own tokenizer), and `load(mode="sparse")` of
+a checkpoint without the marker calibrates the same way in memory, with a warning
+(`calibrate_in_memory`), rather than run the untuned alpha 1.0.
 """
 
 from __future__ import annotations
@@ -30,21 +39,28 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import pallas_kernels as pk
 from pallas_kernels.predict import threshold
+from sparseinfer_jax.config import PREDICTORS
 from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.mlp import bytes_fraction, predictor_share, set_predictor
 from sparseinfer_jax.rope import rope_tables
 
 ALPHA_GRID = np.concatenate([np.round(np.arange(1, 401) * 0.01, 2), [np.inf]]).astype(np.float32)
 KEEP_ALL_ALPHA = 1e9
 WINDOW = 128
 RECALL_LEVELS = np.round(np.linspace(0.0, 1.0, 201), 3)  # searched by max_ppl_increase
+DEFAULT_TEXT = os.path.join(os.path.dirname(__file__), "data", "calibration.txt")
+# Conservative: on the shipped model recall 0.99 keeps greedy output on dense's (tests) while
+# still skipping about half of the neurons.
+DEFAULT_RECALL = 0.99
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -96,11 +112,8 @@ def window_counts(model, input_ids, alphas):
         rows = layer.post_attention_layernorm(x).reshape(b * t, -1)
         h = layer.mlp.hidden(rows)
         true = h != 0
-        _, n_neg = pk.sign_predict(
-            rows, layer.mlp.gate_sign_bits[...], jnp.float32(1.0), backend="xla"
-        )
-        n_nz = jnp.sum(rows != 0, axis=-1, dtype=jnp.int32)
-        tau = threshold(alphas[None, :], n_nz[:, None])  # [N, G], ascending in G
+        _, n_neg, total = layer.mlp.votes(rows, "xla")
+        tau = threshold(alphas[None, :], total[:, None])  # [N, G], ascending in G
         # First grid index whose tau admits n_neg: the neuron is predicted active from there on.
         first = jax.vmap(lambda tr, nr: jnp.searchsorted(tr, nr, side="left"))(tau, n_neg)
         hist_all = jnp.bincount(first.ravel(), length=g + 1)[:g]
@@ -132,6 +145,14 @@ class Calibration:
     grid_sparsity: np.ndarray  # [L, G]
     dense_perplexity: float | None = None  # with max_ppl_increase: on the calibration text
     perplexity: float | None = None  # sparse mode at the chosen alphas
+    predictor: str = "sign"
+    # Per layer at the chosen alphas: MLP bytes read per token over dense (`mlp.bytes_fraction`:
+    # sign bits, gate rows of the predicted, up and down rows of the predicted truly active).
+    mlp_bytes_fraction: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def mean_bytes(self) -> float:
+        return float(np.mean(self.mlp_bytes_fraction))
 
     def config_alphas(self) -> list[float]:
         """The alphas as written to config.json (inf -> KEEP_ALL_ALPHA)."""
@@ -202,6 +223,12 @@ def calibrate(
             model, windows, grid_recall, max_ppl_increase, backend, progress
         )
     pick = lambda a: [float(a[i, j]) for i, j in enumerate(idx)]  # noqa: E731
+    share = predictor_share(model.config, jnp.dtype(model.dtype).itemsize)
+    true_fraction = true / (rows * f)
+    nbytes = [
+        float(bytes_fraction(1 - s, r * t, 1, share))
+        for s, r, t in zip(pick(grid_sparsity), pick(grid_recall), true_fraction, strict=True)
+    ]
     return Calibration(
         alphas=[float(ALPHA_GRID[j]) for j in idx],
         recall=pick(grid_recall),
@@ -212,7 +239,22 @@ def calibrate(
         grid_sparsity=grid_sparsity,
         dense_perplexity=dense_ppl,
         perplexity=ppl,
+        predictor=model.layers[0].mlp.predictor,
+        mlp_bytes_fraction=nbytes,
     )
+
+
+def calibrate_predictors(model, windows, predictors=PREDICTORS, **kwargs) -> list[Calibration]:
+    """`calibrate` once per predictor kind; sets the model to the one reading the fewest MLP
+    bytes at the target (its alphas too) and returns every calibration, that one first."""
+    cals = []
+    for kind in predictors:
+        set_predictor(model, kind)
+        cals.append(calibrate(model, windows, **kwargs))
+    cals.sort(key=lambda c: c.mean_bytes)
+    set_predictor(model, cals[0].predictor)
+    model.set_alphas(cals[0].alphas)
+    return cals
 
 
 def _first_ok(ok: np.ndarray) -> np.ndarray:
@@ -273,7 +315,90 @@ def _perplexity_search(model, windows, grid_recall, max_increase, backend, progr
 
 
 def format_table(cal: Calibration) -> str:
-    lines = [f"{'layer':>5}  {'alpha':>6}  {'pred. sparsity':>14}  {'recall':>7}"]
-    for i, (a, s, r) in enumerate(zip(cal.alphas, cal.predicted_sparsity, cal.recall, strict=True)):
-        lines.append(f"{i:>5}  {a:>6.2f}  {s:>14.4f}  {r:>7.4f}")
+    lines = [f"{'layer':>5}  {'alpha':>6}  {'pred. sparsity':>14}  {'recall':>7}  {'MLP bytes':>9}"]
+    rows = zip(cal.alphas, cal.predicted_sparsity, cal.recall, cal.mlp_bytes_fraction, strict=True)
+    for i, (a, s, r, b) in enumerate(rows):
+        lines.append(f"{i:>5}  {a:>6.2f}  {s:>14.4f}  {r:>7.4f}  {b:>9.4f}")
     return "\n".join(lines)
+
+
+def calibrate_default(model, tokenizer) -> tuple[Calibration, str, float]:
+    """Calibrates `model` for `DEFAULT_RECALL` on `DEFAULT_TEXT` (`calibrate_predictors`) and
+    sets its predictor and alphas.
+
+    Returns (the calibration, its description for the config's "calibration" marker, seconds).
+    """
+    start = time.perf_counter()
+    windows = token_windows(tokenizer.encode(read_text(DEFAULT_TEXT)))
+    cal = calibrate_predictors(model, windows, target_recall=DEFAULT_RECALL)[0]
+    note = (
+        f"recall >= {DEFAULT_RECALL} on the built-in text ({cal.tokens} tokens), "
+        f"predictor {cal.predictor}"
+    )
+    return cal, note, time.perf_counter() - start
+
+
+def calibrate_in_memory(model, tokenizer, where: str) -> None:
+    """For `load` in a sparse mode of a never-calibrated checkpoint: calibrates (or, without a
+    tokenizer, cannot) and says so loudly."""
+    hint = "run `sparseinfer calibrate` to choose and save alphas for your text"
+    if tokenizer is None:
+        warnings.warn(
+            f"{where} was never calibrated and has no tokenizer to calibrate with: sparse mode "
+            f"runs at alpha 1.0, which can change the output; {hint}.",
+            stacklevel=3,
+        )
+        return
+    cal, note, seconds = calibrate_default(model, tokenizer)
+    alphas = ",".join(f"{a:g}" for a in cal.alphas)
+    warnings.warn(
+        f"{where} was never calibrated: calibrated now for {note} in {seconds:.1f} s "
+        f"(alpha {alphas}, not saved); {hint}.",
+        stacklevel=3,
+    )
+
+
+def calibrate_checkpoint(
+    path: str | os.PathLike, source: str | os.PathLike, *, alpha_given: bool, calibrate: bool
+) -> str | None:
+    """`sparseinfer-convert`'s last step on the checkpoint at `path`, converted from `source`.
+
+    Alphas given on the command line, or calibrated ones kept from the source's `sparseinfer`
+    block, are marked as chosen; else, unless `calibrate` is False (`--no-calibrate`: no marker,
+    so sparse mode calibrates in memory at load), `calibrate_default` runs and its alphas and
+    marker are written into config.json. Returns one line saying what happened, or None.
+    """
+    from convert.reader import resolve_source
+    from sparseinfer_jax import checkpoint
+    from sparseinfer_jax.config import is_calibrated, read_hf_config
+    from sparseinfer_jax.loading import load
+
+    source_block = read_hf_config(resolve_source(os.fspath(source))).get("sparseinfer") or {}
+    marker = None
+    if alpha_given:
+        marker = "alpha given to sparseinfer-convert"
+    elif is_calibrated(source_block) and source_block.get("alpha") is not None:
+        marker = source_block["calibration"]
+    if marker is not None or not calibrate:
+        if marker is not None:
+            hf, block = checkpoint.read_checkpoint_config(path)
+            checkpoint.write_checkpoint_config(path, hf, {**block, "calibration": marker})
+        return None
+    model, tokenizer = load(path, mode="dense", mesh=None)
+    if tokenizer is None:
+        return (
+            f"{path} has no tokenizer, so it was not calibrated; sparse mode warns until you run "
+            "`sparseinfer calibrate` with a text."
+        )
+    cal, note, seconds = calibrate_default(model, tokenizer)
+    hf, block = checkpoint.read_checkpoint_config(path)
+    block["alpha"] = cal.config_alphas()
+    block["predictor"] = cal.predictor
+    block["calibration"] = f"sparseinfer-convert default: {note}"
+    checkpoint.write_checkpoint_config(path, hf, block)
+    sparsity = " ".join(f"{s:.2f}" for s in cal.predicted_sparsity)
+    alphas = ",".join(f"{a:g}" for a in cal.config_alphas())
+    return (
+        f"calibrated for {note} in {seconds:.1f} s: alpha {alphas}, predicted sparsity per layer "
+        f"{sparsity} (override with `sparseinfer calibrate`)"
+    )

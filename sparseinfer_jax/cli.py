@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sparseinfer_jax.errors import UserError
@@ -104,6 +105,8 @@ def _generate(args: argparse.Namespace) -> int:
     if result.stats is not None:
         sparsity = " ".join(f"{s:.2f}" for s in result.stats.predicted_sparsity)
         print(f"predicted sparsity per layer: {sparsity}", file=sys.stderr)
+        nbytes = " ".join(f"{b:.2f}" for b in result.stats.mlp_bytes_fraction)
+        print(f"MLP bytes read per token, of dense, per layer: {nbytes}", file=sys.stderr)
     return 0
 
 
@@ -135,7 +138,8 @@ def _encode_windows(args: argparse.Namespace, tokenizer, model_path: str):
 
 def _calibrate(args: argparse.Namespace) -> int:
     from sparseinfer_jax import checkpoint
-    from sparseinfer_jax.calibration import calibrate, check_targets, format_table
+    from sparseinfer_jax.calibration import calibrate_predictors, check_targets, format_table
+    from sparseinfer_jax.config import PREDICTORS
     from sparseinfer_jax.loading import load
 
     check_targets(args.target_recall, args.target_sparsity, args.max_ppl_increase)
@@ -143,22 +147,27 @@ def _calibrate(args: argparse.Namespace) -> int:
     path = _model_path(args)
     model, tokenizer = load(path, dtype=args.dtype, mode="dense", backend=args.backend)
     windows = _encode_windows(args, tokenizer, path)
-    cal = calibrate(
+    cals = calibrate_predictors(
         model,
         windows,
+        PREDICTORS if args.predictor == "auto" else (args.predictor,),
         target_recall=args.target_recall,
         target_sparsity=args.target_sparsity,
         max_ppl_increase=args.max_ppl_increase,
         backend=args.backend,
         progress=True,
     )
+    cal = cals[0]
     if args.target_recall is not None:
         target = f"recall >= {args.target_recall}"
     elif args.target_sparsity is not None:
         target = f"predicted sparsity <= {args.target_sparsity}"
     else:
         target = f"perplexity at most {args.max_ppl_increase:g}% above dense"
-    print(f"calibrated on {cal.tokens} tokens for {target}:")
+    for c in cals[1:]:
+        print(f"predictor {c.predictor}: MLP bytes read {c.mean_bytes:.4f} of dense")
+    print(f"calibrated on {cal.tokens} tokens for {target}, predictor {cal.predictor} "
+          f"(MLP bytes read {cal.mean_bytes:.4f} of dense):")
     print(format_table(cal))
     if cal.perplexity is not None:
         rise = 100 * (cal.perplexity / cal.dense_perplexity - 1)
@@ -171,8 +180,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     elif checkpoint.is_checkpoint(path):
         hf, block = checkpoint.read_checkpoint_config(path)
         block["alpha"] = cal.config_alphas()
+        block["predictor"] = cal.predictor
+        block["calibration"] = f"sparseinfer calibrate on {os.path.basename(args.text)}: {target}"
         checkpoint.write_checkpoint_config(path, hf, block)
-        print(f"wrote alpha {alphas} to {path}/config.json")
+        print(f"wrote alpha {alphas}, predictor {cal.predictor} to {path}/config.json")
     else:
         print(
             f"{path} is not a converted checkpoint, so nothing was written: pass --alpha {alphas}, "
@@ -246,6 +257,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     records = bench.run(settings, log=lambda line: print(line, flush=True),
                         save=save if args.json else None)
+    print()
+    print(bench.format_bytes(records))
     kernels = bench.format_kernels(records)
     if kernels:
         print()
@@ -292,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="percent: skip as much as keeps sparse perplexity within P%% of dense on the text",
     )
+    cal.add_argument("--predictor", choices=("auto", "sign", "signmag"), default="auto",
+                     help="predictor to calibrate (auto: each, keep the one reading fewer bytes)")
     cal.add_argument("--dry-run", action="store_true", help="print the alphas, write nothing")
     cal.set_defaults(run=_calibrate)
     ev = sub.add_parser("eval", help="perplexity and predictor quality per MLP mode")

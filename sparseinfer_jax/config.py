@@ -295,6 +295,25 @@ def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
     return hf
 
 
+PREDICTORS = ("sign", "signmag")
+
+
+def predictor_kind(block: dict[str, Any]) -> str:
+    """The predictor a `sparseinfer` config block names ("sign", the paper's, when absent)."""
+    kind = block.get("predictor", "sign")
+    if kind not in PREDICTORS:
+        raise UserError(
+            f"config.json field 'sparseinfer.predictor' is {kind!r}; use one of "
+            f"{', '.join(PREDICTORS)}."
+        )
+    return kind
+
+
+def is_calibrated(block: dict[str, Any]) -> bool:
+    """Whether a `sparseinfer` config block records a calibration (its "calibration" marker)."""
+    return bool(block.get("calibration"))
+
+
 def default_alpha(num_layers: int) -> list[float]:
     """The alpha a freshly converted checkpoint gets: 1.0 per layer (the paper's plain majority)."""
     return [1.0] * num_layers

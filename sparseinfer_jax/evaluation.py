@@ -10,11 +10,13 @@ Per mode other than dense (summed over all tokens of the text, per layer, from t
 - predicted_sparsity = 1 - predicted active / (tokens * F) (the neurons a token's MLP skips);
 - recall = both / truly active; precision = both / predicted active (1.0 when the denominator is 0);
 - top1_agreement: share of positions whose argmax next token equals dense mode's.
-- weight_bytes_read: per token, the share of the MLP's weight bytes (gate + up + down) that
-  SparseInfer reads: the predicted-active rows of the three matrices plus the packed sign bits of
-  gate (1 bit per weight): (1 - predicted_sparsity) + 1 / (3 * 8 * bytes per weight); for bfloat16
-  the sign bits are 1/16 of gate, i.e. 1/48 of the MLP. Oracle reports the same with its true mask
-  (no sign bits). Per token: a batch reads the union of its tokens' rows, which is more.
+- mlp_bytes_fraction (overall = mean over layers, and per layer): MLP weight bytes read per token
+  over the dense MLP's (gate + up + down), as the two-stage kernel reads them for that token alone
+  (`mlp.bytes_fraction`): the packed sign bits of gate (1 bit per weight, 1/48 of the MLP in
+  bfloat16), the gate rows of the predicted-active neurons, and the up and down rows of those whose
+  gate fires (predicted and truly active). Oracle reports what a free, perfect predictor would
+  leave: the truly active rows of all three. Per token: a batch reads the union of its tokens'
+  rows, which is more.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparseinfer_jax.mlp import MODES
+from sparseinfer_jax.mlp import MODES, STAT_FIELDS, bytes_fraction, predictor_share
 
 
 @nnx.jit(static_argnames=["mode", "backend", "diagnostic"])
 def window_logits(model, input_ids, *, mode: str, backend: str, diagnostic: bool = True):
-    """Full forward of `input_ids: [1, T]`: logits `[1, T, V]` and diagnostic stats `[L, 5]`
+    """Full forward of `input_ids: [1, T]`: logits `[1, T, V]` and diagnostic stats `[L, 6]`
     (None in dense mode or without `diagnostic`)."""
     b, t = input_ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -71,8 +73,7 @@ def evaluate(
         assert m in MODES, m
     cfg = model.config
     f = cfg.intermediate_size
-    weight_bytes = jnp.dtype(model.dtype).itemsize
-    sign_share = 1.0 / (3 * 8 * weight_bytes)
+    share = predictor_share(cfg, jnp.dtype(model.dtype).itemsize)
     run_modes = list(dict.fromkeys(["dense", *modes]))  # dense too: top-1 agreement needs it
     acc = {
         m: {
@@ -80,7 +81,7 @@ def evaluate(
             "count": 0,
             "agree": 0,
             "positions": 0,
-            "stats": np.zeros((cfg.num_hidden_layers, 5), np.float64),
+            "stats": np.zeros((cfg.num_hidden_layers, len(STAT_FIELDS)), np.float64),
         }
         for m in run_modes
     }
@@ -121,6 +122,11 @@ def evaluate(
                         - (pred[li] if m == "sparse" else true[li]) / (rows[li] * f),
                         "recall": _ratio(both[li], true[li]) if m == "sparse" else 1.0,
                         "precision": _ratio(both[li], pred[li]) if m == "sparse" else 1.0,
+                        "mlp_bytes_fraction": float(
+                            bytes_fraction(pred[li], both[li], rows[li] * f, share)
+                            if m == "sparse"
+                            else bytes_fraction(true[li], true[li], rows[li] * f, 0.0)
+                        ),
                     }
                 )
             pred_sp = float(np.mean([x["predicted_sparsity"] for x in layers]))
@@ -131,7 +137,9 @@ def evaluate(
                     "predicted_sparsity": pred_sp,
                     "recall": _ratio(both.sum(), true.sum()) if m == "sparse" else 1.0,
                     "precision": _ratio(both.sum(), pred.sum()) if m == "sparse" else 1.0,
-                    "weight_bytes_read": (1.0 - pred_sp) + (sign_share if m == "sparse" else 0.0),
+                    "mlp_bytes_fraction": float(
+                        np.mean([x["mlp_bytes_fraction"] for x in layers])
+                    ),
                     "layers": layers,
                 }
             )
@@ -147,8 +155,8 @@ def format_report(result: dict) -> str:
             line += (
                 f", top-1 agreement {e['top1_agreement']:.4f}, predicted sparsity "
                 f"{e['predicted_sparsity']:.4f} (true {e['true_sparsity']:.4f}), recall "
-                f"{e['recall']:.4f}, precision {e['precision']:.4f}, MLP weight bytes read "
-                f"{e['weight_bytes_read']:.4f}"
+                f"{e['recall']:.4f}, precision {e['precision']:.4f}, MLP bytes read "
+                f"{e['mlp_bytes_fraction']:.4f} of dense"
             )
         lines.append(line)
         if m != "dense":
@@ -156,13 +164,15 @@ def format_report(result: dict) -> str:
                 lines.append(
                     f"  layer {i}: true sparsity {layer['true_sparsity']:.4f}, predicted "
                     f"{layer['predicted_sparsity']:.4f}, recall {layer['recall']:.4f}, "
-                    f"precision {layer['precision']:.4f}"
+                    f"precision {layer['precision']:.4f}, "
+                    f"MLP bytes {layer['mlp_bytes_fraction']:.4f}"
                 )
     return "\n".join(lines)
 
 
 def alpha_sweep(model, windows, scales, *, backend: str = "auto") -> list[dict]:
-    """Sparse-mode perplexity and predicted sparsity with the model's alphas times each scale.
+    """Sparse-mode perplexity, predicted sparsity, recall and MLP bytes read with the model's
+    alphas times each scale.
 
     Alpha is data, so every point reuses one compiled forward. The model's alphas are restored.
     """
@@ -174,7 +184,8 @@ def alpha_sweep(model, windows, scales, *, backend: str = "auto") -> list[dict]:
             sparse = evaluate(model, windows, modes=("sparse",), backend=backend)["modes"]["sparse"]
             points.append({"scale": float(scale), "alpha": np.asarray(
                 model.alphas()).round(4).tolist(), **{
-                k: sparse[k] for k in ("perplexity", "predicted_sparsity", "recall")}})
+                k: sparse[k] for k in ("perplexity", "predicted_sparsity", "recall",
+                                       "mlp_bytes_fraction")}})
     finally:
         model.set_alphas(base)
     return points

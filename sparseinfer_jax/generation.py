@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from sparseinfer_jax import sharding
 from sparseinfer_jax.config import alpha_per_layer
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.mlp import STAT_FIELDS, check_mode
+from sparseinfer_jax.mlp import STAT_FIELDS, bytes_fraction, check_mode, predictor_share
 from sparseinfer_jax.model import KVCache, Llama
 from sparseinfer_jax.sampling import sample
 
@@ -58,23 +58,37 @@ class Timing:
 
 @dataclasses.dataclass(frozen=True)
 class LayerStats:
-    """Per-layer decode statistics, arrays `[L]`, summed over rows and decode steps."""
+    """Per-layer decode statistics, arrays `[L]`, summed over rows and decode steps.
+
+    computed_fraction: gate rows read per step over F (the union of the rows' candidates);
+    fired_fraction: up and down rows read per step over F (the candidates that fired);
+    mlp_bytes_fraction: MLP bytes read per step over the dense MLP's, predictor included
+    (`mlp.bytes_fraction`).
+    """
 
     predicted_sparsity: np.ndarray
     computed_fraction: np.ndarray
+    fired_fraction: np.ndarray
+    mlp_bytes_fraction: np.ndarray
     true_sparsity: np.ndarray | None = None
     recall: np.ndarray | None = None
     precision: np.ndarray | None = None
 
     @classmethod
     def from_sums(
-        cls, sums: np.ndarray, steps: int, num_neurons: int, diagnostic: bool
+        cls, sums: np.ndarray, steps: int, num_neurons: int, diagnostic: bool, share: float = 0.0
     ) -> LayerStats:
+        """From the summed STAT_FIELDS `[L, 6]`; `share` is the predictor's bytes fraction."""
         s = dict(zip(STAT_FIELDS, np.asarray(sums, np.float64).T, strict=True))
         total = np.maximum(s["rows"] * num_neurons, 1)
+        per_step = max(steps * num_neurons, 1)
         out = dict(
             predicted_sparsity=1 - s["predicted_active"] / total,
-            computed_fraction=s["computed"] / max(steps * num_neurons, 1),
+            computed_fraction=s["computed"] / per_step,
+            fired_fraction=s["fired"] / per_step,
+            mlp_bytes_fraction=bytes_fraction(
+                s["computed"] / per_step, s["fired"] / per_step, 1, share
+            ),
         )
         if diagnostic:
             out.update(
@@ -346,8 +360,9 @@ def generate(
         decode = max(total_s - prefill_s, 0.0) / (steps - 1)
     layer_stats = None
     if stats is not None:
+        share = predictor_share(cfg, jnp.dtype(model.dtype).itemsize) if mode == "sparse" else 0.0
         layer_stats = LayerStats.from_sums(
-            np.asarray(stat_sums), steps - 1, cfg.intermediate_size, stats == "diagnostic"
+            np.asarray(stat_sums), steps - 1, cfg.intermediate_size, stats == "diagnostic", share
         )
     text = None
     if tokenizer is not None:

@@ -21,9 +21,16 @@ from jax.sharding import Mesh
 
 from pallas_kernels.pack import pack_sign_bits_numpy
 from sparseinfer_jax import sharding
-from sparseinfer_jax.config import LlamaConfig, alpha_per_layer, config_from_hf_dict, default_alpha
+from sparseinfer_jax.config import (
+    LlamaConfig,
+    alpha_per_layer,
+    config_from_hf_dict,
+    default_alpha,
+    is_calibrated,
+    predictor_kind,
+)
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.mlp import check_mode
+from sparseinfer_jax.mlp import check_mode, set_predictor
 from sparseinfer_jax.model import Llama
 from sparseinfer_jax.tensorfiles import tensor_path
 from sparseinfer_jax.tokenizer import Tokenizer, load_tokenizer
@@ -195,7 +202,9 @@ def load(
       mode: the decode-step MLP mode: "dense", "sparse" or "oracle".
       backend: sparse kernel backend: "auto", "pallas", "xla" or "reference".
       alpha: per-layer conservativeness override (a number or one per layer); default: the
-        checkpoint's calibrated values.
+        checkpoint's calibrated values. A sparse mode on a checkpoint never calibrated (no
+        "calibration" marker) calibrates in memory first, with a warning
+        (`calibration.calibrate_in_memory`).
       mesh: a `(data, model)` device mesh (`sharding.make_mesh`) to shard the model over; each
         array is read (an HF folder's converted) on the host, one at a time, and each device is
         sent its slice.
@@ -207,6 +216,7 @@ def load(
     from sparseinfer_jax import checkpoint
 
     path = os.fspath(path)
+    override = alpha is not None
     if checkpoint.claims_converted(path):
         hf, block = checkpoint.read_checkpoint_config(path)
         cfg = config_from_hf_dict(hf)
@@ -228,11 +238,19 @@ def load(
         stream_dtype = "float32" if dtype != jnp.bfloat16 else "bfloat16"  # one rounding only
         hf, cfg, leaves = convert.stream(folder, dtype=stream_dtype)
         tokenizer = load_tokenizer(folder)
-        if alpha is None:  # an HF folder may carry calibrated alphas in the same block
-            alpha = checkpoint.block_alpha(hf.get(checkpoint.BLOCK_KEY), f"{folder}/config.json")
+        # An HF folder may carry a calibration (alphas, predictor) in the same block.
+        block = hf.get(checkpoint.BLOCK_KEY)
+        block_alpha = checkpoint.block_alpha(block, f"{folder}/config.json")
+        alpha = block_alpha if alpha is None else alpha
+        block = block or {}
         source, remedy = folder, "the checkpoint and its config.json disagree"
     if isinstance(mesh, str):
         mesh = _auto(mesh, cfg, dtype)
     model = assemble(cfg, leaves, dtype=dtype, alpha=alpha, mode=mode, backend=backend, mesh=mesh,
                      source=source, remedy=remedy)
+    set_predictor(model, predictor_kind(block))
+    if mode == "sparse" and not override and not is_calibrated(block):
+        from sparseinfer_jax.calibration import calibrate_in_memory
+
+        calibrate_in_memory(model, tokenizer, path)
     return model, tokenizer

@@ -7,12 +7,19 @@ what makes the sparse path cheaper.
 
 Modes:
 - `dense`: act(x W_gate^T) * (x W_up^T) W_down^T, every neuron.
-- `sparse`: predict each neuron's sign from sign bits (pallas_kernels.sign_predict: zero iff the
-  negative products outnumber alpha times the positive ones), compute only predicted-active ones.
+- `sparse`: predict each neuron's sign from sign bits and compute only predicted-active ones.
+  Predictors (`MLP.predictor`): "sign", the paper's vote (pallas_kernels.sign_predict: zero iff
+  the negative products outnumber alpha times the positive ones); "signmag", the same vote with
+  each input weighted by its quantised magnitude (pallas_kernels.signmag_predict), same knob.
 - `oracle`: the true activation mask from the full gate, the accuracy ceiling of any predictor.
 
-With one token per row (decoding) `sparse` and `oracle` run the gathered kernels over the union of
-the rows' active sets. With several tokens per row (a full forward, for evaluation) they apply each
+With one token per row (decoding) `sparse` and `oracle` run the two-stage kernel
+(`pallas_kernels.sparse_mlp`) over the union of the rows' active sets: the gate rows of every
+candidate, then the up and down rows of the candidates whose gate fires (act != 0 for some row).
+Bytes read per token and layer are therefore predictor + gate(candidates) + up and down(fired),
+reported over the dense MLP's as `bytes_fraction`.
+
+With several tokens per row (a full forward, for evaluation) they apply each
 token's own mask to the dense computation: the same numbers the kernels would give that token,
 without pretending the union over a prompt is sparse.
 """
@@ -28,13 +35,33 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels as pk
 from pallas_kernels.pack import pack_sign_bits_reference
 from sparseinfer_jax import sharding
-from sparseinfer_jax.config import LlamaConfig
+from sparseinfer_jax.config import PREDICTORS, LlamaConfig
 from sparseinfer_jax.errors import UserError
 
 MODES = ("dense", "sparse", "oracle")
 BACKENDS = ("auto", "pallas", "xla", "reference")
 # Per-layer predictor statistics, summed over rows (one token each): see `MLP.__call__`.
-STAT_FIELDS = ("rows", "predicted_active", "true_active", "both_active", "computed")
+STAT_FIELDS = ("rows", "predicted_active", "true_active", "both_active", "computed", "fired")
+
+
+def set_predictor(model, kind: str) -> None:
+    """Sets every layer's predictor of `model` (a `Llama`) to `kind`, one of PREDICTORS."""
+    if kind not in PREDICTORS:
+        raise UserError(f"predictor must be one of {', '.join(PREDICTORS)}, got '{kind}'.")
+    for layer in model.layers:
+        layer.mlp.predictor = kind
+
+
+def predictor_share(cfg: LlamaConfig, itemsize: int) -> float:
+    """Bytes of the packed gate sign bits over the dense MLP's weights (gate, up, down) per layer:
+    F * W * 4 / (3 * F * D * itemsize)."""
+    return 4 * cfg.sign_words / (3 * cfg.hidden_size * itemsize)
+
+
+def bytes_fraction(computed, fired, neurons: int, share: float):
+    """MLP bytes read over the dense MLP's: `share` (the predictor) plus the gate rows of
+    `computed` candidates and the up and down rows of `fired` neurons, out of 3 x `neurons`."""
+    return (computed + 2 * fired) / (3 * neurons) + share
 
 
 def check_mode(cfg: LlamaConfig, mode: str, backend: str) -> None:
@@ -69,6 +96,8 @@ class MLP(nnx.Module):
         self.down_t = nnx.Param(init(rngs.params(), (f, d), dtype))
         self.gate_sign_bits = SignBits(pack_sign_bits_reference(self.gate[...]))
         self.alpha = Alpha(jnp.float32(1.0))
+        # One of PREDICTORS (static: a change recompiles; set by `load` from the checkpoint).
+        self.predictor = "sign"
         self.activation = (
             "relu" if cfg.hidden_act == "fatrelu" and cfg.act_threshold == 0 else cfg.hidden_act
         )
@@ -94,14 +123,20 @@ class MLP(nnx.Module):
         w = self.down_t[...]
         return jnp.dot(h.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(w.dtype)
 
+    def votes(self, x: jnp.ndarray, backend: str) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        """The predictor's counts for `x: [N, D]`: (union mask `[F]`, negative votes `[N, F]`,
+        vote totals `[N]`); a row predicts a neuron active iff `n_neg <= threshold(alpha, total)`.
+        """
+        bits, alpha = self.gate_sign_bits[...], self.alpha[...]
+        if self.predictor == "signmag":
+            return pk.signmag_predict(x, bits, alpha, backend=backend)
+        active, n_neg = pk.sign_predict(x, bits, alpha, backend=backend)
+        return active, n_neg, jnp.sum(x != 0, axis=-1, dtype=jnp.int32)
+
     def predict(self, x: jnp.ndarray, backend: str) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """Sign-bit prediction for `x: [N, D]` -> (union mask `[F]`, per-row mask `[N, F]`)."""
-        active, n_neg = pk.sign_predict(
-            x, self.gate_sign_bits[...], self.alpha[...], backend=backend
-        )
-        n_nz = jnp.sum(x != 0, axis=-1, keepdims=True, dtype=jnp.int32)
-        per_row = n_neg <= pk.threshold(self.alpha[...], n_nz)
-        return active, per_row
+        """Prediction for `x: [N, D]` -> (union mask `[F]`, per-row mask `[N, F]`)."""
+        active, n_neg, total = self.votes(x, backend)
+        return active, n_neg <= pk.threshold(self.alpha[...], total[:, None])
 
     def __call__(
         self,
@@ -125,8 +160,9 @@ class MLP(nnx.Module):
         Returns:
           `[B, T, D]` output, and with `stats` an int32 vector over STAT_FIELDS: rows, rows'
           predicted-active neurons, truly active neurons, neurons both predicted and truly active
-          (all summed over rows; the last two are 0 unless "diagnostic"), and neurons the layer
-          actually computed.
+          (all summed over rows; the last two are 0 unless "diagnostic"), neurons whose gate row
+          the layer read (the candidates, one union over the rows), and neurons whose up and down
+          rows it read (the candidates that fired; see `pallas_kernels.sparse_mlp`).
         """
         b, t, _ = x.shape
         if mesh is None:
@@ -140,7 +176,7 @@ class MLP(nnx.Module):
     def apply(
         self, x: jnp.ndarray, mode: str, backend: str, stats: str | None, data_axis=None
     ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-        """The MLP on `x: [B, T, D]` -> (`[B, T, D]` in the weights' dtype, counts `[4]` or None).
+        """The MLP on `x: [B, T, D]` -> (`[B, T, D]` in the weights' dtype, counts `[5]` or None).
 
         counts are STAT_FIELDS without "rows". `data_axis` names the mesh axis the batch is split
         over inside `shard_map`: the union of active neurons is then taken over every row.
@@ -151,10 +187,12 @@ class MLP(nnx.Module):
         predicted = true_mask = None
         if mode == "dense":
             y, computed = self.down(self.hidden(rows)), jnp.int32(f)
+            fired = computed
         elif t > 1:
             h = self.hidden(rows)
             mask = self.predict(rows, backend)[1] if mode == "sparse" else h != 0
             y, computed = self.down(jnp.where(mask, h, 0.0)), jnp.int32(f)
+            fired = computed
             predicted, true_mask = (mask, h != 0) if mode == "sparse" else (None, mask)
         else:
             if mode == "sparse":
@@ -167,17 +205,20 @@ class MLP(nnx.Module):
                 # how the rows are split.
                 active = jax.lax.psum(active.astype(jnp.int32), data_axis) > 0
             idx, computed = pk.compact(active, backend=backend)
-            h = pk.sparse_gate_up(
+            y, fired = pk.sparse_mlp(
                 rows,
                 self.gate[...],
                 self.up[...],
+                self.down_t[...],
                 idx,
                 computed,
                 activation=self.activation,
                 threshold=self.threshold,
                 backend=backend,
             )
-            y = pk.sparse_down(h, self.down_t[...], idx, computed, backend=backend)
+            if data_axis is not None:  # fired by any row of the batch, like `active` above
+                fired = jax.lax.psum(fired.astype(jnp.int32), data_axis) > 0
+            fired = jnp.sum(fired, dtype=jnp.int32)
         y = y.reshape(b, t, d)
         if not stats:
             return y, None
@@ -194,6 +235,7 @@ class MLP(nnx.Module):
                 count(true_mask),
                 count(predicted & true_mask),
                 computed.astype(jnp.int32),
+                fired.astype(jnp.int32),
             ]
         )
 

@@ -197,7 +197,7 @@ class Llama(nnx.Module):
           cache: KV cache to read and update at `cache_index`, or None.
           mode, backend, stats: the MLP's (static), see `MLP.__call__`.
         Returns:
-          hidden states `[B, T, D]`, the updated cache (or None) and per-layer stats `[L, 5]`
+          hidden states `[B, T, D]`, the updated cache (or None) and per-layer stats `[L, 6]`
           (or None).
         """
         x = self.embed_tokens(input_ids)

@@ -8,7 +8,7 @@ from sparseinfer_jax.errors import UserError
 
 
 def plot_report(result: dict, path: str) -> None:
-    """Writes a PNG: per-layer sparsity and recall, and perplexity vs predicted sparsity."""
+    """Writes a PNG: per-layer sparsity and recall, and perplexity vs MLP bytes read per token."""
     try:
         import matplotlib
 
@@ -32,19 +32,19 @@ def plot_report(result: dict, path: str) -> None:
         left.set_title("sparse mode, per layer")
     sweep = result.get("sweep", [])
     if sweep:
-        right.plot([p["predicted_sparsity"] for p in sweep], [p["perplexity"] for p in sweep],
+        right.plot([p["mlp_bytes_fraction"] for p in sweep], [p["perplexity"] for p in sweep],
                    "o-", label="sparse, alpha sweep")
         for p in sweep:
-            right.annotate(f"x{p['scale']:g}", (p["predicted_sparsity"], p["perplexity"]),
+            right.annotate(f"x{p['scale']:g}", (p["mlp_bytes_fraction"], p["perplexity"]),
                            fontsize=7)
     right.axhline(modes["dense"]["perplexity"], color="gray", ls="--", label="dense")
     if "oracle" in modes:
-        right.plot([modes["oracle"]["predicted_sparsity"]], [modes["oracle"]["perplexity"]], "*",
+        right.plot([modes["oracle"]["mlp_bytes_fraction"]], [modes["oracle"]["perplexity"]], "*",
                    ms=12, label="oracle")
-    right.set_xlabel("predicted sparsity (share of MLP neurons skipped)")
+    right.set_xlabel("MLP bytes read per token (of dense, predictor included)")
     right.set_ylabel("perplexity")
     right.legend()
-    right.set_title("accuracy vs skipped neurons")
+    right.set_title("accuracy vs bytes read")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

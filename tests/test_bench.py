@@ -62,8 +62,13 @@ def test_step_bytes_equal_the_model_arrays(tiny):
     # Sparse: the MLP's rows scale with the computed count, plus the sign bits it reads.
     sparse = bench.step_bytes(cfg, 4, 100, context)
     bits = sum(layer.mlp.gate_sign_bits[...].nbytes for layer in tiny.layers)
-    mlp = 3 * cfg.num_hidden_layers * 100 * cfg.hidden_size * 4
-    assert sparse["mlp"] == mlp and sparse["sign_bits"] == bits
+    rows = cfg.num_hidden_layers * cfg.hidden_size * 4
+    assert sparse["gate"] == sparse["up"] == sparse["down"] == 100 * rows
+    assert sparse["predictor"] == bits
+    # Two-stage: up and down rows only for the candidates whose gate fires.
+    fired = bench.step_bytes(cfg, 4, 100, context, fired=40)
+    assert fired["gate"] == 100 * rows and fired["up"] == fired["down"] == 40 * rows
+    assert sparse["total"] - fired["total"] == 2 * 60 * rows
 
 
 def test_sparse_at_full_activity_decodes_like_dense(tiny):
@@ -80,13 +85,16 @@ def test_kernel_records_time_each_op_against_dense(tiny):
     records = bench.kernel_records(tiny, bench.Settings(repeats=1), "xla", 0.25, copy_gb_s=10.0)
     got = [(r["op"], r["mode"]) for r in records]
     ops = ("gate_up", "down", "mlp")
-    assert got == [("gate_matvec", "dense"), ("predictor", "sparse"),
-                   *((op, mode) for op in ops for mode in ("dense", "sparse"))]
+    assert got == [("gate_matvec", "dense"), ("predictor", "sparse"), ("signmag", "sparse"),
+                   *((op, mode) for op in ops for mode in ("dense", "sparse")),
+                   ("mlp_1stage", "sparse")]
     by = {(r["op"], r["mode"]): r for r in records}
     count = round(0.25 * f)
     assert by["gate_matvec", "dense"]["bytes"] == f * d * 4
     assert by["gate_up", "sparse"]["bytes"] == 2 * count * d * 4
     assert by["down", "sparse"]["bytes"] == count * d * 4
+    # Two-stage: up and down rows of fired candidates only, fewer bytes than the one-stage chain.
+    assert by["mlp", "sparse"]["bytes"] < by["mlp_1stage", "sparse"]["bytes"]
     for r in records:
         assert r["ms"]["median"] > 0 and r["achieved_gb_s"] > 0
     assert "vs dense" in bench.format_kernels(records)

@@ -17,6 +17,7 @@ from sparseinfer_jax import checkpoint
 from sparseinfer_jax.calibration import ALPHA_GRID, KEEP_ALL_ALPHA, token_windows
 from sparseinfer_jax.cli import main
 from sparseinfer_jax.loading import load
+from sparseinfer_jax.mlp import STAT_FIELDS
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! "
@@ -47,7 +48,7 @@ def setup(tmp_path_factory):
 def _measured_recall(path: str, text: str, alpha=None) -> np.ndarray:
     """Recall per layer from the model's own diagnostic statistics (dense hidden states)."""
     model, tok = load(path, alpha=alpha)
-    stats = np.zeros((model.config.num_hidden_layers, 5))
+    stats = np.zeros((model.config.num_hidden_layers, len(STAT_FIELDS)))
 
     @nnx.jit
     def forward(model, ids):
@@ -76,6 +77,9 @@ def test_calibrate_meets_recall_and_writes_only_alpha(setup, capsys):
     assert hf_after == hf_before
     alphas = block_after.pop("alpha")
     block_before.pop("alpha")
+    # The marker says how the alphas were chosen (load in a sparse mode trusts them).
+    assert "recall >= 0.95" in block_after.pop("calibration")
+    assert block_after.pop("predictor") in ("sign", "signmag")  # the one reading fewer bytes
     assert block_after == block_before
     json.loads(open(os.path.join(ckpt, "config.json")).read())  # strict JSON: no Infinity
     assert len(alphas) == 2 and all(0 < a <= KEEP_ALL_ALPHA for a in alphas)
@@ -166,3 +170,85 @@ def test_missing_and_empty_text(tmp_path, capsys, command):
     assert main([command, "--text", str(empty), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "empty" in err
+
+
+# --- safe from the first run -------------------------------------------------------------------
+
+FIRST_RUN_TOKENS = 24
+PROMPTS = [
+    "The module",
+    "Return the value of",
+    "This function is used to",
+    "If the file",
+    "Create a new",
+]
+
+
+@pytest.fixture(scope="module")
+def fresh_shipped(tmp_path_factory):
+    """The shipped model as a new user's HF folder: no `sparseinfer` block, never calibrated."""
+    import shutil
+
+    from sparseinfer_jax.loading import SHIPPED_MODEL
+
+    folder = tmp_path_factory.mktemp("fresh") / "hf"
+    shutil.copytree(SHIPPED_MODEL, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("sparseinfer")
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_fresh_conversion_calibrates_and_sparse_follows_dense(fresh_shipped, tmp_path, capsys):
+    from convert.cli import main as convert_main
+    from sparseinfer_jax import generate
+
+    out = str(tmp_path / "ckpt")
+    assert convert_main([fresh_shipped, out, "--dtype", "float32"]) == 0
+    stdout = capsys.readouterr().out
+    assert "calibrated for recall >= 0.99" in stdout and " s: alpha " in stdout
+    block = checkpoint.read_checkpoint_config(out)[1]
+    assert "recall >= 0.99" in block["calibration"] and block["alpha"] != [1.0] * 4
+    model, tok = load(out, mode="sparse", backend="xla")
+    kw = dict(tokenizer=tok, max_new_tokens=FIRST_RUN_TOKENS, stop_at_eos=False)
+    same = []
+    for prompt in PROMPTS:
+        dense = generate(model, prompt, mode="dense", **kw).tokens[0]
+        sparse = generate(model, prompt, mode="sparse", **kw).tokens[0]
+        same.append(int((dense == sparse).sum()))
+    # Position by position, so one near-tie that flips early costs a whole prompt: judged on
+    # the mean over prompts (the uncalibrated alpha 1.0 left dense at the first tokens).
+    assert np.mean(same) >= FIRST_RUN_TOKENS / 2, same
+
+
+def test_uncalibrated_checkpoint_calibrates_at_sparse_load_with_a_warning(fresh_shipped, tmp_path):
+    from convert.cli import main as convert_main
+
+    out = str(tmp_path / "raw")
+    assert convert_main([fresh_shipped, out, "--no-calibrate"]) == 0
+    block = checkpoint.read_checkpoint_config(out)[1]
+    assert "calibration" not in block and block["alpha"] == [1.0] * 4
+    model, _ = load(out, mode="dense")  # dense needs no alpha: no warning, nothing changed
+    assert np.all(np.asarray(model.alphas()) == 1.0)
+    with pytest.warns(UserWarning, match="never calibrated: calibrated now for recall >= 0.99"):
+        model, _ = load(out, mode="sparse", backend="xla")
+    assert not np.all(np.asarray(model.alphas()) == 1.0)
+
+
+@pytest.mark.parametrize(
+    "extra,marker",
+    [(["--alpha", "2"], "alpha given to sparseinfer-convert"), ([], "calibrate")],
+    ids=["alpha flag", "source calibrated"],
+)
+def test_chosen_alphas_are_marked_not_recalibrated(extra, marker, tmp_path, capsys):
+    """--alpha, or the source's own calibrated alphas (the shipped model's), are kept."""
+    from convert.cli import main as convert_main
+    from sparseinfer_jax.loading import SHIPPED_MODEL
+
+    out = str(tmp_path / "ckpt")
+    assert convert_main([SHIPPED_MODEL, out, *extra]) == 0
+    assert "calibrated for" not in capsys.readouterr().out
+    block = checkpoint.read_checkpoint_config(out)[1]
+    assert marker in block["calibration"]
+    source = json.loads(open(os.path.join(SHIPPED_MODEL, "config.json")).read())["sparseinfer"]
+    assert block["alpha"] == ([2.0] * 4 if extra else source["alpha"])

@@ -23,6 +23,12 @@ def hf(tmp_path_factory):
     return make_hf_checkpoint(str(tmp_path_factory.mktemp("eval") / "hf"))
 
 
+def sign_share(model) -> float:
+    """Packed float32 sign bits over the MLP: whole uint32 words per row, 3 matrices."""
+    d = model.config.hidden_size
+    return 4 * (-(-d // 32)) / (3 * d * 4)
+
+
 def _windows(tok, window=32):
     return token_windows(tok.encode(TEXT), window)
 
@@ -51,9 +57,13 @@ def test_sparse_with_infinite_alpha_equals_dense(hf):
     assert oracle["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-4)
     assert sparse["top1_agreement"] == 1.0
     assert sparse["predicted_sparsity"] == 0.0 and sparse["recall"] == 1.0
-    assert sparse["weight_bytes_read"] == pytest.approx(1.0 + 1.0 / 96)  # float32 sign bits
     for layer in sparse["layers"]:
         assert 0.0 < layer["true_sparsity"] < 1.0
+        # Every gate row, the truly active up and down rows, and the float32 sign bits.
+        active = 1.0 - layer["true_sparsity"]
+        assert layer["mlp_bytes_fraction"] == pytest.approx(
+            (1 + 2 * active) / 3 + sign_share(model)
+        )
         assert layer["precision"] == pytest.approx(1.0 - layer["true_sparsity"])
 
 
@@ -82,7 +92,14 @@ def test_eval_cli_writes_json(hf, tmp_path, capsys):
     assert r["modes"]["dense"]["perplexity"] > 1.0 and r["tokens"] == 40
     assert 0.0 <= sparse["top1_agreement"] <= 1.0 and len(sparse["layers"]) == 2
     for layer in sparse["layers"]:
-        assert set(layer) == {"true_sparsity", "predicted_sparsity", "recall", "precision"}
+        assert set(layer) == {
+            "true_sparsity",
+            "predicted_sparsity",
+            "recall",
+            "precision",
+            "mlp_bytes_fraction",
+        }
+        assert 0.0 < layer["mlp_bytes_fraction"] <= 1.1
         assert 0.0 <= layer["recall"] <= 1.0 and 0.0 <= layer["precision"] <= 1.0
 
 
@@ -104,8 +121,23 @@ def test_eval_plot_writes_a_png_and_the_sweep(tmp_path, capsys):
     with open(f"{SHIPPED_MODEL}/validation.txt") as f:
         text.write_text(f.read()[:3000])
     png, report = tmp_path / "eval.png", tmp_path / "eval.json"
-    argv = ["eval", "--text", str(text), "--max-tokens", "256", "--modes", "dense,sparse,oracle",
-            "--backend", "xla", "--plot", str(png), "--sweep", "0.9,1,1.2", "--json", str(report)]
+    argv = [
+        "eval",
+        "--text",
+        str(text),
+        "--max-tokens",
+        "256",
+        "--modes",
+        "dense,sparse,oracle",
+        "--backend",
+        "xla",
+        "--plot",
+        str(png),
+        "--sweep",
+        "0.9,1,1.2",
+        "--json",
+        str(report),
+    ]
     assert main(argv) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     sweep = json.loads(report.read_text())["sweep"]
@@ -195,4 +227,7 @@ def test_sparse_figures_equal_numpy_from_weights(hf):
         assert layer["precision"] == pytest.approx(both[li] / pred[li], abs=2.0 / pred[li])
     mean_pred = float(np.mean(1 - pred / (rows * f)))
     assert sparse["predicted_sparsity"] == pytest.approx(mean_pred, abs=1e-3)
-    assert sparse["weight_bytes_read"] == pytest.approx(1 - mean_pred + 1 / 96, abs=1e-3)
+    bytes_per_layer = ((pred + 2 * both) / (3 * rows * f)) + sign_share(model)
+    for li, layer in enumerate(sparse["layers"]):
+        assert layer["mlp_bytes_fraction"] == pytest.approx(bytes_per_layer[li], abs=2.0 / f)
+    assert sparse["mlp_bytes_fraction"] == pytest.approx(bytes_per_layer.mean(), abs=2.0 / f)

@@ -44,7 +44,11 @@ def test_sparse_mlp_equals_dense_on_the_predicted_mask(tiny, backend, batch):
         h = mlp.hidden(x[:, 0])
         expected = mlp.down(jnp.where(active[None], h, 0.0))
         np.testing.assert_allclose(y[:, 0], expected, rtol=F32_RTOL, atol=F32_RTOL)
-        assert int(stats[-1]) == int(active.sum())
+        assert int(stats[-2]) == int(active.sum())
+        # Up and down rows are read only for candidates whose gate fires for some row.
+        gate = x[:, 0] @ mlp.gate[...].T
+        fired = active & jnp.any(mlp.act(gate) != 0, axis=0)
+        assert int(stats[-1]) == int(fired.sum())
 
 
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
@@ -55,7 +59,8 @@ def test_keep_everything_alpha_equals_dense(tiny, backend):
     sparse, stats = mlp(x, mode="sparse", backend=backend, stats="predicted")
     dense, _ = mlp(x, mode="dense")
     np.testing.assert_allclose(sparse, dense, rtol=F32_RTOL, atol=F32_RTOL)
-    assert int(stats[-1]) == tiny.config.intermediate_size
+    assert int(stats[-2]) == tiny.config.intermediate_size
+    assert int(stats[-1]) < tiny.config.intermediate_size  # ReLU: some gates never fire
 
 
 def test_xla_path_equals_pallas_path(tiny):
@@ -114,3 +119,28 @@ def test_working_alpha_runs_in_one_program_and_reports_stats(tiny):
     assert s.true_sparsity.shape == (tiny.config.num_hidden_layers,)
     assert np.all((s.recall >= 0) & (s.recall <= 1) & (s.precision >= 0) & (s.precision <= 1))
     np.testing.assert_allclose(s.computed_fraction, 1 - s.predicted_sparsity, atol=1e-6)
+    # Fired rows are candidates whose gate fired: no more than the candidates, no fewer than
+    # the truly active ones the predictor kept.
+    assert np.all(s.fired_fraction <= s.computed_fraction + 1e-9)
+    assert np.all(s.fired_fraction >= (1 - s.true_sparsity) * s.recall - 1e-6)
+    share = 4 * tiny.config.sign_words / (3 * tiny.config.hidden_size * 4)
+    np.testing.assert_allclose(
+        s.mlp_bytes_fraction, (s.computed_fraction + 2 * s.fired_fraction) / 3 + share, atol=1e-9
+    )
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
+def test_signmag_predictor_selects_the_computed_neurons(tiny, backend):
+    mlp = first_mlp(tiny)
+    x = jax.random.normal(jax.random.key(11), (3, 1, tiny.config.hidden_size))
+    mlp.predictor, mlp.alpha.value = "signmag", jnp.float32(1.2)
+    try:
+        y, stats = mlp(x, mode="sparse", backend=backend, stats="predicted")
+        active, _, _ = pk.signmag_predict(
+            x[:, 0], mlp.gate_sign_bits[...], jnp.float32(1.2), backend="reference"
+        )
+    finally:
+        mlp.predictor = "sign"
+    expected = mlp.down(jnp.where(active[None], mlp.hidden(x[:, 0]), 0.0))
+    np.testing.assert_allclose(y[:, 0], expected, rtol=F32_RTOL, atol=F32_RTOL)
+    assert int(stats[-2]) == int(active.sum()) < tiny.config.intermediate_size
