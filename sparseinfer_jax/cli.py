@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+
+import numpy as np
 
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.mlp import BACKENDS, MODES
@@ -70,8 +73,11 @@ def _mesh(args: argparse.Namespace):
 def _generate(args: argparse.Namespace) -> int:
     from sparseinfer_jax.generation import generate
     from sparseinfer_jax.loading import SHIPPED_MODEL, load
+    from sparseinfer_jax.streaming import TextStream
 
     args.model = args.model or SHIPPED_MODEL
+    if args.compare and args.mode == "dense":
+        raise UserError("--compare compares a sparse mode with dense; add --mode sparse.")
     model, tokenizer = load(
         args.model,
         dtype=args.dtype,
@@ -82,7 +88,10 @@ def _generate(args: argparse.Namespace) -> int:
     )
     if tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer.json, so text prompts cannot be encoded.")
-    result = generate(
+    stream = sys.stdout.isatty() if args.stream is None else args.stream
+    stream = stream and len(args.prompt) == 1  # a batch is printed when it is done
+    run = functools.partial(
+        generate,
         model,
         args.prompt,
         tokenizer=tokenizer,
@@ -90,21 +99,87 @@ def _generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
         seed=args.seed,
-        stats="predicted" if args.stats and args.mode != "dense" else None,
     )
-    for prompt, text in zip(args.prompt, result.text, strict=True):
-        print(prompt + text)
-    t = result.timing
-    line = f"[{args.mode}] {t.new_tokens} tokens, compile {t.compile_s:.2f} s"
-    if t.prefill_s is not None:
-        line += f", prefill {t.prefill_s * 1e3:.1f} ms"
-    line += f", decode {t.tokens_per_s:.1f} tokens/s"
-    print(line, file=sys.stderr)
-    if result.stats is not None:
+    printer = None
+    if stream:
+        print(args.prompt[0], end="", flush=True)
+        eos = model.config.eos_token_ids
+        printer = TextStream(tokenizer, sys.stdout, eos_token_ids=eos)
+    want_stats = (args.stats or args.compare) and args.mode != "dense"
+    result = run(stats="predicted" if want_stats else None, stream=printer)
+    if printer is not None:
+        printer.finish()
+        print(flush=True)
+    else:
+        for prompt, text in zip(args.prompt, result.text, strict=True):
+            print(prompt + text)
+    if args.compare:
+        # Dense decoding of the same tokens (same seed, so the same sampling noise) says at each
+        # step whether it would have chosen them too. It runs the same chunked decode when
+        # streaming (into nothing), so the speeds compare like with like; the prefill program is
+        # shared, only the dense decode compiles.
+        follow = [row[:n] for row, n in zip(result.tokens, result.lengths, strict=True)]
+        quiet = (lambda tokens: None) if stream else None
+        dense = run(mode="dense", follow=follow, stream=quiet)
+        print(_comparison(model, result, dense, args.mode), file=sys.stderr)
+    else:
+        print(_timing_line(args.mode, result.timing), file=sys.stderr)
+    if args.stats and result.stats is not None:
         sparsity = " ".join(f"{s:.2f}" for s in result.stats.predicted_sparsity)
         print(f"predicted sparsity per layer: {sparsity}", file=sys.stderr)
     return 0
+
+
+def _timing_line(mode: str, t) -> str:
+    line = f"[{mode}] {t.new_tokens} tokens, compile {t.compile_s:.2f} s"
+    if t.prefill_s is not None:
+        line += f", prefill {t.prefill_s * 1e3:.1f} ms"
+    return line + f", decode {t.tokens_per_s:.1f} tokens/s"
+
+
+def _agreement(sparse, dense) -> str:
+    """How many of the sparse tokens dense decoding picks too, fed the same text."""
+    agreed, total = int(dense.agreed.sum()), int(sparse.lengths.sum())
+    text = "all" if agreed == total else f"{agreed} of"
+    return f"dense picks the same at {text} {total} steps ({agreed / total:.0%}), fed the same text"
+
+
+def _mlp_bytes(model, result) -> tuple[float, float]:
+    """MLP bytes one decode step reads, (sparse, dense): the computed neurons' rows of gate, up
+    and down (their union over the batch) plus the sign bits, against all of them."""
+    import jax.numpy as jnp
+
+    from sparseinfer_jax.bench import step_bytes
+
+    cfg = model.config
+    itemsize = jnp.dtype(model.dtype).itemsize
+    computed = float(np.mean(result.stats.computed_fraction)) * cfg.intermediate_size
+
+    def mlp(neurons: float) -> float:
+        b = step_bytes(cfg, itemsize, neurons, context=0)
+        return b["mlp"] + b["sign_bits"]
+
+    return mlp(computed), mlp(cfg.intermediate_size)
+
+
+def _comparison(model, sparse, dense, mode: str) -> str:
+    """The few lines `--compare` prints: tokens, neurons and bytes skipped, both speeds."""
+    mib = 2**20
+    read, full = _mlp_bytes(model, sparse)
+    skipped = 1 - float(np.mean(sparse.stats.computed_fraction))
+    s, d = sparse.timing, dense.timing
+    return "\n".join([
+        f"{mode} vs dense, same prompt and seed:",
+        f"  tokens   {_agreement(sparse, dense)}",
+        f"  MLP      skipped {skipped:.0%} of neurons per token: read {read / mib:.2f} of "
+        f"{full / mib:.2f} MiB of MLP weights ({1 - read / full:.0%} fewer bytes, sign bits "
+        "included)",
+        f"  decode   {mode} {s.tokens_per_s:.0f} tokens/s, dense {d.tokens_per_s:.0f} tokens/s "
+        f"({s.tokens_per_s / d.tokens_per_s:.2f}x)",
+        f"  compile  {mode} {s.compile_s:.1f} s, dense {d.compile_s:.1f} s (prefill shared)",
+    ])
 
 
 def _model_path(args: argparse.Namespace) -> str:
@@ -272,11 +347,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--prompt", action="append", required=True, help="prompt text (repeat for a batch)"
     )
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--max-new-tokens", type=int, default=48)
+    gen.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling; 1 = off")
+    gen.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.2,
+        help="divide the logits of tokens already seen by this (as transformers); 1 = off",
+    )
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument(
+        "--compare",
+        action="store_true",
+        help="also decode densely (same prompt and seed) and print whether the tokens agree, "
+        "the neurons and bytes skipped and both speeds",
+    )
+    gen.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print tokens as they are produced (default: when stdout is a terminal)",
+    )
     gen.add_argument("--stats", action="store_true", help="print per-layer predicted sparsity")
     gen.set_defaults(run=_generate)
     cal = sub.add_parser("calibrate", help="choose each layer's alpha on a text")
