@@ -8,7 +8,7 @@ from typing import TextIO
 import numpy as np
 
 # What `tokenizers` decodes an incomplete UTF-8 sequence to: the bytes of one character can
-# arrive in different tokens, so text ending in it waits for the next tokens.
+# arrive in different tokens, so a text's trailing ones wait for the next tokens.
 _INCOMPLETE = "\ufffd"
 
 
@@ -16,8 +16,8 @@ class TextStream:
     """A `generate(stream=...)` callback that writes one row's new text to a file as it arrives.
 
     The row's tokens so far are decoded as a whole each time (byte-level and sentencepiece
-    decoders merge across tokens) and only the new end of the text is written, once it no longer
-    ends in an unfinished character. Tokens after the row's first end-of-sequence token are
+    decoders merge across tokens) and only the new end of the text is written, short of an
+    unfinished character at its end. Tokens after the row's first end-of-sequence token are
     ignored, so the written text equals `GenerationResult.text[row]`.
     """
 
@@ -37,9 +37,7 @@ class TextStream:
                 break
             self._ids.append(t)
             self._ended = t in self._eos
-        text = self._tokenizer.decode(self._ids)
-        if not text.endswith(_INCOMPLETE):
-            self._write(text)
+        self._write(self._tokenizer.decode(self._ids).rstrip(_INCOMPLETE))
 
     def finish(self) -> None:
         """Writes what is still held back (an unfinished character stays as U+FFFD)."""
