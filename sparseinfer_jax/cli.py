@@ -181,8 +181,8 @@ def _comparison(model, sparse, dense, mode: str) -> str:
         f"  compile  {mode} {s.compile_s:.1f} s, dense {d.compile_s:.1f} s (prefill shared)",
     ]
     if speedup < 1:
-        lines.append("  note     skipping pays where a step is bound by reading weights, not by "
-                     "per-op costs: see `sparseinfer bench --shape 1b`")
+        lines.append("  note     skipping pays off where reading weights bounds a step: "
+                     "`sparseinfer bench --shape 1b`")
     return "\n".join(lines)
 
 
