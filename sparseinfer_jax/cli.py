@@ -78,6 +78,9 @@ def _generate(args: argparse.Namespace) -> int:
     args.model = args.model or SHIPPED_MODEL
     if args.compare and args.mode == "dense":
         raise UserError("--compare compares a sparse mode with dense; add --mode sparse.")
+    if args.compare and args.max_new_tokens < 2:
+        raise UserError("--compare needs --max-new-tokens 2 or more: the first new token comes "
+                        "from the dense prefill, so sparse decoding starts at the second.")
     model, tokenizer = load(
         args.model,
         dtype=args.dtype,
@@ -372,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="print tokens as they are produced (default: when stdout is a terminal)",
+        help="print tokens as they are produced, for one prompt (default: when stdout is a "
+        "terminal)",
     )
     gen.add_argument("--stats", action="store_true", help="print per-layer predicted sparsity")
     gen.set_defaults(run=_generate)

@@ -77,6 +77,7 @@ def test_streamed_output_equals_the_one_shot_output(monkeypatch, capsys, flags):
     "argv, match",
     [
         (["--compare"], "--compare"),  # dense mode: nothing to compare
+        (["--mode", "sparse", "--compare", "--max-new-tokens", "1"], "--max-new-tokens 2"),
         (["--mode", "sparse", "--repetition-penalty", "0.5"], "repetition_penalty"),
         (["--temperature", "-1"], "temperature"),
         (["--top-p", "0"], "top_p"),
