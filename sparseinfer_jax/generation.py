@@ -5,7 +5,7 @@ statically shaped KV cache of `P + N` slots and samples the first new token. The
 runs a `lax.while_loop` of decode steps (one token per row, the MLP in the model's mode) until a
 step limit or until every row has produced an EOS token; it donates the cache, so it updates in
 place. Without streaming the decode is one call up to `max_new_tokens`; when streaming it is a
-few calls of the same program, `stream_chunk` steps each, with the loop state carried between
+few calls of the same program, with the loop state carried between
 them. P and N are rounded up to buckets, so calls with similar prompt and output lengths reuse
 the compiled programs; temperature, top-p, the repetition penalty, alpha and the step limit are
 data and never recompile.
@@ -34,7 +34,9 @@ from sparseinfer_jax.model import KVCache, Llama
 from sparseinfer_jax.sampling import penalize_repeats, sample
 
 MIN_BUCKET = 16
-STREAM_CHUNK = 8  # decode steps per compiled call when streaming
+# Streaming hands tokens over about this often: each call of the decode program runs as many
+# steps as the measured step rate fits in it (one step while there is no rate yet).
+STREAM_INTERVAL_S = 0.05
 STATS = (None, "predicted", "diagnostic")
 
 
@@ -338,7 +340,7 @@ def generate(
     timing: bool = True,
     follow=None,
     stream: Callable[[np.ndarray], None] | None = None,
-    stream_chunk: int = STREAM_CHUNK,
+    stream_chunk: int | None = None,
 ) -> GenerationResult:
     """Generates continuations of a batch of prompts with two compiled programs.
 
@@ -363,8 +365,9 @@ def generate(
         token (with the same seed, so the same sampling noise).
       stream: called with each run of new tokens `[B, k]` (numpy; the pad id after a row's EOS)
         as soon as the host has them. The decode loop then runs as calls of the same compiled
-        program, `stream_chunk` steps each; the next call is queued before the tokens of the
-        last are handed over, so the device does not wait for the host.
+        program, each `stream_chunk` steps (default: what fits in `STREAM_INTERVAL_S` at the
+        measured step rate); the next call is queued before the tokens of the last are handed
+        over, so the device does not wait for the host.
     Returns:
       A GenerationResult.
     """
@@ -377,7 +380,7 @@ def generate(
         raise UserError(f"top_k must be at least 1, got {top_k}.")
     if not repetition_penalty >= 1:
         raise UserError(f"repetition_penalty must be >= 1 (1 = off), got {repetition_penalty}.")
-    if stream_chunk < 1:
+    if stream_chunk is not None and stream_chunk < 1:
         raise UserError(f"stream_chunk must be at least 1, got {stream_chunk}.")
     cfg = model.config
     eos_ids = (
@@ -486,17 +489,22 @@ def generate(
     )
 
 
-def _stream(run, cache, loop: DecodeState, max_new_tokens: int, chunk: int, stream) -> DecodeState:
-    """Runs the decode as calls of `chunk` steps, handing each call's new tokens to `stream`;
-    returns the final loop state."""
-    handed = 0
-    stop = 1
+def _stream(
+    run, cache, loop: DecodeState, max_new_tokens: int, chunk: int | None, stream
+) -> DecodeState:
+    """Runs the decode as calls of `chunk` steps (None: sized to `STREAM_INTERVAL_S`), handing
+    each call's new tokens to `stream`; returns the final loop state."""
+    handed, stop, rate = 0, 1, None
+    start = time.perf_counter()
     while True:
         following = None
         if stop < max_new_tokens:  # queued before reading `loop`, so the device keeps working
-            stop = min(stop + chunk, max_new_tokens)
+            size = chunk or (1 if rate is None else max(1, int(rate * STREAM_INTERVAL_S)))
+            stop = min(stop + size, max_new_tokens)
             cache, following = run(cache, loop, stop)
         step, done = int(loop.step), np.asarray(loop.done)
+        if step > 1:  # decode steps per second so far
+            rate = (step - 1) / (time.perf_counter() - start)
         if step > handed:
             stream(np.asarray(loop.out)[:, handed:step])
             handed = step

@@ -38,7 +38,7 @@ def _collect(model, chunk: int, **kw):
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
-@pytest.mark.parametrize("chunk", [1, 3, 8, 64])
+@pytest.mark.parametrize("chunk", [1, 3, 8, 64, None])
 @pytest.mark.parametrize(
     "sampling",
     [dict(), dict(temperature=0.9, top_p=0.8, repetition_penalty=1.3, seed=4)],
@@ -53,9 +53,10 @@ def test_streamed_tokens_equal_the_one_call_decode(tiny, mode, chunk, sampling):
     assert compilation_count() == before  # the same two programs, whatever the chunk
     np.testing.assert_array_equal(np.concatenate(pieces, axis=1), whole.tokens)
     np.testing.assert_array_equal(streamed.tokens, whole.tokens)
-    # The prefill's token first, then calls of `chunk` decode steps (the last may be shorter).
-    assert [p.shape[1] for p in pieces[:2]] == [1, min(chunk, NEW - 1)]
-    assert all(p.shape[1] <= chunk for p in pieces[1:])
+    # The prefill's token first, then calls of `chunk` decode steps (the last may be shorter);
+    # sized by the step rate when None, starting at one step.
+    assert [p.shape[1] for p in pieces[:2]] == [1, min(chunk or 1, NEW - 1)]
+    assert all(p.shape[1] <= (chunk or NEW) for p in pieces[1:])
 
 
 def test_streaming_stops_at_eos_like_the_one_call_decode(tiny):
