@@ -8,9 +8,9 @@ grid fine enough to hit any fraction), and the fraction actually computed is mea
 sparse run itself.
 
 Every figure comes from `block_until_ready` timings of compiled programs after a warm-up run:
-- decode: `generate()` (prefill + `lax.while_loop` of `tokens` decode steps, one program) run
-  `repeats` times; per-token latency = (full run - prefill-only run) / (tokens - 1), median and
-  spread over the repeats;
+- decode: `generate()` (a prefill program, then one call of the decode program's
+  `lax.while_loop` of `tokens` steps) run `repeats` times; per-token latency = the decode call's
+  time / (tokens - 1), median and spread over the repeats;
 - bytes per decode step: the weights the step must read (attention, the computed MLP rows, sign
   bits, final norm and LM head, one embedding row) plus the live KV cache; / latency = achieved
   GB/s, compared with the copy bandwidth measured in the same run (`copy_bandwidth`);

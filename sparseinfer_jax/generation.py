@@ -1,10 +1,14 @@
-"""Text generation: prefill and the whole decode loop in one compiled program.
+"""Text generation: a compiled prefill, then the whole decode loop in one compiled program.
 
-The program takes left-padded prompts `[B, P]` and runs a dense prefill that fills a statically
-shaped KV cache of `P + N` slots, then a `lax.while_loop` of decode steps (one token per row, the
-MLP in the model's mode) until `max_new_tokens` or until every row has produced an EOS token.
-P and N are rounded up to buckets, so calls with similar prompt and output lengths reuse one
-compiled program; temperature, top-p, alpha and the step limit are data and never recompile.
+The prefill program takes left-padded prompts `[B, P]`, runs a dense forward pass that fills a
+statically shaped KV cache of `P + N` slots and samples the first new token. The decode program
+runs a `lax.while_loop` of decode steps (one token per row, the MLP in the model's mode) until a
+step limit or until every row has produced an EOS token; it donates the cache, so it updates in
+place. Without streaming the decode is one call up to `max_new_tokens`; when streaming it is a
+few calls of the same program, with the loop state carried between
+them. P and N are rounded up to buckets, so calls with similar prompt and output lengths reuse
+the compiled programs; temperature, top-p, the repetition penalty, alpha and the step limit are
+data and never recompile.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +31,12 @@ from sparseinfer_jax.config import alpha_per_layer
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.mlp import STAT_FIELDS, bytes_fraction, check_mode, predictor_share
 from sparseinfer_jax.model import KVCache, Llama
-from sparseinfer_jax.sampling import sample
+from sparseinfer_jax.sampling import penalize_repeats, sample
 
 MIN_BUCKET = 16
+# Streaming hands tokens over about this often: each call of the decode program runs as many
+# steps as the measured step rate fits in it (one step while there is no rate yet).
+STREAM_INTERVAL_S = 0.05
 STATS = (None, "predicted", "diagnostic")
 
 
@@ -105,11 +112,14 @@ class GenerationResult:
 
     tokens: `[B, N]` new token ids; after a row's EOS (kept) the rest is the pad id.
     lengths: `[B]` new tokens per row, its EOS included.
+    agreed: `[B]` new tokens per row that are the model's own choice (all of them without
+      `follow`).
     text: decoded new text per row when a tokenizer was given.
     """
 
     tokens: np.ndarray
     lengths: np.ndarray
+    agreed: np.ndarray
     timing: Timing
     text: list[str] | None = None
     stats: LayerStats | None = None
@@ -119,38 +129,59 @@ _COMPILED: dict[Any, Any] = {}
 
 
 def compilation_count() -> int:
-    """Number of generation programs compiled in this process (one per bucket and setting)."""
+    """Number of generation programs compiled in this process: a prefill and a decode program
+    per bucket and setting (dense and sparse decoding share the prefill)."""
     return len(_COMPILED)
 
 
-def _program(
-    state,
-    tokens,
-    pad,
-    max_steps,
-    temperature,
-    top_p,
-    alpha,
-    key,
-    *,
-    graphdef,
-    new_slots,
-    mode,
-    backend,
-    stats,
-    top_k,
-    eos_ids,
-    pad_id,
+class DecodeState(NamedTuple):
+    """The decode loop's state between compiled calls (the KV cache travels beside it, donated).
+
+    step: `[]` int32, new tokens produced so far (the prefill produces the first).
+    tok: `[B]` int32, each row's last token.
+    done: `[B]` bool, rows that produced an EOS.
+    key: the PRNG key of the next step.
+    out: `[B, N]` int32 new tokens; the pad id after a row's EOS and beyond `step`.
+    seen: `[B, V]` bool, the tokens of each row's prompt and output (for the repetition penalty).
+    follow: `[B, N]` int32 tokens to emit instead of the model's choice where >= 0 (-1: free).
+    agreed: `[B]` int32, steps whose emitted token is the one the model chose itself.
+    stat_sums: `[L, len(STAT_FIELDS)]` int32 MLP statistics summed over decode steps.
+    """
+
+    step: jax.Array
+    tok: jax.Array
+    done: jax.Array
+    key: jax.Array
+    out: jax.Array
+    seen: jax.Array
+    follow: jax.Array
+    agreed: jax.Array
+    stat_sums: jax.Array
+
+
+def _next_token(model: Llama, hidden, seen, key, follow, temperature, top_p, penalty, top_k):
+    """Samples `[B]` tokens from the last hidden states `[B, D]` unless `follow [B]` (>= 0)
+    gives them; returns the tokens, whether they are the model's own choice, and the next key."""
+    key, sub = jax.random.split(key)
+    logits = penalize_repeats(model.logits(hidden), seen, penalty)
+    own = sample(logits, sub, temperature, top_p, top_k=top_k)
+    tok = jnp.where(follow >= 0, follow, own)
+    return tok, own == tok, key
+
+
+def _prefill(
+    state, tokens, pad, follow, temperature, top_p, penalty, key, *, graphdef, backend, top_k,
+    eos_ids, pad_id,
 ):
-    """Prefill + decode loop. tokens `[B, P]` left-padded, pad `[B]` pad counts."""
+    """Dense prefill of left-padded `tokens [B, P]` (`pad [B]` pad counts) into a cache of
+    `P + N` slots (`follow: [B, N]`); returns the cache and the state after the first new token.
+    """
     model: Llama = nnx.merge(graphdef, state)
-    model.set_alphas(alpha)
     cfg = model.config
     b, p = tokens.shape
+    new_slots = follow.shape[1]
     slots = jnp.arange(p + new_slots)
     valid = slots[None, :] >= pad[:, None]
-    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
-
     cache = KVCache.zeros(cfg, b, p + new_slots, model.dtype)
     if model.mesh is not None:
         cache = jax.lax.with_sharding_constraint(cache, sharding.cache_sharding(cfg, model.mesh, b))
@@ -159,35 +190,74 @@ def _program(
     hidden, cache, _ = model.forward(
         tokens, positions, mask, cache, 0, mode="dense", backend=backend
     )
-    key, sub = jax.random.split(key)
-    tok = sample(model.logits(hidden[:, -1:])[:, 0], sub, temperature, top_p, top_k=top_k)
-    done = jnp.isin(tok, eos)
-    out = jnp.full((b, new_slots), pad_id, jnp.int32).at[:, 0].set(tok)
-    stat_sums = jnp.zeros((cfg.num_hidden_layers, len(STAT_FIELDS)), jnp.int32)
+    rows = jnp.arange(b)[:, None]
+    counts = jnp.zeros((b, cfg.vocab_size), jnp.int32)
+    seen = counts.at[rows, tokens].add(valid[:, :p].astype(jnp.int32)) > 0
+    tok, agreed, key = _next_token(
+        model, hidden[:, -1], seen, key, follow[:, 0], temperature, top_p, penalty, top_k
+    )
+    state = DecodeState(
+        step=jnp.int32(1),
+        tok=tok,
+        done=jnp.isin(tok, jnp.asarray(eos_ids or (-1,), jnp.int32)),
+        key=key,
+        out=jnp.full((b, new_slots), pad_id, jnp.int32).at[:, 0].set(tok),
+        seen=seen.at[rows[:, 0], tok].set(True),
+        follow=follow,
+        agreed=agreed.astype(jnp.int32),
+        stat_sums=jnp.zeros((cfg.num_hidden_layers, len(STAT_FIELDS)), jnp.int32),
+    )
+    return cache, state
+
+
+def _decode(
+    state, cache, loop, pad, stop, temperature, top_p, penalty, alpha, *, graphdef, mode,
+    backend, stats, top_k, eos_ids, pad_id,
+):
+    """Decode steps (one token per row, the MLP in `mode`) from `loop` until `stop` new tokens
+    or every row's EOS; returns the cache and the loop state."""
+    model: Llama = nnx.merge(graphdef, state)
+    model.set_alphas(alpha)
+    b, n = loop.out.shape
+    p = cache.k[0].shape[1] - n
+    slots = jnp.arange(p + n)
+    valid = slots[None, :] >= pad[:, None]
+    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
     def cond(carry):
-        step, _, done, *_ = carry
-        return (step < max_steps) & ~jnp.all(done)
+        _, loop = carry
+        return (loop.step < stop) & ~jnp.all(loop.done)
 
     def body(carry):
-        step, tok, done, cache, key, out, stat_sums = carry
-        slot = p + step - 1
+        cache, loop = carry
+        slot = p + loop.step - 1
         positions = (slot - pad)[:, None].astype(jnp.int32)
         mask = ((slots <= slot)[None, :] & valid)[:, None, :]
         hidden, cache, layer_stats = model.forward(
-            tok[:, None], positions, mask, cache, slot, mode=mode, backend=backend, stats=stats
+            loop.tok[:, None], positions, mask, cache, slot, mode=mode, backend=backend,
+            stats=stats,
         )
-        key, sub = jax.random.split(key)
-        new = sample(model.logits(hidden)[:, 0], sub, temperature, top_p, top_k=top_k)
-        new = jnp.where(done, pad_id, new)
-        out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
-        if stats is not None:
-            stat_sums = stat_sums + layer_stats
-        return step + 1, new, done | jnp.isin(new, eos), cache, key, out, stat_sums
+        follow = jax.lax.dynamic_index_in_dim(loop.follow, loop.step, axis=1, keepdims=False)
+        new, agreed, key = _next_token(
+            model, hidden[:, 0], loop.seen, loop.key, follow, temperature, top_p, penalty, top_k
+        )
+        agreed = loop.agreed + (agreed & ~loop.done)
+        new = jnp.where(loop.done, pad_id, new)
+        stat_sums = loop.stat_sums if stats is None else loop.stat_sums + layer_stats
+        loop = DecodeState(
+            step=loop.step + 1,
+            tok=new,
+            done=loop.done | jnp.isin(new, eos),
+            key=key,
+            out=jax.lax.dynamic_update_slice(loop.out, new[:, None], (0, loop.step)),
+            seen=loop.seen.at[jnp.arange(b), new].set(True),
+            follow=loop.follow,
+            agreed=agreed,
+            stat_sums=stat_sums,
+        )
+        return cache, loop
 
-    carry = (jnp.int32(1), tok, done, cache, key, out, stat_sums)
-    steps, _, _, _, _, out, stat_sums = jax.lax.while_loop(cond, body, carry)
-    return out, steps, stat_sums
+    return jax.lax.while_loop(cond, body, (cache, loop))
 
 
 def _encode(prompts, tokenizer) -> list[list[int]]:
@@ -240,6 +310,24 @@ def _check(
         raise UserError(f"temperature must be >= 0, got {temperature}.")
 
 
+def _follow_array(follow, rows: int, slots: int, max_new_tokens: int, vocab: int) -> np.ndarray:
+    """`follow` as `[rows, slots]` int32, -1 where the model chooses."""
+    out = np.full((rows, slots), -1, np.int32)
+    if follow is None:
+        return out
+    follow = [list(map(int, row)) for row in follow]
+    if len(follow) != rows or any(len(row) > max_new_tokens for row in follow):
+        raise UserError(
+            f"follow must give at most max_new_tokens ({max_new_tokens}) ids for each of the "
+            f"{rows} prompts."
+        )
+    if any(not 0 <= t < vocab for row in follow for t in row):
+        raise UserError(f"a follow token id is outside the vocabulary [0, {vocab}).")
+    for i, row in enumerate(follow):
+        out[i, : len(row)] = row
+    return out
+
+
 def _alpha_array(model: Llama, alpha) -> jnp.ndarray:
     if alpha is None:
         return model.alphas()
@@ -255,6 +343,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    repetition_penalty: float = 1.0,
     seed: int = 0,
     stop_at_eos: bool = True,
     mode: str | None = None,
@@ -263,8 +352,11 @@ def generate(
     stats: str | None = None,
     eos_token_ids: Sequence[int] | None = None,
     timing: bool = True,
+    follow=None,
+    stream: Callable[[np.ndarray], None] | None = None,
+    stream_chunk: int | None = None,
 ) -> GenerationResult:
-    """Generates continuations of a batch of prompts with one compiled program.
+    """Generates continuations of a batch of prompts with two compiled programs.
 
     Args:
       model: a `Llama` (from `sparseinfer_jax.load`).
@@ -272,6 +364,7 @@ def generate(
         of lists of different lengths; they are left-padded).
       max_new_tokens: new tokens per row at most.
       temperature: 0 for greedy decoding; top_k / top_p restrict sampling.
+      repetition_penalty: >= 1, transformers' rule for tokens already in the row (1 = off).
       seed: PRNG seed for sampling.
       stop_at_eos: stop a row at the model's EOS token, and the whole loop when all rows have.
       mode, backend: decode-step MLP mode and kernel backend; default: the model's. Prefill is
@@ -279,7 +372,16 @@ def generate(
       alpha: override of the per-layer conservativeness (a number or one per layer).
       stats: None, "predicted" or "diagnostic" (adds true sparsity, recall and precision).
       eos_token_ids: tokens that end a row; default: the model config's.
-      timing: also time the prefill alone (runs it once more), to split prefill and decode time.
+      timing: wait for the prefill before starting the decode, to time the two apart.
+      follow: token ids per row (`[B, k]`, or lists of at most `max_new_tokens`) to emit instead
+        of the model's own choices, e.g. another mode's output: the model then decodes the same
+        text, and `GenerationResult.agreed` counts the steps where it would have chosen the same
+        token (with the same seed, so the same sampling noise).
+      stream: called with each run of new tokens `[B, k]` (numpy; the pad id after a row's EOS)
+        as soon as the host has them. The decode loop then runs as calls of the same compiled
+        program, each `stream_chunk` steps (default: what fits in `STREAM_INTERVAL_S` at the
+        measured step rate); the next call is queued before the tokens of the last are handed
+        over, so the device does not wait for the host.
     Returns:
       A GenerationResult.
     """
@@ -290,6 +392,10 @@ def generate(
     _check(model, ids, max_new_tokens, mode, backend, stats, top_p, temperature)
     if top_k is not None and top_k < 1:
         raise UserError(f"top_k must be at least 1, got {top_k}.")
+    if not repetition_penalty >= 1:
+        raise UserError(f"repetition_penalty must be >= 1 (1 = off), got {repetition_penalty}.")
+    if stream_chunk is not None and stream_chunk < 1:
+        raise UserError(f"stream_chunk must be at least 1, got {stream_chunk}.")
     cfg = model.config
     eos_ids = (
         tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids) if stop_at_eos else ()
@@ -301,68 +407,87 @@ def generate(
     for i, row in enumerate(ids):
         tokens[i, p - len(row) :] = row
     pad = np.asarray([p - len(row) for row in ids], np.int32)
+    forced = _follow_array(follow, len(ids), n, max_new_tokens, cfg.vocab_size)
 
     graphdef, state = nnx.split(model)
-    statics = dict(
-        new_slots=n,
-        mode=mode,
-        backend=backend,
-        stats=stats,
-        top_k=top_k,
-        eos_ids=eos_ids,
-        pad_id=int(pad_id),
-    )
+    shared = dict(backend=backend, top_k=top_k, eos_ids=eos_ids, pad_id=int(pad_id))
     data = (
         tokens,
         pad,
-        np.int32(max_new_tokens),
+        forced,
         np.float32(temperature),
         np.float32(top_p),
-        _alpha_array(model, alpha),
+        np.float32(repetition_penalty),
         jax.random.key(seed),
-        np.int32(1),  # the step limit of the prefill-only timing run
+        _alpha_array(model, alpha),
     )
     jit_kwargs = {}
-    if model.mesh is not None:  # rows over `data`; results replicated, so every host can read them
-        rows, replicated = (
-            sharding.batch_sharding(model.mesh, len(ids)),
-            NamedSharding(model.mesh, P()),
-        )
-        data = jax.device_put(data, (rows, rows) + (replicated,) * 6)
-        jit_kwargs["out_shardings"] = replicated
+    put_scalar = jax.device_put
+    if model.mesh is not None:  # rows over `data`; the loop state replicated: every host reads it
+        rows = sharding.batch_sharding(model.mesh, len(ids))
+        replicated = NamedSharding(model.mesh, P())
+        data = jax.device_put(data, (rows, rows, rows) + (replicated,) * 5)
+        caches = sharding.cache_sharding(cfg, model.mesh, len(ids))
+        jit_kwargs["out_shardings"] = (caches, replicated)
+        put_scalar = functools.partial(jax.device_put, device=replicated)
     else:
         data = jax.device_put(data)
-    args, one_step = (state, *data[:-1]), data[-1]
-    cache_key = (graphdef, tokens.shape, tuple(sorted(statics.items())))
-    compile_s = 0.0
-    if cache_key not in _COMPILED:
-        start = time.perf_counter()
-        program = jax.jit(functools.partial(_program, graphdef=graphdef, **statics), **jit_kwargs)
-        _COMPILED[cache_key] = program.lower(*args).compile()
-        compile_s = time.perf_counter() - start
-    compiled = _COMPILED[cache_key]
+    tokens_d, pad_d, forced_d, temperature_d, top_p_d, penalty_d, key_d, alpha_d = data
 
+    compile_s = 0.0
+
+    def compiled(name, fn, statics, args, **jit_extra):
+        nonlocal compile_s
+        cache_key = (name, graphdef, tokens.shape, n, tuple(sorted(statics.items())))
+        if cache_key not in _COMPILED:
+            start = time.perf_counter()
+            jitted = jax.jit(
+                functools.partial(fn, graphdef=graphdef, **statics), **jit_kwargs, **jit_extra
+            )
+            _COMPILED[cache_key] = jitted.lower(*args).compile()
+            compile_s += time.perf_counter() - start
+        return _COMPILED[cache_key]
+
+    prefill_args = (state, tokens_d, pad_d, forced_d, temperature_d, top_p_d, penalty_d, key_d)
+    prefill = compiled("prefill", _prefill, shared, prefill_args)
+    start = time.perf_counter()
+    cache, loop = prefill(*prefill_args)
     prefill_s = None
     if timing:
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args[:3], one_step, *args[4:]))
+        jax.block_until_ready(loop)
         prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
-    out, steps, stat_sums = jax.block_until_ready(compiled(*args))
-    total_s = time.perf_counter() - start
 
-    steps = int(steps)
-    out = np.asarray(out)[:, :steps]
+    decode_statics = dict(mode=mode, stats=stats, **shared)
+    decode_args = (state, cache, loop, pad_d, put_scalar(np.int32(max_new_tokens)),
+                   temperature_d, top_p_d, penalty_d, alpha_d)
+    # The cache is donated, so each call updates it in place; the small loop state is not, so
+    # the host can read one call's tokens while the next call runs.
+    decode = compiled("decode", _decode, decode_statics, decode_args, donate_argnums=(1,))
+
+    def run(cache, loop, stop: int):
+        return decode(state, cache, loop, pad_d, put_scalar(np.int32(stop)), *decode_args[5:])
+
+    decode_start = time.perf_counter()
+    if stream is None:
+        cache, loop = run(cache, loop, max_new_tokens)
+    else:
+        loop = _stream(run, cache, loop, max_new_tokens, stream_chunk, stream)
+    jax.block_until_ready(loop)
+    end = time.perf_counter()
+
+    steps = int(loop.step)
+    out = np.asarray(loop.out)[:, :steps]
     eos = np.isin(out, eos_ids)
     lengths = np.where(eos.any(axis=1), eos.argmax(axis=1) + 1, steps)
-    decode = None
+    decode_s = None
     if prefill_s is not None and steps > 1:
-        decode = max(total_s - prefill_s, 0.0) / (steps - 1)
+        decode_s = (end - decode_start) / (steps - 1)
     layer_stats = None
     if stats is not None:
         share = predictor_share(cfg, jnp.dtype(model.dtype).itemsize) if mode == "sparse" else 0.0
         layer_stats = LayerStats.from_sums(
-            np.asarray(stat_sums), steps - 1, cfg.intermediate_size, stats == "diagnostic", share
+            np.asarray(loop.stat_sums), steps - 1, cfg.intermediate_size, stats == "diagnostic",
+            share,
         )
     text = None
     if tokenizer is not None:
@@ -373,7 +498,32 @@ def generate(
     return GenerationResult(
         tokens=out,
         lengths=lengths,
+        agreed=np.asarray(loop.agreed),
         text=text,
         stats=layer_stats,
-        timing=Timing(compile_s, prefill_s, decode, total_s, steps),
+        timing=Timing(compile_s, prefill_s, decode_s, end - start, steps),
     )
+
+
+def _stream(
+    run, cache, loop: DecodeState, max_new_tokens: int, chunk: int | None, stream
+) -> DecodeState:
+    """Runs the decode as calls of `chunk` steps (None: sized to `STREAM_INTERVAL_S`), handing
+    each call's new tokens to `stream`; returns the final loop state."""
+    handed, stop, rate = 0, 1, None
+    start = time.perf_counter()
+    while True:
+        following = None
+        if stop < max_new_tokens:  # queued before reading `loop`, so the device keeps working
+            size = chunk or (1 if rate is None else max(1, int(rate * STREAM_INTERVAL_S)))
+            stop = min(stop + size, max_new_tokens)
+            cache, following = run(cache, loop, stop)
+        step, done = int(loop.step), np.asarray(loop.done)
+        if step > 1:  # decode steps per second so far
+            rate = (step - 1) / (time.perf_counter() - start)
+        if step > handed:
+            stream(np.asarray(loop.out)[:, handed:step])
+            handed = step
+        if following is None or done.all():
+            return loop if following is None else following
+        loop = following

@@ -1,4 +1,5 @@
-"""Next-token selection: greedy, temperature, top-k and top-p (nucleus) sampling."""
+"""Next-token selection: a repetition penalty, then greedy, temperature, top-k and top-p
+(nucleus) sampling."""
 
 from __future__ import annotations
 
@@ -40,3 +41,18 @@ def sample(
     scaled = jnp.where(scaled < cutoff, neg, scaled)
     sampled = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy)
+
+
+def penalize_repeats(logits: jnp.ndarray, seen: jnp.ndarray, penalty: jnp.ndarray) -> jnp.ndarray:
+    """Makes tokens already in the row less likely, as transformers' `repetition_penalty`.
+
+    Args:
+      logits: `[B, V]` float32.
+      seen: `[B, V]` bool, the tokens of the row's prompt and output so far.
+      penalty: scalar >= 1 (1 = off); a seen token's logit is divided by it when positive and
+        multiplied by it when negative. Data, so changing it never recompiles.
+    Returns:
+      `[B, V]` float32.
+    """
+    penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalized, logits)

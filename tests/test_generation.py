@@ -32,10 +32,11 @@ def test_same_bucket_reuses_the_compiled_program(tiny):
     generate(model, [[5, 6, 7]], max_new_tokens=10)
     before = compilation_count()
     generate(model, [[8, 9, 10, 11, 12]], max_new_tokens=13, temperature=0.7, top_p=0.9, seed=3)
-    generate(model, [[5, 6]], max_new_tokens=4, alpha=2.0)
+    generate(model, [[5, 6]], max_new_tokens=4, alpha=2.0, repetition_penalty=1.3)
     assert compilation_count() == before
+    # A longer prompt bucket: one new prefill and one new decode program.
     generate(model, [list(range(3, 3 + bucket(16) + 1))], max_new_tokens=4)
-    assert compilation_count() == before + 1
+    assert compilation_count() == before + 2
 
 
 def test_eos_stops_rows_and_the_loop(tiny):

@@ -181,3 +181,26 @@ def test_training_is_deterministic_and_loads_in_transformers(tmp_path):
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+@shipped
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cli_defaults_write_text_without_loops(seed):
+    """`sparseinfer generate`'s defaults (seeded sampling, a repetition penalty) keep the small
+    model out of the loops greedy decoding falls into ("XPath,YYYYYYYY...")."""
+    import re
+
+    from sparseinfer_jax import generate
+    from sparseinfer_jax.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "Return the", "--mode", "sparse"])
+    assert args.temperature > 0 and args.repetition_penalty > 1  # greedy is `--temperature 0`
+    model, tokenizer = load(FOLDER, mode=args.mode)
+    result = generate(model, args.prompt, tokenizer=tokenizer, seed=seed,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    text, tokens = result.text[0], result.tokens[0, : result.lengths[0]].tolist()
+    assert max(len(m[0]) for m in re.finditer(r"(\S)\1*", text)) <= 6, text
+    assert max(tokens.count(t) for t in set(tokens)) <= max(4, len(tokens) // 5), text
+    words = re.findall(r"[A-Za-z]{2,}", text)
+    assert len(words) >= len(tokens) // 3, text  # mostly words, not symbols
