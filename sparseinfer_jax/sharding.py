@@ -64,6 +64,31 @@ def make_mesh(data: int = 1, model: int = 1, devices=None) -> Mesh:
     )
 
 
+def as_mesh(mesh: Mesh) -> Mesh:
+    """`mesh` as the `(data, model)` mesh with Auto axes that the rest of this module expects.
+
+    Accepts any `jax.sharding.Mesh` whose axes are named `data` and/or `model` (in any order,
+    any axis types: on jax 0.10 `jax.make_mesh` makes Explicit axes, which
+    `with_sharding_constraint` refuses); a missing axis gets size 1, and other axes are allowed
+    only with size 1. Same devices, same layout.
+    """
+    auto = jax.sharding.AxisType.Auto
+    if mesh.axis_names == AXES and all(t == auto for t in mesh.axis_types):
+        return mesh
+    names = tuple(mesh.axis_names)
+    others = [n for n in names if n not in AXES and mesh.shape[n] != 1]
+    if others:
+        raise UserError(
+            f"the mesh has axes {', '.join(map(str, names))}; SparseInfer uses 'data' and "
+            f"'model' (other axes only of size 1), e.g. jax.make_mesh((1, 4), {AXES})."
+        )
+    kept = [n for n in names if n in AXES]
+    devices = np.asarray(mesh.devices).reshape([mesh.shape[n] for n in kept])
+    devices = np.transpose(devices, [kept.index(a) for a in AXES if a in kept])
+    sizes = tuple(mesh.shape.get(a, 1) for a in AXES)
+    return Mesh(devices.reshape(sizes), AXES, axis_types=(auto,) * len(AXES))
+
+
 def mesh_from_text(text: str | None) -> Mesh | None:
     """The mesh for a `--mesh` option value; None (one device, no mesh) when text is None."""
     return None if text is None else make_mesh(**parse_mesh(text))
@@ -114,7 +139,7 @@ def initialize_distributed() -> None:
 
 def check_config(cfg: LlamaConfig, mesh: Mesh) -> None:
     """Raises UserError when the model cannot be split over the mesh's `model` axis."""
-    m = mesh.shape["model"]
+    m = as_mesh(mesh).shape["model"]
     for name in ("num_attention_heads", "intermediate_size"):
         n = getattr(cfg, name)
         if n % m:
@@ -131,13 +156,13 @@ def check_config(cfg: LlamaConfig, mesh: Mesh) -> None:
 
 
 def _kv_axis(cfg: LlamaConfig, mesh: Mesh) -> str | None:
-    return "model" if cfg.num_key_value_heads % mesh.shape["model"] == 0 else None
+    return "model" if cfg.num_key_value_heads % as_mesh(mesh).shape["model"] == 0 else None
 
 
 def param_specs(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
     """PartitionSpecs of the params tree (checkpoint layout, layers stacked on a leading L axis)."""
     kv = _kv_axis(cfg, mesh)
-    vocab = "model" if cfg.vocab_size % mesh.shape["model"] == 0 else None
+    vocab = "model" if cfg.vocab_size % as_mesh(mesh).shape["model"] == 0 else None
     neurons = P(None, "model", None)  # [L, F, D] and [L, F, W]: each device its own neurons
     specs = {
         "embed_tokens": {"embedding": P(vocab, None)},
@@ -166,6 +191,7 @@ def param_specs(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
 
 
 def _named(mesh: Mesh, specs: dict[str, Any]) -> dict[str, Any]:
+    mesh = as_mesh(mesh)
     return jax.tree.map(
         lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P)
     )
@@ -187,18 +213,20 @@ def model_shardings(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
 
 def batch_axis(mesh: Mesh, batch: int) -> str | None:
     """The "data" axis when the batch splits evenly over it, else None (rows replicated)."""
-    return "data" if batch % mesh.shape["data"] == 0 else None
+    return "data" if batch % as_mesh(mesh).shape["data"] == 0 else None
 
 
 def batch_sharding(mesh: Mesh, batch: int) -> NamedSharding:
     """Sharding of a `[B, ...]` array: rows over `data`."""
-    return NamedSharding(mesh, P(batch_axis(mesh, batch)))
+    return NamedSharding(as_mesh(mesh), P(batch_axis(mesh, batch)))
 
 
 def cache_sharding(cfg: LlamaConfig, mesh: Mesh, batch: int) -> NamedSharding:
     """Sharding of one layer's KV cache array `[B, S, K, hd]`: batch over data, KV heads over
     model."""
-    return NamedSharding(mesh, P(batch_axis(mesh, batch), None, _kv_axis(cfg, mesh), None))
+    return NamedSharding(
+        as_mesh(mesh), P(batch_axis(mesh, batch), None, _kv_axis(cfg, mesh), None)
+    )
 
 
 def shard_model(model, mesh: Mesh):
@@ -206,6 +234,7 @@ def shard_model(model, mesh: Mesh):
 
     Later calls (forward, `generate`) run tensor-parallel; the sparse MLP runs per neuron shard.
     """
+    mesh = as_mesh(mesh)
     check_config(model.config, mesh)
     state = nnx.state(model)
     placed = jax.device_put(nnx.to_pure_dict(state), model_shardings(model.config, mesh))
