@@ -45,15 +45,25 @@ ALPHA_GRID = np.concatenate([np.round(np.arange(1, 401) * 0.01, 2), [np.inf]]).a
 KEEP_ALL_ALPHA = 1e9
 WINDOW = 128
 RECALL_LEVELS = np.round(np.linspace(0.0, 1.0, 201), 3)  # searched by max_ppl_increase
+# Fewer tokens than this give per-layer recall counted on a handful of activations: refused.
+MIN_TOKENS = 128
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """The text of `path`; UserError when it is missing or empty."""
+    """The text of `path`; UserError when it is missing, a folder, not UTF-8 or empty."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UserError(f"text file {path} is a folder; give a UTF-8 text file.")
     if not os.path.isfile(path):
         raise UserError(f"text file {path} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"text file {path} is not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}); "
+            "convert it to UTF-8 (e.g. iconv -t UTF-8)."
+        ) from None
     if not text.strip():
         raise UserError(f"text file {path} is empty.")
     return text
@@ -138,6 +148,17 @@ class Calibration:
         return [a if math.isfinite(a) else KEEP_ALL_ALPHA for a in self.alphas]
 
 
+def check_windows(cfg, windows) -> None:
+    """Raises UserError when a window `[1, T]` is longer than the model's positions: RoPE past
+    `max_position_embeddings` gives numbers, but not the model's."""
+    longest, limit = max(w.shape[1] for w in windows), cfg.max_position_embeddings
+    if longest > limit:
+        raise UserError(
+            f"a window of {longest} tokens exceeds the model's {limit} positions "
+            f"(max_position_embeddings); use --window {limit} or less."
+        )
+
+
 def check_targets(
     target_recall: float | None,
     target_sparsity: float | None,
@@ -174,6 +195,14 @@ def calibrate(
     `max_ppl_increase` in percent (`backend` is the sparse kernels' for its perplexity runs).
     """
     check_targets(target_recall, target_sparsity, max_ppl_increase)
+    windows = list(windows)
+    check_windows(model.config, windows)
+    tokens = sum(w.shape[1] for w in windows)
+    if tokens < MIN_TOKENS:
+        raise UserError(
+            f"calibrating on {tokens} tokens would choose alphas from noise; give a text of at "
+            f"least {MIN_TOKENS} tokens (thousands are better), or a larger --max-tokens."
+        )
     grid = jnp.asarray(ALPHA_GRID)
     layers, f = model.config.num_hidden_layers, model.config.intermediate_size
     predicted = np.zeros((layers, len(ALPHA_GRID)), np.float64)

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
 
-from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.errors import (
+    UserError,
+    atomic_file,
+    check_output_file,
+    check_writable_folder,
+    run_command,
+)
 from sparseinfer_jax.mlp import BACKENDS, MODES
 
 
@@ -67,11 +76,45 @@ def _mesh(args: argparse.Namespace):
     return "auto" if args.mesh is None else sharding.mesh_from_text(args.mesh)
 
 
+def _peek_config(path: str):
+    """The model's LlamaConfig from its config.json alone (no weights read), so limits can be
+    checked before a long load; None when it cannot be read here (`load` then says why)."""
+    from sparseinfer_jax import checkpoint
+    from sparseinfer_jax.config import config_from_hf_dict
+
+    try:
+        if checkpoint.is_checkpoint(path):
+            return config_from_hf_dict(checkpoint.read_checkpoint_config(path)[0])
+        with open(os.path.join(path, "config.json")) as f:
+            return config_from_hf_dict(json.load(f))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """Fails fast (before loading the model) on bad prompts and sampling values."""
+    from sparseinfer_jax.generation import check_sampling, check_text
+
+    for prompt in args.prompt:
+        check_text(prompt, "--prompt")
+    check_sampling(args.temperature, args.top_p, args.top_k)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    cfg = _peek_config(args.model)
+    if cfg is not None and args.max_new_tokens >= cfg.max_position_embeddings:
+        raise UserError(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt within the "
+            f"model's {cfg.max_position_embeddings} positions (max_position_embeddings); ask "
+            "for fewer."
+        )
+
+
 def _generate(args: argparse.Namespace) -> int:
     from sparseinfer_jax.generation import generate
     from sparseinfer_jax.loading import SHIPPED_MODEL, load
 
     args.model = args.model or SHIPPED_MODEL
+    _check_generate_args(args)
     model, tokenizer = load(
         args.model,
         dtype=args.dtype,
@@ -122,6 +165,26 @@ def _check_text_args(args: argparse.Namespace) -> None:
         raise UserError(f"--max-tokens must be at least 2, got {args.max_tokens}.")
     if args.window < 2:
         raise UserError(f"--window must be at least 2, got {args.window}.")
+    cfg = _peek_config(_model_path(args))
+    if cfg is not None and args.window > cfg.max_position_embeddings:
+        raise UserError(
+            f"--window {args.window} exceeds the model's {cfg.max_position_embeddings} positions "
+            f"(max_position_embeddings); use --window {cfg.max_position_embeddings} or less."
+        )
+
+
+def _sweep(text: str) -> list[float]:
+    """`--sweep` as a list of alpha scale factors: finite numbers > 0."""
+    try:
+        scales = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        scales = []
+    if not scales or not all(math.isfinite(v) and v > 0 for v in scales):
+        raise UserError(
+            f"--sweep must be a comma list of positive alpha scale factors such as 0.9,1,1.1, "
+            f"got '{text}'."
+        )
+    return scales
 
 
 def _encode_windows(args: argparse.Namespace, tokenizer, model_path: str):
@@ -141,6 +204,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     check_targets(args.target_recall, args.target_sparsity, args.max_ppl_increase)
     _check_text_args(args)
     path = _model_path(args)
+    if not args.dry_run and checkpoint.is_checkpoint(path):  # the alphas go there at the end
+        check_writable_folder(path, "the calibrated alphas (config.json)")
     model, tokenizer = load(path, dtype=args.dtype, mode="dense", backend=args.backend)
     windows = _encode_windows(args, tokenizer, path)
     cal = calibrate(
@@ -182,8 +247,6 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-
     from sparseinfer_jax.evaluation import evaluate, format_report
     from sparseinfer_jax.loading import load
 
@@ -192,6 +255,15 @@ def _eval(args: argparse.Namespace) -> int:
     if not modes or bad:
         raise UserError(f"--modes must be a comma list of {', '.join(MODES)}, got '{args.modes}'.")
     _check_text_args(args)
+    scales = _sweep(args.sweep) if args.plot else None
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):
+        if out:
+            check_output_file(out, flag)
+    if args.plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:  # fail before measuring, not after
+            raise UserError("--plot needs matplotlib; pip install matplotlib.")
     path = _model_path(args)
     model, tokenizer = load(
         path, dtype=args.dtype, backend=args.backend, alpha=args.alpha, mesh=_mesh(args)
@@ -202,23 +274,21 @@ def _eval(args: argparse.Namespace) -> int:
         from sparseinfer_jax.evaluation import alpha_sweep
         from sparseinfer_jax.plots import plot_report
 
-        scales = [float(v) for v in args.sweep.split(",")]
         result["sweep"] = alpha_sweep(model, windows, scales, backend=args.backend)
-        plot_report(result, args.plot)
+        with atomic_file(args.plot) as tmp:
+            plot_report(result, tmp)
     print(f"{result['tokens']} tokens in {len(windows)} windows")
     print(format_report(result))
     if args.plot:
         print(f"wrote {args.plot}")
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_file(args.json) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import json
-
     from sparseinfer_jax import bench
 
     def split(text: str, kind, flag: str) -> tuple:
@@ -234,13 +304,16 @@ def _bench(args: argparse.Namespace) -> int:
         kernels=not args.no_kernels, batches=split(args.batches, int, "--batches"),
         peer=args.peer, seed=args.seed)
     settings.check()
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):
+        if out:
+            check_output_file(out, flag)
     if args.plot:
         import importlib.util
 
         if importlib.util.find_spec("matplotlib") is None:  # fail before measuring, not after
             raise UserError("--plot needs matplotlib; pip install matplotlib.")
     def save(records: list[dict]) -> None:
-        with open(args.json, "w") as f:
+        with atomic_file(args.json) as tmp, open(tmp, "w") as f:
             json.dump(records, f, indent=1)
             f.write("\n")
 
@@ -251,7 +324,8 @@ def _bench(args: argparse.Namespace) -> int:
         print()
         print(kernels)
     if args.plot:
-        bench.plot(records, args.plot)
+        with atomic_file(args.plot) as tmp:
+            bench.plot(records, tmp)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
@@ -326,13 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `sparseinfer`; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
+    """Entry point of `sparseinfer`; returns the exit status (2: a user error, 130: Ctrl-C)."""
+
+    def command() -> int:
+        args = build_parser().parse_args(argv)
         return args.run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    return run_command(command)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparseinfer_jax.calibration import check_windows
 from sparseinfer_jax.mlp import MODES
 
 
@@ -51,6 +52,8 @@ def nll_sum(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
 
 def perplexity(model, windows, *, mode: str = "dense", backend: str = "auto") -> float:
     """exp(mean next-token NLL) of one mode over `windows` (`[1, T]` int32 arrays)."""
+    windows = list(windows)
+    check_windows(model.config, windows)
     nll, count = 0.0, 0
     for ids in windows:
         logits, _ = window_logits(model, ids, mode=mode, backend=backend, diagnostic=False)
@@ -69,6 +72,8 @@ def evaluate(
     """Runs every mode over `windows` (`[1, T]` int32 arrays) -> the JSON-ready result dict."""
     for m in modes:
         assert m in MODES, m
+    windows = list(windows)
+    check_windows(model.config, windows)
     cfg = model.config
     f = cfg.intermediate_size
     weight_bytes = jnp.dtype(model.dtype).itemsize
