@@ -28,6 +28,7 @@ written as `KEEP_ALL_ALPHA` (1e9), which keeps every neuron for any realistic wi
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 
@@ -45,8 +46,10 @@ ALPHA_GRID = np.concatenate([np.round(np.arange(1, 401) * 0.01, 2), [np.inf]]).a
 KEEP_ALL_ALPHA = 1e9
 WINDOW = 128
 RECALL_LEVELS = np.round(np.linspace(0.0, 1.0, 201), 3)  # searched by max_ppl_increase
-# Fewer tokens than this give per-layer recall counted on a handful of activations: refused.
-MIN_TOKENS = 128
+# Fewer tokens than MIN_TOKENS give per-layer recall counted on a handful of activations: refused.
+# Fewer than FEW_TOKENS are allowed (quick checks, tests) with a warning.
+MIN_TOKENS, FEW_TOKENS = 64, 1000
+log = logging.getLogger(__name__)
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -202,6 +205,11 @@ def calibrate(
         raise UserError(
             f"calibrating on {tokens} tokens would choose alphas from noise; give a text of at "
             f"least {MIN_TOKENS} tokens (thousands are better), or a larger --max-tokens."
+        )
+    if tokens < FEW_TOKENS:
+        log.warning(
+            "calibrating on only %d tokens; alphas from fewer than %d are rough, a "
+            "longer text gives steadier ones.", tokens, FEW_TOKENS
         )
     grid = jnp.asarray(ALPHA_GRID)
     layers, f = model.config.num_hidden_layers, model.config.intermediate_size

@@ -34,7 +34,7 @@ def test_generate_with_the_shipped_model_prints_text_and_speed(capsys):
     "argv, match",
     [
         (["generate", "--model", "/no/such/model", "--prompt", "x"], "does not exist"),
-        (["generate", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
+        (["generate", "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
         (["generate", "--prompt", "x", "--alpha", "1,2"], "alpha"),
     ],
 )
