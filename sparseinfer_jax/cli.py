@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -63,17 +64,44 @@ def _add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--distributed",
         action="store_true",
-        help="join a multi-host job first (jax.distributed.initialize; see docs/multihost.md)",
+        help="join a multi-host job first (jax.distributed.initialize; see docs/multihost.md); "
+        "only process 0 prints",
+    )
+    p.add_argument(
+        "--distributed-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="with --distributed: give up when the job has not formed within this time",
     )
 
 
 def _mesh(args: argparse.Namespace):
-    """The `--mesh` as a jax Mesh ("auto" without it), after joining a multi-host job if asked."""
+    """The `--mesh` as a jax Mesh ("auto" without it)."""
     from sparseinfer_jax import sharding
 
-    if args.distributed:
-        sharding.initialize_distributed()
     return "auto" if args.mesh is None else sharding.mesh_from_text(args.mesh)
+
+
+def _process_zero_prints(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """With --distributed, joins the job; then only process 0 prints (every process computes the
+    same replicated results). Errors raised inside still print everywhere."""
+    if not getattr(args, "distributed", False):
+        return contextlib.nullcontext()
+    import jax
+
+    from sparseinfer_jax import sharding
+
+    if not args.distributed_timeout > 0:
+        raise UserError(f"--distributed-timeout must be > 0, got {args.distributed_timeout}.")
+    sharding.initialize_distributed(args.distributed_timeout)
+    if jax.process_index() == 0:
+        return contextlib.nullcontext()
+    quiet = contextlib.ExitStack()
+    devnull = quiet.enter_context(open(os.devnull, "w"))
+    quiet.enter_context(contextlib.redirect_stdout(devnull))
+    quiet.enter_context(contextlib.redirect_stderr(devnull))
+    return quiet
 
 
 def _peek_config(path: str):
@@ -404,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def command() -> int:
         args = build_parser().parse_args(argv)
-        return args.run(args)
+        with _process_zero_prints(args):
+            return args.run(args)
 
     return run_command(command)
 

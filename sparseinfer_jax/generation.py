@@ -133,6 +133,7 @@ def _program(
     """Prefill + decode loop. tokens `[B, P]` left-padded, pad `[B]` pad counts."""
     model: Llama = nnx.merge(graphdef, state)
     model.set_alphas(alpha)
+    key = jax.random.wrap_key_data(key)
     cfg = model.config
     b, p = tokens.shape
     slots = jnp.arange(p + new_slots)
@@ -191,7 +192,7 @@ def check_text(text: str, what: str) -> None:
 
 def _memory_limit() -> int | None:
     """Bytes of the first device (its reported limit), or of the host's RAM on the CPU."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
     try:
@@ -363,8 +364,9 @@ def generate(
         np.int32(max_new_tokens),
         np.float32(temperature),
         np.float32(top_p),
-        _alpha_array(model, alpha),
-        jax.random.key(seed),
+        # Host arrays only: with several processes each one places its copy on the global mesh.
+        np.asarray(_alpha_array(model, alpha)),
+        np.asarray(jax.random.key_data(jax.random.key(seed))),
         np.int32(1),  # the step limit of the prefill-only timing run
     )
     jit_kwargs = {}
