@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -65,6 +66,12 @@ CASES = [
     ("eval --json under a file", [*EV, "--json", "{tmp}/one.txt/r.json"], "is a file", 2),
     ("bench --json missing folder", ["bench", "--json", "{tmp}/no/b.json"], "does not exist", 2),
     ("Ctrl-C during eval", ["sigint", *EV, "--json", "{tmp}/r.json"], "interrupted", 130),
+    ("--distributed-timeout 0", ["generate", "--prompt", "x", "--distributed",
+                                 "--distributed-timeout", "0"], "--distributed-timeout", 2),
+    ("coordinator unreachable", ["job:1", "generate", "--prompt", "x", "--distributed",
+                                 "--distributed-timeout", "3"], "could not reach", 2),
+    ("other processes never join", ["job:0", "generate", "--prompt", "x", "--distributed",
+                                    "--distributed-timeout", "3"], "did not form", 2),
     ("API temperature nan", lambda m, t, tmp: generate(m, [[3]], temperature=float("nan")),
      "temperature", None),
     ("API prompt + new tokens > positions",
@@ -111,6 +118,19 @@ def _writable(path: str) -> None:
         os.chmod(path, stat.S_IRWXU)
 
 
+def _alone_in_a_job(process_id: str, argv: list[str]) -> tuple[int, str]:
+    """Runs `sparseinfer ARGV` as one process of a 2-process job whose other process never
+    starts (the coordinator is a free port nobody listens on unless this is process 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=process_id)
+    child = subprocess.run([sys.executable, "-m", "sparseinfer_jax.cli", *argv], env=env,
+                           capture_output=True, text=True, timeout=120)
+    return child.returncode, child.stderr
+
+
 def _interrupt(argv: list[str]) -> tuple[int, str]:
     """Runs `sparseinfer ARGV` in a child, sends SIGINT once its progress bar shows, returns
     (exit code, stderr)."""
@@ -151,6 +171,11 @@ def test_bad_input_gives_one_line_before_the_work(case, call, fragment, code, fo
             call(model, tokenizer, tmp)
         return
     argv = [a.replace("{tmp}", tmp) for a in call]
+    if argv[0].startswith("job:"):
+        status, err = _alone_in_a_job(argv[0][4:], argv[1:])
+        assert status == code and err.startswith("error: ") and fragment in err, err[-2000:]
+        assert len(err.strip().splitlines()) == 1
+        return
     if argv[0] == "sigint":
         status, err = _interrupt(argv[1:])
         lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
