@@ -130,7 +130,8 @@ def _program(
     eos_ids,
     pad_id,
 ):
-    """Prefill + decode loop. tokens `[B, P]` left-padded, pad `[B]` pad counts."""
+    """Prefill + decode loop. tokens `[B, P]` left-padded, pad `[B]` pad counts, key the PRNG
+    key's raw data (`jax.random.key_data`)."""
     model: Llama = nnx.merge(graphdef, state)
     model.set_alphas(alpha)
     key = jax.random.wrap_key_data(key)
