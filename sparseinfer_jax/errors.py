@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for a process stopped by Ctrl-C
@@ -29,6 +31,20 @@ def run_command(command: Callable[[], int]) -> int:
     exit 130. Neither prints a traceback; outputs are written atomically (`atomic_file`), so an
     interruption leaves nothing half-written.
     """
+    default_hook = sys.unraisablehook
+
+    def deliver_again(unraisable) -> None:
+        # A Ctrl-C that lands while a finaliser (__del__, a weakref callback) runs is dropped by
+        # Python, and the command would go on: send it again, from another thread so that it
+        # arrives after the finaliser, not inside it (again).
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+            again.daemon = True
+            again.start()
+        else:
+            default_hook(unraisable)
+
+    sys.unraisablehook = deliver_again
     try:
         return command()
     except UserError as e:
@@ -37,6 +53,8 @@ def run_command(command: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT
+    finally:
+        sys.unraisablehook = default_hook
 
 
 def check_writable_folder(folder: str | os.PathLike, what: str) -> None:

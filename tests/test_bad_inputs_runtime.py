@@ -204,3 +204,37 @@ def test_bad_input_gives_one_line_before_the_work(case, call, fragment, code, fo
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "eval:" not in err and "calibrate:" not in err and not out  # refused before the work
     assert sorted(os.listdir(tmp)) == before
+
+
+FINALISER = """
+import os, signal, sys, time
+from sparseinfer_jax.errors import run_command
+
+class Slow:
+    def __del__(self):  # busy in Python, so the Ctrl-C lands in here
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            pass
+
+def command():
+    signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    signal.setitimer(signal.ITIMER_REAL, 0.1)
+    for _ in range(10):
+        Slow()
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            pass
+    print("finished")
+    return 0
+
+sys.exit(run_command(command))
+"""
+
+
+def test_ctrl_c_inside_a_finaliser_still_interrupts():
+    # Python drops a KeyboardInterrupt raised in a finaliser ("Exception ignored in"), so a Ctrl-C
+    # that lands there would be lost; run_command delivers it again.
+    done = subprocess.run([sys.executable, "-c", FINALISER], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 130 and "finished" not in done.stdout, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "interrupted"
