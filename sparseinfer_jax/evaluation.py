@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sparseinfer_jax.calibration import check_windows
 from sparseinfer_jax.mlp import MODES
@@ -39,7 +41,10 @@ def window_logits(model, input_ids, *, mode: str, backend: str, diagnostic: bool
     x, _, layer_stats = model.forward(
         input_ids, positions, mask, mode=mode, backend=backend, stats=stats
     )
-    return model.logits(x), layer_stats
+    out = model.logits(x), layer_stats
+    if model.mesh is not None:  # replicated, so that every process of a multi-host job can read it
+        out = jax.lax.with_sharding_constraint(out, NamedSharding(model.mesh, P()))
+    return out
 
 
 def nll_sum(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:

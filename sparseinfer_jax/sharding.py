@@ -136,7 +136,10 @@ def initialize_distributed(timeout_s: float = 300.0) -> None:
     within its timeout, so this function gives up first, with one line: a process other than 0
     waits at most `timeout_s` for the coordinator's port to accept connections (UserError), and
     any process still not connected after `timeout_s` prints `error: ...` and exits with 2.
+    A process that has joined already (a second command in the same process) stays in its job.
     """
+    if jax.distributed.is_initialized():
+        return
     env = {
         "coordinator_address": os.environ.get("JAX_COORDINATOR_ADDRESS"),
         "num_processes": os.environ.get("JAX_NUM_PROCESSES"),
