@@ -151,11 +151,17 @@ class Calibration:
         return [a if math.isfinite(a) else KEEP_ALL_ALPHA for a in self.alphas]
 
 
+def position_limit(cfg) -> int | None:
+    """Tokens a sequence may hold: `max_position_embeddings`, or None (no limit) with dynamic
+    NTK RoPE scaling, which rescales RoPE for longer sequences (that is what it is for)."""
+    return None if cfg.rope.rope_type == "dynamic" else cfg.max_position_embeddings
+
+
 def check_windows(cfg, windows) -> None:
     """Raises UserError when a window `[1, T]` is longer than the model's positions: RoPE past
     `max_position_embeddings` gives numbers, but not the model's."""
-    longest, limit = max(w.shape[1] for w in windows), cfg.max_position_embeddings
-    if longest > limit:
+    longest, limit = max(w.shape[1] for w in windows), position_limit(cfg)
+    if limit is not None and longest > limit:
         raise UserError(
             f"a window of {longest} tokens exceeds the model's {limit} positions "
             f"(max_position_embeddings); use --window {limit} or less."

@@ -128,8 +128,10 @@ def _check_generate_args(args: argparse.Namespace) -> None:
     check_sampling(args.temperature, args.top_p, args.top_k)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    from sparseinfer_jax.calibration import position_limit
+
     cfg = _peek_config(args.model)
-    if cfg is not None and args.max_new_tokens >= cfg.max_position_embeddings:
+    if cfg is not None and args.max_new_tokens >= (position_limit(cfg) or math.inf):
         raise UserError(
             f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt within the "
             f"model's {cfg.max_position_embeddings} positions (max_position_embeddings); ask "
@@ -186,7 +188,7 @@ def _model_path(args: argparse.Namespace) -> str:
 
 def _check_text_args(args: argparse.Namespace) -> None:
     """Fails fast (before loading the model) on a bad text file or window sizes."""
-    from sparseinfer_jax.calibration import read_text
+    from sparseinfer_jax.calibration import position_limit, read_text
 
     read_text(args.text)
     if args.max_tokens is not None and args.max_tokens < 2:
@@ -194,7 +196,7 @@ def _check_text_args(args: argparse.Namespace) -> None:
     if args.window < 2:
         raise UserError(f"--window must be at least 2, got {args.window}.")
     cfg = _peek_config(_model_path(args))
-    if cfg is not None and args.window > cfg.max_position_embeddings:
+    if cfg is not None and args.window > (position_limit(cfg) or math.inf):
         raise UserError(
             f"--window {args.window} exceeds the model's {cfg.max_position_embeddings} positions "
             f"(max_position_embeddings); use --window {cfg.max_position_embeddings} or less."

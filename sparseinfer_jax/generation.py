@@ -204,11 +204,12 @@ def _memory_limit() -> int | None:
 
 def _check_length(model: Llama, ids: list[list[int]], max_new_tokens: int) -> None:
     """Prompt + new tokens within the model's positions, and a KV cache that can exist at all."""
+    from sparseinfer_jax.calibration import position_limit
     from sparseinfer_jax.memory import ITEMSIZE, estimate_memory
 
     cfg = model.config
-    longest, limit = max(len(row) for row in ids), cfg.max_position_embeddings
-    if longest + max_new_tokens > limit:
+    longest, limit = max(len(row) for row in ids), position_limit(cfg)
+    if limit is not None and longest + max_new_tokens > limit:
         raise UserError(
             f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
             f"exceeds the model's {limit} positions (max_position_embeddings); shorten the "
