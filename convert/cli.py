@@ -9,7 +9,7 @@ import time
 
 from convert.converter import DTYPES, convert
 from sparseinfer_jax.calibration import calibrate_checkpoint
-from sparseinfer_jax.errors import run_cli
+from sparseinfer_jax.errors import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the converter; returns the exit status (2 on a user error, printed as one line;
     130 on Ctrl-C, with nothing left behind)."""
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: _convert(args))
+    return run_command(lambda: _convert(args))
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ a checkpoint without the marker calibrates the same way in memory, with a warnin
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -61,15 +62,27 @@ DEFAULT_TEXT = os.path.join(os.path.dirname(__file__), "data", "calibration.txt"
 # Conservative: on the shipped model recall 0.99 keeps greedy output on dense's (tests) while
 # still skipping about half of the neurons.
 DEFAULT_RECALL = 0.99
+# Fewer tokens than MIN_TOKENS give per-layer recall counted on a handful of activations: refused.
+# Fewer than FEW_TOKENS are allowed (quick checks, tests) with a warning.
+MIN_TOKENS, FEW_TOKENS = 64, 1000
+log = logging.getLogger(__name__)
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """The text of `path`; UserError when it is missing or empty."""
+    """The text of `path`; UserError when it is missing, a folder, not UTF-8 or empty."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UserError(f"text file {path} is a folder; give a UTF-8 text file.")
     if not os.path.isfile(path):
         raise UserError(f"text file {path} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"text file {path} is not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}); "
+            "convert it to UTF-8 (e.g. iconv -t UTF-8)."
+        ) from None
     if not text.strip():
         raise UserError(f"text file {path} is empty.")
     return text
@@ -159,6 +172,23 @@ class Calibration:
         return [a if math.isfinite(a) else KEEP_ALL_ALPHA for a in self.alphas]
 
 
+def position_limit(cfg) -> int | None:
+    """Tokens a sequence may hold: `max_position_embeddings`, or None (no limit) with dynamic
+    NTK RoPE scaling, which rescales RoPE for longer sequences (that is what it is for)."""
+    return None if cfg.rope.rope_type == "dynamic" else cfg.max_position_embeddings
+
+
+def check_windows(cfg, windows) -> None:
+    """Raises UserError when a window `[1, T]` is longer than the model's positions: RoPE past
+    `max_position_embeddings` gives numbers, but not the model's."""
+    longest, limit = max(w.shape[1] for w in windows), position_limit(cfg)
+    if limit is not None and longest > limit:
+        raise UserError(
+            f"a window of {longest} tokens exceeds the model's {limit} positions "
+            f"(max_position_embeddings); use --window {limit} or less."
+        )
+
+
 def check_targets(
     target_recall: float | None,
     target_sparsity: float | None,
@@ -195,6 +225,19 @@ def calibrate(
     `max_ppl_increase` in percent (`backend` is the sparse kernels' for its perplexity runs).
     """
     check_targets(target_recall, target_sparsity, max_ppl_increase)
+    windows = list(windows)
+    check_windows(model.config, windows)
+    tokens = sum(w.shape[1] for w in windows)
+    if tokens < MIN_TOKENS:
+        raise UserError(
+            f"calibrating on {tokens} tokens would choose alphas from noise; give a text of at "
+            f"least {MIN_TOKENS} tokens (thousands are better), or a larger --max-tokens."
+        )
+    if tokens < FEW_TOKENS:
+        log.warning(
+            "calibrating on only %d tokens; alphas from fewer than %d are rough, a "
+            "longer text gives steadier ones.", tokens, FEW_TOKENS
+        )
     grid = jnp.asarray(ALPHA_GRID)
     layers, f = model.config.num_hidden_layers, model.config.intermediate_size
     predicted = np.zeros((layers, len(ALPHA_GRID)), np.float64)

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import json
+import math
 import os
 import sys
 
 import numpy as np
 
-from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.errors import (
+    UserError,
+    atomic_file,
+    check_output_file,
+    check_writable_folder,
+    run_command,
+)
 from sparseinfer_jax.mlp import BACKENDS, MODES
 
 
@@ -58,17 +67,84 @@ def _add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--distributed",
         action="store_true",
-        help="join a multi-host job first (jax.distributed.initialize; see docs/multihost.md)",
+        help="join a multi-host job first (jax.distributed.initialize; see docs/multihost.md); "
+        "only process 0 prints",
+    )
+    p.add_argument(
+        "--distributed-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="with --distributed: give up when the job has not formed within this time",
     )
 
 
 def _mesh(args: argparse.Namespace):
-    """The `--mesh` as a jax Mesh ("auto" without it), after joining a multi-host job if asked."""
+    """The `--mesh` as a jax Mesh ("auto" without it)."""
     from sparseinfer_jax import sharding
 
-    if args.distributed:
-        sharding.initialize_distributed()
     return "auto" if args.mesh is None else sharding.mesh_from_text(args.mesh)
+
+
+def _process_zero_prints(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """With --distributed, joins the job; then only process 0 prints (every process computes the
+    same replicated results). Errors raised inside still print everywhere."""
+    if not getattr(args, "distributed", False):
+        return contextlib.nullcontext()
+    import jax
+
+    from sparseinfer_jax import sharding
+
+    if not args.distributed_timeout > 0:
+        raise UserError(f"--distributed-timeout must be > 0, got {args.distributed_timeout}.")
+    sharding.initialize_distributed(args.distributed_timeout)
+    if jax.process_index() == 0:
+        return contextlib.nullcontext()
+    quiet = contextlib.ExitStack()
+    devnull = quiet.enter_context(open(os.devnull, "w"))
+    quiet.enter_context(contextlib.redirect_stdout(devnull))
+    quiet.enter_context(contextlib.redirect_stderr(devnull))
+    return quiet
+
+
+def _peek_config(path: str):
+    """The model's LlamaConfig from its config.json alone (no weights read), so limits can be
+    checked before a long load; None when it cannot be read here (`load` then says why)."""
+    from sparseinfer_jax import checkpoint
+    from sparseinfer_jax.config import config_from_hf_dict
+
+    try:
+        if checkpoint.is_checkpoint(path):
+            return config_from_hf_dict(checkpoint.read_checkpoint_config(path)[0])
+        with open(os.path.join(path, "config.json")) as f:
+            return config_from_hf_dict(json.load(f))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """Fails fast (before loading the model) on bad prompts and sampling values."""
+    from sparseinfer_jax.generation import check_sampling, check_text
+
+    for prompt in args.prompt:
+        check_text(prompt, "--prompt")
+    check_sampling(args.temperature, args.top_p, args.top_k)
+    if args.compare and args.mode == "dense":
+        raise UserError("--compare compares a sparse mode with dense; add --mode sparse.")
+    if args.compare and args.max_new_tokens < 2:
+        raise UserError("--compare needs --max-new-tokens 2 or more: the first new token comes "
+                        "from the dense prefill, so sparse decoding starts at the second.")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    from sparseinfer_jax.calibration import position_limit
+
+    cfg = _peek_config(args.model)
+    if cfg is not None and args.max_new_tokens >= (position_limit(cfg) or math.inf):
+        raise UserError(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt within the "
+            f"model's {cfg.max_position_embeddings} positions (max_position_embeddings); ask "
+            "for fewer."
+        )
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -77,11 +153,7 @@ def _generate(args: argparse.Namespace) -> int:
     from sparseinfer_jax.streaming import TextStream
 
     args.model = args.model or SHIPPED_MODEL
-    if args.compare and args.mode == "dense":
-        raise UserError("--compare compares a sparse mode with dense; add --mode sparse.")
-    if args.compare and args.max_new_tokens < 2:
-        raise UserError("--compare needs --max-new-tokens 2 or more: the first new token comes "
-                        "from the dense prefill, so sparse decoding starts at the second.")
+    _check_generate_args(args)
     model, tokenizer = load(
         args.model,
         dtype=args.dtype,
@@ -193,13 +265,33 @@ def _model_path(args: argparse.Namespace) -> str:
 
 def _check_text_args(args: argparse.Namespace) -> None:
     """Fails fast (before loading the model) on a bad text file or window sizes."""
-    from sparseinfer_jax.calibration import read_text
+    from sparseinfer_jax.calibration import position_limit, read_text
 
     read_text(args.text)
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UserError(f"--max-tokens must be at least 2, got {args.max_tokens}.")
     if args.window < 2:
         raise UserError(f"--window must be at least 2, got {args.window}.")
+    cfg = _peek_config(_model_path(args))
+    if cfg is not None and args.window > (position_limit(cfg) or math.inf):
+        raise UserError(
+            f"--window {args.window} exceeds the model's {cfg.max_position_embeddings} positions "
+            f"(max_position_embeddings); use --window {cfg.max_position_embeddings} or less."
+        )
+
+
+def _sweep(text: str) -> list[float]:
+    """`--sweep` as a list of alpha scale factors: finite numbers > 0."""
+    try:
+        scales = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        scales = []
+    if not scales or not all(math.isfinite(v) and v > 0 for v in scales):
+        raise UserError(
+            f"--sweep must be a comma list of positive alpha scale factors such as 0.9,1,1.1, "
+            f"got '{text}'."
+        )
+    return scales
 
 
 def _encode_windows(args: argparse.Namespace, tokenizer, model_path: str):
@@ -220,6 +312,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     check_targets(args.target_recall, args.target_sparsity, args.max_ppl_increase)
     _check_text_args(args)
     path = _model_path(args)
+    if not args.dry_run and checkpoint.is_checkpoint(path):  # the alphas go there at the end
+        check_writable_folder(path, "the calibrated alphas (config.json)")
     model, tokenizer = load(path, dtype=args.dtype, mode="dense", backend=args.backend)
     windows = _encode_windows(args, tokenizer, path)
     cals = calibrate_predictors(
@@ -268,8 +362,6 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-
     from sparseinfer_jax.evaluation import evaluate, format_report
     from sparseinfer_jax.loading import load
 
@@ -278,6 +370,15 @@ def _eval(args: argparse.Namespace) -> int:
     if not modes or bad:
         raise UserError(f"--modes must be a comma list of {', '.join(MODES)}, got '{args.modes}'.")
     _check_text_args(args)
+    scales = _sweep(args.sweep) if args.plot else None
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):
+        if out:
+            check_output_file(out, flag)
+    if args.plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:  # fail before measuring, not after
+            raise UserError("--plot needs matplotlib; pip install matplotlib.")
     path = _model_path(args)
     model, tokenizer = load(
         path, dtype=args.dtype, backend=args.backend, alpha=args.alpha, mesh=_mesh(args)
@@ -288,23 +389,21 @@ def _eval(args: argparse.Namespace) -> int:
         from sparseinfer_jax.evaluation import alpha_sweep
         from sparseinfer_jax.plots import plot_report
 
-        scales = [float(v) for v in args.sweep.split(",")]
         result["sweep"] = alpha_sweep(model, windows, scales, backend=args.backend)
-        plot_report(result, args.plot)
+        with atomic_file(args.plot) as tmp:
+            plot_report(result, tmp)
     print(f"{result['tokens']} tokens in {len(windows)} windows")
     print(format_report(result))
     if args.plot:
         print(f"wrote {args.plot}")
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_file(args.json) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import json
-
     from sparseinfer_jax import bench
 
     def split(text: str, kind, flag: str) -> tuple:
@@ -320,13 +419,16 @@ def _bench(args: argparse.Namespace) -> int:
         kernels=not args.no_kernels, batches=split(args.batches, int, "--batches"),
         peer=args.peer, seed=args.seed)
     settings.check()
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):
+        if out:
+            check_output_file(out, flag)
     if args.plot:
         import importlib.util
 
         if importlib.util.find_spec("matplotlib") is None:  # fail before measuring, not after
             raise UserError("--plot needs matplotlib; pip install matplotlib.")
     def save(records: list[dict]) -> None:
-        with open(args.json, "w") as f:
+        with atomic_file(args.json) as tmp, open(tmp, "w") as f:
             json.dump(records, f, indent=1)
             f.write("\n")
 
@@ -339,7 +441,8 @@ def _bench(args: argparse.Namespace) -> int:
         print()
         print(kernels)
     if args.plot:
-        bench.plot(records, args.plot)
+        with atomic_file(args.plot) as tmp:
+            bench.plot(records, tmp)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
@@ -351,8 +454,44 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=128, help="tokens per forward window")
 
 
+def compile_cache_dir(flag_off: bool = False) -> str | None:
+    """Where the CLI keeps compiled programs between runs (JAX's persistent compilation cache).
+
+    SPARSEINFER_COMPILE_CACHE names the folder, or turns the cache off with "off" (as does
+    `--no-compile-cache`); default: $XDG_CACHE_HOME/sparseinfer/jax (~/.cache/...). A folder set
+    with JAX_COMPILATION_CACHE_DIR is JAX's own choice and left alone (None).
+    """
+    setting = os.environ.get("SPARSEINFER_COMPILE_CACHE", "").strip()
+    if flag_off or setting.lower() in ("off", "0", "false", "no"):
+        return None
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    if setting:
+        return os.path.expanduser(setting)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sparseinfer", "jax")
+
+
+def _use_compile_cache(args: argparse.Namespace) -> None:
+    """Turns JAX's persistent compilation cache on: a program compiled once for a prompt/output
+    bucket (tens of seconds for a 7B model on a CPU, growing with depth) loads in about a second
+    in every later run."""
+    folder = compile_cache_dir(args.no_compile_cache)
+    if folder is None:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseinfer", description=__doc__)
+    parser.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not keep compiled programs between runs (default folder: ~/.cache/sparseinfer/"
+        "jax; SPARSEINFER_COMPILE_CACHE=DIR or off sets it)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(gen)
@@ -435,13 +574,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `sparseinfer`; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Entry point of `sparseinfer`; returns the exit status (2: a user error, 130: Ctrl-C)."""
+
+    def command() -> int:
+        args = build_parser().parse_args(argv)
+        _use_compile_cache(args)
+        with _process_zero_prints(args):
+            return args.run(args)
+
+    return run_command(command)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,19 @@
-"""The one exception type for mistakes a user can fix."""
+"""The one exception type for mistakes a user can fix, and what the command lines share around it:
+one-line errors, Ctrl-C, and output files checked before the work and written whole or not at all.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
+import signal
 import sys
-from collections.abc import Callable
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for a process stopped by Ctrl-C
 
 
 class UserError(ValueError):
@@ -14,18 +24,79 @@ class UserError(ValueError):
     """
 
 
-def run_cli(body: Callable[[], int]) -> int:
-    """Runs a command's `body` and returns its exit status; the one place CLIs turn errors into it.
+def run_command(command: Callable[[], int]) -> int:
+    """Runs one CLI command and returns its exit status.
 
-    A UserError prints `error: <message>` on stderr (exit 2); Ctrl-C prints `interrupted` (exit
-    130, as shells report SIGINT); neither shows a traceback. Whatever the body was writing must
-    clean up on its way out (see `checkpoint.atomic_directory`).
+    UserError: `error: <message>` on stderr, exit 2. Ctrl-C (KeyboardInterrupt): `interrupted`,
+    exit 130. Neither prints a traceback; outputs are written atomically (`atomic_file`), so an
+    interruption leaves nothing half-written.
     """
+    default_hook = sys.unraisablehook
+
+    def deliver_again(unraisable) -> None:
+        # A Ctrl-C that lands while a finaliser (__del__, a weakref callback) runs is dropped by
+        # Python, and the command would go on: send it again, from another thread so that it
+        # arrives after the finaliser, not inside it (again).
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+            again.daemon = True
+            again.start()
+        else:
+            default_hook(unraisable)
+
+    sys.unraisablehook = deliver_again
     try:
-        return body()
+        return command()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT
+    finally:
+        sys.unraisablehook = default_hook
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
+    """Raises UserError unless a file can be created in `folder` (tried, not guessed from mode
+    bits: root ignores them, and a read-only file system does not show in them)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".sparseinfer-probe-")
+    except OSError as e:
+        raise UserError(
+            f"cannot write {what} into {folder} ({e.strerror}); make it writable or choose "
+            "another place."
+        ) from None
+    os.close(fd)
+    os.remove(probe)
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """Raises UserError unless `path` can be written as a (new or replaced) file: not a folder,
+    in an existing, writable folder. Call it before the work that produces the file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file name.")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        state = "is a file, not a folder" if os.path.exists(parent) else "does not exist"
+        raise UserError(f"{flag} {path}: {parent} {state}; create the folder or choose another.")
+    check_writable_folder(parent, f"{flag} {os.path.basename(path)}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """Yields a temporary path beside `path` (same suffix, so writers that go by it still work)
+    that replaces `path` when the block succeeds and is removed when it fails or is interrupted."""
+    path = os.path.abspath(os.fspath(path))
+    head, tail = os.path.split(path)
+    tmp = os.path.join(
+        head, f".{tail}.tmp-{os.getpid()}-{secrets.token_hex(4)}{os.path.splitext(tail)[1]}"
+    )
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise

@@ -25,7 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from sparseinfer_jax.calibration import check_windows
 from sparseinfer_jax.mlp import MODES, STAT_FIELDS, bytes_fraction, predictor_share
 
 
@@ -40,7 +43,10 @@ def window_logits(model, input_ids, *, mode: str, backend: str, diagnostic: bool
     x, _, layer_stats = model.forward(
         input_ids, positions, mask, mode=mode, backend=backend, stats=stats
     )
-    return model.logits(x), layer_stats
+    out = model.logits(x), layer_stats
+    if model.mesh is not None:  # replicated, so that every process of a multi-host job can read it
+        out = jax.lax.with_sharding_constraint(out, NamedSharding(model.mesh, P()))
+    return out
 
 
 def nll_sum(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
@@ -53,6 +59,8 @@ def nll_sum(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
 
 def perplexity(model, windows, *, mode: str = "dense", backend: str = "auto") -> float:
     """exp(mean next-token NLL) of one mode over `windows` (`[1, T]` int32 arrays)."""
+    windows = list(windows)
+    check_windows(model.config, windows)
     nll, count = 0.0, 0
     for ids in windows:
         logits, _ = window_logits(model, ids, mode=mode, backend=backend, diagnostic=False)
@@ -71,6 +79,8 @@ def evaluate(
     """Runs every mode over `windows` (`[1, T]` int32 arrays) -> the JSON-ready result dict."""
     for m in modes:
         assert m in MODES, m
+    windows = list(windows)
+    check_windows(model.config, windows)
     cfg = model.config
     f = cfg.intermediate_size
     share = predictor_share(cfg, jnp.dtype(model.dtype).itemsize)

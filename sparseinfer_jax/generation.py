@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -175,8 +177,11 @@ def _prefill(
 ):
     """Dense prefill of left-padded `tokens [B, P]` (`pad [B]` pad counts) into a cache of
     `P + N` slots (`follow: [B, N]`); returns the cache and the state after the first new token.
+    `key` is the PRNG key's raw data (`jax.random.key_data`): a host array, so that with several
+    processes each one places its copy on the global mesh.
     """
     model: Llama = nnx.merge(graphdef, state)
+    key = jax.random.wrap_key_data(key)
     cfg = model.config
     b, p = tokens.shape
     new_slots = follow.shape[1]
@@ -260,6 +265,55 @@ def _decode(
     return jax.lax.while_loop(cond, body, (cache, loop))
 
 
+def check_text(text: str, what: str) -> None:
+    """Raises UserError when `text` cannot be UTF-8 (bytes that were not UTF-8 on the command
+    line arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(
+            f"{what} is not valid UTF-8 text (bad byte at character {e.start}); pass UTF-8 text."
+        ) from None
+
+
+def _memory_limit() -> int | None:
+    """Bytes of the first device (its reported limit), or of the host's RAM on the CPU."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def _check_length(model: Llama, ids: list[list[int]], max_new_tokens: int) -> None:
+    """Prompt + new tokens within the model's positions, and a KV cache that can exist at all."""
+    from sparseinfer_jax.calibration import position_limit
+    from sparseinfer_jax.memory import ITEMSIZE, estimate_memory
+
+    cfg = model.config
+    longest, limit = max(len(row) for row in ids), position_limit(cfg)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise UserError(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
+            f"exceeds the model's {limit} positions (max_position_embeddings); shorten the "
+            "prompt or ask for fewer new tokens."
+        )
+    slots = bucket(longest) + bucket(max_new_tokens)
+    name = jnp.dtype(model.dtype).name
+    est = estimate_memory(cfg, batch=len(ids), context=slots, prompt=bucket(longest),
+                          dtype=name if name in ITEMSIZE else "float32")
+    need, have = est.kv_cache_bytes + est.prefill_bytes, _memory_limit()
+    shards = 1 if model.mesh is None else model.mesh.size
+    if have and need / shards > have:
+        raise UserError(
+            f"{len(ids)} prompt(s) of up to {longest} tokens with max_new_tokens "
+            f"{max_new_tokens} need a {need / 2**30:.1f} GiB KV cache, more than the "
+            f"{have / 2**30:.1f} GiB of memory here; ask for fewer new tokens or fewer prompts."
+        )
+
+
 def _encode(prompts, tokenizer) -> list[list[int]]:
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -276,12 +330,27 @@ def _encode(prompts, tokenizer) -> list[list[int]]:
             raise UserError(
                 "generate got text prompts but no tokenizer; pass tokenizer=... or ids."
             )
+        for p in prompts:
+            check_text(p, "a prompt")
         return [tokenizer.encode(p) for p in prompts]
     if all(
         isinstance(p, Sequence) and all(isinstance(t, int | np.integer) for t in p) for p in prompts
     ):
         return [list(map(int, p)) for p in prompts]
     raise UserError("prompts must be a string, a list of strings, or a list of token id lists.")
+
+
+def check_sampling(temperature: float, top_p: float | None, top_k: int | None) -> None:
+    """Raises UserError for sampling values that would silently mean something else (a NaN
+    temperature compares false with everything, so it acted as greedy)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}."
+        )
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}.")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be at least 1, got {top_k}.")
 
 
 def _check(
@@ -291,8 +360,6 @@ def _check(
     mode: str,
     backend: str,
     stats: str | None,
-    top_p: float,
-    temperature: float,
 ) -> None:
     if any(len(row) == 0 for row in ids):
         raise UserError("a prompt is empty after tokenisation; give at least one token per prompt.")
@@ -304,10 +371,7 @@ def _check(
     if stats not in STATS:
         raise UserError(f"stats must be one of {STATS}, got {stats!r}.")
     check_mode(model.config, mode, backend)
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}.")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0, got {temperature}.")
+    _check_length(model, ids, max_new_tokens)
 
 
 def _follow_array(follow, rows: int, slots: int, max_new_tokens: int, vocab: int) -> np.ndarray:
@@ -387,13 +451,14 @@ def generate(
     """
     mode = mode or model.mode
     backend = backend or model.backend
+    check_sampling(temperature, top_p, top_k)
     top_p = 1.0 if top_p is None else float(top_p)
     ids = _encode(prompts, tokenizer)
-    _check(model, ids, max_new_tokens, mode, backend, stats, top_p, temperature)
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k must be at least 1, got {top_k}.")
-    if not repetition_penalty >= 1:
-        raise UserError(f"repetition_penalty must be >= 1 (1 = off), got {repetition_penalty}.")
+    _check(model, ids, max_new_tokens, mode, backend, stats)
+    if not (math.isfinite(repetition_penalty) and repetition_penalty >= 1):
+        raise UserError(
+            f"repetition_penalty must be a finite number >= 1 (1 = off), got {repetition_penalty}."
+        )
     if stream_chunk is not None and stream_chunk < 1:
         raise UserError(f"stream_chunk must be at least 1, got {stream_chunk}.")
     cfg = model.config
@@ -418,8 +483,9 @@ def generate(
         np.float32(temperature),
         np.float32(top_p),
         np.float32(repetition_penalty),
-        jax.random.key(seed),
-        _alpha_array(model, alpha),
+        # Host arrays only: with several processes each one places its copy on the global mesh.
+        np.asarray(jax.random.key_data(jax.random.key(seed))),
+        np.asarray(_alpha_array(model, alpha)),
     )
     jit_kwargs = {}
     put_scalar = jax.device_put

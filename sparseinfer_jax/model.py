@@ -21,6 +21,7 @@ from flax import nnx
 from sparseinfer_jax.config import LlamaConfig
 from sparseinfer_jax.mlp import MLP
 from sparseinfer_jax.rope import apply_rope, rope_tables
+from sparseinfer_jax.sharding import as_mesh
 
 
 class KVCache(NamedTuple):
@@ -140,7 +141,6 @@ class Llama(nnx.Module):
     ):
         self.config = cfg
         self.mode, self.backend = mode, backend
-        # The device mesh the arrays live on (set by `sharding.shard_model`), or None.
         self.mesh = None
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
@@ -151,6 +151,17 @@ class Llama(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, dtype, rngs)
+
+    @property
+    def mesh(self):
+        """The `(data, model)` device mesh the arrays live on (`sharding.shard_model`), or None."""
+        return self._mesh
+
+    @mesh.setter
+    def mesh(self, mesh) -> None:
+        # Any mesh a user built (jax.make_mesh's Explicit axes, one axis) becomes the Auto
+        # (data, model) mesh that generation and the sharded MLP expect.
+        self._mesh = None if mesh is None else as_mesh(mesh)
 
     @property
     def dtype(self) -> jnp.dtype:

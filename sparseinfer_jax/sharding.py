@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+import threading
+import time
 from typing import Any
 
 import jax
@@ -64,6 +68,31 @@ def make_mesh(data: int = 1, model: int = 1, devices=None) -> Mesh:
     )
 
 
+def as_mesh(mesh: Mesh) -> Mesh:
+    """`mesh` as the `(data, model)` mesh with Auto axes that the rest of this module expects.
+
+    Accepts any `jax.sharding.Mesh` whose axes are named `data` and/or `model` (in any order,
+    any axis types: on jax 0.10 `jax.make_mesh` makes Explicit axes, which
+    `with_sharding_constraint` refuses); a missing axis gets size 1, and other axes are allowed
+    only with size 1. Same devices, same layout.
+    """
+    auto = jax.sharding.AxisType.Auto
+    if mesh.axis_names == AXES and all(t == auto for t in mesh.axis_types):
+        return mesh
+    names = tuple(mesh.axis_names)
+    others = [n for n in names if n not in AXES and mesh.shape[n] != 1]
+    if others:
+        raise UserError(
+            f"the mesh has axes {', '.join(map(str, names))}; SparseInfer uses 'data' and "
+            f"'model' (other axes only of size 1), e.g. jax.make_mesh((1, 4), {AXES})."
+        )
+    kept = [n for n in names if n in AXES]
+    devices = np.asarray(mesh.devices).reshape([mesh.shape[n] for n in kept])
+    devices = np.transpose(devices, [kept.index(a) for a in AXES if a in kept])
+    sizes = tuple(mesh.shape.get(a, 1) for a in AXES)
+    return Mesh(devices.reshape(sizes), AXES, axis_types=(auto,) * len(AXES))
+
+
 def mesh_from_text(text: str | None) -> Mesh | None:
     """The mesh for a `--mesh` option value; None (one device, no mesh) when text is None."""
     return None if text is None else make_mesh(**parse_mesh(text))
@@ -96,25 +125,73 @@ def auto_mesh(cfg: LlamaConfig, dtype: str = "bfloat16", devices=None) -> Mesh |
     return mesh
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(timeout_s: float = 300.0) -> None:
     """Joins a multi-host job (`jax.distributed.initialize`) before any device is used.
 
     Coordinator, process count and id come from the environment: JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES and JAX_PROCESS_ID, or the cluster's own variables (SLURM, Open MPI, Cloud
     TPU), which JAX detects itself. See docs/multihost.md.
+
+    JAX ends the process with a fatal C++ log (no Python exception) when the job does not form
+    within its timeout, so this function gives up first, with one line: a process other than 0
+    waits at most `timeout_s` for the coordinator's port to accept connections (UserError), and
+    any process still not connected after `timeout_s` prints `error: ...` and exits with 2.
+    A process that has joined already (a second command in the same process) stays in its job.
     """
+    if jax.distributed.is_initialized():
+        return
     env = {
         "coordinator_address": os.environ.get("JAX_COORDINATOR_ADDRESS"),
         "num_processes": os.environ.get("JAX_NUM_PROCESSES"),
         "process_id": os.environ.get("JAX_PROCESS_ID"),
     }
-    kwargs = {k: (v if k == "coordinator_address" else int(v)) for k, v in env.items() if v}
-    jax.distributed.initialize(**kwargs)
+    try:
+        kwargs = {k: (v if k == "coordinator_address" else int(v)) for k, v in env.items() if v}
+    except ValueError:
+        raise UserError(
+            "JAX_NUM_PROCESSES and JAX_PROCESS_ID must be whole numbers; see docs/multihost.md."
+        ) from None
+    address = kwargs.get("coordinator_address")
+    where = f"the coordinator at {address}" if address else "the job's coordinator"
+    hint = (
+        "start every process with the same JAX_COORDINATOR_ADDRESS (reachable from each) and "
+        "JAX_NUM_PROCESSES, process 0 included, or allow more time with --distributed-timeout."
+    )
+    deadline = time.monotonic() + timeout_s
+    if address and kwargs.get("process_id", 0) != 0:
+        host, _, port = address.rpartition(":")
+        while not _accepts(host.strip("[]"), int(port)):
+            if time.monotonic() > deadline:
+                raise UserError(f"could not reach {where} within {timeout_s:g} s; {hint}")
+            time.sleep(0.5)
+
+    def give_up() -> None:
+        print(f"error: the multi-process job did not form with {where} within {timeout_s:g} s; "
+              f"{hint}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    watchdog = threading.Timer(max(deadline - time.monotonic(), 1.0), give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        # JAX's own timeout comes after the watchdog's, so the one-line error is what users see.
+        jax.distributed.initialize(**kwargs, initialization_timeout=int(timeout_s) + 60)
+    finally:
+        watchdog.cancel()
+
+
+def _accepts(host: str, port: int) -> bool:
+    """True when something listens on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=2.0):
+            return True
+    except OSError:
+        return False
 
 
 def check_config(cfg: LlamaConfig, mesh: Mesh) -> None:
     """Raises UserError when the model cannot be split over the mesh's `model` axis."""
-    m = mesh.shape["model"]
+    m = as_mesh(mesh).shape["model"]
     for name in ("num_attention_heads", "intermediate_size"):
         n = getattr(cfg, name)
         if n % m:
@@ -131,13 +208,13 @@ def check_config(cfg: LlamaConfig, mesh: Mesh) -> None:
 
 
 def _kv_axis(cfg: LlamaConfig, mesh: Mesh) -> str | None:
-    return "model" if cfg.num_key_value_heads % mesh.shape["model"] == 0 else None
+    return "model" if cfg.num_key_value_heads % as_mesh(mesh).shape["model"] == 0 else None
 
 
 def param_specs(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
     """PartitionSpecs of the params tree (checkpoint layout, layers stacked on a leading L axis)."""
     kv = _kv_axis(cfg, mesh)
-    vocab = "model" if cfg.vocab_size % mesh.shape["model"] == 0 else None
+    vocab = "model" if cfg.vocab_size % as_mesh(mesh).shape["model"] == 0 else None
     neurons = P(None, "model", None)  # [L, F, D] and [L, F, W]: each device its own neurons
     specs = {
         "embed_tokens": {"embedding": P(vocab, None)},
@@ -166,6 +243,7 @@ def param_specs(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
 
 
 def _named(mesh: Mesh, specs: dict[str, Any]) -> dict[str, Any]:
+    mesh = as_mesh(mesh)
     return jax.tree.map(
         lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P)
     )
@@ -187,18 +265,20 @@ def model_shardings(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
 
 def batch_axis(mesh: Mesh, batch: int) -> str | None:
     """The "data" axis when the batch splits evenly over it, else None (rows replicated)."""
-    return "data" if batch % mesh.shape["data"] == 0 else None
+    return "data" if batch % as_mesh(mesh).shape["data"] == 0 else None
 
 
 def batch_sharding(mesh: Mesh, batch: int) -> NamedSharding:
     """Sharding of a `[B, ...]` array: rows over `data`."""
-    return NamedSharding(mesh, P(batch_axis(mesh, batch)))
+    return NamedSharding(as_mesh(mesh), P(batch_axis(mesh, batch)))
 
 
 def cache_sharding(cfg: LlamaConfig, mesh: Mesh, batch: int) -> NamedSharding:
     """Sharding of one layer's KV cache array `[B, S, K, hd]`: batch over data, KV heads over
     model."""
-    return NamedSharding(mesh, P(batch_axis(mesh, batch), None, _kv_axis(cfg, mesh), None))
+    return NamedSharding(
+        as_mesh(mesh), P(batch_axis(mesh, batch), None, _kv_axis(cfg, mesh), None)
+    )
 
 
 def shard_model(model, mesh: Mesh):
@@ -206,6 +286,7 @@ def shard_model(model, mesh: Mesh):
 
     Later calls (forward, `generate`) run tensor-parallel; the sparse MLP runs per neuron shard.
     """
+    mesh = as_mesh(mesh)
     check_config(model.config, mesh)
     state = nnx.state(model)
     placed = jax.device_put(nnx.to_pure_dict(state), model_shardings(model.config, mesh))

@@ -1,9 +1,10 @@
 """Bad input to the converter, the checkpoint and the loader: one table, one row per case.
 
 Each row prepares a bad situation in a fresh folder, runs a command (`sparseinfer-convert`) or an
-API call (`load`, through the CLIs' `run_cli`), and checks what a user sees: the exit status, one
-`error:` line holding the expected fragment (or `interrupted`), no traceback, and that nothing
-was written or lost (the source and any existing output unchanged, no temporary folder left).
+API call (`load`, through the CLIs' `run_command`), and checks what a user sees: the exit
+status, one `error:` line holding the expected fragment (or `interrupted`), no traceback, and
+that nothing was written or lost (the source and any existing output unchanged, no temporary
+folder left).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from safetensors.numpy import load_file, save_file
 from convert import convert
 from convert.cli import main as convert_main
 from sparseinfer_jax import checkpoint, tensorfiles
-from sparseinfer_jax.errors import run_cli
+from sparseinfer_jax.errors import run_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -288,7 +289,7 @@ def test_bad_input(case, hf, ckpt, tmp_path, monkeypatch, capsys):
         monkeypatch.setattr(owner, name, getattr(owner, name))
     command, args = prepare(work, src, ck)
     before = {d: snapshot(d) for d in (work, src, ck)}
-    status = convert_main(args) if command == "convert" else run_cli(args)
+    status = convert_main(args) if command == "convert" else run_command(args)
     err = capsys.readouterr().err
     assert status == code, err
     assert "Traceback" not in err

@@ -34,7 +34,7 @@ def test_generate_with_the_shipped_model_prints_text_and_speed(capsys):
     "argv, match",
     [
         (["generate", "--model", "/no/such/model", "--prompt", "x"], "does not exist"),
-        (["generate", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
+        (["generate", "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
         (["generate", "--prompt", "x", "--alpha", "1,2"], "alpha"),
     ],
 )
@@ -43,3 +43,39 @@ def test_user_errors_exit_2_with_one_line(capsys, argv, match):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_compile_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    from sparseinfer_jax.cli import compile_cache_dir
+
+    for name in ("SPARSEINFER_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache_dir() == str(tmp_path / "sparseinfer" / "jax")
+    assert compile_cache_dir(flag_off=True) is None
+    monkeypatch.setenv("SPARSEINFER_COMPILE_CACHE", "off")
+    assert compile_cache_dir() is None
+    monkeypatch.setenv("SPARSEINFER_COMPILE_CACHE", str(tmp_path / "mine"))
+    assert compile_cache_dir() == str(tmp_path / "mine")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    assert compile_cache_dir() is None  # JAX's own setting is left to JAX
+
+
+def test_generate_keeps_its_compiled_program_unless_told_not_to(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def run(*flags: str, folder: str) -> None:
+        env = dict(os.environ, JAX_PLATFORMS="cpu", SPARSEINFER_COMPILE_CACHE=folder,
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        argv = [*flags, "generate", "--prompt", "Hi", "--max-new-tokens", "2"]
+        subprocess.run([sys.executable, "-m", "sparseinfer_jax.cli", *argv], env=env,
+                       check=True, capture_output=True)
+
+    kept, off = tmp_path / "kept", tmp_path / "off"
+    run(folder=str(kept))
+    run("--no-compile-cache", folder=str(off))
+    assert any("_program" in name for name in os.listdir(kept))
+    assert not off.exists() or not os.listdir(off)

@@ -92,3 +92,26 @@ def test_bad_arguments_raise_user_errors(tiny, kwargs, match):
     prompts = kwargs.pop("prompts")
     with pytest.raises(UserError, match=match):
         generate(model, prompts, **kwargs)
+
+
+def test_prompt_plus_new_tokens_may_reach_the_position_limit_but_not_pass_it(tiny):
+    model, _ = tiny
+    limit = model.config.max_position_embeddings
+    prompt = np.random.default_rng(0).integers(3, 96, size=limit - 40).tolist()
+    out = generate(model, [prompt], max_new_tokens=40, stop_at_eos=False, timing=False)
+    assert out.tokens.shape == (1, 40)
+    with pytest.raises(UserError, match=f"{limit} positions"):
+        generate(model, [prompt], max_new_tokens=41)
+
+
+def test_a_kv_cache_larger_than_memory_is_refused_before_allocating(tiny):
+    import dataclasses
+
+    model, _ = tiny
+    config = model.config
+    model.config = dataclasses.replace(config, max_position_embeddings=2**31 - 1)
+    try:  # 2**30 cache slots: hundreds of GB for even this tiny model
+        with pytest.raises(UserError, match="KV cache"):
+            generate(model, [[3]], max_new_tokens=10**9)
+    finally:
+        model.config = config

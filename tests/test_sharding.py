@@ -97,6 +97,7 @@ def _random_checks(folder: str, bad_folder: str, out_dir: str) -> dict:
     }
     model, _ = load(folder, dtype="float32")
     found["tokens"] = _tokens(model)
+    found["user_meshes"] = _user_meshes(folder)
     try:
         load(bad_folder, mesh=make_mesh(1, 4))
         found["error"] = None
@@ -108,6 +109,43 @@ def _random_checks(folder: str, bad_folder: str, out_dir: str) -> dict:
     except UserError as e:
         found["too_big"] = str(e)
     return found
+
+
+def _user_meshes(folder: str) -> dict:
+    """Meshes made the standard way (jax.make_mesh: Explicit axes on jax 0.10; one axis; axes
+    swapped) through load, generate, evaluate and calibrate, beside one device."""
+    import jax
+
+    from sparseinfer_jax import generate, load
+    from sparseinfer_jax.calibration import calibrate
+    from sparseinfer_jax.evaluation import evaluate
+    from sparseinfer_jax.sharding import as_mesh
+
+    meshes = {
+        "single": None,
+        "make_mesh": jax.make_mesh((2, 2), ("data", "model")),
+        "model_only": jax.make_mesh((4,), ("model",)),
+        "data_only": jax.make_mesh((4,), ("data",)),
+        "swapped": jax.make_mesh((2, 2), ("model", "data")),
+    }
+    window = np.random.default_rng(1).integers(3, 96, size=(1, 80)).astype(np.int32)
+    out = {}
+    for name, mesh in meshes.items():
+        model, _ = load(folder, dtype="float32", mesh=mesh, mode="sparse")
+        result = generate(model, [[5, 6, 7], [8, 9, 10, 11, 12, 13]], max_new_tokens=10,
+                          stop_at_eos=False, timing=False)
+        out[name] = {"tokens": result.tokens.tolist(), "mesh": dict(model.mesh.shape) if mesh
+                     else None}
+        if name in ("single", "make_mesh", "model_only"):
+            modes = evaluate(model, [window], modes=("dense", "sparse"))["modes"]
+            out[name]["perplexity"] = [modes[m]["perplexity"] for m in ("dense", "sparse")]
+            out[name]["alphas"] = calibrate(model, [window], target_recall=0.9).alphas
+    try:
+        as_mesh(jax.make_mesh((2, 2), ("data", "x")))
+        out["bad_axis"] = None
+    except UserError as e:
+        out["bad_axis"] = str(e)
+    return out
 
 
 def _shipped_checks() -> dict:
@@ -161,6 +199,19 @@ def test_every_mesh_gives_the_single_device_tokens(found, model):
                 assert value == single, f"{model} {key} differs from one device"
     if model == "random":  # the predictor does change the tokens: sparse mode is really sparse
         assert tokens["None/sparse"] != tokens["None/dense"]
+
+
+def test_meshes_from_jax_make_mesh_and_one_axis_meshes_work(found):
+    user = found["random"]["user_meshes"]
+    single = user.pop("single")
+    assert "'data' and 'model'" in user.pop("bad_axis")
+    shapes = {"make_mesh": [2, 2], "model_only": [1, 4], "data_only": [4, 1], "swapped": [2, 2]}
+    for name, got in user.items():
+        assert got["tokens"] == single["tokens"], name
+        assert list(got["mesh"].values()) == shapes[name] and list(got["mesh"]) == ["data", "model"]
+        if "perplexity" in got:  # float32: only the summation order differs
+            np.testing.assert_allclose(got["perplexity"], single["perplexity"], rtol=1e-4)
+            assert got["alphas"] == single["alphas"], name
 
 
 def test_restore_places_every_array_on_its_intended_sharding(found):

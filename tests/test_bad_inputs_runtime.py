@@ -1,0 +1,240 @@
+"""Bad input to `sparseinfer` and the Python API: one line, the right exit code, before the work.
+
+One parametrised table: each row names the case, the command line (or API call), a fragment the
+one-line message must contain, and the exit code (None for an API call, which raises UserError).
+Every row also checks that nothing was written next to the outputs it names and that the error
+came before the work (no progress bar of eval or calibrate was started).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sparseinfer_jax import UserError, generate, load
+from sparseinfer_jax.calibration import calibrate
+from sparseinfer_jax.cli import main
+from sparseinfer_jax.evaluation import evaluate, perplexity
+from sparseinfer_jax.loading import SHIPPED_MODEL
+
+TEXT = os.path.join(SHIPPED_MODEL, "validation.txt")
+CAL = ["calibrate", "--target-recall", "0.9"]
+EV = ["eval", "--text", TEXT]
+
+
+def _ids(n: int) -> list[int]:
+    return np.random.default_rng(n).integers(3, 500, size=n).tolist()
+
+
+# (case, argv with {tmp} for the test's folder, or an API call on (model, tokenizer, tmp),
+#  message fragment, exit code)
+CASES = [
+    ("temperature nan", ["generate", "--prompt", "x", "--temperature", "nan"], "temperature", 2),
+    ("temperature inf", ["generate", "--prompt", "x", "--temperature", "inf"], "temperature", 2),
+    ("temperature < 0", ["generate", "--prompt", "x", "--temperature", "-1"], "temperature", 2),
+    ("top-p nan", ["generate", "--prompt", "x", "--top-p", "nan"], "top_p", 2),
+    ("top-k 0", ["generate", "--prompt", "x", "--top-k", "0"], "top_k", 2),
+    ("absurd --max-new-tokens", ["generate", "--prompt", "x", "--max-new-tokens", "1000000000"],
+     "1024 positions", 2),
+    ("prompt + new tokens > positions", ["generate", "--prompt", "word " * 1100],
+     "1024 positions", 2),
+    ("non-UTF-8 --prompt", ["generate", "--prompt", "caf\udce9"], "not valid UTF-8", 2),
+    ("eval window > positions", [*EV, "--window", "4096"], "1024 positions", 2),
+    ("eval Latin-1 text", ["eval", "--text", "{tmp}/latin1.txt"], "not UTF-8", 2),
+    ("eval binary text", ["eval", "--text", "{tmp}/binary.txt"], "not UTF-8", 2),
+    ("calibrate Latin-1 text", [*CAL, "--text", "{tmp}/latin1.txt"], "not UTF-8", 2),
+    ("eval --text a folder", ["eval", "--text", "{tmp}"], "is a folder", 2),
+    ("calibrate --text a folder", [*CAL, "--text", "{tmp}"], "is a folder", 2),
+    ("calibrate window > positions", [*CAL, "--text", TEXT, "--window", "2048"],
+     "1024 positions", 2),
+    ("calibrate on 1 character", [*CAL, "--text", "{tmp}/one.txt"], "at least 64 tokens", 2),
+    ("calibrate read-only checkpoint", [*CAL, "{tmp}/ckpt", "--text", TEXT], "cannot write", 2),
+    ("--sweep negative", [*EV, "--plot", "{tmp}/p.png", "--sweep=-1,1"], "--sweep", 2),
+    ("--sweep not numbers", [*EV, "--plot", "{tmp}/p.png", "--sweep", "abc"], "--sweep", 2),
+    ("--sweep inf", [*EV, "--plot", "{tmp}/p.png", "--sweep", "1,inf"], "--sweep", 2),
+    ("eval --json missing folder", [*EV, "--json", "{tmp}/no/r.json"], "does not exist", 2),
+    ("eval --json a folder", [*EV, "--json", "{tmp}"], "is a folder", 2),
+    ("eval --plot a folder", [*EV, "--plot", "{tmp}"], "is a folder", 2),
+    ("eval --json under a file", [*EV, "--json", "{tmp}/one.txt/r.json"], "is a file", 2),
+    ("bench --json missing folder", ["bench", "--json", "{tmp}/no/b.json"], "does not exist", 2),
+    ("Ctrl-C during eval", ["sigint", *EV, "--json", "{tmp}/r.json"], "interrupted", 130),
+    ("--distributed-timeout 0", ["generate", "--prompt", "x", "--distributed",
+                                 "--distributed-timeout", "0"], "--distributed-timeout", 2),
+    ("coordinator unreachable", ["job:1", "generate", "--prompt", "x", "--distributed",
+                                 "--distributed-timeout", "3"], "could not reach", 2),
+    ("other processes never join", ["job:0", "generate", "--prompt", "x", "--distributed",
+                                    "--distributed-timeout", "3"], "did not form", 2),
+    ("API temperature nan", lambda m, t, tmp: generate(m, [[3]], temperature=float("nan")),
+     "temperature", None),
+    ("API prompt + new tokens > positions",
+     lambda m, t, tmp: generate(m, [_ids(1000)], max_new_tokens=30), "1024 positions", None),
+    ("API non-UTF-8 prompt", lambda m, t, tmp: generate(m, ["caf\udce9"], tokenizer=t),
+     "not valid UTF-8", None),
+    ("API evaluate window > positions",
+     lambda m, t, tmp: evaluate(m, [np.asarray([_ids(1100)], np.int32)]), "1024 positions", None),
+    ("API perplexity window > positions",
+     lambda m, t, tmp: perplexity(m, [np.asarray([_ids(1100)], np.int32)]), "1024 positions",
+     None),
+    ("API calibrate on 20 tokens",
+     lambda m, t, tmp: calibrate(m, [np.asarray([_ids(20)], np.int32)], target_recall=0.9),
+     "at least 64 tokens", None),
+]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load()
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café au lait, crème brûlée\n".encode("latin-1") * 20)
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "one.txt").write_text("a")
+    return tmp_path
+
+
+def _read_only(path: str) -> None:
+    """Makes `path` unwritable, for root too (chattr +i); skips where that is impossible."""
+    if os.geteuid() != 0:
+        os.chmod(path, stat.S_IRUSR | stat.S_IXUSR)
+        return
+    if subprocess.run(["chattr", "+i", path], capture_output=True).returncode != 0:
+        pytest.skip("root without chattr +i: cannot make a read-only folder")
+
+
+def _writable(path: str) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", path], capture_output=True)
+    else:
+        os.chmod(path, stat.S_IRWXU)
+
+
+def _alone_in_a_job(process_id: str, argv: list[str]) -> tuple[int, str]:
+    """Runs `sparseinfer ARGV` as one process of a 2-process job whose other process never
+    starts (the coordinator is a free port nobody listens on unless this is process 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=process_id)
+    child = subprocess.run([sys.executable, "-m", "sparseinfer_jax.cli", *argv], env=env,
+                           capture_output=True, text=True, timeout=120)
+    return child.returncode, child.stderr
+
+
+def _interrupt(argv: list[str]) -> tuple[int, str]:
+    """Runs `sparseinfer ARGV` in a child, sends SIGINT once its progress bar shows, returns
+    (exit code, stderr)."""
+    # Python's own Ctrl-C handler, set again: a child of a shell's background job (CI) would
+    # otherwise start with SIGINT ignored, which a user's terminal never does.
+    code = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from sparseinfer_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    err = b""
+    os.set_blocking(child.stderr.fileno(), False)
+    deadline = time.monotonic() + 120
+    while b"eval:" not in err and child.poll() is None and time.monotonic() < deadline:
+        try:
+            err += os.read(child.stderr.fileno(), 1 << 16)
+        except BlockingIOError:
+            time.sleep(0.1)
+    child.send_signal(signal.SIGINT)
+    os.set_blocking(child.stderr.fileno(), True)
+    err += child.communicate(timeout=120)[1]
+    return child.returncode, err.decode()
+
+
+@pytest.mark.parametrize("case, call, fragment, code", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_before_the_work(case, call, fragment, code, folder, capsys,
+                                                  request):
+    tmp = str(folder)
+    before = sorted(os.listdir(tmp))
+    if callable(call):
+        model, tokenizer = request.getfixturevalue("shipped")
+        with pytest.raises(UserError, match=fragment):
+            call(model, tokenizer, tmp)
+        return
+    argv = [a.replace("{tmp}", tmp) for a in call]
+    if argv[0].startswith("job:"):
+        status, err = _alone_in_a_job(argv[0][4:], argv[1:])
+        assert status == code and err.startswith("error: ") and fragment in err, err[-2000:]
+        assert len(err.strip().splitlines()) == 1
+        return
+    if argv[0] == "sigint":
+        status, err = _interrupt(argv[1:])
+        lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
+        assert status == code and lines[-1] == fragment, err[-2000:]
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err
+        assert sorted(os.listdir(tmp)) == before  # neither r.json nor a temporary file
+        return
+    if "ckpt" in " ".join(argv):
+        from convert import convert
+
+        ckpt = convert(SHIPPED_MODEL, os.path.join(tmp, "ckpt"))
+        capsys.readouterr()
+        config = open(os.path.join(ckpt, "config.json")).read()
+        before = sorted(os.listdir(tmp))
+        _read_only(ckpt)
+        try:
+            status = main(argv)
+        finally:
+            _writable(ckpt)
+        assert open(os.path.join(ckpt, "config.json")).read() == config
+    else:
+        status = main(argv)
+    out, err = capsys.readouterr()
+    assert status == code
+    assert err.startswith("error: ") and fragment in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "eval:" not in err and "calibrate:" not in err and not out  # refused before the work
+    assert sorted(os.listdir(tmp)) == before
+
+
+FINALISER = """
+import os, signal, sys, time
+from sparseinfer_jax.errors import run_command
+
+class Slow:
+    def __del__(self):  # busy in Python, so the Ctrl-C lands in here
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            pass
+
+def command():
+    signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    signal.setitimer(signal.ITIMER_REAL, 0.1)
+    for _ in range(10):
+        Slow()
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            pass
+    print("finished")
+    return 0
+
+sys.exit(run_command(command))
+"""
+
+
+def test_ctrl_c_inside_a_finaliser_still_interrupts():
+    # Python drops a KeyboardInterrupt raised in a finaliser ("Exception ignored in"), so a Ctrl-C
+    # that lands there would be lost; run_command delivers it again.
+    done = subprocess.run([sys.executable, "-c", FINALISER], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 130 and "finished" not in done.stdout, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "interrupted"
