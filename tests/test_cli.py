@@ -77,5 +77,6 @@ def test_generate_keeps_its_compiled_program_unless_told_not_to(tmp_path):
     kept, off = tmp_path / "kept", tmp_path / "off"
     run(folder=str(kept))
     run("--no-compile-cache", folder=str(off))
-    assert any("_program" in name for name in os.listdir(kept))
+    names = os.listdir(kept)
+    assert any("_prefill" in n for n in names) and any("_decode" in n for n in names), names
     assert not off.exists() or not os.listdir(off)
