@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--mode", default="sparse", choices=("dense", "sparse"))
     parser.add_argument("--hf", action="store_true", help="also load the HF folder directly")
     parser.add_argument("--no-generate", action="store_true",
-                        help="load only (a CPU generate holds float32 copies of bf16 weights)")
+                        help="load only, skip the 4-token generate")
     parser.add_argument("--workdir", default=None, help="where to write (default: a temp folder)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()

@@ -111,7 +111,8 @@ def sparse_down_xla(h, down_t, idx, count, *, dense_above: float = bk.DENSE_ABOV
     def chunked(h, w, idx):
         def body(j, acc):
             rows = lax.dynamic_slice_in_dim(idx_padded, j * chunk, chunk)
-            return acc + matmul(lax.dynamic_slice_in_dim(h, j * chunk, chunk, axis=1), w[rows])
+            w_j, rows = lax.optimization_barrier((w, rows))  # see sparse_gate_up_xla
+            return acc + matmul(lax.dynamic_slice_in_dim(h, j * chunk, chunk, axis=1), w_j[rows])
 
         acc = jnp.zeros((h.shape[0], w.shape[1]), jnp.float32)
         return lax.fori_loop(0, bk.num_chunks(count), body, acc)

@@ -127,7 +127,10 @@ def sparse_gate_up_xla(x, gate, up, idx, count, *, activation: str, threshold: f
         def body(j, h):
             start = j * chunk
             rows = lax.dynamic_slice_in_dim(idx_padded, start, chunk)
-            hj = activate(matmul_t(x, gate[rows]), activation, threshold) * matmul_t(x, up[rows])
+            # Tied to the rows, the weights are loop-variant: XLA CPU gathers bf16 from a float32
+            # copy of the whole matrix, which it would otherwise hoist out of the loop.
+            g, u, rows = lax.optimization_barrier((gate, up, rows))
+            hj = activate(matmul_t(x, g[rows]), activation, threshold) * matmul_t(x, u[rows])
             hj = jnp.where(start + jnp.arange(chunk) < count, hj, 0.0)
             return lax.dynamic_update_slice_in_dim(h, hj, start, axis=1)
 

@@ -55,7 +55,10 @@ def gate_xla(x, gate, idx, count, *, dense_above: float = bk.DENSE_ABOVE):
     def chunked(x, gate, count):
         def body(j, g):
             rows = lax.dynamic_slice_in_dim(idx_padded, j * chunk, chunk)
-            return lax.dynamic_update_slice_in_dim(g, matmul_t(x, gate[rows]), j * chunk, axis=1)
+            # Tied to the rows, the weights are loop-variant: XLA CPU gathers bf16 from a float32
+            # copy of the whole matrix, which it would otherwise hoist out of the loop.
+            w, rows = lax.optimization_barrier((gate, rows))
+            return lax.dynamic_update_slice_in_dim(g, matmul_t(x, w[rows]), j * chunk, axis=1)
 
         g = jnp.zeros((b, f + (-f % chunk)), jnp.float32)
         return lax.fori_loop(0, bk.num_chunks(count), body, g)[:, :f]
@@ -81,8 +84,9 @@ def up_down_xla(x, a, up, down_t, rows, fired, *, dense_above: float = bk.DENSE_
     def chunked(x, a, up, down_t):
         def body(j, acc):
             r = lax.dynamic_slice_in_dim(rows_padded, j * chunk, chunk)
-            h = lax.dynamic_slice_in_dim(a_padded, j * chunk, chunk, axis=1) * matmul_t(x, up[r])
-            return acc + matmul(h, down_t[r])
+            u, w, r = lax.optimization_barrier((up, down_t, r))  # as in `gate_xla`
+            h = lax.dynamic_slice_in_dim(a_padded, j * chunk, chunk, axis=1) * matmul_t(x, u[r])
+            return acc + matmul(h, w[r])
 
         return lax.fori_loop(0, bk.num_chunks(fired), body, jnp.zeros((b, d), jnp.float32))
 

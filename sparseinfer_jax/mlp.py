@@ -37,6 +37,7 @@ from pallas_kernels.pack import pack_sign_bits_reference
 from sparseinfer_jax import sharding
 from sparseinfer_jax.config import PREDICTORS, LlamaConfig
 from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.matmul import dot
 
 MODES = ("dense", "sparse", "oracle")
 BACKENDS = ("auto", "pallas", "xla", "reference")
@@ -113,15 +114,13 @@ class MLP(nnx.Module):
 
     def hidden(self, x: jnp.ndarray) -> jnp.ndarray:
         """act(gate x) * (up x) for every neuron: `x: [N, D]` -> `[N, F]` float32."""
-        dims = (((1,), (1,)), ((), ()))
-        g = jax.lax.dot_general(x, self.gate[...], dims, preferred_element_type=jnp.float32)
-        u = jax.lax.dot_general(x, self.up[...], dims, preferred_element_type=jnp.float32)
+        g, u = dot(x, self.gate[...], 1), dot(x, self.up[...], 1)
         return self.act(g) * u
 
     def down(self, h: jnp.ndarray) -> jnp.ndarray:
         """`h: [N, F]` float32 -> `[N, D]` in the weights' dtype."""
         w = self.down_t[...]
-        return jnp.dot(h.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(w.dtype)
+        return dot(h.astype(w.dtype), w, 0).astype(w.dtype)
 
     def votes(self, x: jnp.ndarray, backend: str) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
         """The predictor's counts for `x: [N, D]`: (union mask `[F]`, negative votes `[N, F]`,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparseinfer_jax.config import LlamaConfig
+from sparseinfer_jax.matmul import dot
 from sparseinfer_jax.mlp import MLP
 from sparseinfer_jax.rope import apply_rope, rope_tables
 from sparseinfer_jax.sharding import as_mesh
@@ -62,6 +63,12 @@ def _linear(din: int, dout: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear
     )
 
 
+def _project(linear: nnx.Linear, x: jnp.ndarray) -> jnp.ndarray:
+    """`linear(x)` through `matmul.dot` (no float32 weight copies on the CPU)."""
+    w = linear.kernel[...]
+    return dot(x, w, 0).astype(w.dtype)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE, over a KV cache when one is given."""
 
@@ -88,9 +95,11 @@ class Attention(nnx.Module):
           `[B, T, D]` and the updated `(k, v)` (None without a cache).
         """
         b, t, _ = x.shape
-        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        heads = (b, t, self.num_heads, self.head_dim)
+        kv_heads = (b, t, self.num_kv_heads, self.head_dim)
+        q = apply_rope(_project(self.q_proj, x).reshape(heads), cos, sin)
+        k = apply_rope(_project(self.k_proj, x).reshape(kv_heads), cos, sin)
+        v = _project(self.v_proj, x).reshape(kv_heads)
         if cache is not None:
             k = jax.lax.dynamic_update_slice(cache[0], k, (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache[1], v, (0, cache_index, 0, 0))
@@ -101,7 +110,8 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-        out = self.o_proj(out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim))
+        out = out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim)
+        out = _project(self.o_proj, out)
         return out, (None if cache is None else (k, v))
 
 
@@ -177,15 +187,25 @@ class Llama(nnx.Module):
         for i, layer in enumerate(self.layers):
             layer.mlp.alpha.value = values[i]
 
+    def embed(self, input_ids: jnp.ndarray) -> jnp.ndarray:
+        """`self.embed_tokens(input_ids)`: `[B, T]` -> `[B, T, D]`.
+
+        XLA's CPU backend gathers bf16 rows from a float32 copy of the table
+        (float-normalization-bf16); in the decode loop that copy is loop-invariant, so XLA would
+        hoist it out and keep it alive. Tying the table to the ids in a barrier makes it
+        loop-variant: the convert stays inside the gather's fusion and touches only the rows read.
+        """
+        table, input_ids = jax.lax.optimization_barrier(
+            (self.embed_tokens.embedding[...], input_ids)
+        )
+        return jnp.take(table, input_ids, axis=0)
+
     def logits(self, x: jnp.ndarray) -> jnp.ndarray:
         """Final norm and LM head: `[B, T, D]` -> `[B, T, V]` float32."""
         x = self.norm(x)
-        w = (
-            self.embed_tokens.embedding[...].T
-            if self.config.tie_word_embeddings
-            else self.lm_head.kernel[...]
-        )
-        return jnp.dot(x, w, preferred_element_type=jnp.float32)
+        if self.config.tie_word_embeddings:
+            return dot(x, self.embed_tokens.embedding[...], 1)
+        return dot(x, self.lm_head.kernel[...], 0)
 
     def forward(
         self,
@@ -211,7 +231,7 @@ class Llama(nnx.Module):
           hidden states `[B, T, D]`, the updated cache (or None) and per-layer stats `[L, 6]`
           (or None).
         """
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         cos, sin = rope_tables(self.config, positions)
         keys, values, all_stats = [], [], []
         for i, layer in enumerate(self.layers):
