@@ -10,6 +10,9 @@ Every op takes `backend` among BACKENDS:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 
@@ -23,9 +26,30 @@ CHUNK = 64
 DENSE_ABOVE = 0.5
 
 
+_TARGET_GPU = False
+
+
 def on_gpu() -> bool:
-    """Whether the default JAX backend is a GPU (where Pallas Triton kernels compile)."""
-    return jax.default_backend() == "gpu"
+    """Whether kernels are built for a GPU: the default JAX backend is one (where Pallas Triton
+    kernels compile), or the caller is compiling for one ahead of time (`targeting_gpu`)."""
+    return _TARGET_GPU or jax.default_backend() == "gpu"
+
+
+@contextlib.contextmanager
+def targeting_gpu() -> Iterator[None]:
+    """Within: "auto" means "pallas" and Pallas kernels are real Triton kernels, not interpreted,
+    whatever the default backend: for compiling GPU programs on a machine without a GPU.
+
+    Clears JAX's trace caches on entry and exit, so no trace made for the other target is reused.
+    """
+    global _TARGET_GPU
+    jax.clear_caches()
+    _TARGET_GPU = True
+    try:
+        yield
+    finally:
+        _TARGET_GPU = False
+        jax.clear_caches()
 
 
 def resolve(backend: str) -> str:

@@ -31,6 +31,18 @@ def _cdiv(a, b: int):
     return lax.div(a + (b - 1), b)
 
 
+BLOCK_N = 32
+BLOCK_D = 128
+NUM_SPLITS = 8
+
+
+def num_live_programs(count: int, d: int, *, block_n: int = BLOCK_N, block_d: int = BLOCK_D,
+                      num_splits: int = NUM_SPLITS) -> int:
+    """Programs of `sparse_down_pallas` that load weights when `count` neurons are active."""
+    run = pl.cdiv(pl.cdiv(count, block_n), num_splits) * block_n
+    return pl.cdiv(d, min(block_d, pl.next_power_of_2(d))) * pl.cdiv(count, run)
+
+
 def sparse_down_kernel(h_ref, w_ref, idx_ref, count_ref, out_ref, *,
                        block_n: int, block_d: int, num_splits: int):
     """One program: columns block i, split s of the live prefix.

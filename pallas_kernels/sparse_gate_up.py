@@ -46,6 +46,14 @@ def matmul_t(x: jnp.ndarray, w: jnp.ndarray, precision=None) -> jnp.ndarray:
                            precision=precision, preferred_element_type=jnp.float32)
 
 
+BLOCK_N = 16
+
+
+def num_live_programs(count: int, d: int, *, block_n: int = BLOCK_N) -> int:
+    """Programs of `sparse_gate_up_pallas` that load weights when `count` neurons are active."""
+    return pl.cdiv(count, block_n)
+
+
 def sparse_gate_up_kernel(x_ref, gate_ref, up_ref, idx_ref, count_ref, h_ref, *,
                           block_n: int, block_d: int, activation: str, threshold: float):
     """One program: compact positions [i * block_n, (i + 1) * block_n).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sparseinfer_jax import compile_report
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.mlp import BACKENDS, MODES
 
@@ -322,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", default=None, help="write the records to this JSON file")
     be.add_argument("--plot", default=None, help="write a PNG: latency vs active fraction")
     be.set_defaults(run=_bench)
+    compile_report.add_parser(sub)
     return parser
 
 
