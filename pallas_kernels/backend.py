@@ -35,18 +35,35 @@ def on_gpu() -> bool:
     return _TARGET_GPU or jax.default_backend() == "gpu"
 
 
+def abstract_gpu_mesh(device_kind: str):
+    """A one-device abstract mesh of a CUDA GPU of `device_kind` (e.g. "NVIDIA H100 80GB HBM3")
+    for `targeting_gpu`; None on jax < 0.11, which has no abstract devices and needs none."""
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        return None
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="cuda")
+    return jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,),
+                                     abstract_device=device)
+
+
 @contextlib.contextmanager
-def targeting_gpu() -> Iterator[None]:
+def targeting_gpu(mesh=None) -> Iterator[None]:
     """Within: "auto" means "pallas" and Pallas kernels are real Triton kernels, not interpreted,
     whatever the default backend: for compiling GPU programs on a machine without a GPU.
 
-    Clears JAX's trace caches on entry and exit, so no trace made for the other target is reused.
+    Pallas reads the target's compute capability from its device kind: jax >= 0.11 takes it from
+    the abstract device of the abstract mesh in use, so pass `mesh` (`abstract_gpu_mesh`, or the
+    `abstract_mesh` of a mesh of compile-only GPU devices); older jax needs none. Clears JAX's
+    trace caches on entry and exit, so no trace made for the other target is reused.
     """
     global _TARGET_GPU
+    use_mesh = contextlib.nullcontext()
+    if mesh is not None and hasattr(jax.sharding, "AbstractDevice"):
+        use_mesh = jax.sharding.use_abstract_mesh(mesh)
     jax.clear_caches()
     _TARGET_GPU = True
     try:
-        yield
+        with use_mesh:
+            yield
     finally:
         _TARGET_GPU = False
         jax.clear_caches()

@@ -60,6 +60,9 @@ ACTIVE_FRACTIONS = (0.05, 0.1, 0.2)
 NEW_TOKENS = 16  # decode slots of the compiled program (its kernels do not depend on it)
 MAX_REGISTERS = 128
 MIN_LIVE_PER_SM = 4
+# Newer XLA dumps PTX only for emitters this matches (older XLA dumps it anyway).
+DUMP_OPTIONS = {"xla_dump_emitter_re": "ptx"}
+PALLAS_KERNELS = {"pack_sign_bits", "sign_predict", "sparse_gate_up", "sparse_down"}
 PLUGIN_MODULES = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
 
 
@@ -154,19 +157,35 @@ def launches(dump: str) -> list[dict]:
     return out
 
 
+def _ptxas(ptxas: str, path: str) -> str:
+    """`ptxas -v` on a PTX file for its own target; its report (stderr).
+
+    XLA compiles PTX in-process with its own (possibly newer) PTX compiler; when this ptxas is
+    older than the PTX's ISA version, the file is assembled again as the newest version it reads
+    (the kernels use no newer instruction; if one did, ptxas says so and the case fails).
+    """
+    with open(path) as f:
+        ptx = f.read()
+    target = re.search(r"^\.target (\w+)", ptx, re.M).group(1)
+    cmd = [ptxas, "-v", f"-arch={target}", "-o", os.devnull]
+    run = subprocess.run([*cmd, path], capture_output=True, text=True)
+    older = re.search(r"Unsupported \.version [\d.]+; current version is '([\d.]+)'", run.stderr)
+    if older:
+        ptx = re.sub(r"^\.version [\d.]+", f".version {older.group(1)}", ptx, count=1, flags=re.M)
+        run = subprocess.run([*cmd, "-"], input=ptx, capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"ptxas failed on {os.path.basename(path)}: {run.stderr.strip()}")
+    return run.stderr
+
+
 def ptxas_usage(dump: str, ptxas: str) -> dict[str, dict]:
     """Per entry function of the dumped PTX: {"registers", "spill_bytes"} from `ptxas -v`."""
     usage: dict[str, dict] = {}
     for path in glob.glob(os.path.join(dump, "*.ptx")):
-        with open(path) as f:
-            ptx = f.read()
-        target = re.search(r"^\.target (\w+)", ptx, re.M)
-        if target is None:
+        if os.path.getsize(path) == 0:
             continue
-        run = subprocess.run([ptxas, "-v", f"-arch={target.group(1)}", "-o", os.devnull, path],
-                             capture_output=True, text=True, check=True)
         name = None
-        for line in run.stderr.splitlines():
+        for line in _ptxas(ptxas, path).splitlines():
             if m := re.search(r"Compiling entry function '(\S+)'", line):
                 name = m.group(1)
                 usage[name] = dict(registers=0, spill_bytes=0)
@@ -266,7 +285,7 @@ def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
                                shared_bytes=None, kernels=None)
     with tempfile.TemporaryDirectory() as dump:
         try:
-            jax.jit(case.fn).trace(*case.args).lower().compile({"xla_dump_to": dump})
+            jax.jit(case.fn).trace(*case.args).lower().compile(DUMP_OPTIONS | {"xla_dump_to": dump})
             usage, runs = ptxas_usage(dump, ptxas), launches(dump)
         except Exception as e:  # noqa: BLE001 - any compiler error is the report's finding
             rec["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
@@ -282,6 +301,7 @@ def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
     else:
         rec["registers"] = max((u["registers"] for u in usage.values()), default=0)
         rec["spill_bytes"] = sum(u["spill_bytes"] for u in usage.values())
+        rec["pallas_kernels"] = sorted({r["name"] for r in runs} & PALLAS_KERNELS)
     return rec
 
 
@@ -296,9 +316,10 @@ def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None =
     check_plugin()
     ptxas = find_ptxas()
     records = []
-    with bk.targeting_gpu():
-        for spec in specs:
-            sds = functools.partial(_abstract, NamedSharding(mesh_for(spec), P()))
+    for spec in specs:
+        mesh = mesh_for(spec)
+        sds = functools.partial(_abstract, NamedSharding(mesh, P()))
+        with bk.targeting_gpu(mesh.abstract_mesh):
             for batch in batches:
                 cases = kernel_cases(cfg, batch, DTYPES[dtype], sds,
                                      pack_weights=batch == batches[0])
