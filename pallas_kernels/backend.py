@@ -11,6 +11,8 @@ Every op takes `backend` among BACKENDS:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 from collections.abc import Iterator
 
 import jax
@@ -27,6 +29,19 @@ DENSE_ABOVE = 0.5
 
 
 _TARGET_GPU = False
+
+
+def nvidia_driver_present() -> bool:
+    """Whether this machine has an NVIDIA driver (its control device node)."""
+    return os.path.exists("/dev/nvidiactl")
+
+
+# With a CUDA plugin installed (the test extra installs one, for `sparseinfer compile-report`) on a
+# machine without an NVIDIA driver, jax 0.10 fails to start unless its platform is set: default it
+# to the CPU there, unless the user chose one (JAX_PLATFORMS). The plugin still compiles for GPUs.
+if (not jax.config.jax_platforms and not nvidia_driver_present()
+        and importlib.util.find_spec("jax_plugins") is not None):
+    jax.config.update("jax_platforms", "cpu")
 
 
 def on_gpu() -> bool:
