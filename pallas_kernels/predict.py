@@ -77,7 +77,7 @@ def _x_words(x: jnp.ndarray, alpha: jnp.ndarray):
     return pack_sign_bits_reference(x), pack_nonzero_bits_reference(x), threshold(alpha, n_nz)
 
 
-BLOCK_F = 64
+BLOCK_F = 16
 BLOCK_W = 32
 
 
