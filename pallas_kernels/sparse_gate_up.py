@@ -51,7 +51,7 @@ def matmul_t(x: jnp.ndarray, w: jnp.ndarray, precision=None) -> jnp.ndarray:
 BLOCK_N = 2
 # x's tile is [B padded, block_d]: block_d = max(MIN_BLOCK_D, TILE // B padded) keeps it (and the
 # registers holding it) the same size at every batch.
-TILE = 2048
+TILE = 4096
 MIN_BLOCK_D = 128
 
 
