@@ -35,7 +35,7 @@ def _cdiv(a, b: int):
     return lax.div(a + (b - 1), b)
 
 
-BLOCK_N = 8
+BLOCK_N = 16
 BLOCK_D = 128
 NUM_SPLITS = 24
 
