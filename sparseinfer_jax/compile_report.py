@@ -47,12 +47,17 @@ from pallas_kernels.sparse_down import num_live_programs as down_live
 from pallas_kernels.sparse_down import sparse_down_pallas
 from pallas_kernels.sparse_gate_up import num_live_programs as gate_up_live
 from pallas_kernels.sparse_gate_up import sparse_gate_up_pallas
-from sparseinfer_jax import generation
-from sparseinfer_jax.bench import DTYPES, PROMPT_TOKENS, SHAPES, shape_config
+from sparseinfer_jax import bench, generation
+from sparseinfer_jax.bench import DTYPES, PROMPT_TOKENS, shape_config
 from sparseinfer_jax.config import LlamaConfig
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model import Llama
 
+# bench's shapes and Llama-2-13B (compiled only: no weights are made).
+SHAPES = {**bench.SHAPES,
+          "13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
+                      num_key_value_heads=40, head_dim=128, num_hidden_layers=40,
+                      vocab_size=32000)}
 SPECS_DIR = os.path.join(os.path.dirname(__file__), "gpu_specs")
 GPUS = tuple(sorted(os.path.splitext(f)[0] for f in os.listdir(SPECS_DIR) if f.endswith(".txtpb")))
 DEFAULT_GPUS = ("h100", "a100")
@@ -320,7 +325,7 @@ def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None =
     specs = [gpu_spec(g) for g in gpus]
     if not batches or min(batches) < 1:
         raise UserError(f"--batches must be positive integers, got {batches}.")
-    cfg = shape_config(shape, layers)
+    cfg = shape_config(shape, layers, SHAPES)
     check_plugin()
     ptxas = find_ptxas()
     records = []
