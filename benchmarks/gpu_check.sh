@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (jax with CUDA installed, no network, 10 minutes a call):
+#   0. the offline compile report for this GPU's kind (`sparseinfer compile-report`, the same
+#      deviceless compile CI runs, needs the CUDA plugin and ptxas): registers, spills and launch
+#      shapes to compare with what this real GPU runs (compile_report.json);
 #   1. environment (versions, devices) and nvidia-smi;
 #   2. the card's copy bandwidth (copy.json; every bench record also carries its own), and
 #      whether the layer scan copies weights out of the stack (layer_stack.json);
@@ -89,6 +92,18 @@ step() {  # step NAME SECONDS CMD...: time-limited, logged to $OUT/NAME.log, nev
   return 0
 }
 
+# The report's GPU spec for this card: h200, h100 or a100 by the device name nvidia-smi gives.
+REPORT_GPU=h100
+if command -v nvidia-smi >/dev/null 2>&1; then
+  case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" in
+    *H200*) REPORT_GPU=h200 ;;
+    *A100*) REPORT_GPU=a100 ;;
+    *B200*) REPORT_GPU=b200 ;;
+  esac
+fi
+if [ "$QUICK" = 1 ]; then REPORT_SHAPE=tiny; else REPORT_SHAPE=7b; fi
+step compile_report 120 "$PY" -m sparseinfer_jax.cli compile-report --gpu "$REPORT_GPU" \
+  --shape "$REPORT_SHAPE" --batches 1,16 --layers 2 --json "$OUT/compile_report.json"
 step env 60 "$PY" -c "
 import importlib, sys
 print(sys.version)

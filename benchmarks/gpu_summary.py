@@ -1,6 +1,7 @@
 """Summarises `sparseinfer bench` JSON files: every figure as a fraction of copy bandwidth.
 
-Reads `copy.json` and `bench_*.json` in a folder (what `benchmarks/gpu_check.sh` writes; a file
+Reads `compile_report.json` (the offline compile report), `copy.json` and `bench_*.json` in a
+folder (what `benchmarks/gpu_check.sh` writes; a file
 cut short by a time limit is summarised as far as it goes) and prints, per file: the copy and
 matvec read bandwidths, each decode row (ms/token, x dense, GB/s, fraction of copy), each kernel
 row (ms, x the dense op, fraction of copy), and the issue's targets as met or missed.
@@ -91,8 +92,29 @@ def targets(recs: list[dict], dense: dict | None) -> list[str]:
     return out
 
 
+def compile_summary(path: pathlib.Path) -> list[str]:
+    """The offline compile report's lines: per kernel and batch, registers, spills, live/SM."""
+    recs = json.loads(path.read_text())
+    lines = [f"{path.name}: {len(recs)} records, "
+             f"{sum(not r['compiled'] for r in recs)} failed to compile"]
+    for r in recs:
+        if not r["compiled"]:
+            lines.append(f"  {r['gpu']} B={r['batch']} {r['name']}: FAILED {r['error']}")
+        elif r["kind"] == "kernel":
+            lines.append(f"  {r['gpu']} B={r['batch']} {r['name']:<23} {r['registers']:>3} regs "
+                         f"{r['spill_bytes']} spill, grid {r['grid']}, "
+                         f"{r.get('live_per_sm_10')} live/SM at 10 %")
+    return lines
+
+
 def main(folder: str) -> None:
     out = pathlib.Path(folder)
+    report = out / "compile_report.json"
+    if report.exists():
+        try:
+            print("\n".join(compile_summary(report)))
+        except (ValueError, KeyError) as e:
+            print(f"{report.name}: unreadable ({type(e).__name__}: {e})")
     copy = out / "copy.json"
     if copy.exists():
         c = json.loads(copy.read_text())

@@ -10,6 +10,11 @@ Every op takes `backend` among BACKENDS:
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 
@@ -23,9 +28,60 @@ CHUNK = 64
 DENSE_ABOVE = 0.5
 
 
+_TARGET_GPU = False
+
+
+def nvidia_driver_present() -> bool:
+    """Whether this machine has an NVIDIA driver (its control device node)."""
+    return os.path.exists("/dev/nvidiactl")
+
+
+# With a CUDA plugin installed (the test extra installs one, for `sparseinfer compile-report`) on a
+# machine without an NVIDIA driver, jax 0.10 fails to start unless its platform is set: default it
+# to the CPU there, unless the user chose one (JAX_PLATFORMS). The plugin still compiles for GPUs.
+if (not jax.config.jax_platforms and not nvidia_driver_present()
+        and importlib.util.find_spec("jax_plugins") is not None):
+    jax.config.update("jax_platforms", "cpu")
+
+
 def on_gpu() -> bool:
-    """Whether the default JAX backend is a GPU (where Pallas Triton kernels compile)."""
-    return jax.default_backend() == "gpu"
+    """Whether kernels are built for a GPU: the default JAX backend is one (where Pallas Triton
+    kernels compile), or the caller is compiling for one ahead of time (`targeting_gpu`)."""
+    return _TARGET_GPU or jax.default_backend() == "gpu"
+
+
+def abstract_gpu_mesh(device_kind: str):
+    """A one-device abstract mesh of a CUDA GPU of `device_kind` (e.g. "NVIDIA H100 80GB HBM3")
+    for `targeting_gpu`; None on jax < 0.11, which has no abstract devices and needs none."""
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        return None
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="cuda")
+    return jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,),
+                                     abstract_device=device)
+
+
+@contextlib.contextmanager
+def targeting_gpu(mesh=None) -> Iterator[None]:
+    """Within: "auto" means "pallas" and Pallas kernels are real Triton kernels, not interpreted,
+    whatever the default backend: for compiling GPU programs on a machine without a GPU.
+
+    Pallas reads the target's compute capability from its device kind: jax >= 0.11 takes it from
+    the abstract device of the abstract mesh in use, so pass `mesh` (`abstract_gpu_mesh`, or the
+    `abstract_mesh` of a mesh of compile-only GPU devices); older jax needs none. Clears JAX's
+    trace caches on entry and exit, so no trace made for the other target is reused.
+    """
+    global _TARGET_GPU
+    use_mesh = contextlib.nullcontext()
+    if mesh is not None and hasattr(jax.sharding, "AbstractDevice"):
+        use_mesh = jax.sharding.use_abstract_mesh(mesh)
+    jax.clear_caches()
+    _TARGET_GPU = True
+    try:
+        with use_mesh:
+            yield
+    finally:
+        _TARGET_GPU = False
+        jax.clear_caches()
 
 
 def resolve(backend: str) -> str:

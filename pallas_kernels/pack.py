@@ -65,6 +65,18 @@ def pack_sign_bits_numpy(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(packed).view("<u4").astype(np.uint32)
 
 
+BLOCK_ROWS = 16
+BLOCK_WORDS = 16
+
+
+def num_programs(r: int, d: int, *, block_rows: int = BLOCK_ROWS,
+                 block_words: int = BLOCK_WORDS) -> int:
+    """Programs `pack_sign_bits_pallas` launches for `x: [r, d]` (all of them have work)."""
+    w = num_words(d)
+    rows, words = min(block_rows, pl.next_power_of_2(r)), min(block_words, pl.next_power_of_2(w))
+    return pl.cdiv(r, rows) * pl.cdiv(w, words)
+
+
 def pack_sign_bits_kernel(x_ref, o_ref, *, block_rows: int, block_words: int):
     """One program: a `[block_rows, block_words]` tile of o_ref `[R, W]` from x_ref `[R, D]`."""
     r, d = x_ref.shape
@@ -81,8 +93,8 @@ def pack_sign_bits_kernel(x_ref, o_ref, *, block_rows: int, block_words: int):
 
 
 @functools.partial(jax.jit, static_argnames=["block_rows", "block_words", "num_warps", "interpret"])
-def pack_sign_bits_pallas(x, *, block_rows: int = 16, block_words: int = 16, num_warps: int = 4,
-                          interpret: bool = False):
+def pack_sign_bits_pallas(x, *, block_rows: int = BLOCK_ROWS, block_words: int = BLOCK_WORDS,
+                          num_warps: int = 4, interpret: bool = False):
     """Pallas (Triton) `pack_sign_bits` for `x: [R, D]` -> `[R, ceil(D/32)]` uint32."""
     assert block_rows & (block_rows - 1) == 0 and block_words & (block_words - 1) == 0, (
         "powers of 2 only")

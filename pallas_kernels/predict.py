@@ -77,6 +77,15 @@ def _x_words(x: jnp.ndarray, alpha: jnp.ndarray):
     return pack_sign_bits_reference(x), pack_nonzero_bits_reference(x), threshold(alpha, n_nz)
 
 
+BLOCK_F = 16
+BLOCK_W = 32
+
+
+def num_programs(f: int, *, block_f: int = BLOCK_F) -> int:
+    """Programs `sign_predict_pallas` launches for F neurons (all of them have work)."""
+    return pl.cdiv(f, block_f)
+
+
 def sign_predict_kernel(xs_ref, xnz_ref, w_ref, tau_ref, active_ref, n_neg_ref, *,
                         block_f: int, block_w: int):
     """One program: neurons [i * block_f, (i + 1) * block_f), looping over the words in chunks.
@@ -114,7 +123,7 @@ def sign_predict_kernel(xs_ref, xnz_ref, w_ref, tau_ref, active_ref, n_neg_ref, 
 
 
 @functools.partial(jax.jit, static_argnames=["block_f", "block_w", "num_warps", "interpret"])
-def sign_predict_pallas(x, w_bits, alpha, *, block_f: int = 64, block_w: int = 32,
+def sign_predict_pallas(x, w_bits, alpha, *, block_f: int = BLOCK_F, block_w: int = BLOCK_W,
                         num_warps: int = 4, interpret: bool = False):
     """Pallas (Triton) `sign_predict`: grid over blocks of `block_f` neurons.
 

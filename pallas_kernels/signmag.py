@@ -39,6 +39,9 @@ from pallas_kernels.pack import WORD_BITS, num_words, pack_bits_reference, pack_
 from pallas_kernels.predict import threshold
 
 PLANES = 3
+# 16 neurons a program: at the 7b shape that is 688 programs, over 4 per SM on an H100 (as for
+# `predict.BLOCK_F`; the compile report checks it).
+BLOCK_F = 16
 
 
 def quantise(x: jnp.ndarray, planes: int = PLANES) -> jnp.ndarray:
@@ -89,9 +92,14 @@ def signmag_kernel(xs_ref, xp_ref, w_ref, n_neg_ref, *, block_f: int, block_w: i
     plgpu.store(n_neg_ref.at[batch[:, None], rows[None, :]], acc, mask=row_ok[None, :])
 
 
+def num_programs(f: int, *, block_f: int = BLOCK_F) -> int:
+    """Programs `signmag_pallas` launches for F neurons (all of them have work)."""
+    return pl.cdiv(f, block_f)
+
+
 @functools.partial(jax.jit,
                    static_argnames=["planes", "block_f", "block_w", "num_warps", "interpret"])
-def signmag_pallas(x, w_bits, *, planes: int = PLANES, block_f: int = 64, block_w: int = 16,
+def signmag_pallas(x, w_bits, *, planes: int = PLANES, block_f: int = BLOCK_F, block_w: int = 16,
                    num_warps: int = 4, interpret: bool = False):
     """Pallas (Triton) weighted negative votes `[B, F]` int32 and totals `[B]`."""
     assert block_f & (block_f - 1) == 0 and block_w & (block_w - 1) == 0, "powers of 2 only"

@@ -8,7 +8,11 @@ Pallas kernel: grid (D blocks of `block_d`) x (`num_splits` splits of the live p
 positions [0, count) are cut into `num_splits` equal runs of whole `block_n` blocks, so every
 split has work whatever the count; each program sums its run for its columns into a float32
 partial `[num_splits, B, D]`, and one jnp sum reduces the splits (deterministic, unlike atomics).
-A program whose run is empty loads nothing and writes zeros; bytes read follow the count.
+The batch is a tile axis (padded to a power of 2): the accumulator is `[B padded, block_d]`, and
+each position adds h[:, k] x down_t[idx[k]], whose row is read only if h[:, k] is non-zero for
+some batch row (a block whose h is all zero loads no weights). A program whose run is empty
+loads nothing and writes zeros; bytes read follow the count. At 10% active a 7b layer has
+32 x 23 = 736 programs with work, 5.6 per SM of an H100.
 """
 
 from __future__ import annotations
@@ -31,6 +35,18 @@ def _cdiv(a, b: int):
     return lax.div(a + (b - 1), b)
 
 
+BLOCK_N = 16
+BLOCK_D = 128
+NUM_SPLITS = 24
+
+
+def num_live_programs(count: int, d: int, *, block_n: int = BLOCK_N, block_d: int = BLOCK_D,
+                      num_splits: int = NUM_SPLITS) -> int:
+    """Programs of `sparse_down_pallas` that load weights when `count` neurons are active."""
+    run = pl.cdiv(pl.cdiv(count, block_n), num_splits) * block_n
+    return pl.cdiv(d, min(block_d, pl.next_power_of_2(d))) * pl.cdiv(count, run)
+
+
 def sparse_down_kernel(h_ref, w_ref, idx_ref, count_ref, out_ref, *,
                        block_n: int, block_d: int, num_splits: int):
     """One program: columns block i, split s of the live prefix.
@@ -38,8 +54,10 @@ def sparse_down_kernel(h_ref, w_ref, idx_ref, count_ref, out_ref, *,
     Refs (whole arrays): h_ref `[B, F]` float32 compact order; w_ref `[F, D]`; idx_ref `[F]`
     int32; count_ref `[]` int32. Output out_ref `[num_splits, B, D]` float32 partial sums.
     """
-    b = h_ref.shape[0]
+    b, f = h_ref.shape
     d = w_ref.shape[1]
+    bs = jnp.arange(pl.next_power_of_2(b))
+    b_ok = bs < b
     cols = pl.program_id(0) * block_d + jnp.arange(block_d)
     col_ok = cols < d
     s = pl.program_id(1)
@@ -49,27 +67,28 @@ def sparse_down_kernel(h_ref, w_ref, idx_ref, count_ref, out_ref, *,
     num_blocks = _cdiv(jnp.clip(count - start, 0, run), block_n)
 
     def body(j, acc):
-        ks = start + j * block_n + jnp.arange(block_n)
-        live = ks < count
-        rows = plgpu.load(idx_ref.at[ks], mask=live, other=0)
-        w = plgpu.load(w_ref.at[rows[:, None], cols[None, :]],
-                       mask=live[:, None] & col_ok[None, :], other=0).astype(jnp.float32)
-        out = []
-        for r in range(b):
-            hr = plgpu.load(h_ref.at[r, ks], mask=live, other=0.0)
-            out.append(acc[r] + jnp.sum(hr[:, None] * w, axis=0))
-        return tuple(out)
+        for i in range(block_n):
+            k = start + j * block_n + i
+            live = k < count
+            hk = plgpu.load(h_ref.at[bs, jnp.minimum(k, f - 1)], mask=b_ok & live, other=0.0)
+            # A sum, not jnp.any: Pallas Triton has no reduce_or.
+            nonzero = live & (jnp.sum((hk != 0).astype(jnp.int32)) > 0)
+            row = jnp.where(live, idx_ref[jnp.minimum(k, f - 1)], 0)
+            w = plgpu.load(w_ref.at[row, cols], mask=col_ok & nonzero, other=0)
+            acc = acc + hk[:, None] * w.astype(jnp.float32)[None, :]
+        return acc
 
-    init = tuple(jnp.zeros((block_d,), jnp.float32) for _ in range(b))
-    acc = lax.fori_loop(0, num_blocks, body, init)
-    for r in range(b):
-        plgpu.store(out_ref.at[s, r, cols], acc[r], mask=col_ok)
+    acc = lax.fori_loop(jnp.int32(0), num_blocks, body,
+                        jnp.zeros((bs.shape[0], block_d), jnp.float32))
+    plgpu.store(out_ref.at[s, bs[:, None], cols[None, :]], acc,
+                mask=b_ok[:, None] & col_ok[None, :])
 
 
 @functools.partial(
     jax.jit, static_argnames=["block_n", "block_d", "num_splits", "num_warps", "interpret"])
-def sparse_down_pallas(h, down_t, idx, count, *, block_n: int = 32, block_d: int = 128,
-                       num_splits: int = 8, num_warps: int = 4, interpret: bool = False):
+def sparse_down_pallas(h, down_t, idx, count, *, block_n: int = BLOCK_N, block_d: int = BLOCK_D,
+                       num_splits: int = NUM_SPLITS, num_warps: int = 4,
+                       interpret: bool = False):
     """Pallas (Triton) `sparse_down`: partial sums per (column block, split), reduced in jnp."""
     assert block_n & (block_n - 1) == 0 and block_d & (block_d - 1) == 0, "powers of 2 only"
     b = h.shape[0]

@@ -3,8 +3,10 @@
 `jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))` runs the Pallas Triton lowering
 (every primitive through `jax/_src/pallas/triton/lowering.py`, block shapes, power-of-2 sizes)
 and embeds the Triton module as bytecode in the custom call; this parses it back and runs the MLIR
-verifier. What it cannot check is Triton's own compilation to PTX, which happens on a GPU.
-It reads the custom call's backend config as jaxlib <= 0.10.2 writes it (private JAX modules).
+verifier. What it cannot check is Triton's own compilation to PTX: `sparseinfer compile-report`
+does that (with the CUDA plugin). jax >= 0.11 lowers Pallas for a GPU only for an abstract GPU
+device (`backend.abstract_gpu_mesh`). It reads the custom call's backend config as jaxlib 0.10
+to 0.12 write it (private JAX modules).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import jax
 from jax._src.lib.mlir import ir
 from jax._src.pallas.triton import lowering as triton_lowering
 
+from pallas_kernels import backend as bk
+
 TRITON_CALL_TARGET = "__gpu$xla.gpu.triton"
+DEVICE_KIND = "NVIDIA H100 80GB HBM3"
 
 
 def _walk(op) -> Iterator:
@@ -26,9 +31,11 @@ def _walk(op) -> Iterator:
                 yield from _walk(child.operation)
 
 
-def triton_modules(fn: Callable, *args) -> list[str]:
-    """Cross-lowers `fn(*args)` for CUDA and returns the verified Triton module of each kernel."""
-    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+def triton_modules(fn: Callable, *args, device_kind: str = DEVICE_KIND) -> list[str]:
+    """Cross-lowers `fn(*args)` for a CUDA GPU of `device_kind` and returns the verified Triton
+    module of each kernel."""
+    with bk.targeting_gpu(bk.abstract_gpu_mesh(device_kind)):
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     modules = []
     for op in _walk(lowered.compiler_ir("stablehlo").operation):
         if op.name != "stablehlo.custom_call":

@@ -61,11 +61,11 @@ PROMPT_TOKENS = 8
 INIT_STD = 0.02
 
 
-def shape_config(shape: str, layers: int | None = None) -> LlamaConfig:
-    """The `LlamaConfig` of a named shape, with its depth cut to `layers` when given."""
-    if shape not in SHAPES:
-        raise UserError(f"--shape must be one of {', '.join(SHAPES)}, got '{shape}'.")
-    fields = dict(SHAPES[shape])
+def shape_config(shape: str, layers: int | None = None, shapes: dict = SHAPES) -> LlamaConfig:
+    """The `LlamaConfig` of a named shape among `shapes`, its depth cut to `layers` if given."""
+    if shape not in shapes:
+        raise UserError(f"--shape must be one of {', '.join(shapes)}, got '{shape}'.")
+    fields = dict(shapes[shape])
     if layers is not None:
         if layers < 1:
             raise UserError(f"--layers must be at least 1, got {layers}.")

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 
+from sparseinfer_jax import compile_report
 from sparseinfer_jax.errors import (
     UserError,
     atomic_file,
@@ -570,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", default=None, help="write the records to this JSON file")
     be.add_argument("--plot", default=None, help="write a PNG: latency vs active fraction")
     be.set_defaults(run=_bench)
+    compile_report.add_parser(sub)
     return parser
 
 

@@ -9,6 +9,10 @@ import pytest
 
 # Tests compare float32 results across libraries: keep XLA on exact float32 matmuls.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# The test extra installs the CUDA plugin (for the compile report); without an NVIDIA driver jax
+# must run on the CPU, in this process and in the CLIs the tests start.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 TINY = dict(
     vocab_size=96,

@@ -233,3 +233,30 @@ def test_sparse_compiled_on_gpu(b, d, f, dtype, activation):
         w = jnp.asarray(down_t, dtype)
         out, out_ref = (sparse_down(h_ref, w, idx, n, backend=be) for be in ("pallas", "reference"))
         assert_close(out, np.asarray(out_ref.astype(jnp.float32), np.float64), dtype)
+
+
+@pytest.mark.parametrize("b,dtype,activation", [(1, jnp.float32, "relu"),
+                                                (3, jnp.float32, "fatrelu"),
+                                                (4, jnp.bfloat16, "relu")])
+def test_two_stage_kernels_match_references_with_unfired_blocks(b, dtype, activation):
+    # Neurons 0..23 never fire (gate rows anti-aligned with a positive x), neurons 24.. are
+    # random: whole blocks of the compact order are unfired, others mixed. gate_up must still
+    # give act(g) * u (0 where unfired), and down must skip exactly the zero rows of h.
+    d, f, dead = 70, 45, 24
+    x, gate, up, down_t = weights(b, d, f, dtype, seed=7)
+    x = np.abs(x) + 0.1
+    gate[:dead] = -np.abs(gate[:dead]) - 0.1
+    x, gate = as_dtype(x, dtype), as_dtype(gate, dtype)
+    args = [jnp.asarray(a, dtype) for a in (x, gate, up)]
+    for count in (dead, f):
+        idx = np.zeros(f, np.int32)
+        idx[:count] = np.arange(count)  # the unfired neurons lead the compact order
+        h = sparse_gate_up_pallas(*args, jnp.asarray(idx), jnp.int32(count),
+                                  activation=activation, threshold=FATRELU_THRESHOLD,
+                                  interpret=True)
+        want = gate_up_numpy(x, gate, up, idx, count, activation)
+        assert (np.asarray(h)[:, :dead] == 0).all()
+        assert_close(h, want, dtype)
+        out = sparse_down_pallas(h, jnp.asarray(down_t, dtype), jnp.asarray(idx), jnp.int32(count),
+                                 interpret=True)
+        assert_close(out, down_numpy(np.asarray(h, np.float64), down_t, idx, count), dtype)

@@ -1,0 +1,429 @@
+"""Offline GPU compile report: every Pallas kernel and the whole decode program, compiled for real
+GPUs on a machine without one (`sparseinfer compile-report`).
+
+How. With the CUDA PJRT plugin installed (`jax-cuda12-plugin`, `jax-cuda12-pjrt`, the version of
+jax) and the CPU as JAX's platform, `jax.experimental.topologies` builds a compile-only device from
+a GPU spec (XLA's `GpuTargetConfigProto`, in `gpu_specs/`), and `jit(fn).trace(...).lower()
+.compile()` runs XLA's whole GPU compiler on abstract arguments (`ShapeDtypeStruct`s: no weight is
+ever allocated): Pallas -> Triton -> PTX, and ptxas -> cubin. The compile dumps its PTX and its
+thunk sequence (`xla_dump_to`); the launch shapes (grid, threads, shared memory) come from the
+thunk sequence, and registers and spills from `ptxas -v` run again on the dumped PTX for its
+target. A failed compile or a spill in a Pallas kernel makes the report fail; a program's record
+holds its Pallas kernels' figures, and XLA's own fusions apart (`xla_registers`, `xla_spills`).
+
+Occupancy arithmetic per kernel: `resident` = programs one SM can hold at once (registers,
+threads, shared memory and the 32-block limit), `live@5/10/20%` = programs that have work when
+that fraction of the neurons is active, per SM of the GPU (`core_count` in its spec). Memory
+bandwidth wants several live programs per SM, each with loads in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pallas_kernels import backend as bk
+from pallas_kernels import pack, predict, signmag
+from pallas_kernels.sparse_down import num_live_programs as down_live
+from pallas_kernels.sparse_down import sparse_down_pallas
+from pallas_kernels.sparse_gate_up import num_live_programs as gate_up_live
+from pallas_kernels.sparse_gate_up import sparse_gate_up_pallas
+from sparseinfer_jax import bench, generation
+from sparseinfer_jax.bench import DTYPES, PROMPT_TOKENS, shape_config
+from sparseinfer_jax.config import LlamaConfig
+from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.model import Llama
+
+# bench's shapes and Llama-2-13B (compiled only: no weights are made).
+SHAPES = {**bench.SHAPES,
+          "13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
+                      num_key_value_heads=40, head_dim=128, num_hidden_layers=40,
+                      vocab_size=32000)}
+SPECS_DIR = os.path.join(os.path.dirname(__file__), "gpu_specs")
+GPUS = tuple(sorted(os.path.splitext(f)[0] for f in os.listdir(SPECS_DIR) if f.endswith(".txtpb")))
+DEFAULT_GPUS = ("h100", "a100")
+ACTIVE_FRACTIONS = (0.05, 0.1, 0.2)
+NEW_TOKENS = 16  # decode slots of the compiled program (its kernels do not depend on it)
+MAX_REGISTERS = 128
+MIN_LIVE_PER_SM = 4
+# Newer XLA dumps PTX only for emitters this matches (older XLA dumps it anyway). CUB's radix sort
+# (top-p sampling sorts the vocabulary) sizes its scratch with the CUDA runtime, which a machine
+# without a GPU lacks: offline, sorts compile as XLA's own sort kernels.
+COMPILE_OPTIONS = {"xla_dump_emitter_re": "ptx", "xla_gpu_enable_cub_radix_sort": False}
+PALLAS_KERNELS = {
+    "pack_sign_bits", "sign_predict", "signmag_predict", "sparse_gate_up", "sparse_down"
+}
+PLUGIN_MODULES = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSpec:
+    """The fields of a GPU spec the occupancy arithmetic needs."""
+
+    name: str
+    device_kind: str
+    text: str
+    compute_capability: tuple[int, int]
+    sms: int
+    registers_per_sm: int
+    threads_per_sm: int
+    shared_per_sm: int
+
+
+def _field(text: str, key: str) -> str:
+    m = re.search(rf"^\s*{key}: \"?([^\"\n]*)\"?$", text, re.M)
+    assert m, f"GPU spec has no {key}"
+    return m.group(1)
+
+
+def gpu_spec(name: str) -> GpuSpec:
+    """Reads `gpu_specs/<name>.txtpb` (UserError for an unknown name)."""
+    if name not in GPUS:
+        raise UserError(f"--gpu must be a comma list of {', '.join(GPUS)}, got '{name}'.")
+    with open(os.path.join(SPECS_DIR, name + ".txtpb")) as f:
+        text = f.read()
+    cc = re.search(r"cuda_compute_capability \{\s*major: (\d+)(?:\s*minor: (\d+))?", text)
+    return GpuSpec(
+        name=name,
+        device_kind=_field(text, "device_description_str"),
+        text=text,
+        compute_capability=(int(cc.group(1)), int(cc.group(2) or 0)),
+        sms=int(_field(text, "core_count")),
+        registers_per_sm=int(_field(text, "registers_per_core_limit")),
+        threads_per_sm=int(_field(text, "threads_per_core_limit")),
+        shared_per_sm=int(_field(text, "shared_memory_per_core")),
+    )
+
+
+def find_ptxas() -> str:
+    """ptxas on PATH, else the one pip's nvidia-cuda-nvcc ships (UserError when neither)."""
+    path = shutil.which("ptxas")
+    if path is None and importlib.util.find_spec("nvidia") is not None:
+        import nvidia
+
+        found = [p for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "*/bin/ptxas"))]
+        path = found[0] if found else None
+    if path is None:
+        raise UserError("no ptxas found: install the CUDA toolkit's ptxas on PATH "
+                        "(or pip install nvidia-cuda-nvcc-cu12) to compile for a GPU.")
+    return path
+
+
+def check_plugin() -> None:
+    """UserError unless a CUDA PJRT plugin is installed (it carries XLA's GPU compiler)."""
+    if not any(importlib.util.find_spec(m.split(".")[0]) and importlib.util.find_spec(m)
+               for m in PLUGIN_MODULES):
+        raise UserError(
+            "the CUDA PJRT plugin is not installed: pip install "
+            f"jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__} "
+            "(the test extra has them)."
+        )
+
+
+def mesh_for(spec: GpuSpec) -> jax.sharding.Mesh:
+    """A one-device mesh of compile-only devices of `spec`'s kind."""
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=spec.text)
+    return topologies.make_mesh(topo, (1,), ("x",))
+
+
+# --- what a compile leaves behind ------------------------------------------------------------
+
+_THUNK = re.compile(r"k\w*Kernel\b.*?\s(\S+) grid: \[(\d+), (\d+), (\d+)\] threads: "
+                    r"\[(\d+), (\d+), (\d+)\]\s+shared_memory: (\d+)")
+
+
+def launches(dump: str) -> list[dict]:
+    """Kernel launches of the compiled module: name, grid, threads, shared_bytes."""
+    out = []
+    for path in glob.glob(os.path.join(dump, "*thunk_sequence.txt")):
+        with open(path) as f:
+            for m in _THUNK.finditer(f.read()):
+                g = [int(v) for v in m.group(2, 3, 4)]
+                t = [int(v) for v in m.group(5, 6, 7)]
+                out.append(dict(name=m.group(1), grid=g, threads=math.prod(t),
+                                shared_bytes=int(m.group(8))))
+    return out
+
+
+def _ptxas(ptxas: str, path: str) -> str:
+    """`ptxas -v` on a PTX file for its own target; its report (stderr).
+
+    XLA compiles PTX in-process with its own (possibly newer) PTX compiler; when this ptxas is
+    older than the PTX's ISA version, the file is assembled again as the newest version it reads
+    (the kernels use no newer instruction; if one did, ptxas says so and the case fails).
+    """
+    with open(path) as f:
+        ptx = f.read()
+    target = re.search(r"^\.target (\w+)", ptx, re.M).group(1)
+    cmd = [ptxas, "-v", f"-arch={target}", "-o", os.devnull]
+    run = subprocess.run([*cmd, path], capture_output=True, text=True)
+    older = re.search(r"Unsupported \.version [\d.]+; current version is '([\d.]+)'", run.stderr)
+    if older:
+        ptx = re.sub(r"^\.version [\d.]+", f".version {older.group(1)}", ptx, count=1, flags=re.M)
+        run = subprocess.run([*cmd, "-"], input=ptx, capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"ptxas failed on {os.path.basename(path)}: {run.stderr.strip()}")
+    return run.stderr
+
+
+def ptxas_usage(dump: str, ptxas: str) -> dict[str, dict]:
+    """Per entry function of the dumped PTX: {"registers", "spill_bytes"} from `ptxas -v`."""
+    usage: dict[str, dict] = {}
+    for path in glob.glob(os.path.join(dump, "*.ptx")):
+        if os.path.getsize(path) == 0:
+            continue
+        name = None
+        for line in _ptxas(ptxas, path).splitlines():
+            if m := re.search(r"Compiling entry function '(\S+)'", line):
+                name = m.group(1)
+                usage[name] = dict(registers=0, spill_bytes=0)
+            elif name and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                                          line)):
+                usage[name]["spill_bytes"] = int(m.group(1)) + int(m.group(2))
+            elif name and (m := re.search(r"Used (\d+) registers", line)):
+                usage[name]["registers"] = int(m.group(1))
+    return usage
+
+
+def resident_programs(spec: GpuSpec, threads: int, registers: int, shared: int) -> int:
+    """Programs (thread blocks) one SM holds at once: registers are allocated per warp in units
+    of 256, at most 32 blocks per SM."""
+    warps = -(-threads // 32)
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    limits = [32, spec.threads_per_sm // threads, spec.registers_per_sm // (warps * per_warp)]
+    if shared:
+        limits.append(spec.shared_per_sm // shared)
+    return min(limits)
+
+
+# --- what is compiled --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One thing to compile: `fn(*args)`; `live(count)` = its programs with work at `count`
+    active neurons (None for whole programs)."""
+
+    name: str
+    kind: str
+    fn: Callable
+    args: tuple
+    live: Callable[[int], int] | None = None
+    kernel: str | None = None  # the Pallas kernel's name in the compiled module
+
+
+def kernel_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable, *,
+                 pack_weights: bool = True) -> list[Case]:
+    """Every Pallas kernel at one layer's shapes (the decode step's arguments). pack_sign_bits
+    packs W_gate `[F, D]` (its use), whatever the batch: only with `pack_weights`."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    x, w = sds((batch, d), dtype), sds((f, d), dtype)
+    idx, count = sds((f,), jnp.int32), sds((), jnp.int32)
+    bits = sds((f, pack.num_words(d)), jnp.uint32)
+    gate_up = lambda act: functools.partial(  # noqa: E731
+        sparse_gate_up_pallas, activation=act,
+        threshold=0.0 if act == "relu" else 0.1)
+    cases = [
+        Case("sign_predict", "kernel", predict.sign_predict_pallas, (x, bits, sds((), jnp.float32)),
+             lambda c: predict.num_programs(f), "sign_predict"),
+        Case("signmag_predict", "kernel", signmag.signmag_pallas, (x, bits),
+             lambda c: signmag.num_programs(f), "signmag_predict"),
+        Case("sparse_gate_up_relu", "kernel", gate_up("relu"), (x, w, w, idx, count),
+             lambda c: gate_up_live(c, d), "sparse_gate_up"),
+        Case("sparse_gate_up_fatrelu", "kernel", gate_up("fatrelu"), (x, w, w, idx, count),
+             lambda c: gate_up_live(c, d), "sparse_gate_up"),
+        Case("sparse_down", "kernel", sparse_down_pallas,
+             (sds((batch, f), jnp.float32), w, idx, count), lambda c: down_live(c, d),
+             "sparse_down"),
+    ]
+    if pack_weights:
+        cases.insert(0, Case("pack_sign_bits", "kernel", pack.pack_sign_bits_pallas, (w,),
+                             lambda c: pack.num_programs(f, d), "pack_sign_bits"))
+    return cases
+
+
+def _generate_program(state, tokens, pad, follow, temperature, top_p, penalty, key, stop, alpha,
+                      *, graphdef, mode, backend, top_k, eos_ids, pad_id):
+    """What `generate` runs, as one program: the dense prefill, then the decode loop in `mode`."""
+    shared = dict(graphdef=graphdef, backend=backend, top_k=top_k, eos_ids=eos_ids, pad_id=pad_id)
+    cache, loop = generation._prefill(state, tokens, pad, follow, temperature, top_p, penalty, key,
+                                      **shared)
+    return generation._decode(state, cache, loop, pad, stop, temperature, top_p, penalty, alpha,
+                              mode=mode, stats=None, **shared)
+
+
+def program_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable) -> list[Case]:
+    """The whole `generate` (dense prefill + decode loop) per MLP mode, weights abstract."""
+    cases = []
+    prompt, new = generation.bucket(PROMPT_TOKENS), generation.bucket(NEW_TOKENS)
+    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    scalar = sds((), jnp.float32)
+    for mode in ("dense", "sparse"):
+        model = nnx.eval_shape(
+            lambda mode=mode: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode,
+                                    backend="pallas"))
+        graphdef, state = nnx.split(model)
+        state = jax.tree.map(lambda a: sds(a.shape, a.dtype), state)
+        statics = dict(mode=mode, backend="pallas", top_k=None,
+                       eos_ids=tuple(cfg.eos_token_ids), pad_id=int(cfg.pad_token_id or 0))
+        args = (state, sds((batch, prompt), jnp.int32), sds((batch,), jnp.int32),
+                sds((batch, new), jnp.int32), scalar, scalar, scalar, sds(key.shape, key.dtype),
+                sds((), jnp.int32), sds((cfg.num_hidden_layers,), jnp.float32))
+        fn = functools.partial(_generate_program, graphdef=graphdef, **statics)
+        cases.append(Case(f"generate_{mode}", "program", fn, args))
+    return cases
+
+
+def _abstract(sharding, shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
+    """Compiles one case for `spec`'s GPU; the record's launch and usage fields (None when the
+    compile failed)."""
+    rec: dict[str, Any] = dict(name=case.name, kind=case.kind, compiled=False, error=None,
+                               registers=None, spill_bytes=None, grid=None, threads=None,
+                               shared_bytes=None, kernels=None)
+    with tempfile.TemporaryDirectory() as dump:
+        try:
+            lowered = jax.jit(case.fn).trace(*case.args).lower()
+            lowered.compile(COMPILE_OPTIONS | {"xla_dump_to": dump})
+            usage, runs = ptxas_usage(dump, ptxas), launches(dump)
+        except Exception as e:  # noqa: BLE001 - any compiler error is the report's finding
+            rec["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+            return rec
+    rec["compiled"] = True
+    rec["kernels"] = len(runs)
+    if case.kind == "kernel":
+        (run,) = [r for r in runs if r["name"] == case.kernel]
+        rec.update(grid=run["grid"], threads=run["threads"], shared_bytes=run["shared_bytes"],
+                   **usage.get(run["name"], dict(registers=None, spill_bytes=None)))
+        rec["resident_per_sm"] = resident_programs(spec, rec["threads"], rec["registers"],
+                                                   rec["shared_bytes"])
+    else:
+        ours = {k: u for k, u in usage.items() if k in PALLAS_KERNELS}
+        rec["registers"] = max((u["registers"] for u in ours.values()), default=0)
+        rec["spill_bytes"] = sum(u["spill_bytes"] for u in ours.values())
+        rec["pallas_kernels"] = sorted(ours)
+        rec["xla_registers"] = max((u["registers"] for k, u in usage.items() if k not in ours),
+                                   default=0)
+        rec["xla_spills"] = {k: u["spill_bytes"] for k, u in usage.items()
+                             if k not in ours and u["spill_bytes"]}
+    return rec
+
+
+def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None = None,
+        dtype: str = "bfloat16", programs: bool = True,
+        log: Callable[[str], None] = print) -> list[dict]:
+    """Compiles every case for every GPU and batch; returns the records (see `format_table`)."""
+    specs = [gpu_spec(g) for g in gpus]
+    if not batches or min(batches) < 1:
+        raise UserError(f"--batches must be positive integers, got {batches}.")
+    cfg = shape_config(shape, layers, SHAPES)
+    check_plugin()
+    ptxas = find_ptxas()
+    records = []
+    for spec in specs:
+        mesh = mesh_for(spec)
+        sds = functools.partial(_abstract, NamedSharding(mesh, P()))
+        with bk.targeting_gpu(mesh.abstract_mesh):
+            for batch in batches:
+                cases = kernel_cases(cfg, batch, DTYPES[dtype], sds,
+                                     pack_weights=batch == batches[0])
+                if programs:
+                    cases += program_cases(cfg, batch, DTYPES[dtype], sds)
+                for case in cases:
+                    rec = dict(gpu=spec.name, device_kind=spec.device_kind, shape=shape,
+                               layers=cfg.num_hidden_layers, dtype=dtype, batch=batch,
+                               **compile_case(case, spec, ptxas))
+                    if case.live is not None and rec["compiled"]:
+                        for frac in ACTIVE_FRACTIONS:
+                            live = case.live(math.ceil(frac * cfg.intermediate_size))
+                            rec[f"live_per_sm_{round(frac * 100)}"] = round(live / spec.sms, 2)
+                    records.append(rec)
+                    log(format_row(rec))
+    return records
+
+
+def failures(records: list[dict]) -> list[str]:
+    """What makes the report fail: a compile error or a spilled byte in a Pallas kernel (XLA's
+    own fusions are XLA's choice: listed in a program's `xla_spills`, not a failure)."""
+    return [f"{r['gpu']} {r['name']} batch {r['batch']}: " +
+            (r["error"] if not r["compiled"] else f"{r['spill_bytes']} spill bytes")
+            for r in records if not r["compiled"] or r["spill_bytes"]]
+
+
+HEADER = (f"{'gpu':<13}{'batch':>5}  {'name':<24}{'ok':>3}{'regs':>6}{'spill':>6}"
+          f"{'grid':>16}{'thr':>5}{'smem':>7}{'res/SM':>7}{'live/SM 5%':>11}{'10%':>7}{'20%':>7}")
+
+
+def format_row(r: dict) -> str:
+    """One table row (the header is `HEADER`)."""
+    if not r["compiled"]:
+        return f"{r['gpu']:<13}{r['batch']:>5}  {r['name']:<24}  no  {r['error']}"
+    cell = lambda v: "-" if v is None else str(v)  # noqa: E731
+    grid = "x".join(map(str, r["grid"])) if r["grid"] else f"{r['kernels']} kernels"
+    return (f"{r['gpu']:<13}{r['batch']:>5}  {r['name']:<24}{'yes':>3}{cell(r['registers']):>6}"
+            f"{cell(r['spill_bytes']):>6}{grid:>16}{cell(r['threads']):>5}"
+            f"{cell(r['shared_bytes']):>7}{cell(r.get('resident_per_sm')):>7}"
+            f"{cell(r.get('live_per_sm_5')):>11}{cell(r.get('live_per_sm_10')):>7}"
+            f"{cell(r.get('live_per_sm_20')):>7}")
+
+
+def command(args: argparse.Namespace) -> int:
+    """`sparseinfer compile-report`: prints the table, writes --json, exit 1 on a failure."""
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise UserError(
+            f"--batches must be a comma list of integers, got '{args.batches}'.") from None
+    gpus = list(GPUS) if args.gpu == "all" else args.gpu.split(",")
+    # The plugin registers only when JAX's platform is the CPU (else it looks for a GPU driver);
+    # the cuda backend then still compiles, for the compile-only devices of a topology.
+    jax.config.update("jax_platforms", "cpu")
+    print(HEADER, flush=True)
+    records = run(gpus, args.shape, batches, layers=args.layers, dtype=args.dtype,
+                  programs=not args.no_programs, log=lambda s: print(s, flush=True))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    bad = failures(records)
+    for line in bad:
+        print(f"FAILED: {line}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def add_parser(sub) -> None:
+    """Adds the `compile-report` subcommand to the `sparseinfer` parser's subparsers."""
+    p = sub.add_parser("compile-report",
+                       help="compile every kernel and the decode program for GPUs, offline")
+    p.add_argument("--gpu", default=",".join(DEFAULT_GPUS),
+                   help=f"comma list of {', '.join(GPUS)}, or all")
+    p.add_argument("--shape", default="7b", help=", ".join(SHAPES))
+    p.add_argument("--batches", default="1,4,16", help="comma list of batch sizes")
+    p.add_argument("--layers", type=int, default=None,
+                   help="cut the programs' depth to N layers (their kernels are the same)")
+    p.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
+    p.add_argument("--no-programs", action="store_true", help="compile the kernels only")
+    p.add_argument("--json", default=None, help="write the records to this JSON file")
+    p.set_defaults(run=command)
