@@ -31,8 +31,8 @@ def report(tmp_path, *flags: str) -> list[dict]:
     return json.loads(out.read_text())
 
 
-KERNELS = {"pack_sign_bits", "sign_predict", "sparse_gate_up_relu", "sparse_gate_up_fatrelu",
-           "sparse_down"}
+KERNELS = {"pack_sign_bits", "sign_predict", "signmag_predict", "sparse_gate_up_relu",
+           "sparse_gate_up_fatrelu", "sparse_down"}
 
 
 def check(records: list[dict], shape: str, programs: bool) -> None:
