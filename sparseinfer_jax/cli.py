@@ -264,6 +264,19 @@ def _model_path(args: argparse.Namespace) -> str:
     return args.model or args.model_path or SHIPPED_MODEL
 
 
+def _check_report_outputs(args: argparse.Namespace) -> None:
+    """Fails before measuring (not after) on a `--json` / `--plot` path that cannot be written, or
+    `--plot` without matplotlib."""
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):
+        if out:
+            check_output_file(out, flag)
+    if args.plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UserError("--plot needs matplotlib; pip install matplotlib.")
+
+
 def _check_text_args(args: argparse.Namespace) -> None:
     """Fails fast (before loading the model) on a bad text file or window sizes."""
     from sparseinfer_jax.calibration import position_limit, read_text
@@ -372,14 +385,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError(f"--modes must be a comma list of {', '.join(MODES)}, got '{args.modes}'.")
     _check_text_args(args)
     scales = _sweep(args.sweep) if args.plot else None
-    for flag, out in (("--json", args.json), ("--plot", args.plot)):
-        if out:
-            check_output_file(out, flag)
-    if args.plot:
-        import importlib.util
-
-        if importlib.util.find_spec("matplotlib") is None:  # fail before measuring, not after
-            raise UserError("--plot needs matplotlib; pip install matplotlib.")
+    _check_report_outputs(args)
     path = _model_path(args)
     model, tokenizer = load(
         path, dtype=args.dtype, backend=args.backend, alpha=args.alpha, mesh=_mesh(args)
@@ -420,14 +426,7 @@ def _bench(args: argparse.Namespace) -> int:
         kernels=not args.no_kernels, batches=split(args.batches, int, "--batches"),
         peer=args.peer, seed=args.seed)
     settings.check()
-    for flag, out in (("--json", args.json), ("--plot", args.plot)):
-        if out:
-            check_output_file(out, flag)
-    if args.plot:
-        import importlib.util
-
-        if importlib.util.find_spec("matplotlib") is None:  # fail before measuring, not after
-            raise UserError("--plot needs matplotlib; pip install matplotlib.")
+    _check_report_outputs(args)
     def save(records: list[dict]) -> None:
         with atomic_file(args.json) as tmp, open(tmp, "w") as f:
             json.dump(records, f, indent=1)
