@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -13,6 +14,20 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # must run on the CPU, in this process and in the CLIs the tests start.
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# What jax's CUDA plugin's C++ code logs to stderr when it loads on a machine without a driver
+# (absl's "before InitializeLog" notice and its own INFO lines): not the CLIs' output.
+_NATIVE_LOG = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] .*)$"
+)
+
+
+def cli_lines(stderr: str) -> str:
+    """A child CLI's stderr without the CUDA plugin's native log lines."""
+    return "".join(ln for ln in stderr.splitlines(keepends=True)
+                   if not _NATIVE_LOG.match(ln.rstrip("\n")))
+
 
 TINY = dict(
     vocab_size=96,

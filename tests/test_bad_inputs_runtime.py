@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import cli_lines
 
 from sparseinfer_jax import UserError, generate, load
 from sparseinfer_jax.calibration import calibrate
@@ -128,7 +129,7 @@ def _alone_in_a_job(process_id: str, argv: list[str]) -> tuple[int, str]:
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=process_id)
     child = subprocess.run([sys.executable, "-m", "sparseinfer_jax.cli", *argv], env=env,
                            capture_output=True, text=True, timeout=120)
-    return child.returncode, child.stderr
+    return child.returncode, cli_lines(child.stderr)
 
 
 def _interrupt(argv: list[str]) -> tuple[int, str]:
