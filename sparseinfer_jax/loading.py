@@ -132,23 +132,16 @@ def assemble(
     return model
 
 
-def _unstacked(params: dict[str, Any], layers: int) -> Iterator[tuple[Path, Any]]:
-    """Leaves of a params tree, per-layer (`layers: {i: ...}`) or stacked (`layers: [L, ...]`),
-    as per-layer `(path, array)`, sliced as they are taken; missing `gate_sign_bits` computed."""
+def _with_sign_bits(params: dict[str, Any], layers: int) -> Iterator[tuple[Path, Any]]:
+    """Leaves of a per-layer params tree (`layers: {i: ...}`) as `(path, array)`, with any missing
+    `gate_sign_bits` computed from the layer's gate."""
     flat = _flat(params)
-    stacked = any(p[0] == "layers" and not isinstance(p[1], int) for p in flat)
-    for path, x in flat.items():
-        if stacked and path[0] == "layers":
-            yield from ((("layers", i, *path[1:]), x[i]) for i in range(layers))
-        else:
-            yield path, x
+    yield from flat.items()
     for i in range(layers):
-        gate, bits = (("layers", "mlp", k) if stacked else ("layers", i, "mlp", k)
-                      for k in ("gate", "gate_sign_bits"))
+        gate, bits = (("layers", i, "mlp", k) for k in ("gate", "gate_sign_bits"))
         if bits not in flat and gate in flat:
             log.info("no gate sign bits for layer %d; computing them at load time", i)
-            w = np.asarray(flat[gate][i] if stacked else flat[gate])
-            yield ("layers", i, "mlp", "gate_sign_bits"), pack_sign_bits_numpy(w)
+            yield bits, pack_sign_bits_numpy(np.asarray(flat[gate]))
 
 
 def model_from_params(
@@ -163,13 +156,13 @@ def model_from_params(
 ) -> Llama:
     """Builds a `Llama` around a nested dict of arrays (numpy or jax).
 
-    `params` is in the model's per-layer layout (`convert.convert_in_memory`) or in the stacked
-    `[L, ...]` layout of older code. Missing `gate_sign_bits` are computed here. With a `mesh`,
+    `params` is in the model's per-layer layout (`convert.convert_in_memory`,
+    `{"layers": {i: ...}}`). Missing `gate_sign_bits` are computed here. With a `mesh`,
     every array is placed per `sharding.model_shardings` (each device receives only its slice);
     else on the default device. `dtype`: default, the embedding's.
     """
     dtype = _dtype(dtype) or params["embed_tokens"]["embedding"].dtype
-    return assemble(cfg, _unstacked(params, cfg.num_hidden_layers), dtype=dtype, alpha=alpha,
+    return assemble(cfg, _with_sign_bits(params, cfg.num_hidden_layers), dtype=dtype, alpha=alpha,
                     mode=mode, backend=backend, mesh=mesh)
 
 

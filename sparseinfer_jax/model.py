@@ -12,7 +12,7 @@ head_dim, V vocab, L layers.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -129,12 +129,6 @@ class DecoderLayer(nnx.Module):
             self.post_attention_layernorm(x), mode=mode, backend=backend, stats=stats, mesh=mesh
         )
         return x + mlp, cache, layer_stats
-
-
-def stack_layers(layers: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """The model's per-layer tree (`{i: {name: [...]}}`) -> one `[L, ...]` array per name
-    (`model_from_params` takes either layout)."""
-    return jax.tree.map(lambda *a: jnp.stack(a), *(layers[i] for i in sorted(layers)))
 
 
 class Llama(nnx.Module):

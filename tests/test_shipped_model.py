@@ -25,7 +25,6 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sparseinfer_jax import Llama, LlamaConfig, load, model_from_params  # noqa: E402
-from sparseinfer_jax.model import stack_layers  # noqa: E402
 from sparseinfer_jax.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +150,6 @@ def test_export_matches_transformers(tmp_path):
                                         nnx.Param))
     params = jax.tree.map(lambda a: (0.2 * rng.standard_normal(a.shape)).astype(jnp.bfloat16)
                           .astype(np.float32), shapes)
-    params["layers"] = stack_layers(params["layers"])  # model_from_params takes the checkpoint's
     model = model_from_params(cfg, params)
     _tool().save_hf_checkpoint(model, str(tmp_path))
     ref_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
