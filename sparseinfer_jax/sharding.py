@@ -249,11 +249,6 @@ def _named(mesh: Mesh, specs: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def param_shardings(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
-    """`param_specs` as NamedShardings on `mesh` (checkpoint layout)."""
-    return _named(mesh, param_specs(cfg, mesh))
-
-
 def model_shardings(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
     """NamedShardings of the model's own layout: `param_specs` with the leading L axis dropped,
     once per layer (`{"layers": {i: ...}}`)."""
