@@ -212,7 +212,8 @@ def _kv_axis(cfg: LlamaConfig, mesh: Mesh) -> str | None:
 
 
 def param_specs(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
-    """PartitionSpecs of the params tree (checkpoint layout, layers stacked on a leading L axis)."""
+    """PartitionSpecs of the params tree, one per kind of layer array written with a leading L
+    axis (`[L, F, D]`, ...); `model_shardings` drops that axis for each layer."""
     kv = _kv_axis(cfg, mesh)
     vocab = "model" if cfg.vocab_size % as_mesh(mesh).shape["model"] == 0 else None
     neurons = P(None, "model", None)  # [L, F, D] and [L, F, W]: each device its own neurons
