@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
+from typing import NoReturn
 
 from convert.converter import DTYPES, convert
 from sparseinfer_jax.calibration import calibrate_checkpoint
-from sparseinfer_jax.errors import run_command
+from sparseinfer_jax.errors import exit_process, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,5 +55,10 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def console() -> NoReturn:
+    """The `sparseinfer-convert` console script: `main` on sys.argv, then `exit_process`."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

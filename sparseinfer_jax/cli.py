@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+from typing import NoReturn
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from sparseinfer_jax.errors import (
     atomic_file,
     check_output_file,
     check_writable_folder,
+    exit_process,
     run_command,
 )
 from sparseinfer_jax.mlp import BACKENDS, MODES
@@ -586,5 +588,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(command)
 
 
+def console() -> NoReturn:
+    """The `sparseinfer` console script: `main` on sys.argv, then `errors.exit_process`."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for a process stopped by Ctrl-C
 
@@ -55,6 +56,20 @@ def run_command(command: Callable[[], int]) -> int:
         return INTERRUPTED_EXIT
     finally:
         sys.unraisablehook = default_hook
+
+
+def exit_process(status: int) -> NoReturn:
+    """Ends a console script with `status` (what `run_command` returned).
+
+    After Ctrl-C, jax's runtime threads can still be running the computation the interrupt left
+    behind, and tearing the interpreter down under them crashed once (SIGSEGV after `interrupted`
+    was printed). Everything the command wrote is final by then (`atomic_file`), so an interrupted
+    command flushes its output and ends at once, skipping the teardown."""
+    if status == INTERRUPTED_EXIT:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def check_writable_folder(folder: str | os.PathLike, what: str) -> None:

@@ -330,8 +330,9 @@ def test_ctrl_c_in_a_real_process(hf, tmp_path):
             time.sleep(0.2)
             write(self, name, x)
         tensorfiles.Writer.write = slow
-        from convert.cli import main
-        sys.exit(main([{hf!r}, {str(tmp_path / "out")!r}]))
+        sys.argv[1:] = [{hf!r}, {str(tmp_path / "out")!r}]
+        from convert.cli import console
+        console()
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True,

@@ -139,7 +139,7 @@ def _interrupt(argv: list[str]) -> tuple[int, str]:
     # otherwise start with SIGINT ignored, which a user's terminal never does.
     code = (
         "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "from sparseinfer_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+        "from sparseinfer_jax.cli import console; console()"
     )
     child = subprocess.Popen(
         [sys.executable, "-c", code, *argv],
