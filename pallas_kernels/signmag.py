@@ -36,12 +36,12 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import backend as bk
 from pallas_kernels.pack import WORD_BITS, num_words, pack_bits_reference, pack_sign_bits_reference
+from pallas_kernels.predict import BLOCK_F as PREDICT_BLOCK_F
 from pallas_kernels.predict import threshold
 
 PLANES = 3
-# 16 neurons a program: at the 7b shape that is 688 programs, over 4 per SM on an H100 (as for
-# `predict.BLOCK_F`; the compile report checks it).
-BLOCK_F = 16
+# As `predict.BLOCK_F`: 8 neurons a program, 1376 programs at the 7b shape.
+BLOCK_F = PREDICT_BLOCK_F
 
 
 def quantise(x: jnp.ndarray, planes: int = PLANES) -> jnp.ndarray:

@@ -12,7 +12,8 @@ The batch is a tile axis (padded to a power of 2): the accumulator is `[B padded
 each position adds h[:, k] x down_t[idx[k]], whose row is read only if h[:, k] is non-zero for
 some batch row (a block whose h is all zero loads no weights). A program whose run is empty
 loads nothing and writes zeros; bytes read follow the count. At 10% active a 7b layer has
-32 x 23 = 736 programs with work, 5.6 per SM of an H100.
+64 x 23 = 1472 programs with work: 11.2 per SM of an H100, 7.8 on an RTX PRO 6000 (188 SMs).
+Each row load is block_d (64) bf16 columns, 128 bytes: one full cache line.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _cdiv(a, b: int):
 
 
 BLOCK_N = 16
-BLOCK_D = 128
+BLOCK_D = 64
 NUM_SPLITS = 24
 
 

@@ -8,8 +8,10 @@ a GPU spec (XLA's `GpuTargetConfigProto`, in `gpu_specs/`), and `jit(fn).trace(.
 ever allocated): Pallas -> Triton -> PTX, and ptxas -> cubin. The compile dumps its PTX and its
 thunk sequence (`xla_dump_to`); the launch shapes (grid, threads, shared memory) come from the
 thunk sequence, and registers and spills from `ptxas -v` run again on the dumped PTX for its
-target. A failed compile or a spill in a Pallas kernel makes the report fail; a program's record
-holds its Pallas kernels' figures, and XLA's own fusions apart (`xla_registers`, `xla_spills`).
+target. A Pallas kernel that fails to compile, spills, uses over 128 registers or (at the 7b and
+13b shapes) has under 4 programs with work per SM at 10% active makes the report fail; a program's
+record holds its Pallas kernels' figures, and XLA's own fusions apart (`xla_registers`,
+`xla_spills`).
 
 Occupancy arithmetic per kernel: `resident` = programs one SM can hold at once (registers,
 threads, shared memory and the 32-block limit), `live@5/10/20%` = programs that have work when
@@ -65,6 +67,8 @@ ACTIVE_FRACTIONS = (0.05, 0.1, 0.2)
 NEW_TOKENS = 16  # decode slots of the compiled program (its kernels do not depend on it)
 MAX_REGISTERS = 128
 MIN_LIVE_PER_SM = 4
+# The shapes the live-programs target applies to (a tiny layer cannot fill a GPU).
+TARGET_SHAPES = ("7b", "13b")
 # Newer XLA dumps PTX only for emitters this matches (older XLA dumps it anyway). CUB's radix sort
 # (top-p sampling sorts the vocabulary) sizes its scratch with the CUDA runtime, which a machine
 # without a GPU lacks: offline, sorts compile as XLA's own sort kernels.
@@ -366,11 +370,25 @@ def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None =
 
 
 def failures(records: list[dict]) -> list[str]:
-    """What makes the report fail: a compile error or a spilled byte in a Pallas kernel (XLA's
-    own fusions are XLA's choice: listed in a program's `xla_spills`, not a failure)."""
-    return [f"{r['gpu']} {r['name']} batch {r['batch']}: " +
-            (r["error"] if not r["compiled"] else f"{r['spill_bytes']} spill bytes")
-            for r in records if not r["compiled"] or r["spill_bytes"]]
+    """What makes the report fail, per Pallas kernel: a compile error, a spilled byte, more than
+    MAX_REGISTERS registers, or (at the shapes of real models, `TARGET_SHAPES`) fewer than
+    MIN_LIVE_PER_SM programs with work per SM at 10% active. XLA's own fusions are XLA's choice:
+    listed in a program's `xla_spills`, not a failure."""
+    out = []
+    for r in records:
+        what = f"{r['gpu']} {r['name']} batch {r['batch']}: "
+        if not r["compiled"]:
+            out.append(what + str(r["error"]))
+            continue
+        if r["spill_bytes"]:
+            out.append(what + f"{r['spill_bytes']} spill bytes")
+        if r["kind"] == "kernel" and (r["registers"] or 0) > MAX_REGISTERS:
+            out.append(what + f"{r['registers']} registers (at most {MAX_REGISTERS})")
+        live = r.get("live_per_sm_10")
+        if r["shape"] in TARGET_SHAPES and live is not None and live < MIN_LIVE_PER_SM:
+            out.append(what + f"{live} live programs per SM at 10% active "
+                       f"(at least {MIN_LIVE_PER_SM})")
+    return out
 
 
 HEADER = (f"{'gpu':<13}{'batch':>5}  {'name':<24}{'ok':>3}{'regs':>6}{'spill':>6}"
