@@ -305,23 +305,26 @@ def kernel_records(model: Llama, settings: Settings, backend: str, fraction: flo
     frac = (np.asarray(n_neg)[0][None, :] <= np.arange(d + 1)[:, None]).mean(axis=1)
     alpha = jnp.float32(fit_alphas(grid, frac[None], fraction)[0][0])
 
-    def dense_mlp(x):
+    # The weights are arguments, never closed over: jit would embed a closed-over array in the
+    # program as a constant, which on a GPU takes minutes to compile at the 7b shape.
+    def dense_mlp(x, gate, up, down_t):
         hh = activate(matmul_t(x, gate), "relu", 0.0) * matmul_t(x, up)
         return matmul(hh.astype(dt), down_t).astype(dt)
 
-    def sparse_mlp(x, alpha):
+    def sparse_mlp(x, alpha, bits, gate, up, down_t):
         act, _ = pk.sign_predict(x, bits, alpha, backend=backend)
         i, c = pk.compact(act)
         return pk.sparse_mlp(x, gate, up, down_t, i, c, backend=backend)
 
-    def one_stage_mlp(x, alpha):  # the chain before the two-stage op, for comparison
+    def one_stage_mlp(x, alpha, bits, gate, up, down_t):  # the chain before the two-stage op
         act, _ = pk.sign_predict(x, bits, alpha, backend=backend)
         i, c = pk.compact(act)
         hh = pk.sparse_gate_up(x, gate, up, i, c, backend=backend)
         return pk.sparse_down(hh, down_t, i, c, backend=backend)
 
+    weights = (bits, gate, up, down_t)
     candidates = int(pk.sign_predict(x, bits, alpha, backend="xla")[0].sum())
-    fired = int(sparse_mlp(x, alpha)[1].sum())
+    fired = int(jax.jit(sparse_mlp)(x, alpha, *weights)[1].sum())
     read_bits = f * bits.shape[1] * 4
     signmag = functools.partial(pk.signmag_predict, backend=backend)
     predict = functools.partial(pk.sign_predict, backend=backend)
@@ -329,17 +332,19 @@ def kernel_records(model: Llama, settings: Settings, backend: str, fraction: flo
     down = functools.partial(pk.sparse_down, backend=backend)
     # (op, mode, function, arguments, bytes it must read)
     cases = [
-        ("gate_matvec", "dense", lambda x: matmul_t(x, gate), (x,), f * d * item),
+        ("gate_matvec", "dense", matmul_t, (x, gate), f * d * item),
         ("predictor", "sparse", predict, (x, bits, alpha), read_bits),
         ("signmag", "sparse", signmag, (x, bits, alpha), read_bits),
-        ("gate_up", "dense", lambda x: activate(matmul_t(x, gate), "relu", 0.0) * matmul_t(x, up),
-         (x,), 2 * f * d * item),
+        ("gate_up", "dense", lambda x, g, u: activate(matmul_t(x, g), "relu", 0.0) * matmul_t(x, u),
+         (x, gate, up), 2 * f * d * item),
         ("gate_up", "sparse", gate_up, (x, gate, up, idx, cnt), 2 * count * d * item),
-        ("down", "dense", lambda h: matmul(h.astype(dt), down_t), (h,), f * d * item),
+        ("down", "dense", lambda h, w: matmul(h.astype(dt), w), (h, down_t), f * d * item),
         ("down", "sparse", down, (h, down_t, idx, cnt), count * d * item),
-        ("mlp", "dense", dense_mlp, (x,), 3 * f * d * item),
-        ("mlp", "sparse", sparse_mlp, (x, alpha), (candidates + 2 * fired) * d * item + read_bits),
-        ("mlp_1stage", "sparse", one_stage_mlp, (x, alpha), 3 * candidates * d * item + read_bits),
+        ("mlp", "dense", dense_mlp, (x, gate, up, down_t), 3 * f * d * item),
+        ("mlp", "sparse", sparse_mlp, (x, alpha, *weights),
+         (candidates + 2 * fired) * d * item + read_bits),
+        ("mlp_1stage", "sparse", one_stage_mlp, (x, alpha, *weights),
+         3 * candidates * d * item + read_bits),
     ]
     out = []
     for op, mode, fn, args, nbytes in cases:
@@ -465,7 +470,10 @@ def run(settings: Settings, *, log: Callable[[str], None] = print,
         f"{time.perf_counter() - start:.1f} s")
     rng = np.random.default_rng(settings.seed)
     prompt = rng.integers(3, cfg.vocab_size, (1, PROMPT_TOKENS)).astype(np.int32)
+    start = time.perf_counter()
     fits = fitted_alphas(model, prompt, settings) if "sparse" in settings.modes else {}
+    if fits:
+        log(f"fitted alphas in {time.perf_counter() - start:.1f} s")
     log(HEADER)
     if "dense" in settings.modes:
         add(decode_record(model, prompt, settings, "dense", "xla", None, copy_gb_s, read_gb_s))
