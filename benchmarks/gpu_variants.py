@@ -25,6 +25,7 @@ from jax import lax
 
 import pallas_kernels as pk
 from pallas_kernels import backend as bk
+from pallas_kernels.compact import compact_pallas, compact_xla
 from pallas_kernels.predict import sign_predict_pallas
 from pallas_kernels.signmag import signmag_pallas
 from pallas_kernels.sparse_down import sparse_down_pallas
@@ -100,9 +101,13 @@ def main() -> None:
         ("dense mlp", lambda x, g, u, w: (activate(matmul_t(x, g), "relu", 0.0)
                                           * matmul_t(x, u)).astype(dt) @ w,
          (x, gate, up, down_t), 3 * f * d * item),
-        ("compact", lambda m: pk.compact(m), (active,), f),
+        ("compact xla", compact_xla, (active,), f),
     ]
-    for bf in (8, 16, 32):
+    for chunk in (1024, 4096, 16384):
+        for nw in (4, 8, 16):
+            cases.append((f"compact pallas chunk={chunk} warps={nw}", functools.partial(
+                compact_pallas, chunk=chunk, num_warps=nw, interpret=interpret), (active,), f))
+    for bf in (8, 16):
         for nw in (2, 4):
             cases.append((f"sign_predict block_f={bf} warps={nw}",
                           functools.partial(sign_predict_pallas, block_f=bf, num_warps=nw,
@@ -112,16 +117,19 @@ def main() -> None:
         cases.append((f"signmag block_f={bf}", functools.partial(
             signmag_pallas, block_f=bf, interpret=interpret), (x, bits), f * words * 4))
     for bn in (1, 2, 4):
-        for nw in (2, 4, 8):
+        for nw in (2, 4):
             cases.append((f"gate_up block_n={bn} warps={nw}", functools.partial(
                 sparse_gate_up_pallas, block_n=bn, num_warps=nw, interpret=interpret),
                 (x, gate, up, idx, cnt), 2 * count * d * item))
-    for bd in (64, 128, 256):
-        for ns in (24, 48):
-            for nw in (2, 4):
-                cases.append((f"down block_d={bd} splits={ns} warps={nw}", functools.partial(
-                    sparse_down_pallas, block_d=bd, num_splits=ns, num_warps=nw,
-                    interpret=interpret), (h, down_t, idx, cnt), count * d * item))
+    for prefetch in (False, True):
+        for bd, ns, nw, bn in ((64, 24, 4, 16), (64, 24, 2, 16), (128, 24, 4, 16),
+                               (256, 24, 4, 16), (64, 48, 4, 16), (64, 24, 4, 8),
+                               (128, 48, 4, 8)):
+            cases.append((f"down block_d={bd} splits={ns} warps={nw} n={bn} prefetch={prefetch}",
+                          functools.partial(sparse_down_pallas, block_d=bd, num_splits=ns,
+                                            num_warps=nw, block_n=bn, prefetch=prefetch,
+                                            interpret=interpret),
+                          (h, down_t, idx, cnt), count * d * item))
 
     def chain(x, alpha, bits, gate, up, down_t, backend):
         act, _ = pk.sign_predict(x, bits, alpha, backend=backend)

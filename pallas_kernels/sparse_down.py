@@ -39,6 +39,7 @@ def _cdiv(a, b: int):
 BLOCK_N = 16
 BLOCK_D = 64
 NUM_SPLITS = 24
+PREFETCH_MAX_BATCH = 1
 
 
 def num_live_programs(count: int, d: int, *, block_n: int = BLOCK_N, block_d: int = BLOCK_D,
@@ -49,7 +50,7 @@ def num_live_programs(count: int, d: int, *, block_n: int = BLOCK_N, block_d: in
 
 
 def sparse_down_kernel(h_ref, w_ref, idx_ref, count_ref, out_ref, *,
-                       block_n: int, block_d: int, num_splits: int):
+                       block_n: int, block_d: int, num_splits: int, prefetch: bool):
     """One program: columns block i, split s of the live prefix.
 
     Refs (whole arrays): h_ref `[B, F]` float32 compact order; w_ref `[F, D]`; idx_ref `[F]`
@@ -67,36 +68,57 @@ def sparse_down_kernel(h_ref, w_ref, idx_ref, count_ref, out_ref, *,
     start = s * run
     num_blocks = _cdiv(jnp.clip(count - start, 0, run), block_n)
 
-    def body(j, acc):
-        for i in range(block_n):
-            k = start + j * block_n + i
-            live = k < count
-            hk = plgpu.load(h_ref.at[bs, jnp.minimum(k, f - 1)], mask=b_ok & live, other=0.0)
-            # A sum, not jnp.any: Pallas Triton has no reduce_or.
-            nonzero = live & (jnp.sum((hk != 0).astype(jnp.int32)) > 0)
-            row = jnp.where(live, idx_ref[jnp.minimum(k, f - 1)], 0)
-            w = plgpu.load(w_ref.at[row, cols], mask=col_ok & nonzero, other=0)
-            acc = acc + hk[:, None] * w.astype(jnp.float32)[None, :]
-        return acc
+    def operand(j, i):
+        """Position i of block j of the run: its h column `[B padded]`, its row id, and whether
+        the row is read (live, and h non-zero for some batch row)."""
+        k = start + j * block_n + i
+        live = (k < count) & (j < num_blocks)
+        hk = plgpu.load(h_ref.at[bs, jnp.minimum(k, f - 1)], mask=b_ok & live, other=0.0)
+        # A sum, not jnp.any: Pallas Triton has no reduce_or.
+        read = live & (jnp.sum((hk != 0).astype(jnp.int32)) > 0)
+        return hk, jnp.where(live, idx_ref[jnp.minimum(k, f - 1)], 0), read
 
-    acc = lax.fori_loop(jnp.int32(0), num_blocks, body,
-                        jnp.zeros((bs.shape[0], block_d), jnp.float32))
+    def accumulate(acc, hk, row, read):
+        w = plgpu.load(w_ref.at[row, cols], mask=col_ok & read, other=0)
+        return acc + hk[:, None] * w.astype(jnp.float32)[None, :]
+
+    def body(j, carry):
+        acc, current = carry
+        if not prefetch:
+            for i in range(block_n):
+                acc = accumulate(acc, *operand(j, i))
+            return acc, current
+        # The next block's h and ids load while this block's weight rows are in flight.
+        upcoming = tuple(operand(j + 1, i) for i in range(block_n))
+        for op in current:
+            acc = accumulate(acc, *op)
+        return acc, upcoming
+
+    zero = jnp.zeros((bs.shape[0], block_d), jnp.float32)
+    first = tuple(operand(0, i) for i in range(block_n)) if prefetch else ()
+    acc, _ = lax.fori_loop(jnp.int32(0), num_blocks, body, (zero, first))
     plgpu.store(out_ref.at[s, bs[:, None], cols[None, :]], acc,
                 mask=b_ok[:, None] & col_ok[None, :])
 
 
 @functools.partial(
-    jax.jit, static_argnames=["block_n", "block_d", "num_splits", "num_warps", "interpret"])
+    jax.jit, static_argnames=["block_n", "block_d", "num_splits", "num_warps", "prefetch",
+                              "interpret"])
 def sparse_down_pallas(h, down_t, idx, count, *, block_n: int = BLOCK_N, block_d: int = BLOCK_D,
                        num_splits: int = NUM_SPLITS, num_warps: int = 4,
-                       interpret: bool = False):
+                       prefetch: bool | None = None, interpret: bool = False):
     """Pallas (Triton) `sparse_down`: partial sums per (column block, split), reduced in jnp."""
     assert block_n & (block_n - 1) == 0 and block_d & (block_d - 1) == 0, "powers of 2 only"
     b = h.shape[0]
     d = down_t.shape[1]
     block_d = min(block_d, pl.next_power_of_2(d))
+    if prefetch is None:
+        # The prefetched block lives in registers (block_n h columns of B padded floats, each
+        # held whole by every thread): at 2 rows it needs 128 registers, at 4 145, at 16 it spills
+        # (compile report, h200). Decode at batch 1 is the case it is for.
+        prefetch = pl.next_power_of_2(b) <= PREFETCH_MAX_BATCH
     kernel = functools.partial(sparse_down_kernel, block_n=block_n, block_d=block_d,
-                               num_splits=num_splits)
+                               num_splits=num_splits, prefetch=prefetch)
     partial = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(d, block_d), num_splits),

@@ -105,6 +105,30 @@ def token_windows(ids: list[int], window: int = WINDOW, max_tokens: int | None =
 
 
 @nnx.jit
+def _layer_counts(layer, x, cos, sin, mask, alphas):
+    """One layer of `window_counts`: (x after the layer, its counts). Compiled once for all the
+    layers (they share one structure), so compile time does not grow with depth."""
+    b, t = x.shape[:2]
+    g = alphas.shape[0]
+    attn, _ = layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None, None)
+    x = x + attn
+    rows = layer.post_attention_layernorm(x).reshape(b * t, -1)
+    h = layer.mlp.hidden(rows)
+    true = h != 0
+    _, n_neg, total = layer.mlp.votes(rows, "xla")
+    tau = threshold(alphas[None, :], total[:, None])  # [N, G], ascending in G
+    # First grid index whose tau admits n_neg: the neuron is predicted active from there on.
+    first = jax.vmap(lambda tr, nr: jnp.searchsorted(tr, nr, side="left"))(tau, n_neg)
+    hist_all = jnp.bincount(first.ravel(), length=g + 1)[:g]
+    hist_true = jnp.bincount(
+        first.ravel(), weights=true.ravel().astype(jnp.int32), length=g + 1
+    )[:g]
+    predicted = jnp.cumsum(hist_all).astype(jnp.int32)
+    both = jnp.cumsum(hist_true).astype(jnp.int32)
+    x = x + layer.mlp.down(h).reshape(x.shape)
+    return x, (predicted, both, jnp.sum(true, dtype=jnp.int32), jnp.int32(b * t))
+
+
 def window_counts(model, input_ids, alphas):
     """Replays the decoder stack densely over `input_ids: [1, T]`.
 
@@ -117,30 +141,9 @@ def window_counts(model, input_ids, alphas):
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     cos, sin = rope_tables(model.config, positions)
     x = model.embed_tokens(input_ids)
-    g = alphas.shape[0]
-
-    def body(x, layer):
-        attn, _ = layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None, None)
-        x = x + attn
-        rows = layer.post_attention_layernorm(x).reshape(b * t, -1)
-        h = layer.mlp.hidden(rows)
-        true = h != 0
-        _, n_neg, total = layer.mlp.votes(rows, "xla")
-        tau = threshold(alphas[None, :], total[:, None])  # [N, G], ascending in G
-        # First grid index whose tau admits n_neg: the neuron is predicted active from there on.
-        first = jax.vmap(lambda tr, nr: jnp.searchsorted(tr, nr, side="left"))(tau, n_neg)
-        hist_all = jnp.bincount(first.ravel(), length=g + 1)[:g]
-        hist_true = jnp.bincount(
-            first.ravel(), weights=true.ravel().astype(jnp.int32), length=g + 1
-        )[:g]
-        predicted = jnp.cumsum(hist_all).astype(jnp.int32)
-        both = jnp.cumsum(hist_true).astype(jnp.int32)
-        x = x + layer.mlp.down(h).reshape(x.shape)
-        return x, (predicted, both, jnp.sum(true, dtype=jnp.int32), jnp.int32(b * t))
-
     out = []
     for layer in model.layers:
-        x, counts = body(x, layer)
+        x, counts = _layer_counts(layer, x, cos, sin, mask, alphas)
         out.append(counts)
     return tuple(jnp.stack(c) for c in zip(*out, strict=True))
 

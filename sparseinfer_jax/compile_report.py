@@ -45,6 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import backend as bk
 from pallas_kernels import pack, predict, signmag
+from pallas_kernels.compact import compact_pallas
 from pallas_kernels.sparse_down import num_live_programs as down_live
 from pallas_kernels.sparse_down import sparse_down_pallas
 from pallas_kernels.sparse_gate_up import num_live_programs as gate_up_live
@@ -74,7 +75,7 @@ TARGET_SHAPES = ("7b", "13b")
 # without a GPU lacks: offline, sorts compile as XLA's own sort kernels.
 COMPILE_OPTIONS = {"xla_dump_emitter_re": "ptx", "xla_gpu_enable_cub_radix_sort": False}
 PALLAS_KERNELS = {
-    "pack_sign_bits", "sign_predict", "signmag_predict", "sparse_gate_up", "sparse_down"
+    "compact", "pack_sign_bits", "sign_predict", "signmag_predict", "sparse_gate_up", "sparse_down"
 }
 PLUGIN_MODULES = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
 
@@ -260,9 +261,12 @@ def kernel_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable, *,
              (sds((batch, f), jnp.float32), w, idx, count), lambda c: down_live(c, d),
              "sparse_down"),
     ]
-    if pack_weights:
+    if pack_weights:  # the batch-independent kernels, at the first batch only
         cases.insert(0, Case("pack_sign_bits", "kernel", pack.pack_sign_bits_pallas, (w,),
                              lambda c: pack.num_programs(f, d), "pack_sign_bits"))
+        # One program by design (a scan over F): no live-programs target.
+        cases.insert(3, Case("compact", "kernel", compact_pallas, (sds((f,), jnp.bool_),), None,
+                             "compact"))
     return cases
 
 

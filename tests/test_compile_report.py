@@ -17,7 +17,7 @@ from sparseinfer_jax.cli import main
 from sparseinfer_jax.compile_report import MAX_REGISTERS, MIN_LIVE_PER_SM
 
 GPU = "h100"
-PALLAS_IN_SPARSE_PROGRAM = {"sign_predict", "sparse_gate_up", "sparse_down"}
+PALLAS_IN_SPARSE_PROGRAM = {"compact", "sign_predict", "sparse_gate_up", "sparse_down"}
 
 
 def report(tmp_path, *flags: str) -> list[dict]:
@@ -31,7 +31,7 @@ def report(tmp_path, *flags: str) -> list[dict]:
     return json.loads(out.read_text())
 
 
-KERNELS = {"pack_sign_bits", "sign_predict", "signmag_predict", "sparse_gate_up_relu",
+KERNELS = {"pack_sign_bits", "compact", "sign_predict", "signmag_predict", "sparse_gate_up_relu",
            "sparse_gate_up_fatrelu", "sparse_down"}
 
 
@@ -53,7 +53,8 @@ def check(records: list[dict], shape: str, programs: bool) -> None:
         for r in records:
             if r["kind"] == "kernel":
                 assert r["registers"] <= MAX_REGISTERS, r
-                assert r["live_per_sm_10"] >= MIN_LIVE_PER_SM, r
+                if r["name"] != "compact":  # one program by design
+                    assert r["live_per_sm_10"] >= MIN_LIVE_PER_SM, r
 
 
 def test_tiny_shape_compiles_kernels_and_programs(tmp_path):
