@@ -126,6 +126,15 @@ def main(folder: str) -> None:
             print("\n".join(summarise(path)))
         except (ValueError, KeyError) as e:  # a file cut mid-write by a time limit
             print(f"{path.name}: unreadable ({type(e).__name__}: {e})")
+    variants = out / "variants.json"
+    if variants.exists():
+        v = json.loads(variants.read_text())
+        print(f"variants.json: one layer D={v['d']} F={v['f']} B={v['batch']}, "
+              f"{v['active']} active, {v['device']}")
+        for r in v["records"]:
+            figure = (f"{r['us']:9.2f} us" + (f" {r['gb_s']:8.1f} GB/s" if r.get("gb_s") else "")
+                      if "us" in r else f"FAILED {r['error']}")
+            print(f"  {r['name']:<50} {figure}")
 
 
 if __name__ == "__main__":

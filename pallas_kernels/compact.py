@@ -1,13 +1,16 @@
 """Compacting a neuron mask into an index list: the shape the gathered kernels consume.
 
-Backends:
-- "xla" and "reference": a cumsum gives each active neuron its slot and one scatter writes the
-  ids. On the CPU that is a few microseconds; on an H200 XLA makes several kernels of it and the
-  whole op took 24 us at F = 11008, as long as the gate and up rows of 10% of a 7b layer
-  (benchmarks/gpu_variants.py, 2026-11-29).
-- "pallas": one program walks the mask in chunks of `CHUNK` (3 at the 7b shape): a Triton scan
-  within the chunk plus the running count gives the slots, a masked scatter store writes the ids,
-  and a second pass zeroes the slots from the count on. One launch, ids ascending, deterministic.
+Every backend uses the jnp version: a cumsum gives each active neuron its slot and one scatter
+writes the ids. On the CPU that is a few microseconds; on an H200 XLA makes several kernels of it
+and the op took 24 us at F = 11008, as long as the gate and up rows of 10% of a 7b layer
+(benchmarks/gpu_variants.py, 2026-11-29).
+
+`compact_pallas` is the candidate replacement, not yet used: one program walks the mask in chunks
+of `CHUNK` (3 at the 7b shape); a Triton scan within the chunk plus the running count gives the
+slots, a masked scatter store writes the ids, and a second pass zeroes the slots from the count
+on. One launch, ids ascending, deterministic. It passes its tests in interpret mode and compiles
+for every GPU spec (compile report), but no GPU has run it yet: `benchmarks/gpu_check.sh` runs its
+GPU test and times it against the jnp version; `compact` switches once it is faster there.
 """
 
 from __future__ import annotations
@@ -85,15 +88,14 @@ def compact(active: jnp.ndarray, *, backend: str = "auto") -> tuple[jnp.ndarray,
 
     Args:
       active: `[F]` bool mask.
-      backend: one of `backend.BACKENDS` ("pallas": the one-program kernel; else jnp).
+      backend: one of `backend.BACKENDS` (all share the jnp version, see above).
 
     Returns:
       idx: `[F]` int32, the active ids in idx[:count] ascending, 0 after (a valid row, so
         gathers through idx never go out of bounds).
       count: `[]` int32 number of active neurons.
     """
+    bk.resolve(backend)
     chex.assert_rank(active, 1)
     chex.assert_type(active, bool)
-    if bk.resolve(backend) == "pallas":
-        return compact_pallas(active, interpret=bk.interpret())
     return compact_xla(active)

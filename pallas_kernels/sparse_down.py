@@ -13,7 +13,10 @@ each position adds h[:, k] x down_t[idx[k]], whose row is read only if h[:, k] i
 some batch row (a block whose h is all zero loads no weights). A program whose run is empty
 loads nothing and writes zeros; bytes read follow the count. At 10% active a 7b layer has
 64 x 23 = 1472 programs with work: 11.2 per SM of an H100, 7.8 on an RTX PRO 6000 (188 SMs).
-Each row load is block_d (64) bf16 columns, 128 bytes: one full cache line.
+Each row load is block_d (64) bf16 columns, 128 bytes: one full cache line. `prefetch=True`
+loads the next block's h columns and ids while this block's weight rows are in flight (one
+memory latency a block instead of two); it needs 90 registers at batch 1 and spills at 16, and no
+GPU has timed it yet (`benchmarks/gpu_variants.py` does), so it is off by default.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ def _cdiv(a, b: int):
 BLOCK_N = 16
 BLOCK_D = 64
 NUM_SPLITS = 24
-PREFETCH_MAX_BATCH = 1
+# 2 warps for 64 columns: on the H200 (2026-11-29, benchmarks/gpu_variants.py, 10% of a 7b layer)
+# 20.4 us against 25.5 with 4 warps.
+NUM_WARPS = 2
 
 
 def num_live_programs(count: int, d: int, *, block_n: int = BLOCK_N, block_d: int = BLOCK_D,
@@ -105,18 +110,13 @@ def sparse_down_kernel(h_ref, w_ref, idx_ref, count_ref, out_ref, *,
     jax.jit, static_argnames=["block_n", "block_d", "num_splits", "num_warps", "prefetch",
                               "interpret"])
 def sparse_down_pallas(h, down_t, idx, count, *, block_n: int = BLOCK_N, block_d: int = BLOCK_D,
-                       num_splits: int = NUM_SPLITS, num_warps: int = 4,
-                       prefetch: bool | None = None, interpret: bool = False):
+                       num_splits: int = NUM_SPLITS, num_warps: int = NUM_WARPS,
+                       prefetch: bool = False, interpret: bool = False):
     """Pallas (Triton) `sparse_down`: partial sums per (column block, split), reduced in jnp."""
     assert block_n & (block_n - 1) == 0 and block_d & (block_d - 1) == 0, "powers of 2 only"
     b = h.shape[0]
     d = down_t.shape[1]
     block_d = min(block_d, pl.next_power_of_2(d))
-    if prefetch is None:
-        # The prefetched block lives in registers (block_n h columns of B padded floats, each
-        # held whole by every thread): at 2 rows it needs 128 registers, at 4 145, at 16 it spills
-        # (compile report, h200). Decode at batch 1 is the case it is for.
-        prefetch = pl.next_power_of_2(b) <= PREFETCH_MAX_BATCH
     kernel = functools.partial(sparse_down_kernel, block_n=block_n, block_d=block_d,
                                num_splits=num_splits, prefetch=prefetch)
     partial = pl.pallas_call(

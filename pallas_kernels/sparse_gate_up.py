@@ -54,6 +54,9 @@ BLOCK_N = 1
 # registers holding it) the same size at every batch.
 TILE = 4096
 MIN_BLOCK_D = 128
+# On the H200 (2026-11-29, benchmarks/gpu_variants.py, 10% of a 7b layer, batch 1) one position a
+# program read at 1548 GB/s with 2 warps, 1179 with 4.
+NUM_WARPS = 2
 
 
 def num_live_programs(count: int, d: int, *, block_n: int = BLOCK_N) -> int:
@@ -113,7 +116,7 @@ def sparse_gate_up_kernel(x_ref, gate_ref, up_ref, idx_ref, count_ref, h_ref, *,
     static_argnames=["activation", "threshold", "block_n", "block_d", "num_warps", "interpret"])
 def sparse_gate_up_pallas(x, gate, up, idx, count, *, activation: str = "relu",
                           threshold: float = 0.0, block_n: int = BLOCK_N,
-                          block_d: int | None = None, num_warps: int = 4,
+                          block_d: int | None = None, num_warps: int = NUM_WARPS,
                           interpret: bool = False):
     """Pallas (Triton) `sparse_gate_up`: grid over blocks of `block_n` compact positions.
 

@@ -264,7 +264,8 @@ def kernel_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable, *,
     if pack_weights:  # the batch-independent kernels, at the first batch only
         cases.insert(0, Case("pack_sign_bits", "kernel", pack.pack_sign_bits_pallas, (w,),
                              lambda c: pack.num_programs(f, d), "pack_sign_bits"))
-        # One program by design (a scan over F): no live-programs target.
+        # The candidate compaction kernel (`compact.compact_pallas`); one program by design (a
+        # scan over F): no live-programs target.
         cases.insert(3, Case("compact", "kernel", compact_pallas, (sds((f,), jnp.bool_),), None,
                              "compact"))
     return cases

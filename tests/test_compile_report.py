@@ -17,7 +17,7 @@ from sparseinfer_jax.cli import main
 from sparseinfer_jax.compile_report import MAX_REGISTERS, MIN_LIVE_PER_SM
 
 GPU = "h100"
-PALLAS_IN_SPARSE_PROGRAM = {"compact", "sign_predict", "sparse_gate_up", "sparse_down"}
+PALLAS_IN_SPARSE_PROGRAM = {"sign_predict", "sparse_gate_up", "sparse_down"}
 
 
 def report(tmp_path, *flags: str) -> list[dict]:

@@ -204,7 +204,7 @@ def test_compact_pallas_over_several_chunks(f, chunk, p):
 @pytest.mark.parametrize("f, p", [(11008, 0.1), (5632, 0.5), (77, 1.0)])
 def test_compact_compiled_on_gpu(f, p):
     mask = np.random.default_rng(f).random(f) < p
-    idx, count = compact(jnp.asarray(mask), backend="pallas")
+    idx, count = compact_pallas(jnp.asarray(mask))
     want = np.flatnonzero(mask)
     assert int(count) == len(want)
     np.testing.assert_array_equal(np.asarray(idx), np.r_[want, np.zeros(f - len(want), int)])
