@@ -1,10 +1,10 @@
 """One decode layer's sparse MLP pieces on a GPU, timed across block sizes: which launch shapes
 read fastest at the 7b shape, and where the time between the kernels goes.
 
-Each case runs `--calls` times inside one jitted loop (each call depends on the last through an
-optimization barrier), so a figure is the kernel's time in a decode program, launch included,
-without Python's dispatch. The active set is random, `--active` of F. Prints one line per case:
-microseconds per call and GB/s of the bytes the case must read.
+Each case runs `--calls` times inside one jitted loop (`bench.in_a_loop`: each call depends on
+the last through an optimization barrier), so a figure is the kernel's time in a decode program,
+launch included, without Python's dispatch. The active set is random, `--active` of F. Prints
+one line per case: microseconds per call and GB/s of the bytes the case must read.
 
     python benchmarks/gpu_variants.py --json variants.json            # on a GPU (7b layer)
     python benchmarks/gpu_variants.py --d 256 --f 688 --calls 2       # CPU smoke check (interpret)
@@ -16,12 +16,10 @@ import argparse
 import functools
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 import pallas_kernels as pk
 from pallas_kernels import backend as bk
@@ -31,37 +29,12 @@ from pallas_kernels.signmag import signmag_pallas
 from pallas_kernels.sparse_down import sparse_down_pallas
 from pallas_kernels.sparse_gate_up import activate, matmul_t, sparse_gate_up_pallas
 from pallas_kernels.sparse_mlp import sparse_mlp_xla
-from sparseinfer_jax.bench import alpha_grid, fit_alphas
-
-
-def looped(fn, calls: int, args):
-    """jit(x, *rest -> fn(x, *rest) `calls` times in a loop, each call after the last).
-
-    The loop carries x and the call's first output through an optimization barrier, and returns
-    both: each call's input then depends on the previous call, and no call can be hoisted out of
-    the loop or dropped as unused."""
-    first = lambda out: jax.tree.leaves(out)[0]  # noqa: E731
-    shape = jax.eval_shape(lambda *a: first(fn(*a)), *args)
-
-    def run(x, *rest):
-        def body(_, carry):
-            x, _ = carry
-            return lax.optimization_barrier((x, first(fn(x, *rest))))
-        return lax.fori_loop(0, calls, body, (x, jnp.zeros(shape.shape, shape.dtype)))
-
-    return jax.jit(run)
+from sparseinfer_jax.bench import alpha_grid, fit_alphas, time_in_a_loop
 
 
 def time_case(fn, args, calls: int, repeats: int) -> float:
-    """Median microseconds per call of fn(*args)."""
-    run = looped(fn, calls, args)
-    jax.block_until_ready(run(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(run(*args))
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+    """Median microseconds per call of fn(*args), `calls` calls a loop (`bench.in_a_loop`)."""
+    return statistics.median(time_in_a_loop(fn, args, calls=calls, repeats=repeats)) * 1e6
 
 
 def main() -> None:
