@@ -13,10 +13,9 @@ instead of predictor + 3 x candidates.
 
 Backends:
 - "reference": all F rows gathered through idx, masked (pure jnp, the truth).
-- "xla": the gate over the candidates in a chunk loop (`bk.CHUNK` rows, trip count from `count`,
-  `LANES` independent chunks a trip), a second compaction of the fired positions, then one fused
-  chunk loop that computes the up rows of a chunk and adds their down rows (the [B, chunk] hidden
-  block never leaves the loop). Each
+- "xla": the gate over the candidates in a chunk loop (`bk.CHUNK` rows, trip count from `count`),
+  a second compaction of the fired positions, then one fused chunk loop that computes the up rows
+  of a chunk and adds their down rows (the [B, chunk] hidden block never leaves the loop). Each
   stage runs densely above `bk.DENSE_ABOVE` of F (`bk.use_dense`). A second compaction rather than
   masking inside one loop: an XLA gather reads every row it is given whatever the mask, so only
   a shorter index list reads fewer bytes.
@@ -45,41 +44,24 @@ def _live(values: jnp.ndarray, count: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(jnp.arange(values.shape[1]) < count, values, 0.0)
 
 
-# Each loop trip of the XLA path handles LANES chunks from separate stretches of the positions: the
-# gathers are independent, so XLA CPU runs them on both cores (one gather stream reads about
-# 8 GB/s from DRAM; two read about 20% more, benchmarks/RESULTS.md).
-LANES = 2
-
-
-def lane_span(count: jnp.ndarray, chunk: int) -> jnp.ndarray:
-    """Positions each lane covers: a whole number of chunks, LANES spans covering `count`."""
-    return bk.num_chunks(count, LANES * chunk) * chunk
-
-
 def gate_xla(x, gate, idx, count, *, dense_above: float = bk.DENSE_ABOVE):
     """Stage 1: `gate[idx[k]] . x` for k < count -> `[B, F]` float32 in compact order (garbage
     at positions >= count: the caller masks)."""
     b = x.shape[0]
     f = gate.shape[0]
     chunk = bk.CHUNK
-    size = f + LANES * chunk  # room for every lane's last chunk
-    idx_padded = jnp.pad(idx, (0, size - f))
+    idx_padded = jnp.pad(idx, (0, -f % chunk))
 
     def chunked(x, gate, count):
-        span = lane_span(count, chunk)
-
         def body(j, g):
-            starts = [lane * span + j * chunk for lane in range(LANES)]
-            rows = [lax.dynamic_slice_in_dim(idx_padded, s, chunk) for s in starts]
+            rows = lax.dynamic_slice_in_dim(idx_padded, j * chunk, chunk)
             # Tied to the rows, the weights are loop-variant: XLA CPU gathers bf16 from a float32
             # copy of the whole matrix, which it would otherwise hoist out of the loop.
             w, rows = lax.optimization_barrier((gate, rows))
-            for s, r in zip(starts, rows, strict=True):
-                g = lax.dynamic_update_slice_in_dim(g, matmul_t(x, w[r]), s, axis=1)
-            return g
+            return lax.dynamic_update_slice_in_dim(g, matmul_t(x, w[rows]), j * chunk, axis=1)
 
-        g = jnp.zeros((b, size), jnp.float32)
-        return lax.fori_loop(0, span // chunk, body, g)[:, :f]
+        g = jnp.zeros((b, f + (-f % chunk)), jnp.float32)
+        return lax.fori_loop(0, bk.num_chunks(count), body, g)[:, :f]
 
     def dense(x, gate, count):
         return jnp.take(matmul_t(x, gate), idx, axis=1)
@@ -95,23 +77,18 @@ def up_down_xla(x, a, up, down_t, rows, fired, *, dense_above: float = bk.DENSE_
     b = x.shape[0]
     f, d = up.shape
     chunk = bk.CHUNK
-    pad = LANES * chunk
+    pad = -f % chunk
     a_padded = jnp.pad(a, ((0, 0), (0, pad)))
     rows_padded = jnp.pad(rows, (0, pad))
 
     def chunked(x, a, up, down_t):
-        span = lane_span(fired, chunk)
-
         def body(j, acc):
-            starts = [lane * span + j * chunk for lane in range(LANES)]
-            rs = [lax.dynamic_slice_in_dim(rows_padded, s, chunk) for s in starts]
-            u, w, rs = lax.optimization_barrier((up, down_t, rs))  # as in `gate_xla`
-            for s, r in zip(starts, rs, strict=True):
-                h = lax.dynamic_slice_in_dim(a_padded, s, chunk, axis=1) * matmul_t(x, u[r])
-                acc = acc + matmul(h, w[r])
-            return acc
+            r = lax.dynamic_slice_in_dim(rows_padded, j * chunk, chunk)
+            u, w, r = lax.optimization_barrier((up, down_t, r))  # as in `gate_xla`
+            h = lax.dynamic_slice_in_dim(a_padded, j * chunk, chunk, axis=1) * matmul_t(x, u[r])
+            return acc + matmul(h, w[r])
 
-        return lax.fori_loop(0, span // chunk, body, jnp.zeros((b, d), jnp.float32))
+        return lax.fori_loop(0, bk.num_chunks(fired), body, jnp.zeros((b, d), jnp.float32))
 
     def dense(x, a, up, down_t):
         # Natural order; positions >= fired hold 0 and point at row idx[0], so add, not set.
