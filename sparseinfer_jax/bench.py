@@ -277,18 +277,35 @@ def decode_record(model: Llama, prompt: np.ndarray, settings: Settings, mode: st
                   alphas: np.ndarray, copy_gb_s: float, read_gb_s: float) -> dict:
     """Times `generate` (see the module docstring) and measures the computed fraction.
 
+    A sparse record times dense decoding too, alternating with its own repeats (dense, sparse,
+    dense, ...): `speedup` is the spread of the per-pair ratios dense ms / sparse ms, so a machine
+    whose speed drifts during the run (a shared CPU) moves both sides of each ratio alike.
     `limit_ms` is the step's bytes over the faster of the copy and matvec read bandwidths."""
     cfg = model.config
     kw = dict(max_new_tokens=settings.tokens, mode=mode, backend=backend, alpha=alphas,
               stop_at_eos=False)
     first = generate(model, prompt, **kw)
-    runs = [generate(model, prompt, **kw).timing for _ in range(settings.repeats)]
+    paired = mode != "dense"
+    dense_kw = dict(kw, mode="dense", backend="xla", alpha=None)
+    if paired:
+        generate(model, prompt, **dense_kw)  # compiled (or cached) before the timing starts
+    runs, dense_runs = [], []
+    for _ in range(settings.repeats):
+        if paired:
+            dense_runs.append(generate(model, prompt, **dense_kw).timing)
+        runs.append(generate(model, prompt, **kw).timing)
     computed = fired = 1.0
     if mode != "dense":
         stats = generate(model, prompt, **kw, stats="predicted", timing=False).stats
         computed = float(np.mean(stats.computed_fraction))
         fired = float(np.mean(stats.fired_fraction))
     ms = spread([t.decode_s_per_token * 1e3 for t in runs])
+    pairs = {}
+    if paired:
+        pairs = dict(
+            dense_decode_ms=spread([t.decode_s_per_token * 1e3 for t in dense_runs]),
+            speedup=spread([d.decode_s_per_token / t.decode_s_per_token
+                            for d, t in zip(dense_runs, runs, strict=True)]))
     batch, p = prompt.shape
     context = p + settings.tokens / 2  # mean live slots over the decode steps
     f = cfg.intermediate_size
@@ -301,7 +318,7 @@ def decode_record(model: Llama, prompt: np.ndarray, settings: Settings, mode: st
         decode_ms=ms, compile_s=first.timing.compile_s,
         prefill_ms=statistics.median(t.prefill_s for t in runs) * 1e3,
         bytes_per_step=nbytes, achieved_gb_s=gb_s, fraction_of_copy=gb_s / copy_gb_s,
-        limit_ms=nbytes["total"] / (max(copy_gb_s, read_gb_s) * 1e9) * 1e3)
+        limit_ms=nbytes["total"] / (max(copy_gb_s, read_gb_s) * 1e9) * 1e3, **pairs)
 
 
 KERNEL_CALLS = 20  # calls per timed loop in the kernel table
@@ -527,7 +544,8 @@ def run(settings: Settings, *, log: Callable[[str], None] = print,
 
 
 HEADER = (f"{'kind':<7} {'mode':<9} {'backend':<8} {'B':>2} {'active':>6} {'ms/token':>9} "
-          f"{'IQR':>13} {'tok/s':>7} {'GB/s':>6} {'of copy':>7} {'compile s':>9}")
+          f"{'IQR':>13} {'tok/s':>7} {'GB/s':>6} {'of copy':>7} {'compile s':>9} "
+          f"{'x dense (IQR), paired':>22}")
 
 
 def format_row(r: dict) -> str:
@@ -538,7 +556,12 @@ def format_row(r: dict) -> str:
             f"{r['active_fraction']:>6.3f} {ms['median']:>9.2f} "
             f"{ms['q1']:>6.2f}-{ms['q3']:<6.2f} {r['tokens_per_s']:>7.1f} "
             f"{r['achieved_gb_s']:>6.1f} {r['fraction_of_copy']:>7.2f} "
-            + (f"{compile_s:>9.2f}" if compile_s else f"{'':>9}"))
+            + (f"{compile_s:>9.2f}" if compile_s else f"{'':>9}")
+            + (_paired(r["speedup"]) if r.get("speedup") else ""))
+
+
+def _paired(x: dict) -> str:
+    return f" {x['median']:>9.2f}x ({x['q1']:.2f}-{x['q3']:.2f})"
 
 
 # The dense op each sparse-only op is compared with in the kernel table.

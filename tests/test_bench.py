@@ -119,6 +119,11 @@ def test_cli_writes_json_records_and_plot(tmp_path, capsys, monkeypatch):
             assert r[key] is not None, key
         assert r["decode_ms"]["min"] <= r["decode_ms_median"] <= r["decode_ms"]["max"]
     assert decode[-1]["active_fraction"] == 1.0
+    # Each sparse record timed dense beside itself: the paired ratio is dense ms / sparse ms.
+    assert "speedup" not in decode[0]
+    for r in decode[1:]:
+        want = r["dense_decode_ms"]["median"] / r["decode_ms_median"]  # one repeat: one pair
+        assert r["speedup"]["median"] == pytest.approx(want)
     assert png.stat().st_size > 0
     assert "ms/token" in capsys.readouterr().out
 
