@@ -1,0 +1,84 @@
+"""The MLP alone with cold caches: dense vs the sparse paths, per layer, over several layers.
+
+`sparseinfer bench`'s kernel table times one layer's op again and again, so on a CPU with a large
+last-level cache the few MB a sparse MLP gathers stay cached between calls and the sparse op looks
+faster than it is in decoding. Here each call chains the MLP through `--layers` different layers
+(x feeds the next layer), so every weight row comes from memory, as in a decode step. Prints
+milliseconds per layer (median of `--repeats`) and each sparse path's ratio to dense.
+
+    python benchmarks/cold_mlp.py --shape 1b --layers 8 --dtype float32 --active 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels as pk
+from pallas_kernels.sparse_down import matmul
+from pallas_kernels.sparse_gate_up import activate, matmul_t
+from sparseinfer_jax.bench import DTYPES, alpha_grid, fit_alphas, shape_config, time_calls
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="1b")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--active", type=float, default=0.1)
+    p.add_argument("--backend", default="xla")
+    p.add_argument("--repeats", type=int, default=9)
+    a = p.parse_args()
+    cfg = shape_config(a.shape)
+    d, f, dt = cfg.hidden_size, cfg.intermediate_size, DTYPES[a.dtype]
+    keys = jax.random.split(jax.random.key(0), 3 * a.layers)
+    w = [(0.02 * jax.random.normal(k, (f, d), jnp.float32)).astype(dt) for k in keys]
+    layers = [dict(gate=w[3 * i], up=w[3 * i + 1], down_t=w[3 * i + 2],
+                   bits=pk.pack_sign_bits(w[3 * i])) for i in range(a.layers)]
+    x0 = jnp.asarray(np.random.default_rng(0).standard_normal((1, d)), dt)
+    # One alpha that keeps `--active` of layer 0's neurons for x0 (as `bench` fits it).
+    _, n_neg = pk.sign_predict(x0, layers[0]["bits"], jnp.float32(1.0), backend="xla")
+    kept = (np.asarray(n_neg)[0][None, :] <= np.arange(d + 1)[:, None]).mean(axis=1)
+    alpha = jnp.float32(fit_alphas(alpha_grid(d), kept[None], a.active)[0][0])
+
+    def dense(x, w):
+        h = activate(matmul_t(x, w["gate"]), "relu", 0.0) * matmul_t(x, w["up"])
+        return matmul(h.astype(x.dtype), w["down_t"])
+
+    def candidates(x, w):
+        act, _ = pk.sign_predict(x, w["bits"], alpha, backend=a.backend)
+        return pk.compact(act, backend=a.backend)
+
+    def two_stage(x, w):
+        idx, count = candidates(x, w)
+        return pk.sparse_mlp(x, w["gate"], w["up"], w["down_t"], idx, count,
+                             backend=a.backend)[0]
+
+    def one_stage(x, w):
+        idx, count = candidates(x, w)
+        h = pk.sparse_gate_up(x, w["gate"], w["up"], idx, count, backend=a.backend)
+        return pk.sparse_down(h, w["down_t"], idx, count, backend=a.backend)
+
+    def chained(mlp):
+        def run(x, layers):
+            for w in layers:  # each layer's input depends on the last layer's output
+                x = x + (1e-3 * mlp(x, w)).astype(x.dtype)
+            return x
+        return jax.jit(run)
+
+    print(f"{jax.devices()[0]}, {a.shape} MLP (D={d}, F={f}, {a.dtype}) x {a.layers} layers, "
+          f"about {a.active:.0%} predicted active, {a.backend}")
+    ms = {}
+    for name, mlp in (("dense", dense), ("two-stage", two_stage), ("one-stage", one_stage)):
+        t = statistics.median(time_calls(chained(mlp), x0, layers, repeats=a.repeats))
+        ms[name] = t / a.layers * 1e3
+        ratio = f"  {ms[name] / ms['dense']:.3f} of dense" if name != "dense" else ""
+        print(f"{name:<10} {ms[name]:8.3f} ms a layer{ratio}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
