@@ -581,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def command() -> int:
         args = build_parser().parse_args(argv)
-        _use_compile_cache(args)
+        if args.command != "compile-report":  # it compiles for GPUs it cannot load programs on
+            _use_compile_cache(args)
         with _process_zero_prints(args):
             return args.run(args)
 

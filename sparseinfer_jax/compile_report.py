@@ -424,6 +424,9 @@ def command(args: argparse.Namespace) -> int:
     # The plugin registers only when JAX's platform is the CPU (else it looks for a GPU driver);
     # the cuda backend then still compiles, for the compile-only devices of a topology.
     jax.config.update("jax_platforms", "cpu")
+    # Compile-only executables cannot be loaded back from JAX's persistent cache (a rerun warned
+    # "PjRtCompiler must be constructed with a Client"), and nothing here is run: keep it off.
+    jax.config.update("jax_enable_compilation_cache", False)
     print(HEADER, flush=True)
     records = run(gpus, args.shape, batches, layers=args.layers, dtype=args.dtype,
                   programs=not args.no_programs, log=lambda s: print(s, flush=True))
