@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import NoReturn
 
 from convert.converter import DTYPES, convert
 from sparseinfer_jax.calibration import calibrate_checkpoint
@@ -55,10 +54,5 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def console() -> NoReturn:
-    """The `sparseinfer-convert` console script: `main` on sys.argv, then `exit_process`."""
-    exit_process(main())
-
-
 if __name__ == "__main__":
-    console()
+    exit_process(main())

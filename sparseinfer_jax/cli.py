@@ -9,7 +9,6 @@ import json
 import math
 import os
 import sys
-from typing import NoReturn
 
 import numpy as np
 
@@ -589,10 +588,5 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(command)
 
 
-def console() -> NoReturn:
-    """The `sparseinfer` console script: `main` on sys.argv, then `errors.exit_process`."""
-    exit_process(main())
-
-
 if __name__ == "__main__":
-    console()
+    exit_process(main())

@@ -331,8 +331,8 @@ def test_ctrl_c_in_a_real_process(hf, tmp_path):
             write(self, name, x)
         tensorfiles.Writer.write = slow
         sys.argv[1:] = [{hf!r}, {str(tmp_path / "out")!r}]
-        from convert.cli import console
-        console()
+        from sparseinfer_jax.console import sparseinfer_convert
+        sparseinfer_convert()
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True,

@@ -139,7 +139,7 @@ def _interrupt(argv: list[str]) -> tuple[int, str]:
     # otherwise start with SIGINT ignored, which a user's terminal never does.
     code = (
         "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "from sparseinfer_jax.cli import console; console()"
+        "from sparseinfer_jax.console import sparseinfer; sparseinfer()"
     )
     child = subprocess.Popen(
         [sys.executable, "-c", code, *argv],
@@ -239,3 +239,30 @@ def test_ctrl_c_inside_a_finaliser_still_interrupts():
                           timeout=60)
     assert done.returncode == 130 and "finished" not in done.stdout, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "interrupted"
+
+
+IMPORTING = """
+import importlib, os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+real = importlib.import_module
+
+def import_module(name, *args):
+    if name == sys.argv[1]:  # a Ctrl-C just as the command line (and jax) starts importing
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(name, *args)
+
+importlib.import_module = import_module
+from sparseinfer_jax import console
+getattr(console, sys.argv[2])()
+"""
+
+
+@pytest.mark.parametrize("module, script", [("sparseinfer_jax.cli", "sparseinfer"),
+                                            ("convert.cli", "sparseinfer_convert")])
+def test_ctrl_c_while_jax_imports(module, script):
+    """The console scripts import jax inside their Ctrl-C handling: one line, exit 130."""
+    done = subprocess.run([sys.executable, "-c", IMPORTING, module, script, "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "interrupted" and not done.stdout
