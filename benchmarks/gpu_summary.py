@@ -15,6 +15,10 @@ import json
 import pathlib
 import sys
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from sparseinfer_jax.bench import KERNEL_BASE  # noqa: E402  (the dense op each one is compared with)
+
 # The targets: sparse at 10 % active vs dense (GPU, 7b), predictor vs dense gate matvec,
 # sparse at 100 % vs dense, sparse MLP kernel's share of copy bandwidth.
 SPEEDUP_AT_10 = 2.0
@@ -49,7 +53,7 @@ def summarise(path: pathlib.Path) -> list[str]:
     for r in (r for r in recs if r["kind"] == "kernel"):
         if r["mode"] == "dense":
             base[r["op"]] = r
-        ref = base.get("gate_matvec" if r["op"] == "predictor" else r["op"])
+        ref = base.get(KERNEL_BASE.get(r["op"], r["op"]))
         ratio = r["ms"]["median"] / ref["ms"]["median"] if ref else float("nan")
         lines.append(f"  kernel {r['op']:<11} {r['mode']:<6} {r['backend'][:8]:<8} "
                      f"active {r['active_fraction']:.3f}: {r['ms']['median']:8.4f} ms "
