@@ -21,7 +21,7 @@ import numpy as np
 import pallas_kernels as pk
 from pallas_kernels.sparse_down import matmul
 from pallas_kernels.sparse_gate_up import activate, matmul_t
-from sparseinfer_jax.bench import DTYPES, alpha_grid, fit_alphas, shape_config, time_calls
+from sparseinfer_jax.bench import DTYPES, alpha_keeping, shape_config, time_calls
 
 
 def main() -> None:
@@ -40,10 +40,7 @@ def main() -> None:
     layers = [dict(gate=w[3 * i], up=w[3 * i + 1], down_t=w[3 * i + 2],
                    bits=pk.pack_sign_bits(w[3 * i])) for i in range(a.layers)]
     x0 = jnp.asarray(np.random.default_rng(0).standard_normal((1, d)), dt)
-    # One alpha that keeps `--active` of layer 0's neurons for x0 (as `bench` fits it).
-    _, n_neg = pk.sign_predict(x0, layers[0]["bits"], jnp.float32(1.0), backend="xla")
-    kept = (np.asarray(n_neg)[0][None, :] <= np.arange(d + 1)[:, None]).mean(axis=1)
-    alpha = jnp.float32(fit_alphas(alpha_grid(d), kept[None], a.active)[0][0])
+    alpha = alpha_keeping(x0, layers[0]["bits"], a.active)  # layer 0's, for x0
 
     def dense(x, w):
         h = activate(matmul_t(x, w["gate"]), "relu", 0.0) * matmul_t(x, w["up"])

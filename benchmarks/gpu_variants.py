@@ -29,7 +29,7 @@ from pallas_kernels.signmag import signmag_pallas
 from pallas_kernels.sparse_down import sparse_down_pallas
 from pallas_kernels.sparse_gate_up import activate, matmul_t, sparse_gate_up_pallas
 from pallas_kernels.sparse_mlp import sparse_mlp_xla
-from sparseinfer_jax.bench import alpha_grid, fit_alphas, time_in_a_loop
+from sparseinfer_jax.bench import alpha_keeping, time_in_a_loop
 
 
 def time_case(fn, args, calls: int, repeats: int) -> float:
@@ -61,11 +61,7 @@ def main() -> None:
     idx, cnt = pk.compact(active)
     h = jnp.asarray(rng.standard_normal((b, f)) * (np.arange(f) < count), jnp.float32)
     words = bits.shape[1]
-    # The alpha that keeps `--active` of the neurons for this x (as `sparseinfer bench` fits it).
-    _, n_neg = pk.sign_predict(x, bits, jnp.float32(1.0), backend="xla")
-    grid = alpha_grid(d)
-    kept = (np.asarray(n_neg)[0][None, :] <= np.arange(d + 1)[:, None]).mean(axis=1)
-    alpha = jnp.float32(fit_alphas(grid, kept[None], a.active)[0][0])
+    alpha = alpha_keeping(x, bits, a.active)
     print(f"{jax.devices()[0]} jax {jax.__version__}: D={d} F={f} B={b} active {count} "
           f"({a.active:.0%}), {a.calls} calls a loop", flush=True)
 

@@ -160,6 +160,15 @@ def fit_alphas(grid: np.ndarray, predicted_fraction: np.ndarray,
     return grid[idx], predicted_fraction[rows, idx]
 
 
+def alpha_keeping(x: jnp.ndarray, bits: jnp.ndarray, fraction: float) -> jnp.ndarray:
+    """The grid alpha whose sign vote keeps about `fraction` of the neurons for `x: [1, D]`
+    (`bits`: the layer's packed gate sign bits): the one-layer, one-input form of `fit_alphas`."""
+    d = x.shape[1]
+    _, n_neg = pk.sign_predict(x, bits, jnp.float32(1.0), backend="xla")
+    kept = (np.asarray(n_neg)[0][None, :] <= np.arange(d + 1)[:, None]).mean(axis=1)
+    return jnp.float32(fit_alphas(alpha_grid(d), kept[None], fraction)[0][0])
+
+
 def decode_inputs_fraction(model: Llama, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Predicted active fraction `[L, G]` over `alpha_grid(D)` on the MLP inputs of `ids: [1, T]`.
 
@@ -344,10 +353,7 @@ def kernel_records(model: Llama, settings: Settings, backend: str, fraction: flo
     active[rng.choice(f, count, replace=False)] = True
     idx, cnt = pk.compact(jnp.asarray(active))
     h = jnp.asarray(rng.standard_normal((1, f)) * (np.arange(f) < count), jnp.float32)
-    _, n_neg = pk.sign_predict(x, bits, jnp.float32(1.0), backend="xla")
-    grid = alpha_grid(d)
-    frac = (np.asarray(n_neg)[0][None, :] <= np.arange(d + 1)[:, None]).mean(axis=1)
-    alpha = jnp.float32(fit_alphas(grid, frac[None], fraction)[0][0])
+    alpha = alpha_keeping(x, bits, fraction)
 
     # The weights are arguments, never closed over: jit would embed a closed-over array in the
     # program as a constant, which on a GPU takes minutes to compile at the 7b shape.
