@@ -580,8 +580,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def command() -> int:
         args = build_parser().parse_args(argv)
-        if args.command != "compile-report":  # it compiles for GPUs it cannot load programs on
-            _use_compile_cache(args)
+        _use_compile_cache(args)  # compile-report turns it off again (`compile_report.command`)
         with _process_zero_prints(args):
             return args.run(args)
 

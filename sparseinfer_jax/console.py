@@ -1,26 +1,20 @@
 """The console scripts `sparseinfer` and `sparseinfer-convert`.
 
 This module imports nothing heavy: each script imports its command line (and so jax) inside
-`errors.run_command`'s reach, so Ctrl-C while jax is still importing prints `interrupted` and
-exits 130 like a Ctrl-C at any later moment, never a traceback.
+`errors.run_command`, so Ctrl-C while jax is still importing prints `interrupted` and exits 130
+like a Ctrl-C at any later moment, never a traceback.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import NoReturn
 
-from sparseinfer_jax.errors import INTERRUPTED_EXIT, exit_process
+from sparseinfer_jax.errors import exit_process, run_command
 
 
 def _run(module: str) -> NoReturn:
-    try:
-        main = importlib.import_module(module).main
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        exit_process(INTERRUPTED_EXIT)
-    exit_process(main())
+    exit_process(run_command(lambda: importlib.import_module(module).main()))
 
 
 def sparseinfer() -> NoReturn:
