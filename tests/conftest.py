@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -27,6 +28,26 @@ def cli_lines(stderr: str) -> str:
     """A child CLI's stderr without the CUDA plugin's native log lines."""
     return "".join(ln for ln in stderr.splitlines(keepends=True)
                    if not _NATIVE_LOG.match(ln.rstrip("\n")))
+
+
+TRAIN_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                          "train_tiny_relu_llama.py")
+# Prompts for the first-run check (sparse greedy decoding against dense on a fresh conversion).
+FIRST_RUN_PROMPTS = [
+    "The module",
+    "Return the value of",
+    "This function is used to",
+    "If the file",
+    "Create a new",
+]
+
+
+def train_tool():
+    """`tools/train_tiny_relu_llama.py` as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("train_tiny_relu_llama", TRAIN_TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 TINY = dict(

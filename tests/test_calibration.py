@@ -9,7 +9,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_hf_checkpoint
+from conftest import FIRST_RUN_PROMPTS, make_hf_checkpoint
 from flax import nnx
 
 from convert import convert
@@ -175,13 +175,6 @@ def test_missing_and_empty_text(tmp_path, capsys, command):
 # --- safe from the first run -------------------------------------------------------------------
 
 FIRST_RUN_TOKENS = 24
-PROMPTS = [
-    "The module",
-    "Return the value of",
-    "This function is used to",
-    "If the file",
-    "Create a new",
-]
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +205,7 @@ def test_fresh_conversion_calibrates_and_sparse_follows_dense(fresh_shipped, tmp
     model, tok = load(out, mode="sparse", backend="xla")
     kw = dict(tokenizer=tok, max_new_tokens=FIRST_RUN_TOKENS, stop_at_eos=False)
     same = []
-    for prompt in PROMPTS:
+    for prompt in FIRST_RUN_PROMPTS:
         dense = generate(model, prompt, mode="dense", **kw).tokens[0]
         sparse = generate(model, prompt, mode="sparse", **kw).tokens[0]
         same.append(int((dense == sparse).sum()))

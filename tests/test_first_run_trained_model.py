@@ -8,7 +8,6 @@ with dense on at least half of 24 new tokens on average, while really skipping n
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import time
@@ -17,31 +16,17 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FIRST_RUN_PROMPTS, train_tool
 from flax import nnx
 
 from sparseinfer_jax import checkpoint, generate, load
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "train_tiny_relu_llama.py"
 # Half the shipped model's width and depth, its own seed; 200 stdlib modules (~320k tokens) and
 # 400 steps of 16 x 128 tokens fit in about a minute on two CPU cores.
 TRAIN_FLAGS = ["--seed", "1", "--layers", "2", "--hidden", "128", "--intermediate", "512",
                "--heads", "4", "--kv-heads", "2", "--vocab", "2048", "--seq-len", "128",
                "--batch", "16", "--steps", "400", "--max-modules", "200", "--eval-tokens", "4096"]
 NEW_TOKENS = 24
-PROMPTS = [
-    "The module",
-    "Return the value of",
-    "This function is used to",
-    "If the file",
-    "Create a new",
-]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("train_tiny_relu_llama", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +35,7 @@ def trained(tmp_path_factory):
     numbers (loss, true MLP sparsity) for the checks below."""
     from sparseinfer_jax import Llama
 
-    tool = _tool()
+    tool = train_tool()
     folder = tmp_path_factory.mktemp("second") / "hf"
     args = tool.build_parser().parse_args(TRAIN_FLAGS + ["--out", str(folder)])
     start = time.perf_counter()
@@ -77,7 +62,7 @@ def _agreement(model, tok, **load_kw) -> tuple[list[int], list[int], np.ndarray]
     the sparse decode's predicted sparsity per layer over all prompts."""
     kw = dict(tokenizer=tok, max_new_tokens=NEW_TOKENS, temperature=0.0, stop_at_eos=False)
     same, followed, skipped = [], [], []
-    for prompt in PROMPTS:
+    for prompt in FIRST_RUN_PROMPTS:
         dense = generate(model, prompt, mode="dense", **kw)
         sparse = generate(model, prompt, mode="sparse", stats="predicted", **kw)
         fed = generate(model, prompt, mode="dense", follow=sparse.tokens, **kw)

@@ -8,7 +8,6 @@ zero); the training tool must be deterministic and write folders transformers ca
 from __future__ import annotations
 
 import filecmp
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TRAIN_TOOL, train_tool
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -29,7 +29,6 @@ from sparseinfer_jax.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "sparseinfer_jax" / "models" / "tiny-relu-llama"
-TOOL = ROOT / "tools" / "train_tiny_relu_llama.py"
 # float32 on both sides from the same weights; what differs is summation order.
 LOGITS_RTOL = 1e-3
 EXPORT_RTOL = 1e-4
@@ -43,13 +42,6 @@ TINY_RUN = ["--steps", "3", "--hidden", "32", "--layers", "1", "--intermediate",
 shipped = pytest.mark.skipif(not (FOLDER / "model.safetensors").is_file(),
                              reason="the tiny model has not been trained yet "
                                     "(python tools/train_tiny_relu_llama.py)")
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("train_tiny_relu_llama", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +143,7 @@ def test_export_matches_transformers(tmp_path):
     params = jax.tree.map(lambda a: (0.2 * rng.standard_normal(a.shape)).astype(jnp.bfloat16)
                           .astype(np.float32), shapes)
     model = model_from_params(cfg, params)
-    _tool().save_hf_checkpoint(model, str(tmp_path))
+    train_tool().save_hf_checkpoint(model, str(tmp_path))
     ref_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(2, 20))
     with torch.no_grad():
@@ -163,7 +155,7 @@ def test_export_matches_transformers(tmp_path):
 def test_training_is_deterministic_and_loads_in_transformers(tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    runs = [subprocess.Popen([sys.executable, str(TOOL), "--out", str(out), *TINY_RUN], env=env,
+    runs = [subprocess.Popen([sys.executable, TRAIN_TOOL, "--out", str(out), *TINY_RUN], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for out in outs]
     for run in runs:
