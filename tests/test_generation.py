@@ -68,6 +68,34 @@ def test_sampling_is_seeded_and_greedy_at_zero_temperature(tiny):
     np.testing.assert_array_equal(top1.tokens, greedy.tokens)
 
 
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_sampler_branches_against_numpy(top_k):
+    """Greedy (temperature 0, which skips the sort) is the argmax; sampling at any temperature
+    stays inside the top-k and top-p nucleus computed in numpy, and a tiny top_p is the argmax."""
+    import jax
+
+    from sparseinfer_jax.sampling import sample
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 50)).astype(np.float32) * 3
+    fn = jax.jit(sample, static_argnames=["top_k"])
+    key = jax.random.key(0)
+    greedy = fn(logits, key, np.float32(0.0), np.float32(0.9), top_k=top_k)
+    np.testing.assert_array_equal(greedy, logits.argmax(-1))
+    tiny_p = fn(logits, key, np.float32(1.0), np.float32(1e-6), top_k=top_k)
+    np.testing.assert_array_equal(tiny_p, logits.argmax(-1))
+    top_p = 0.6
+    order = np.argsort(-logits, axis=-1)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    for row in range(4):
+        keep = order[row, : top_k or 50]
+        p = probs[row, keep] / probs[row, keep].sum()
+        nucleus = set(keep[: int(np.searchsorted(np.cumsum(p), top_p)) + 1].tolist())
+        drawn = {int(fn(logits, jax.random.key(s), np.float32(1.0), np.float32(top_p),
+                        top_k=top_k)[row]) for s in range(40)}
+        assert drawn <= nucleus and len(drawn) > 1
+
+
 def test_text_prompts_round_trip_through_the_tokenizer(tiny):
     model, tokenizer = tiny
     out = generate(model, ["Hello", "Hi there"], tokenizer=tokenizer, max_new_tokens=5)
