@@ -1,7 +1,7 @@
 """The one table mapping Hugging Face Llama tensor names to our checkpoint's params tree.
 
-HF stores linear weights as (out, in); attention kernels are (in, out), so they are transposed.
-The MLP keeps one contiguous row per neuron: `gate` and `up` are HF's (F, D) as is, and `down_t` is
+HF stores linear weights as (out, in), and so do the attention projections and the LM head here
+(`model.Linear`: XLA's CPU matvec is faster on that layout). The MLP keeps one contiguous row per neuron: `gate` and `up` are HF's (F, D) as is, and `down_t` is
 HF's down_proj (D, F) transposed to (F, D). Paths are the model's own (`nnx.to_pure_dict` of a
 `Llama`): per-layer tensors live at `("layers", i, ...)`, one array per layer, never stacked. In a
 checkpoint file a path is the tensor name joined with dots (`layers.3.mlp.gate`).
@@ -41,18 +41,18 @@ class Entry:
 TABLE = (
     Entry("model.embed_tokens.weight", ("embed_tokens", "embedding"), "VD"),
     Entry("model.norm.weight", ("norm", "weight"), "D"),
-    Entry("lm_head.weight", ("lm_head", "kernel"), "VD", transpose=True),
+    Entry("lm_head.weight", ("lm_head", "weight"), "VD"),
     Entry("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm", "weight"), "D"),
     Entry("model.layers.{i}.post_attention_layernorm.weight",
           ("layers", "post_attention_layernorm", "weight"), "D"),
     Entry("model.layers.{i}.self_attn.q_proj.weight",
-          ("layers", "self_attn", "q_proj", "kernel"), "QD", transpose=True),
+          ("layers", "self_attn", "q_proj", "weight"), "QD"),
     Entry("model.layers.{i}.self_attn.k_proj.weight",
-          ("layers", "self_attn", "k_proj", "kernel"), "KD", transpose=True),
+          ("layers", "self_attn", "k_proj", "weight"), "KD"),
     Entry("model.layers.{i}.self_attn.v_proj.weight",
-          ("layers", "self_attn", "v_proj", "kernel"), "KD", transpose=True),
+          ("layers", "self_attn", "v_proj", "weight"), "KD"),
     Entry("model.layers.{i}.self_attn.o_proj.weight",
-          ("layers", "self_attn", "o_proj", "kernel"), "DQ", transpose=True),
+          ("layers", "self_attn", "o_proj", "weight"), "DQ"),
     Entry("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate"), "FD"),
     Entry("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up"), "FD"),
     Entry("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_t"), "DF",

@@ -1,9 +1,9 @@
 """Checkpoint folder I/O: config.json with a `sparseinfer` block, params/ (safetensors), atomic
 writes.
 
-Layout of a checkpoint directory (written by `convert`, read by `load`), format_version 2:
+Layout of a checkpoint directory (written by `convert`, read by `load`), format_version 3:
   config.json   the Hugging Face config fields plus
-                "sparseinfer": {"format_version": 2, "alpha": [float per layer],
+                "sparseinfer": {"format_version": 3, "alpha": [float per layer],
                                 "dtype": "bfloat16" | "float32", "source": str}
   params/       model.safetensors.index.json and model-NNNNN-of-NNNNN.safetensors files: the
                 non-layer tensors in the first, then one file per decoder layer. Tensor names are
@@ -11,7 +11,9 @@ Layout of a checkpoint directory (written by `convert`, read by `load`), format_
                 convert/names.py), one array per layer as the model holds them, so `load` reads
                 each array straight into its place and nothing is ever stacked or split.
   tokenizer files copied from the source.
-Format 1 (an orbax PyTree of `[L, ...]` stacked arrays) is refused with a request to re-convert.
+Older formats are refused with a request to re-convert: format 1 was an orbax PyTree of `[L, ...]`
+stacked arrays, format 2 held the attention and LM head weights as `(in, out)` `kernel`s (format 3
+keeps HF's `(out, in)` `weight`s, see `model.Linear`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from typing import Any
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.tensorfiles import INDEX_FILE, SafetensorsFolder, tensor_path
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# What each older format was, for the message that asks to re-convert.
+OLD_FORMATS = {1: "stacked layers", 2: "attention weights stored as (in, out)"}
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 BLOCK_KEY = "sparseinfer"
@@ -129,10 +133,10 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[dict[str, Any], dic
             f"{file} has no '{BLOCK_KEY}' block; convert the model with sparseinfer-convert first."
         )
     version = block.get("format_version")
-    if version == 1:
+    if version in OLD_FORMATS:
         raise UserError(
-            f"{path} is a checkpoint of format 1 (stacked layers, written by an older "
-            f"sparseinfer-convert); this version reads format {FORMAT_VERSION}: convert the "
+            f"{path} is a checkpoint of format {version} ({OLD_FORMATS[version]}, written by an "
+            f"older sparseinfer-convert); this version reads format {FORMAT_VERSION}: convert the "
             "model again."
         )
     if version != FORMAT_VERSION:

@@ -224,10 +224,10 @@ def param_specs(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
             "input_layernorm": {"weight": P()},
             "post_attention_layernorm": {"weight": P()},
             "self_attn": {
-                "q_proj": {"kernel": P(None, None, "model")},  # [L, D, H*hd]
-                "k_proj": {"kernel": P(None, None, kv)},  # [L, D, K*hd]
-                "v_proj": {"kernel": P(None, None, kv)},
-                "o_proj": {"kernel": P(None, "model", None)},  # [L, H*hd, D]
+                "q_proj": {"weight": P(None, "model", None)},  # [L, H*hd, D]
+                "k_proj": {"weight": P(None, kv, None)},  # [L, K*hd, D]
+                "v_proj": {"weight": P(None, kv, None)},
+                "o_proj": {"weight": P(None, None, "model")},  # [L, D, H*hd]
             },
             "mlp": {
                 "gate": neurons,
@@ -239,7 +239,7 @@ def param_specs(cfg: LlamaConfig, mesh: Mesh) -> dict[str, Any]:
         },
     }
     if not cfg.tie_word_embeddings:
-        specs["lm_head"] = {"kernel": P(None, vocab)}  # [D, V]
+        specs["lm_head"] = {"weight": P(vocab, None)}  # [V, D]
     return specs
 
 

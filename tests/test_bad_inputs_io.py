@@ -271,6 +271,8 @@ CASES = {
                        "checkpoint .* is damaged", 2),
     "unknown format_version": (format_version(99), "unknown checkpoint format_version 99", 2),
     "format 1": (format_version(1), "is a checkpoint of format 1 .* convert the model again", 2),
+    "format 2": (format_version(2), r"is a checkpoint of format 2 \(attention weights stored as "
+                 r"\(in, out\).* convert the model again", 2),
     "checkpoint alpha string": (checkpoint_alpha("x"), "'sparseinfer.alpha' must be a number", 2),
 }
 

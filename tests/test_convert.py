@@ -57,7 +57,7 @@ def expected_params(folder: str) -> dict:
         return {
             "input_layernorm": {"weight": w("input_layernorm")},
             "post_attention_layernorm": {"weight": w("post_attention_layernorm")},
-            "self_attn": {p: {"kernel": w(f"self_attn.{p}").T}
+            "self_attn": {p: {"weight": w(f"self_attn.{p}")}
                           for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
             "mlp": {"gate": w("mlp.gate_proj"), "up": w("mlp.up_proj"),
                     "down_t": w("mlp.down_proj").T,
@@ -70,7 +70,7 @@ def expected_params(folder: str) -> dict:
         "layers": {i: layer(i) for i in range(LAYERS)},
     }
     if "lm_head.weight" in hf:
-        params["lm_head"] = {"kernel": hf["lm_head.weight"].T}
+        params["lm_head"] = {"weight": hf["lm_head.weight"]}
     return params
 
 
@@ -96,7 +96,7 @@ def test_round_trip_sharded_float32(sharded, tmp_path):
     hf, block = checkpoint.read_checkpoint_config(out)
     with open(os.path.join(sharded, "config.json")) as f:
         assert hf == json.load(f)
-    assert block == {"format_version": 2, "alpha": [1.0] * LAYERS, "dtype": "float32",
+    assert block == {"format_version": 3, "alpha": [1.0] * LAYERS, "dtype": "float32",
                      "source": sharded}
     for name in TOKENIZER_FILES:
         with open(os.path.join(sharded, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
@@ -187,10 +187,10 @@ def test_checkpoint_helpers(tmp_path):
     assert checkpoint.is_checkpoint(tmp_path) and checkpoint.looks_converted(tmp_path)
     assert checkpoint.read_checkpoint_config(tmp_path) == ({"model_type": "llama"}, block)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "params"]
-    for version in (1, 3):
+    for version in (1, 2, 4):
         checkpoint.write_checkpoint_config(tmp_path, {}, {**block, "format_version": version})
         assert checkpoint.looks_converted(tmp_path) and not checkpoint.is_checkpoint(tmp_path)
-        with pytest.raises(UserError, match="format 1 |unknown checkpoint format_version 3"):
+        with pytest.raises(UserError, match="format [12] |unknown checkpoint format_version 4"):
             checkpoint.read_checkpoint_config(tmp_path)
 
 

@@ -222,9 +222,9 @@ def test_restore_places_every_array_on_its_intended_sharding(found):
     assert shard["layers/1/mlp/gate"] == [30, 48]
     assert shard["layers/1/mlp/down_t"] == [30, 48]
     assert shard["layers/1/mlp/gate_sign_bits"] == [30, 2]
-    assert shard["layers/1/self_attn/q_proj/kernel"] == [48, 12]
-    assert shard["layers/1/self_attn/o_proj/kernel"] == [12, 48]
-    assert shard["layers/1/self_attn/k_proj/kernel"] == [48, 24]
+    assert shard["layers/1/self_attn/q_proj/weight"] == [12, 48]
+    assert shard["layers/1/self_attn/o_proj/weight"] == [48, 12]
+    assert shard["layers/1/self_attn/k_proj/weight"] == [24, 48]
     assert shard["embed_tokens/embedding"] == [24, 48]
     assert shard["norm/weight"] == [48]
 
