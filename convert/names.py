@@ -1,7 +1,8 @@
 """The one table mapping Hugging Face Llama tensor names to our checkpoint's params tree.
 
 HF stores linear weights as (out, in), and so do the attention projections and the LM head here
-(`model.Linear`: XLA's CPU matvec is faster on that layout). The MLP keeps one contiguous row per neuron: `gate` and `up` are HF's (F, D) as is, and `down_t` is
+(`model.Linear`: XLA's CPU matvec is faster on that layout), so they are copied as they are. The
+MLP keeps one contiguous row per neuron: `gate` and `up` are HF's (F, D) as is, and `down_t` is
 HF's down_proj (D, F) transposed to (F, D). Paths are the model's own (`nnx.to_pure_dict` of a
 `Llama`): per-layer tensors live at `("layers", i, ...)`, one array per layer, never stacked. In a
 checkpoint file a path is the tensor name joined with dots (`layers.3.mlp.gate`).
