@@ -63,7 +63,10 @@ class Linear(nnx.Module):
     """
 
     def __init__(self, din: int, dout: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (dout, din), dtype))
+        # Drawn as `nnx.Linear` draws its kernel, then transposed: the same seed gives the same
+        # initial weights as before format 3.
+        kernel = nnx.initializers.normal(0.02)(rngs.params(), (din, dout), dtype)
+        self.weight = nnx.Param(kernel.T)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """`x: [..., in]` -> `[..., out]` in the weight's dtype, through `matmul.dot` (no float32

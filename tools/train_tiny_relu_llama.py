@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from convert import names  # noqa: E402
 from sparseinfer_jax.config import LlamaConfig, RopeConfig  # noqa: E402
 from sparseinfer_jax.model import Llama  # noqa: E402
 from sparseinfer_jax.rope import rope_tables  # noqa: E402
@@ -347,43 +348,17 @@ def evaluate(model: Llama, tokens: np.ndarray, seq_len: int, max_tokens: int,
 
 # --- Export -----------------------------------------------------------------------------------
 
-# Hugging Face name -> (path in our parameter tree, transposed?). Our projections are (in, out)
-# kernels and `down_t` is W_down^T; HF stores every weight as (out, in).
-LAYER_NAMES = {
-    "self_attn.q_proj.weight": (("self_attn", "q_proj", "kernel"), True),
-    "self_attn.k_proj.weight": (("self_attn", "k_proj", "kernel"), True),
-    "self_attn.v_proj.weight": (("self_attn", "v_proj", "kernel"), True),
-    "self_attn.o_proj.weight": (("self_attn", "o_proj", "kernel"), True),
-    "mlp.gate_proj.weight": (("mlp", "gate"), False),
-    "mlp.up_proj.weight": (("mlp", "up"), False),
-    "mlp.down_proj.weight": (("mlp", "down_t"), True),
-    "input_layernorm.weight": (("input_layernorm", "weight"), False),
-    "post_attention_layernorm.weight": (("post_attention_layernorm", "weight"), False),
-}
-GLOBAL_NAMES = {
-    "model.embed_tokens.weight": (("embed_tokens", "embedding"), False),
-    "model.norm.weight": (("norm", "weight"), False),
-    "lm_head.weight": (("lm_head", "kernel"), True),  # only when not tied
-}
-
-
 def hf_state_dict(model: Llama, dtype=jnp.bfloat16) -> dict[str, jnp.ndarray]:
-    """The model's weights under Hugging Face Llama names and layouts, in `dtype`."""
+    """The model's weights under Hugging Face Llama names and layouts, in `dtype`: the converter's
+    own table (`convert/names.py`) read backwards, so export and conversion cannot disagree."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-    def get(tree, path, transposed):
-        for key in path:
-            tree = tree[key]
-        a = jnp.asarray(tree, dtype)
-        return jnp.swapaxes(a, -1, -2) if transposed else a
-
     out = {}
-    for name, (path, transposed) in GLOBAL_NAMES.items():
-        if path[0] in params:
-            out[name] = get(params, path, transposed)
-    for name, (path, transposed) in LAYER_NAMES.items():
-        for i in range(model.config.num_hidden_layers):
-            out[f"model.layers.{i}.{name}"] = get(params["layers"][i], path, transposed)
+    for name, target in names.hf_targets(model.config).items():
+        a = params
+        for key in target.path:
+            a = a[key]
+        a = jnp.asarray(a, dtype)
+        out[name] = a.T if target.entry.transpose else a
     return out
 
 
