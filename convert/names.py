@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterator
+from typing import Any
 
 from sparseinfer_jax.config import LlamaConfig
 from sparseinfer_jax.tensorfiles import tensor_name, tensor_path
@@ -114,6 +116,16 @@ def hf_targets(cfg: LlamaConfig) -> dict[str, Target]:
             target = Target(e, i, shape)
             targets[target.hf] = target
     return targets
+
+
+def to_hf(params: dict, cfg: LlamaConfig) -> Iterator[tuple[str, Any]]:
+    """The table read backwards: (HF name, array in HF's layout) for every tensor HF needs, from a
+    params tree (`nnx.to_pure_dict` of a `Llama`). The sign bits, which HF lacks, are left out."""
+    for name, target in hf_targets(cfg).items():
+        a = params
+        for key in target.path:
+            a = a[key]
+        yield name, (a.T if target.entry.transpose else a)
 
 
 def is_ignored(name: str, cfg: LlamaConfig) -> bool:

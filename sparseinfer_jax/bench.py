@@ -449,16 +449,8 @@ def hf_peer_record(model: Llama, prompt: np.ndarray, settings: Settings, copy_gb
     hf_cfg = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures",)}
     hf = LlamaForCausalLM(HFConfig(**hf_cfg)).to(tdtype).eval()
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    state = {}
-    for name, target in names.hf_targets(cfg).items():
-        path = target.entry.path  # the checkpoint's: ("layers", ...) stacked
-        if target.layer is not None:  # the model holds one array per layer
-            path = (path[0], target.layer, *path[1:])
-        node = params
-        for k in path:
-            node = node[k]
-        a = np.asarray(jnp.asarray(node, jnp.float32))
-        state[name] = torch.from_numpy(np.array(a.T if target.entry.transpose else a)).to(tdtype)
+    state = {name: torch.from_numpy(np.array(jnp.asarray(a, jnp.float32))).to(tdtype)
+             for name, a in names.to_hf(params, cfg)}
     missing, _ = hf.load_state_dict(state, strict=False)
     assert not [m for m in missing if "rotary" not in m], missing
     ids = torch.from_numpy(prompt.astype(np.int64))

@@ -350,16 +350,9 @@ def evaluate(model: Llama, tokens: np.ndarray, seq_len: int, max_tokens: int,
 
 def hf_state_dict(model: Llama, dtype=jnp.bfloat16) -> dict[str, jnp.ndarray]:
     """The model's weights under Hugging Face Llama names and layouts, in `dtype`: the converter's
-    own table (`convert/names.py`) read backwards, so export and conversion cannot disagree."""
+    own table read backwards (`names.to_hf`), so export and conversion cannot disagree."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    out = {}
-    for name, target in names.hf_targets(model.config).items():
-        a = params
-        for key in target.path:
-            a = a[key]
-        a = jnp.asarray(a, dtype)
-        out[name] = a.T if target.entry.transpose else a
-    return out
+    return {name: jnp.asarray(a, dtype) for name, a in names.to_hf(params, model.config)}
 
 
 def save_hf_checkpoint(model: Llama, folder: str) -> None:
