@@ -26,7 +26,8 @@ def sample(
     Returns:
       `[B]` int32 token ids.
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    def greedy(logits: jnp.ndarray) -> jnp.ndarray:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def nucleus(logits: jnp.ndarray) -> jnp.ndarray:
         scaled = logits / jnp.maximum(temperature, 1e-6)
@@ -45,7 +46,7 @@ def sample(
 
     # Greedy decoding skips the vocabulary sort: on the CPU it cost 6 ms a token at V = 32000,
     # a tenth of a 1b x 8 layer decode step (benchmarks/RESULTS.md, 2026-11-29).
-    return jax.lax.cond(temperature > 0, nucleus, lambda _: greedy, logits)
+    return jax.lax.cond(temperature > 0, nucleus, greedy, logits)
 
 
 def penalize_repeats(logits: jnp.ndarray, seen: jnp.ndarray, penalty: jnp.ndarray) -> jnp.ndarray:
