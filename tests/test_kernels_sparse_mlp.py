@@ -5,11 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from pallas_kernels import backend as bk
-from pallas_kernels import sparse_down, sparse_gate_up, sparse_mlp
-from pallas_kernels.sparse_mlp import sparse_mlp_xla
-from tests.test_kernels_sparse import (
+from kernel_cases import (
     CASES,
     FATRELU_THRESHOLD,
     act_numpy,
@@ -18,6 +14,10 @@ from tests.test_kernels_sparse import (
     index_list,
     weights,
 )
+
+from pallas_kernels import backend as bk
+from pallas_kernels import sparse_down, sparse_gate_up, sparse_mlp
+from pallas_kernels.sparse_mlp import sparse_mlp_xla
 
 BACKENDS = ("pallas", "xla", "reference")
 
