@@ -21,7 +21,9 @@ import numpy as np
 import pallas_kernels as pk
 from pallas_kernels.sparse_down import matmul
 from pallas_kernels.sparse_gate_up import activate, matmul_t
-from sparseinfer_jax.bench import DTYPES, alpha_keeping, shape_config, time_calls
+from sparseinfer_jax.bench.alphas import alpha_keeping
+from sparseinfer_jax.bench.shapes import DTYPES, shape_config
+from sparseinfer_jax.bench.timing import time_calls
 
 
 def main() -> None:

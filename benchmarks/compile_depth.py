@@ -34,7 +34,7 @@ def child(shape: str, layers: int, cache: str) -> dict:
 
     jax.config.update("jax_compilation_cache_dir", cache)
     from sparseinfer_jax import generate
-    from sparseinfer_jax.bench import random_model, shape_config
+    from sparseinfer_jax.bench.shapes import random_model, shape_config
 
     model = random_model(shape_config(shape, layers), "bfloat16")
     out = {}

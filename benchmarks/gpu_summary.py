@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from sparseinfer_jax.bench import KERNEL_BASE  # noqa: E402  (the dense op each one is compared with)
+from sparseinfer_jax.bench.report import KERNEL_BASE
 
 # The targets: sparse at 10 % active vs dense (GPU, 7b), predictor vs dense gate matvec,
 # sparse at 100 % vs dense, sparse MLP kernel's share of copy bandwidth.

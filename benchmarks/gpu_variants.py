@@ -29,7 +29,8 @@ from pallas_kernels.signmag import signmag_pallas
 from pallas_kernels.sparse_down import sparse_down_pallas
 from pallas_kernels.sparse_gate_up import activate, matmul_t, sparse_gate_up_pallas
 from pallas_kernels.sparse_mlp import sparse_mlp_xla
-from sparseinfer_jax.bench import alpha_keeping, time_in_a_loop
+from sparseinfer_jax.bench.alphas import alpha_keeping
+from sparseinfer_jax.bench.timing import time_in_a_loop
 
 
 def time_case(fn, args, calls: int, repeats: int) -> float:

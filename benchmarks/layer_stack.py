@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparseinfer_jax.bench import time_calls
+from sparseinfer_jax.bench.timing import time_calls
 
 DIMS = (((1,), (1,)), ((), ()))
 

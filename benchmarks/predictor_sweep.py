@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from sparseinfer_jax.calibration import calibrate_predictors, read_text, token_windows
-from sparseinfer_jax.evaluation import evaluate
-from sparseinfer_jax.loading import SHIPPED_MODEL, load
-from sparseinfer_jax.rope import rope_tables
+from sparseinfer_jax.api.loading import SHIPPED_MODEL, load
+from sparseinfer_jax.io.text import read_text, token_windows
+from sparseinfer_jax.model.rope import rope_tables
+from sparseinfer_jax.tuning.calibration import calibrate_predictors
+from sparseinfer_jax.tuning.evaluation import evaluate
 
 
 def mlp_inputs(model, ids):

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from sparseinfer_jax import tensorfiles  # noqa: E402
+from sparseinfer_jax.io import tensorfiles  # noqa: E402
 
 GiB = 2**30
 # SparseLLM/prosparse-llama-2-7b's config.json (num_hidden_layers is --layers).

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparseinfer_jax import generate, load
-from sparseinfer_jax.bench import random_model, shape_config
-from sparseinfer_jax.loading import SHIPPED_MODEL
-from sparseinfer_jax.model import Llama
-from sparseinfer_jax.sharding import make_mesh, shard_active_counts, shard_model
+from sparseinfer_jax.api.loading import SHIPPED_MODEL
+from sparseinfer_jax.bench.shapes import random_model, shape_config
+from sparseinfer_jax.model.llama import Llama
+from sparseinfer_jax.model.sharding import make_mesh, shard_active_counts, shard_model
 
 
 def random_1b(layers: int, mode: str, dtype: str) -> Llama:

@@ -22,8 +22,8 @@ import time
 import numpy as np
 
 from sparseinfer_jax import generate, load
-from sparseinfer_jax.bench import random_model, shape_config
-from sparseinfer_jax.streaming import TextStream
+from sparseinfer_jax.bench.shapes import random_model, shape_config
+from sparseinfer_jax.runtime.streaming import TextStream
 
 
 def _sink(tokenizer):

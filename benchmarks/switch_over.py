@@ -20,7 +20,8 @@ import numpy as np
 
 from pallas_kernels.sparse_down import matmul, sparse_down_xla
 from pallas_kernels.sparse_gate_up import activate, matmul_t, sparse_gate_up_xla
-from sparseinfer_jax.bench import DTYPES, shape_config, time_calls
+from sparseinfer_jax.bench.shapes import DTYPES, shape_config
+from sparseinfer_jax.bench.timing import time_calls
 
 
 def main() -> None:

@@ -115,8 +115,8 @@ import json
 from pathlib import Path
 
 import sparseinfer_jax as si
-from sparseinfer_jax.loading import SHIPPED_MODEL
-from sparseinfer_jax.memory import (
+from sparseinfer_jax.api.loading import SHIPPED_MODEL
+from sparseinfer_jax.model.memory import (
     COLAB_GPUS,
     NO_BF16,
     GiB,
@@ -268,8 +268,8 @@ recompiles. For each scale of the checkpoint's alphas it measures decode speed (
 and perplexity on a held-out text (from `evaluation.alpha_sweep`). The sweep is small on CPU; on
 a GPU it uses more scales and tokens."""),
     ("code", """\
-from sparseinfer_jax.calibration import read_text, token_windows
-from sparseinfer_jax.evaluation import alpha_sweep, evaluate
+from sparseinfer_jax.io.text import read_text, token_windows
+from sparseinfer_jax.tuning.evaluation import alpha_sweep, evaluate
 
 SCALES = [0.8, 0.9, 1.0, 1.1, 1.25, 1.5] if ON_GPU else [0.9, 1.0, 1.2]
 EVAL_TOKENS = 4096 if ON_GPU else 256

@@ -6,9 +6,10 @@ import argparse
 import os
 import time
 
-from convert.converter import DTYPES, convert
-from sparseinfer_jax.calibration import calibrate_checkpoint
+from convert.converter import convert
+from sparseinfer_jax.api.calibrate import calibrate_checkpoint
 from sparseinfer_jax.errors import exit_process, run_command
+from sparseinfer_jax.io.hf import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,23 +11,23 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sparseinfer_jax.config import LlamaConfig, config_from_hf_dict
+    from sparseinfer_jax.api.loading import load, model_from_params
     from sparseinfer_jax.errors import UserError
-    from sparseinfer_jax.generation import GenerationResult, LayerStats, Timing, generate
-    from sparseinfer_jax.loading import load, model_from_params
-    from sparseinfer_jax.model import Llama
+    from sparseinfer_jax.model.config import LlamaConfig, config_from_hf_dict
+    from sparseinfer_jax.model.llama import Llama
+    from sparseinfer_jax.runtime.generation import GenerationResult, LayerStats, Timing, generate
 
 _HOME = {
-    "GenerationResult": "generation",
-    "LayerStats": "generation",
-    "Llama": "model",
-    "LlamaConfig": "config",
-    "Timing": "generation",
+    "GenerationResult": "runtime.generation",
+    "LayerStats": "runtime.generation",
+    "Llama": "model.llama",
+    "LlamaConfig": "model.config",
+    "Timing": "runtime.generation",
     "UserError": "errors",
-    "config_from_hf_dict": "config",
-    "generate": "generation",
-    "load": "loading",
-    "model_from_params": "loading",
+    "config_from_hf_dict": "model.config",
+    "generate": "runtime.generation",
+    "load": "api.loading",
+    "model_from_params": "api.loading",
 }
 
 __all__ = [

@@ -27,8 +27,8 @@ from safetensors.numpy import load_file, save_file
 
 from convert import convert
 from convert.cli import main as convert_main
-from sparseinfer_jax import checkpoint, tensorfiles
 from sparseinfer_jax.errors import run_command
+from sparseinfer_jax.io import checkpoint, tensorfiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -333,7 +333,7 @@ def test_ctrl_c_in_a_real_process(hf, tmp_path):
             write(self, name, x)
         tensorfiles.Writer.write = slow
         sys.argv[1:] = [{hf!r}, {str(tmp_path / "out")!r}]
-        from sparseinfer_jax.console import sparseinfer_convert
+        from sparseinfer_jax.cli.console import sparseinfer_convert
         sparseinfer_convert()
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE,

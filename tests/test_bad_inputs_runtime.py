@@ -21,10 +21,10 @@ import pytest
 from conftest import cli_lines
 
 from sparseinfer_jax import UserError, generate, load
-from sparseinfer_jax.calibration import calibrate
-from sparseinfer_jax.cli import main
-from sparseinfer_jax.evaluation import evaluate, perplexity
-from sparseinfer_jax.loading import SHIPPED_MODEL
+from sparseinfer_jax.api.loading import SHIPPED_MODEL
+from sparseinfer_jax.cli.main import main
+from sparseinfer_jax.tuning.calibration import calibrate
+from sparseinfer_jax.tuning.evaluation import evaluate, perplexity
 
 TEXT = os.path.join(SHIPPED_MODEL, "validation.txt")
 CAL = ["calibrate", "--target-recall", "0.9"]
@@ -139,7 +139,7 @@ def _interrupt(argv: list[str]) -> tuple[int, str]:
     # otherwise start with SIGINT ignored, which a user's terminal never does.
     code = (
         "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "from sparseinfer_jax.console import sparseinfer; sparseinfer()"
+        "from sparseinfer_jax.cli.console import sparseinfer; sparseinfer()"
     )
     child = subprocess.Popen(
         [sys.executable, "-c", code, *argv],

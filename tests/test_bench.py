@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import pallas_kernels as pk
 from sparseinfer_jax import bench
-from sparseinfer_jax.cli import main
-from sparseinfer_jax.generation import generate
+from sparseinfer_jax.cli.main import main
+from sparseinfer_jax.runtime.generation import generate
 
 # Fitted on one continuation, measured on the same decode run: the fraction moves by the few
 # tokens where sparse decoding diverges from dense, and by the grid's step (1/F per neuron).
@@ -33,7 +34,7 @@ def test_alpha_grid_reaches_every_count():
     d = 64
     grid = bench.alpha_grid(d)
     n_neg = np.arange(d + 1)
-    tau = np.asarray(jax.vmap(lambda a: bench.pk.threshold(a, jnp.int32(d)))(jnp.asarray(grid)))
+    tau = np.asarray(jax.vmap(lambda a: pk.threshold(a, jnp.int32(d)))(jnp.asarray(grid)))
     np.testing.assert_array_equal(tau, n_neg)  # alpha_t keeps exactly N_neg <= t
 
 

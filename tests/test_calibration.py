@@ -13,11 +13,12 @@ from conftest import FIRST_RUN_PROMPTS, make_hf_checkpoint
 from flax import nnx
 
 from convert import convert
-from sparseinfer_jax import checkpoint
-from sparseinfer_jax.calibration import ALPHA_GRID, KEEP_ALL_ALPHA, token_windows
-from sparseinfer_jax.cli import main
-from sparseinfer_jax.loading import load
-from sparseinfer_jax.mlp import STAT_FIELDS
+from sparseinfer_jax.api.loading import load
+from sparseinfer_jax.cli.main import main
+from sparseinfer_jax.io import checkpoint
+from sparseinfer_jax.io.text import token_windows
+from sparseinfer_jax.model.mlp import STAT_FIELDS
+from sparseinfer_jax.tuning.calibration import ALPHA_GRID, KEEP_ALL_ALPHA
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! "
@@ -117,7 +118,7 @@ def test_calibrate_hf_folder_prints_alphas_without_writing(setup, capsys):
 
 
 def _sparse_perplexity(path: str, text: str, alpha) -> tuple[float, float]:
-    from sparseinfer_jax.evaluation import evaluate
+    from sparseinfer_jax.tuning.evaluation import evaluate
 
     model, tok = load(path, alpha=alpha)
     r = evaluate(model, token_windows(tok.encode(open(text).read())), modes=("dense", "sparse"))
@@ -182,7 +183,7 @@ def fresh_shipped(tmp_path_factory):
     """The shipped model as a new user's HF folder: no `sparseinfer` block, never calibrated."""
     import shutil
 
-    from sparseinfer_jax.loading import SHIPPED_MODEL
+    from sparseinfer_jax.api.loading import SHIPPED_MODEL
 
     folder = tmp_path_factory.mktemp("fresh") / "hf"
     shutil.copytree(SHIPPED_MODEL, folder)
@@ -236,7 +237,7 @@ def test_uncalibrated_checkpoint_calibrates_at_sparse_load_with_a_warning(fresh_
 def test_chosen_alphas_are_marked_not_recalibrated(extra, marker, tmp_path, capsys):
     """--alpha, or the source's own calibrated alphas (the shipped model's), are kept."""
     from convert.cli import main as convert_main
-    from sparseinfer_jax.loading import SHIPPED_MODEL
+    from sparseinfer_jax.api.loading import SHIPPED_MODEL
 
     out = str(tmp_path / "ckpt")
     assert convert_main([SHIPPED_MODEL, out, *extra]) == 0

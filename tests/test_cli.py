@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sparseinfer_jax.cli import main
+from sparseinfer_jax.cli.main import main
 
 
 def test_generate_with_the_shipped_model_prints_text_and_speed(capsys):
@@ -46,7 +46,7 @@ def test_user_errors_exit_2_with_one_line(capsys, argv, match):
 
 
 def test_compile_cache_folder_follows_the_environment(monkeypatch, tmp_path):
-    from sparseinfer_jax.cli import compile_cache_dir
+    from sparseinfer_jax.cli.common import compile_cache_dir
 
     for name in ("SPARSEINFER_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sparseinfer_jax.cli import main
+from sparseinfer_jax.cli.main import main
 
 FIRST_RUN = ["generate", "--prompt", "Return the", "--mode", "sparse", "--compare"]
 

@@ -9,7 +9,7 @@ import sys
 import nbformat
 import pytest
 
-from sparseinfer_jax.loading import SHIPPED_MODEL
+from sparseinfer_jax.api.loading import SHIPPED_MODEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "colab", "sparseinfer_jax.ipynb")

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from sparseinfer_jax.cli import main
-from sparseinfer_jax.compile_report import MAX_REGISTERS, MIN_LIVE_PER_SM
+from sparseinfer_jax.bench.compile_report import MAX_REGISTERS, MIN_LIVE_PER_SM
+from sparseinfer_jax.cli.main import main
 
 GPU = "h100"
 PALLAS_IN_SPARSE_PROGRAM = {"sign_predict", "sparse_gate_up", "sparse_down"}

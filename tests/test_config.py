@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sparseinfer_jax.config import config_from_hf_dict
 from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.model.config import config_from_hf_dict
 
 BASE = dict(
     architectures=["LlamaForCausalLM"],

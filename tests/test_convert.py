@@ -23,8 +23,8 @@ from safetensors.numpy import load_file, save_file
 from convert import convert, convert_in_memory
 from convert.cli import main
 from pallas_kernels.pack import pack_sign_bits_numpy
-from sparseinfer_jax import checkpoint, tensorfiles
 from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.io import checkpoint, tensorfiles
 
 LAYERS = 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -114,7 +114,7 @@ def test_tied_embeddings_have_no_lm_head(tied, tmp_path):
 
 
 def test_calibrated_alpha_of_the_source_is_kept(tmp_path):
-    from sparseinfer_jax.loading import SHIPPED_MODEL
+    from sparseinfer_jax.api.loading import SHIPPED_MODEL
 
     with open(os.path.join(SHIPPED_MODEL, "config.json")) as f:
         shipped = json.load(f)["sparseinfer"]["alpha"]
@@ -160,7 +160,7 @@ def test_load_onto_a_mesh(tied, tmp_path):
     script = textwrap.dedent(f"""
         import jax, numpy as np
         from sparseinfer_jax import load
-        from sparseinfer_jax.sharding import make_mesh
+        from sparseinfer_jax.model.sharding import make_mesh
         whole, _ = load({out!r}, mesh=None)
         split, _ = load({out!r}, mesh=make_mesh(1, 4))
         gate = split.layers[1].mlp.gate[...]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import make_hf_checkpoint
 
-from sparseinfer_jax.calibration import token_windows
-from sparseinfer_jax.cli import main
-from sparseinfer_jax.evaluation import evaluate
-from sparseinfer_jax.loading import load
+from sparseinfer_jax.api.loading import load
+from sparseinfer_jax.cli.main import main
+from sparseinfer_jax.io.text import token_windows
+from sparseinfer_jax.tuning.evaluation import evaluate
 
 TEXT = "Sphinx of black quartz, judge my vow. The five boxing wizards jump quickly. " * 2
 
@@ -114,8 +114,8 @@ def test_eval_bad_modes(tmp_path, capsys):
 def test_eval_plot_writes_a_png_and_the_sweep(tmp_path, capsys):
     import json
 
-    from sparseinfer_jax.cli import main
-    from sparseinfer_jax.loading import SHIPPED_MODEL
+    from sparseinfer_jax.api.loading import SHIPPED_MODEL
+    from sparseinfer_jax.cli.main import main
 
     text = tmp_path / "t.txt"
     with open(f"{SHIPPED_MODEL}/validation.txt") as f:

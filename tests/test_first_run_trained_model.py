@@ -19,7 +19,8 @@ import pytest
 from conftest import FIRST_RUN_PROMPTS, train_tool
 from flax import nnx
 
-from sparseinfer_jax import checkpoint, generate, load
+from sparseinfer_jax import generate, load
+from sparseinfer_jax.io import checkpoint
 
 # Half the shipped model's width and depth, its own seed; 200 stdlib modules (~320k tokens) and
 # 400 steps of 16 x 128 tokens fit in about a minute on two CPU cores.
@@ -77,7 +78,7 @@ def test_trained_model_is_trained_and_sparse(trained):
     """The second model learned (loss and perplexity far below a uniform guess) and its ReLU MLP
     is mostly exact zeros, like the shipped one, without being the shipped one."""
     folder, run, metrics = trained
-    from sparseinfer_jax.loading import SHIPPED_MODEL
+    from sparseinfer_jax.api.loading import SHIPPED_MODEL
 
     ours, shipped = (json.loads((Path(f) / "config.json").read_text())
                      for f in (folder, SHIPPED_MODEL))

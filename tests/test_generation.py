@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sparseinfer_jax import UserError, generate, load
-from sparseinfer_jax.generation import bucket, compilation_count
+from sparseinfer_jax.runtime.generation import bucket, compilation_count
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_sampler_branches_against_numpy(top_k):
     stays inside the top-k and top-p nucleus computed in numpy, and a tiny top_p is the argmax."""
     import jax
 
-    from sparseinfer_jax.sampling import sample
+    from sparseinfer_jax.runtime.sampling import sample
 
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((4, 50)).astype(np.float32) * 3

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from sparseinfer_jax import UserError, generate, load
-from sparseinfer_jax.generation import compilation_count
-from sparseinfer_jax.sampling import penalize_repeats
-from sparseinfer_jax.streaming import TextStream
+from sparseinfer_jax.runtime.generation import compilation_count
+from sparseinfer_jax.runtime.sampling import penalize_repeats
+from sparseinfer_jax.runtime.streaming import TextStream
 
 PROMPTS = [[5, 9, 13], [20, 21, 22, 23, 24, 25, 26]]
 NEW = 13  # not a multiple of any chunk below, and under its bucket (16)
@@ -79,7 +79,7 @@ def byte_tokenizer(tmp_path_factory):
     """A byte-level tokenizer with every byte its own token, so one character spans tokens."""
     from conftest import write_tokenizer
 
-    from sparseinfer_jax.tokenizer import Tokenizer
+    from sparseinfer_jax.io.tokenizer import Tokenizer
 
     folder = tmp_path_factory.mktemp("bytes")
     write_tokenizer(str(folder), 3 + 256)
@@ -203,7 +203,7 @@ def test_the_cache_is_donated_between_chunks(tiny):
     """Each chunk updates the KV cache in place: the decode program aliases it input to output."""
     model, _ = tiny
     generate(model, PROMPTS, max_new_tokens=NEW)
-    from sparseinfer_jax.generation import _COMPILED
+    from sparseinfer_jax.runtime.generation import _COMPILED
 
     decode = next(v for k, v in _COMPILED.items() if k[0] == "decode")
     assert "input_output_alias" in decode.as_text()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparseinfer_jax.matmul import dot
+from sparseinfer_jax.model.matmul import dot
 
 # bf16 inputs, float32 accumulation: only the summation order differs from the reference.
 TOL = {jnp.bfloat16: 1e-5, jnp.float32: 1e-5}

@@ -7,9 +7,10 @@ import pytest
 from flax import nnx
 
 from sparseinfer_jax import config_from_hf_dict
+from sparseinfer_jax.api.loading import SHIPPED_MODEL, load
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.loading import SHIPPED_MODEL, load
-from sparseinfer_jax.memory import (
+from sparseinfer_jax.model.llama import KVCache
+from sparseinfer_jax.model.memory import (
     COLAB_GPUS,
     GiB,
     estimate_memory,
@@ -17,7 +18,6 @@ from sparseinfer_jax.memory import (
     max_context,
     parameter_count,
 )
-from sparseinfer_jax.model import KVCache
 
 # Llama-2-7B's config.json (ReluLLaMA-7B and ProSparse-Llama-2-7B keep its shapes).
 LLAMA2_7B = dict(

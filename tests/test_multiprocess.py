@@ -36,9 +36,9 @@ def _child(role: str) -> None:
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from sparseinfer_jax import generate, load
-    from sparseinfer_jax.cli import main
-    from sparseinfer_jax.loading import SHIPPED_MODEL
-    from sparseinfer_jax.sharding import make_mesh
+    from sparseinfer_jax.api.loading import SHIPPED_MODEL
+    from sparseinfer_jax.cli.main import main
+    from sparseinfer_jax.model.sharding import make_mesh
 
     job = role == "job"
     argv = [*CLI, *(a for p in PROMPTS for a in ("--prompt", p))]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from convert import names
-from sparseinfer_jax.config import config_from_hf_dict
+from sparseinfer_jax.io import names
+from sparseinfer_jax.model.config import config_from_hf_dict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import scale  # noqa: E402

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from sparseinfer_jax import UserError
-from sparseinfer_jax.sharding import make_mesh, parse_mesh
+from sparseinfer_jax.model.sharding import make_mesh, parse_mesh
 
 MESHES = ((1, 4), (2, 2), (4, 1))
 MODES = ("dense", "sparse")
@@ -30,7 +30,7 @@ MLP_TOL = dict(rtol=1e-5, atol=1e-5)
 def _tokens(model, modes=MODES, meshes=MESHES):
     """Greedy tokens of a batch of 2 prompts of different lengths, per mesh and mode."""
     from sparseinfer_jax import generate
-    from sparseinfer_jax.sharding import shard_model
+    from sparseinfer_jax.model.sharding import shard_model
 
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
     out = {}
@@ -53,7 +53,7 @@ def _random_checks(folder: str, bad_folder: str, out_dir: str) -> dict:
 
     from convert import convert
     from sparseinfer_jax import load
-    from sparseinfer_jax.sharding import model_shardings
+    from sparseinfer_jax.model.sharding import model_shardings
 
     model, _ = load(folder, dtype="float32")
     found = {}
@@ -117,9 +117,9 @@ def _user_meshes(folder: str) -> dict:
     import jax
 
     from sparseinfer_jax import generate, load
-    from sparseinfer_jax.calibration import calibrate
-    from sparseinfer_jax.evaluation import evaluate
-    from sparseinfer_jax.sharding import as_mesh
+    from sparseinfer_jax.model.sharding import as_mesh
+    from sparseinfer_jax.tuning.calibration import calibrate
+    from sparseinfer_jax.tuning.evaluation import evaluate
 
     meshes = {
         "single": None,
@@ -251,7 +251,7 @@ def test_shard_active_counts_split_the_predicted_neurons(tmp_path):
     import jax.numpy as jnp
 
     from sparseinfer_jax import load
-    from sparseinfer_jax.sharding import shard_active_counts
+    from sparseinfer_jax.model.sharding import shard_active_counts
 
     model, _ = load(mode="sparse")
     ids = jnp.asarray([[1, 40, 41, 42, 43, 44]])
@@ -279,9 +279,9 @@ class _Device:
 
 
 def test_auto_mesh_shards_only_what_does_not_fit(monkeypatch):
-    from sparseinfer_jax import sharding
-    from sparseinfer_jax.bench import shape_config
-    from sparseinfer_jax.memory import estimate_memory
+    from sparseinfer_jax.bench.shapes import shape_config
+    from sparseinfer_jax.model import sharding
+    from sparseinfer_jax.model.memory import estimate_memory
 
     made = []
     monkeypatch.setattr(sharding, "make_mesh", lambda d, m, devs: made.append((d, m)) or "mesh")

@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sparseinfer_jax import Llama, LlamaConfig, load, model_from_params  # noqa: E402
-from sparseinfer_jax.tokenizer import Tokenizer  # noqa: E402
+from sparseinfer_jax.io.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "sparseinfer_jax" / "models" / "tiny-relu-llama"
@@ -181,7 +181,7 @@ def test_cli_defaults_write_text_without_loops(seed):
     import re
 
     from sparseinfer_jax import generate
-    from sparseinfer_jax.cli import build_parser
+    from sparseinfer_jax.cli.main import build_parser
 
     args = build_parser().parse_args(["generate", "--prompt", "Return the", "--mode", "sparse"])
     assert args.temperature > 0 and args.repetition_penalty > 1  # greedy is `--temperature 0`

@@ -11,7 +11,7 @@ import pytest
 
 import pallas_kernels as pk
 from sparseinfer_jax import generate, load
-from sparseinfer_jax.generation import compilation_count
+from sparseinfer_jax.runtime.generation import compilation_count
 
 F32_RTOL = 1e-5
 

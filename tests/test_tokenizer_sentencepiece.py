@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from convert import convert  # noqa: E402
 from sparseinfer_jax import load  # noqa: E402
-from sparseinfer_jax.tokenizer import Tokenizer  # noqa: E402
+from sparseinfer_jax.io.tokenizer import Tokenizer  # noqa: E402
 
 VOCAB = 400
 CORPUS = [

@@ -37,10 +37,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from convert import names  # noqa: E402
-from sparseinfer_jax.config import LlamaConfig, RopeConfig  # noqa: E402
-from sparseinfer_jax.model import Llama  # noqa: E402
-from sparseinfer_jax.rope import rope_tables  # noqa: E402
+from sparseinfer_jax.io import names
+from sparseinfer_jax.model.config import LlamaConfig, RopeConfig
+from sparseinfer_jax.model.llama import Llama
+from sparseinfer_jax.model.rope import rope_tables
 
 DEFAULT_OUT = os.path.join("sparseinfer_jax", "models", "tiny-relu-llama")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparseinfer_jax.config import LlamaConfig
+from sparseinfer_jax.model.config import LlamaConfig
 
 
 def _base_inv_freq(theta: float | jnp.ndarray, head_dim: int) -> jnp.ndarray:

@@ -15,8 +15,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from sparseinfer_jax.config import LlamaConfig
-from sparseinfer_jax.tensorfiles import tensor_name, tensor_path
+from sparseinfer_jax.io.tensorfiles import tensor_name, tensor_path
+from sparseinfer_jax.model.config import LlamaConfig
 
 __all__ = ["tensor_name", "tensor_path"]  # re-exported: the checkpoint's tensor names
 

@@ -21,18 +21,15 @@ bandwidth wants several live programs per SM, each with loads in flight.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import glob
 import importlib.util
-import json
 import math
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -50,20 +47,19 @@ from pallas_kernels.sparse_down import num_live_programs as down_live
 from pallas_kernels.sparse_down import sparse_down_pallas
 from pallas_kernels.sparse_gate_up import num_live_programs as gate_up_live
 from pallas_kernels.sparse_gate_up import sparse_gate_up_pallas
-from sparseinfer_jax import bench, generation
-from sparseinfer_jax.bench import DTYPES, PROMPT_TOKENS, shape_config
-from sparseinfer_jax.config import LlamaConfig
+from sparseinfer_jax import bench
+from sparseinfer_jax.bench.gpu_spec import GpuSpec, gpu_spec
+from sparseinfer_jax.bench.shapes import DTYPES, PROMPT_TOKENS, shape_config
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.model import Llama
+from sparseinfer_jax.model.config import LlamaConfig
+from sparseinfer_jax.model.llama import Llama
+from sparseinfer_jax.runtime import generation
 
 # bench's shapes and Llama-2-13B (compiled only: no weights are made).
 SHAPES = {**bench.SHAPES,
           "13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
                       num_key_value_heads=40, head_dim=128, num_hidden_layers=40,
                       vocab_size=32000)}
-SPECS_DIR = os.path.join(os.path.dirname(__file__), "gpu_specs")
-GPUS = tuple(sorted(os.path.splitext(f)[0] for f in os.listdir(SPECS_DIR) if f.endswith(".txtpb")))
-DEFAULT_GPUS = ("h100", "a100")
 ACTIVE_FRACTIONS = (0.05, 0.1, 0.2)
 NEW_TOKENS = 16  # decode slots of the compiled program (its kernels do not depend on it)
 MAX_REGISTERS = 128
@@ -78,45 +74,6 @@ PALLAS_KERNELS = {
     "compact", "pack_sign_bits", "sign_predict", "signmag_predict", "sparse_gate_up", "sparse_down"
 }
 PLUGIN_MODULES = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
-
-
-@dataclasses.dataclass(frozen=True)
-class GpuSpec:
-    """The fields of a GPU spec the occupancy arithmetic needs."""
-
-    name: str
-    device_kind: str
-    text: str
-    compute_capability: tuple[int, int]
-    sms: int
-    registers_per_sm: int
-    threads_per_sm: int
-    shared_per_sm: int
-
-
-def _field(text: str, key: str) -> str:
-    m = re.search(rf"^\s*{key}: \"?([^\"\n]*)\"?$", text, re.M)
-    assert m, f"GPU spec has no {key}"
-    return m.group(1)
-
-
-def gpu_spec(name: str) -> GpuSpec:
-    """Reads `gpu_specs/<name>.txtpb` (UserError for an unknown name)."""
-    if name not in GPUS:
-        raise UserError(f"--gpu must be a comma list of {', '.join(GPUS)}, got '{name}'.")
-    with open(os.path.join(SPECS_DIR, name + ".txtpb")) as f:
-        text = f.read()
-    cc = re.search(r"cuda_compute_capability \{\s*major: (\d+)(?:\s*minor: (\d+))?", text)
-    return GpuSpec(
-        name=name,
-        device_kind=_field(text, "device_description_str"),
-        text=text,
-        compute_capability=(int(cc.group(1)), int(cc.group(2) or 0)),
-        sms=int(_field(text, "core_count")),
-        registers_per_sm=int(_field(text, "registers_per_core_limit")),
-        threads_per_sm=int(_field(text, "threads_per_core_limit")),
-        shared_per_sm=int(_field(text, "shared_memory_per_core")),
-    )
 
 
 def find_ptxas() -> str:
@@ -411,45 +368,3 @@ def format_row(r: dict) -> str:
             f"{cell(r['shared_bytes']):>7}{cell(r.get('resident_per_sm')):>7}"
             f"{cell(r.get('live_per_sm_5')):>11}{cell(r.get('live_per_sm_10')):>7}"
             f"{cell(r.get('live_per_sm_20')):>7}")
-
-
-def command(args: argparse.Namespace) -> int:
-    """`sparseinfer compile-report`: prints the table, writes --json, exit 1 on a failure."""
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        raise UserError(
-            f"--batches must be a comma list of integers, got '{args.batches}'.") from None
-    gpus = list(GPUS) if args.gpu == "all" else args.gpu.split(",")
-    # The plugin registers only when JAX's platform is the CPU (else it looks for a GPU driver);
-    # the cuda backend then still compiles, for the compile-only devices of a topology.
-    jax.config.update("jax_platforms", "cpu")
-    # Compile-only executables cannot be loaded back from JAX's persistent cache (a rerun warned
-    # "PjRtCompiler must be constructed with a Client"), and nothing here is run: keep it off.
-    jax.config.update("jax_enable_compilation_cache", False)
-    print(HEADER, flush=True)
-    records = run(gpus, args.shape, batches, layers=args.layers, dtype=args.dtype,
-                  programs=not args.no_programs, log=lambda s: print(s, flush=True))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
-    bad = failures(records)
-    for line in bad:
-        print(f"FAILED: {line}", file=sys.stderr)
-    return 1 if bad else 0
-
-
-def add_parser(sub) -> None:
-    """Adds the `compile-report` subcommand to the `sparseinfer` parser's subparsers."""
-    p = sub.add_parser("compile-report",
-                       help="compile every kernel and the decode program for GPUs, offline")
-    p.add_argument("--gpu", default=",".join(DEFAULT_GPUS),
-                   help=f"comma list of {', '.join(GPUS)}, or all")
-    p.add_argument("--shape", default="7b", help=", ".join(SHAPES))
-    p.add_argument("--batches", default="1,4,16", help="comma list of batch sizes")
-    p.add_argument("--layers", type=int, default=None,
-                   help="cut the programs' depth to N layers (their kernels are the same)")
-    p.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
-    p.add_argument("--no-programs", action="store_true", help="compile the kernels only")
-    p.add_argument("--json", default=None, help="write the records to this JSON file")
-    p.set_defaults(run=command)

@@ -28,12 +28,12 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparseinfer_jax import sharding
-from sparseinfer_jax.config import alpha_per_layer
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.mlp import STAT_FIELDS, bytes_fraction, check_mode, predictor_share
-from sparseinfer_jax.model import KVCache, Llama
-from sparseinfer_jax.sampling import penalize_repeats, sample
+from sparseinfer_jax.model import sharding
+from sparseinfer_jax.model.config import alpha_per_layer
+from sparseinfer_jax.model.llama import KVCache, Llama
+from sparseinfer_jax.model.mlp import STAT_FIELDS, bytes_fraction, check_mode, predictor_share
+from sparseinfer_jax.runtime.sampling import penalize_repeats, sample
 
 MIN_BUCKET = 16
 # Streaming hands tokens over about this often: each call of the decode program runs as many
@@ -289,8 +289,8 @@ def _memory_limit() -> int | None:
 
 def _check_length(model: Llama, ids: list[list[int]], max_new_tokens: int) -> None:
     """Prompt + new tokens within the model's positions, and a KV cache that can exist at all."""
-    from sparseinfer_jax.calibration import position_limit
-    from sparseinfer_jax.memory import ITEMSIZE, estimate_memory
+    from sparseinfer_jax.io.text import position_limit
+    from sparseinfer_jax.model.memory import ITEMSIZE, estimate_memory
 
     cfg = model.config
     longest, limit = max(len(row) for row in ids), position_limit(cfg)

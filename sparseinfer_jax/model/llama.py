@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparseinfer_jax.config import LlamaConfig
-from sparseinfer_jax.matmul import dot
-from sparseinfer_jax.mlp import MLP
-from sparseinfer_jax.rope import apply_rope, rope_tables
-from sparseinfer_jax.sharding import as_mesh
+from sparseinfer_jax.model.config import LlamaConfig
+from sparseinfer_jax.model.matmul import dot
+from sparseinfer_jax.model.mlp import MLP
+from sparseinfer_jax.model.rope import apply_rope, rope_tables
+from sparseinfer_jax.model.sharding import as_mesh
 
 
 class KVCache(NamedTuple):

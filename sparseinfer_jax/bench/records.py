@@ -26,77 +26,26 @@ import functools
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 
 import pallas_kernels as pk
-from convert import names
 from pallas_kernels.sparse_down import matmul
 from pallas_kernels.sparse_gate_up import activate, matmul_t
-from sparseinfer_jax.calibration import window_counts
-from sparseinfer_jax.config import LlamaConfig
+from sparseinfer_jax.bench.alphas import alpha_keeping, decode_inputs_fraction, fit_alphas
+from sparseinfer_jax.bench.report import HEADER, format_row
+from sparseinfer_jax.bench.shapes import DTYPES, MODES, PROMPT_TOKENS, random_model, shape_config
+from sparseinfer_jax.bench.timing import copy_bandwidth, read_bandwidth, spread, time_in_a_loop
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.generation import generate
-from sparseinfer_jax.loading import model_from_params
-from sparseinfer_jax.mlp import BACKENDS
-from sparseinfer_jax.model import Llama
-
-# hidden, intermediate, heads, kv heads, head_dim, layers, vocab (TinyLlama-1.1B, Llama-2-7B).
-SHAPES = {
-    "tiny": dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=64, num_hidden_layers=4, vocab_size=4096),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
-               num_key_value_heads=4, head_dim=64, num_hidden_layers=22, vocab_size=32000),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-               num_key_value_heads=32, head_dim=128, num_hidden_layers=32, vocab_size=32000),
-}
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-MODES = ("dense", "sparse")
-PROMPT_TOKENS = 8
-INIT_STD = 0.02
-
-
-def shape_config(shape: str, layers: int | None = None, shapes: dict = SHAPES) -> LlamaConfig:
-    """The `LlamaConfig` of a named shape among `shapes`, its depth cut to `layers` if given."""
-    if shape not in shapes:
-        raise UserError(f"--shape must be one of {', '.join(shapes)}, got '{shape}'.")
-    fields = dict(shapes[shape])
-    if layers is not None:
-        if layers < 1:
-            raise UserError(f"--layers must be at least 1, got {layers}.")
-        fields["num_hidden_layers"] = min(layers, fields["num_hidden_layers"])
-    return LlamaConfig(**fields, rms_norm_eps=1e-5, max_position_embeddings=4096,
-                       hidden_act="relu", bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
-
-
-@functools.partial(jax.jit, static_argnames=["shape", "dtype"])
-def _normal(key, shape, dtype):
-    return (INIT_STD * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-
-def random_model(cfg: LlamaConfig, dtype: str = "float32", *, seed: int = 0) -> Llama:
-    """A `Llama` with N(0, 0.02) weights and unit norms, one `jax.random` call per array."""
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'.")
-    params: dict[str, Any] = {}
-    key = jax.random.key(seed)
-    for path, shape, target in names.out_order(cfg):
-        if target is None:  # the gate's sign bits: model_from_params packs them
-            continue
-        key, sub = jax.random.split(key)
-        node = params
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        is_norm = path[-1] == "weight"
-        node[path[-1]] = (jnp.ones(shape, DTYPES[dtype]) if is_norm
-                          else _normal(sub, shape, DTYPES[dtype]))
-    return model_from_params(cfg, params, dtype=DTYPES[dtype])
+from sparseinfer_jax.io import names
+from sparseinfer_jax.model.config import LlamaConfig
+from sparseinfer_jax.model.llama import Llama
+from sparseinfer_jax.model.mlp import BACKENDS
+from sparseinfer_jax.runtime.generation import generate
 
 
 def step_bytes(cfg: LlamaConfig, itemsize: int, computed: float, context: float,
@@ -131,109 +80,6 @@ def step_bytes(cfg: LlamaConfig, itemsize: int, computed: float, context: float,
     }
     out["total"] = sum(out.values())
     return out
-
-
-def alpha_grid(d: int) -> np.ndarray:
-    """Alphas `[d + 1]` float32 ascending: alpha_t keeps a neuron iff N_neg <= t (t = 0..d) when
-    all `d` inputs are non-zero, so every achievable active fraction has its grid point."""
-    t = np.arange(d + 1, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        return ((t + 0.5) / np.maximum(d - t - 0.5, 0.0)).astype(np.float32)
-
-
-def fit_alphas(grid: np.ndarray, predicted_fraction: np.ndarray,
-               target: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer, the grid alpha whose predicted active fraction is closest to `target`.
-
-    Args:
-      grid: `[G]` alphas ascending; predicted_fraction: `[L, G]` active fraction at each.
-      target: wanted active fraction in (0, 1]; 1 gives alpha = inf (every neuron, exactly).
-
-    Returns:
-      alphas `[L]` float32 and the fractions they give on the fitting data `[L]`.
-    """
-    layers = predicted_fraction.shape[0]
-    if target >= 1.0:
-        return np.full((layers,), np.inf, np.float32), np.ones((layers,))
-    idx = np.argmin(np.abs(predicted_fraction - target), axis=1)
-    rows = np.arange(layers)
-    return grid[idx], predicted_fraction[rows, idx]
-
-
-def alpha_keeping(x: jnp.ndarray, bits: jnp.ndarray, fraction: float) -> jnp.ndarray:
-    """The grid alpha whose sign vote keeps about `fraction` of the neurons for `x: [1, D]`
-    (`bits`: the layer's packed gate sign bits): the one-layer, one-input form of `fit_alphas`."""
-    d = x.shape[1]
-    _, n_neg = pk.sign_predict(x, bits, jnp.float32(1.0), backend="xla")
-    kept = (np.asarray(n_neg)[0][None, :] <= np.arange(d + 1)[:, None]).mean(axis=1)
-    return jnp.float32(fit_alphas(alpha_grid(d), kept[None], fraction)[0][0])
-
-
-def decode_inputs_fraction(model: Llama, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted active fraction `[L, G]` over `alpha_grid(D)` on the MLP inputs of `ids: [1, T]`.
-
-    `ids` should be a prompt and its greedy continuation, so the MLP inputs are decode-time ones.
-    """
-    grid = alpha_grid(model.config.hidden_size)
-    counts = window_counts(model, jnp.asarray(ids), jnp.asarray(grid))
-    predicted, _, _, rows = jax.device_get(counts)
-    return grid, predicted / (rows[:, None] * model.config.intermediate_size)
-
-
-def spread(values: Sequence[float]) -> dict:
-    """Median, quartiles, min and max of `values`."""
-    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
-    return dict(median=statistics.median(values), q1=q1, q3=q3, min=min(values), max=max(values))
-
-
-def time_calls(fn: Callable, *args, repeats: int) -> list[float]:
-    """Seconds per call of `fn(*args)` (already jitted), `repeats` times after one warm-up."""
-    jax.block_until_ready(fn(*args))
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        out.append(time.perf_counter() - start)
-    return out
-
-
-def in_a_loop(fn: Callable, args: Sequence, calls: int) -> Callable:
-    """jit of `fn(*args)` run `calls` times in one loop, each call after the last: a kernel's time
-    inside a program, launch included, without Python's dispatch (on a GPU, dispatching one small
-    call from Python costs more than the call: the gate matvec of a 7b layer took 168 us a call
-    against 44 us in a loop on the H200). The loop carries args[0] and the call's first output
-    through an optimization barrier and returns both, so no call is hoisted out or dropped."""
-    first = lambda out: jax.tree.leaves(out)[0]  # noqa: E731
-    out = jax.eval_shape(lambda *a: first(fn(*a)), *args)
-
-    def run(x, *rest):
-        def body(_, carry):
-            x, _ = carry
-            return lax.optimization_barrier((x, first(fn(x, *rest))))
-        return lax.fori_loop(0, calls, body, (x, jnp.zeros(out.shape, out.dtype)))
-
-    return jax.jit(run)
-
-
-def time_in_a_loop(fn: Callable, args: Sequence, *, calls: int, repeats: int) -> list[float]:
-    """Seconds per call of `fn(*args)` from `in_a_loop`, `repeats` times after one warm-up."""
-    return [t / calls for t in time_calls(in_a_loop(fn, args, calls), *args, repeats=repeats)]
-
-
-def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
-    """GB/s of a jitted copy of an `nbytes` float32 array (bytes read + bytes written) / time."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    scale = jnp.float32(1.0)
-    fn = jax.jit(lambda x, s: x * s)  # a multiply by data, so XLA cannot skip the copy
-    return 2 * nbytes / statistics.median(time_calls(fn, x, scale, repeats=repeats)) / 1e9
-
-
-def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
-    """GB/s of a jitted float32 matvec over an `nbytes` matrix (bytes read / time): the rate a
-    decode step's weight reads can reach (on a CPU, XLA's elementwise copy may use one core)."""
-    w = jnp.ones((nbytes // 4 // 2048, 2048), jnp.float32)
-    x = jnp.ones((2048,), jnp.float32)
-    return nbytes / statistics.median(time_calls(jax.jit(jnp.dot), w, x, repeats=repeats)) / 1e9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,22 +254,6 @@ def kernel_records(model: Llama, settings: Settings, backend: str, fraction: flo
     return out
 
 
-def fitted_alphas(model: Llama, prompt: np.ndarray, settings: Settings) -> dict[float, dict]:
-    """For each requested fraction: per-layer alphas fitted on decode-time MLP inputs.
-
-    The inputs are those of `prompt[:1]` and its greedy dense continuation of `tokens` tokens.
-    """
-    dense = generate(model, prompt[:1], max_new_tokens=settings.tokens, mode="dense",
-                     stop_at_eos=False, timing=False)
-    ids = np.concatenate([prompt[:1], dense.tokens], axis=1)
-    grid, fraction = decode_inputs_fraction(model, ids)
-    out = {}
-    for target in settings.active:
-        alphas, got = fit_alphas(grid, fraction, target)
-        out[target] = dict(alphas=alphas, fitted_fraction=float(np.mean(got)))
-    return out
-
-
 def hf_peer_record(model: Llama, prompt: np.ndarray, settings: Settings, copy_gb_s: float) -> dict:
     """Hugging Face transformers (torch, CPU) greedy decoding with the same shape and weights.
 
@@ -541,112 +371,17 @@ def run(settings: Settings, *, log: Callable[[str], None] = print,
     return records
 
 
-HEADER = (f"{'kind':<7} {'mode':<9} {'backend':<8} {'B':>2} {'active':>6} {'ms/token':>9} "
-          f"{'IQR':>13} {'tok/s':>7} {'GB/s':>6} {'of copy':>7} {'compile s':>9} "
-          f"{'x dense (IQR), paired':>22}")
+def fitted_alphas(model: Llama, prompt: np.ndarray, settings: Settings) -> dict[float, dict]:
+    """For each requested fraction: per-layer alphas fitted on decode-time MLP inputs.
 
-
-def format_row(r: dict) -> str:
-    """One table line of a decode or batch record."""
-    ms = r["decode_ms"]
-    compile_s = r.get("compile_s")
-    return (f"{r['kind']:<7} {r['mode']:<9} {r['backend'][:8]:<8} {r.get('batch', 1):>2} "
-            f"{r['active_fraction']:>6.3f} {ms['median']:>9.2f} "
-            f"{ms['q1']:>6.2f}-{ms['q3']:<6.2f} {r['tokens_per_s']:>7.1f} "
-            f"{r['achieved_gb_s']:>6.1f} {r['fraction_of_copy']:>7.2f} "
-            + (f"{compile_s:>9.2f}" if compile_s else f"{'':>9}")
-            + (_paired(r["speedup"]) if r.get("speedup") else ""))
-
-
-def _paired(x: dict) -> str:
-    return f" {x['median']:>9.2f}x ({x['q1']:.2f}-{x['q3']:.2f})"
-
-
-# The dense op each sparse-only op is compared with in the kernel table.
-KERNEL_BASE = {"predictor": "gate_matvec", "signmag": "gate_matvec", "mlp_1stage": "mlp"}
-
-
-def format_kernels(records: list[dict]) -> str:
-    """The kernel table: each op's median ms, sparse / dense time ratio and GB/s.
-
-    Each sparse row is compared with the dense row timed just before it (`kernel_records` times
-    the dense ops again for every fraction, so a ratio comes from one stretch of one run)."""
-    rows = [r for r in records if r["kind"] == "kernel"]
-    if not rows:
-        return ""
-    dense: dict[str, float] = {}
-    lines = [f"{'op':<12} {'backend':<8} {'active':>6} {'ms':>8} {'vs dense':>8} {'GB/s':>6}"]
-    for r in rows:
-        if r["mode"] == "dense":
-            dense[r["op"]] = r["ms"]["median"]
-        base = dense[KERNEL_BASE.get(r["op"], r["op"])]
-        lines.append(f"{r['op']:<12} {r['backend']:<8} {r['active_fraction']:>6.3f} "
-                     f"{r['ms']['median']:>8.3f} {r['ms']['median'] / base:>8.3f} "
-                     f"{r['achieved_gb_s']:>6.1f}")
-    return "\n".join(lines)
-
-
-MLP_PARTS = ("predictor", "gate", "up", "down")
-
-
-def format_bytes(records: list[dict]) -> str:
-    """MLP bytes per decode step, split into predictor, gate, up and down (MB, all layers), and
-    their sum over the dense MLP's."""
-    rows = [r for r in records if r["kind"] in ("decode", "batch")]
-    dense = next((r for r in rows if r["mode"] == "dense"), None)
-    if not rows:
-        return ""
-    lines = [f"{'mode':<9} {'backend':<8} {'B':>2} {'active':>6} {'fired':>6} "
-             + " ".join(f"{p + ' MB':>12}" for p in MLP_PARTS) + f" {'of dense':>8}"]
-    for r in rows:
-        b = r["bytes_per_step"]
-        mlp = sum(b[p] for p in MLP_PARTS)
-        ratio = mlp / sum(dense["bytes_per_step"][p] for p in MLP_PARTS) if dense else float("nan")
-        lines.append(f"{r['mode']:<9} {r['backend'][:8]:<8} {r.get('batch', 1):>2} "
-                     f"{r['active_fraction']:>6.3f} {r.get('fired_fraction', 1.0):>6.3f} "
-                     + " ".join(f"{b[p] / 1e6:>12.3f}" for p in MLP_PARTS) + f" {ratio:>8.3f}")
-    return "\n".join(lines)
-
-
-def format_table(records: list[dict]) -> str:
-    """Decode rows, the MLP bytes per step, then the kernel table."""
-    rows = [format_row(r) for r in records if r["kind"] in ("decode", "batch")]
-    return "\n".join([HEADER, *rows, "", format_bytes(records), "",
-                      format_kernels(records)]).rstrip()
-
-
-def plot(records: list[dict], path: str) -> None:
-    """Writes a PNG: decode ms/token vs active fraction per backend, dense, peer and the limit."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib; pip install matplotlib.") from None
-    decode = [r for r in records if r["kind"] == "decode"]
-    copy = next(r["achieved_gb_s"] for r in records if r["kind"] == "copy")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for backend in sorted({r["backend"] for r in decode if r["mode"] == "sparse"}):
-        rows = sorted((r for r in decode if r["mode"] == "sparse" and r["backend"] == backend),
-                      key=lambda r: r["active_fraction"])
-        x = [r["active_fraction"] for r in rows]
-        ax.errorbar(x, [r["decode_ms_median"] for r in rows],
-                    yerr=[[r["decode_ms"]["median"] - r["decode_ms"]["q1"] for r in rows],
-                          [r["decode_ms"]["q3"] - r["decode_ms"]["median"] for r in rows]],
-                    fmt="o-", capsize=3, label=f"sparse ({backend})")
-        ax.plot(x, [r["limit_ms"] for r in rows], "k:", label="bandwidth limit (bytes / GB/s)")
-    for r in decode:
-        if r["mode"] != "sparse":
-            ax.axhline(r["decode_ms_median"], ls="--", color="gray" if r["mode"] == "dense"
-                       else "tab:red", label=f"{r['mode']} ({r['backend']})")
-    first = decode[0]
-    ax.set_title(f"{first['shape']} x {first['layers']} layers, {first['dtype']}, batch 1, "
-                 f"copy {copy:.0f} GB/s")
-    ax.set_xlabel("MLP neurons computed (fraction)")
-    ax.set_ylabel("decode latency (ms/token)")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    The inputs are those of `prompt[:1]` and its greedy dense continuation of `tokens` tokens.
+    """
+    dense = generate(model, prompt[:1], max_new_tokens=settings.tokens, mode="dense",
+                     stop_at_eos=False, timing=False)
+    ids = np.concatenate([prompt[:1], dense.tokens], axis=1)
+    grid, fraction = decode_inputs_fraction(model, ids)
+    out = {}
+    for target in settings.active:
+        alphas, got = fit_alphas(grid, fraction, target)
+        out[target] = dict(alphas=alphas, fitted_fraction=float(np.mean(got)))
+    return out

@@ -25,8 +25,8 @@ import dataclasses
 
 import numpy as np
 
-from sparseinfer_jax.config import LlamaConfig
 from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.model.config import LlamaConfig
 
 GiB = 2**30
 OVERHEAD_BYTES = 1 * GiB

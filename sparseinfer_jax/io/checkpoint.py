@@ -8,7 +8,7 @@ Layout of a checkpoint directory (written by `convert`, read by `load`), format_
   params/       model.safetensors.index.json and model-NNNNN-of-NNNNN.safetensors files: the
                 non-layer tensors in the first, then one file per decoder layer. Tensor names are
                 the model's params paths joined with dots (`layers.3.mlp.gate`, see
-                convert/names.py), one array per layer as the model holds them, so `load` reads
+                io/names.py), one array per layer as the model holds them, so `load` reads
                 each array straight into its place and nothing is ever stacked or split.
   tokenizer files copied from the source.
 Older formats are refused with a request to re-convert: format 1 was an orbax PyTree of `[L, ...]`
@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.tensorfiles import INDEX_FILE, SafetensorsFolder, tensor_path
+from sparseinfer_jax.io.tensorfiles import INDEX_FILE, SafetensorsFolder, tensor_path
 
 FORMAT_VERSION = 3
 # What each older format was, for the message that asks to re-convert.

@@ -49,16 +49,16 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels.predict import threshold
-from sparseinfer_jax.config import PREDICTORS
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.mlp import bytes_fraction, predictor_share, set_predictor
-from sparseinfer_jax.rope import rope_tables
+from sparseinfer_jax.io.text import check_windows, read_text, token_windows
+from sparseinfer_jax.model.config import PREDICTORS
+from sparseinfer_jax.model.mlp import bytes_fraction, predictor_share, set_predictor
+from sparseinfer_jax.model.rope import rope_tables
 
 ALPHA_GRID = np.concatenate([np.round(np.arange(1, 401) * 0.01, 2), [np.inf]]).astype(np.float32)
 KEEP_ALL_ALPHA = 1e9
-WINDOW = 128
 RECALL_LEVELS = np.round(np.linspace(0.0, 1.0, 201), 3)  # searched by max_ppl_increase
-DEFAULT_TEXT = os.path.join(os.path.dirname(__file__), "data", "calibration.txt")
+DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "calibration.txt")
 # Conservative: on the shipped model recall 0.99 keeps greedy output on dense's (tests) while
 # still skipping about half of the neurons.
 DEFAULT_RECALL = 0.99
@@ -66,42 +66,6 @@ DEFAULT_RECALL = 0.99
 # Fewer than FEW_TOKENS are allowed (quick checks, tests) with a warning.
 MIN_TOKENS, FEW_TOKENS = 64, 1000
 log = logging.getLogger(__name__)
-
-
-def read_text(path: str | os.PathLike) -> str:
-    """The text of `path`; UserError when it is missing, a folder, not UTF-8 or empty."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise UserError(f"text file {path} is a folder; give a UTF-8 text file.")
-    if not os.path.isfile(path):
-        raise UserError(f"text file {path} does not exist.")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"text file {path} is not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}); "
-            "convert it to UTF-8 (e.g. iconv -t UTF-8)."
-        ) from None
-    if not text.strip():
-        raise UserError(f"text file {path} is empty.")
-    return text
-
-
-def token_windows(ids: list[int], window: int = WINDOW, max_tokens: int | None = None):
-    """Non-overlapping windows `[1, <=window]` int32 of `ids` (first `max_tokens`); a trailing
-    window of one token (nothing to predict) is dropped."""
-    if window < 2:
-        raise UserError(f"--window must be at least 2, got {window}.")
-    if max_tokens is not None:
-        if max_tokens < 2:
-            raise UserError(f"--max-tokens must be at least 2, got {max_tokens}.")
-        ids = ids[:max_tokens]
-    out = [ids[i : i + window] for i in range(0, len(ids), window)]
-    out = [w for w in out if len(w) >= 2]
-    if not out:
-        raise UserError("the text has fewer than 2 tokens; give a longer text.")
-    return [jnp.asarray([w], jnp.int32) for w in out]
 
 
 @nnx.jit
@@ -173,23 +137,6 @@ class Calibration:
     def config_alphas(self) -> list[float]:
         """The alphas as written to config.json (inf -> KEEP_ALL_ALPHA)."""
         return [a if math.isfinite(a) else KEEP_ALL_ALPHA for a in self.alphas]
-
-
-def position_limit(cfg) -> int | None:
-    """Tokens a sequence may hold: `max_position_embeddings`, or None (no limit) with dynamic
-    NTK RoPE scaling, which rescales RoPE for longer sequences (that is what it is for)."""
-    return None if cfg.rope.rope_type == "dynamic" else cfg.max_position_embeddings
-
-
-def check_windows(cfg, windows) -> None:
-    """Raises UserError when a window `[1, T]` is longer than the model's positions: RoPE past
-    `max_position_embeddings` gives numbers, but not the model's."""
-    longest, limit = max(w.shape[1] for w in windows), position_limit(cfg)
-    if limit is not None and longest > limit:
-        raise UserError(
-            f"a window of {longest} tokens exceeds the model's {limit} positions "
-            f"(max_position_embeddings); use --window {limit} or less."
-        )
 
 
 def check_targets(
@@ -320,7 +267,7 @@ def _perplexity_search(model, windows, grid_recall, max_increase, backend, progr
 
     Returns (grid index per layer, dense perplexity, sparse perplexity there).
     """
-    from sparseinfer_jax.evaluation import perplexity
+    from sparseinfer_jax.tuning.evaluation import perplexity
 
     windows = list(getattr(windows, "iterable", windows))  # unwrap a tqdm
     dense = perplexity(model, windows, mode="dense", backend=backend)
@@ -401,50 +348,4 @@ def calibrate_in_memory(model, tokenizer, where: str) -> None:
         f"{where} was never calibrated: calibrated now for {note} in {seconds:.1f} s "
         f"(alpha {alphas}, not saved); {hint}.",
         stacklevel=3,
-    )
-
-
-def calibrate_checkpoint(
-    path: str | os.PathLike, source: str | os.PathLike, *, alpha_given: bool, calibrate: bool
-) -> str | None:
-    """`sparseinfer-convert`'s last step on the checkpoint at `path`, converted from `source`.
-
-    Alphas given on the command line, or calibrated ones kept from the source's `sparseinfer`
-    block, are marked as chosen; else, unless `calibrate` is False (`--no-calibrate`: no marker,
-    so sparse mode calibrates in memory at load), `calibrate_default` runs and its alphas and
-    marker are written into config.json. Returns one line saying what happened, or None.
-    """
-    from convert.reader import resolve_source
-    from sparseinfer_jax import checkpoint
-    from sparseinfer_jax.config import is_calibrated, read_hf_config
-    from sparseinfer_jax.loading import load
-
-    source_block = read_hf_config(resolve_source(os.fspath(source))).get("sparseinfer") or {}
-    marker = None
-    if alpha_given:
-        marker = "alpha given to sparseinfer-convert"
-    elif is_calibrated(source_block) and source_block.get("alpha") is not None:
-        marker = source_block["calibration"]
-    if marker is not None or not calibrate:
-        if marker is not None:
-            hf, block = checkpoint.read_checkpoint_config(path)
-            checkpoint.write_checkpoint_config(path, hf, {**block, "calibration": marker})
-        return None
-    model, tokenizer = load(path, mode="dense", mesh=None)
-    if tokenizer is None:
-        return (
-            f"{path} has no tokenizer, so it was not calibrated; sparse mode warns until you run "
-            "`sparseinfer calibrate` with a text."
-        )
-    cal, note, seconds = calibrate_default(model, tokenizer)
-    hf, block = checkpoint.read_checkpoint_config(path)
-    block["alpha"] = cal.config_alphas()
-    block["predictor"] = cal.predictor
-    block["calibration"] = f"sparseinfer-convert default: {note}"
-    checkpoint.write_checkpoint_config(path, hf, block)
-    sparsity = " ".join(f"{s:.2f}" for s in cal.predicted_sparsity)
-    alphas = ",".join(f"{a:g}" for a in cal.config_alphas())
-    return (
-        f"calibrated for {note} in {seconds:.1f} s: alpha {alphas}, predicted sparsity per layer "
-        f"{sparsity} (override with `sparseinfer calibrate`)"
     )

@@ -19,7 +19,7 @@ def _run(module: str) -> NoReturn:
 
 def sparseinfer() -> NoReturn:
     """`sparseinfer`: `sparseinfer_jax.cli.main` on sys.argv."""
-    _run("sparseinfer_jax.cli")
+    _run("sparseinfer_jax.cli.main")
 
 
 def sparseinfer_convert() -> NoReturn:

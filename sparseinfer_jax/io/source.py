@@ -9,7 +9,7 @@ import os
 import re
 
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.tensorfiles import SafetensorsFolder
+from sparseinfer_jax.io.tensorfiles import SafetensorsFolder
 
 __all__ = ["SafetensorsFolder", "resolve_source", "TOKENIZER_FILES"]
 

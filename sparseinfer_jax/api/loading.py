@@ -20,8 +20,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pallas_kernels.pack import pack_sign_bits_numpy
-from sparseinfer_jax import sharding
-from sparseinfer_jax.config import (
+from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.io.tensorfiles import tensor_path
+from sparseinfer_jax.io.tokenizer import Tokenizer, load_tokenizer
+from sparseinfer_jax.model import sharding
+from sparseinfer_jax.model.config import (
     LlamaConfig,
     alpha_per_layer,
     config_from_hf_dict,
@@ -29,11 +32,8 @@ from sparseinfer_jax.config import (
     is_calibrated,
     predictor_kind,
 )
-from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.mlp import check_mode, set_predictor
-from sparseinfer_jax.model import Llama
-from sparseinfer_jax.tensorfiles import tensor_path
-from sparseinfer_jax.tokenizer import Tokenizer, load_tokenizer
+from sparseinfer_jax.model.llama import Llama
+from sparseinfer_jax.model.mlp import check_mode, set_predictor
 
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -156,7 +156,7 @@ def model_from_params(
 ) -> Llama:
     """Builds a `Llama` around a nested dict of arrays (numpy or jax).
 
-    `params` is in the model's per-layer layout (`convert.convert_in_memory`,
+    `params` is in the model's per-layer layout (`io.hf.convert_in_memory`,
     `{"layers": {i: ...}}`). Missing `gate_sign_bits` are computed here. With a `mesh`,
     every array is placed per `sharding.model_shardings` (each device receives only its slice);
     else on the default device. `dtype`: default, the embedding's.
@@ -173,7 +173,8 @@ def _auto(mesh: str, cfg: LlamaConfig, dtype) -> Mesh | None:
     return sharding.auto_mesh(cfg, name if name in DTYPES else "bfloat16")
 
 
-SHIPPED_MODEL = os.path.join(os.path.dirname(__file__), "models", "tiny-relu-llama")
+PACKAGE_DIR = os.path.dirname(os.path.dirname(__file__))
+SHIPPED_MODEL = os.path.join(PACKAGE_DIR, "models", "tiny-relu-llama")
 
 
 def load(
@@ -206,7 +207,7 @@ def load(
     Returns:
       (model, tokenizer); the tokenizer is None when the folder has no tokenizer files.
     """
-    from sparseinfer_jax import checkpoint
+    from sparseinfer_jax.io import checkpoint
 
     path = os.fspath(path)
     override = alpha is not None
@@ -223,13 +224,13 @@ def load(
         source = f"the checkpoint {path}"
         remedy = "convert the model again with sparseinfer-convert"
     else:
-        import convert
-        from convert.reader import resolve_source
+        from sparseinfer_jax.io import hf as hf_folder
+        from sparseinfer_jax.io.source import resolve_source
 
         folder = resolve_source(path)
         dtype = _dtype(dtype) or jnp.bfloat16
         stream_dtype = "float32" if dtype != jnp.bfloat16 else "bfloat16"  # one rounding only
-        hf, cfg, leaves = convert.stream(folder, dtype=stream_dtype)
+        hf, cfg, leaves = hf_folder.stream(folder, dtype=stream_dtype)
         tokenizer = load_tokenizer(folder)
         # An HF folder may carry a calibration (alphas, predictor) in the same block.
         block = hf.get(checkpoint.BLOCK_KEY)
@@ -243,7 +244,7 @@ def load(
                      source=source, remedy=remedy)
     set_predictor(model, predictor_kind(block))
     if mode == "sparse" and not override and not is_calibrated(block):
-        from sparseinfer_jax.calibration import calibrate_in_memory
+        from sparseinfer_jax.tuning.calibration import calibrate_in_memory
 
         calibrate_in_memory(model, tokenizer, path)
     return model, tokenizer

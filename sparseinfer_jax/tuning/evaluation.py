@@ -28,8 +28,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparseinfer_jax.calibration import check_windows
-from sparseinfer_jax.mlp import MODES, STAT_FIELDS, bytes_fraction, predictor_share
+from sparseinfer_jax.io.text import check_windows
+from sparseinfer_jax.model.mlp import MODES, STAT_FIELDS, bytes_fraction, predictor_share
 
 
 @nnx.jit(static_argnames=["mode", "backend", "diagnostic"])

@@ -34,10 +34,10 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
 from pallas_kernels.pack import pack_sign_bits_reference
-from sparseinfer_jax import sharding
-from sparseinfer_jax.config import PREDICTORS, LlamaConfig
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.matmul import dot
+from sparseinfer_jax.model import sharding
+from sparseinfer_jax.model.config import PREDICTORS, LlamaConfig
+from sparseinfer_jax.model.matmul import dot
 
 MODES = ("dense", "sparse", "oracle")
 BACKENDS = ("auto", "pallas", "xla", "reference")

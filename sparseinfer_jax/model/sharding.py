@@ -13,11 +13,6 @@ Shapes: L layers, V vocab, D hidden, F intermediate, H heads, K kv heads, hd hea
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import sys
-import threading
-import time
 from typing import Any
 
 import jax
@@ -27,9 +22,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparseinfer_jax.config import LlamaConfig
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.rope import rope_tables
+from sparseinfer_jax.model.config import LlamaConfig
+from sparseinfer_jax.model.rope import rope_tables
 
 AXES = ("data", "model")
 log = logging.getLogger(__name__)
@@ -105,7 +100,7 @@ def auto_mesh(cfg: LlamaConfig, dtype: str = "bfloat16", devices=None) -> Mesh |
     "Fits" compares `memory.estimate_memory` (weights, sign bits and a 2k-token KV cache at batch
     1) with the first device's memory limit; devices that report none (the CPU) count as fitting.
     """
-    from sparseinfer_jax.memory import estimate_memory
+    from sparseinfer_jax.model.memory import estimate_memory
 
     devices = jax.local_devices() if devices is None else list(devices)
     limit = (devices[0].memory_stats() or {}).get("bytes_limit") if devices else None
@@ -123,70 +118,6 @@ def auto_mesh(cfg: LlamaConfig, dtype: str = "bfloat16", devices=None) -> Mesh |
         need / 2**30, limit / 2**30, len(devices), len(devices),
     )
     return mesh
-
-
-def initialize_distributed(timeout_s: float = 300.0) -> None:
-    """Joins a multi-host job (`jax.distributed.initialize`) before any device is used.
-
-    Coordinator, process count and id come from the environment: JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID, or the cluster's own variables (SLURM, Open MPI, Cloud
-    TPU), which JAX detects itself. See docs/multihost.md.
-
-    JAX ends the process with a fatal C++ log (no Python exception) when the job does not form
-    within its timeout, so this function gives up first, with one line: a process other than 0
-    waits at most `timeout_s` for the coordinator's port to accept connections (UserError), and
-    any process still not connected after `timeout_s` prints `error: ...` and exits with 2.
-    A process that has joined already (a second command in the same process) stays in its job.
-    """
-    if jax.distributed.is_initialized():
-        return
-    env = {
-        "coordinator_address": os.environ.get("JAX_COORDINATOR_ADDRESS"),
-        "num_processes": os.environ.get("JAX_NUM_PROCESSES"),
-        "process_id": os.environ.get("JAX_PROCESS_ID"),
-    }
-    try:
-        kwargs = {k: (v if k == "coordinator_address" else int(v)) for k, v in env.items() if v}
-    except ValueError:
-        raise UserError(
-            "JAX_NUM_PROCESSES and JAX_PROCESS_ID must be whole numbers; see docs/multihost.md."
-        ) from None
-    address = kwargs.get("coordinator_address")
-    where = f"the coordinator at {address}" if address else "the job's coordinator"
-    hint = (
-        "start every process with the same JAX_COORDINATOR_ADDRESS (reachable from each) and "
-        "JAX_NUM_PROCESSES, process 0 included, or allow more time with --distributed-timeout."
-    )
-    deadline = time.monotonic() + timeout_s
-    if address and kwargs.get("process_id", 0) != 0:
-        host, _, port = address.rpartition(":")
-        while not _accepts(host.strip("[]"), int(port)):
-            if time.monotonic() > deadline:
-                raise UserError(f"could not reach {where} within {timeout_s:g} s; {hint}")
-            time.sleep(0.5)
-
-    def give_up() -> None:
-        print(f"error: the multi-process job did not form with {where} within {timeout_s:g} s; "
-              f"{hint}", file=sys.stderr, flush=True)
-        os._exit(2)
-
-    watchdog = threading.Timer(max(deadline - time.monotonic(), 1.0), give_up)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        # JAX's own timeout comes after the watchdog's, so the one-line error is what users see.
-        jax.distributed.initialize(**kwargs, initialization_timeout=int(timeout_s) + 60)
-    finally:
-        watchdog.cancel()
-
-
-def _accepts(host: str, port: int) -> bool:
-    """True when something listens on host:port."""
-    try:
-        with socket.create_connection((host, port), timeout=2.0):
-            return True
-    except OSError:
-        return False
 
 
 def check_config(cfg: LlamaConfig, mesh: Mesh) -> None:

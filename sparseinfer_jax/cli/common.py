@@ -1,0 +1,197 @@
+"""What the `sparseinfer` commands share: model, mesh and text arguments, checks, compile cache."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+
+from sparseinfer_jax.errors import (
+    UserError,
+    check_output_file,
+)
+from sparseinfer_jax.model.mlp import BACKENDS, MODES
+
+
+def alpha_arg(text: str) -> float | list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"alpha must be a number or a comma list, got '{text}'"
+        ) from None
+    return values[0] if len(values) == 1 else values
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="converted checkpoint folder, or a Hugging Face folder / hub id "
+        "(default: the small ReLU-Llama shipped with the package)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default=None,
+        help="weights' dtype (default: the checkpoint's)",
+    )
+    p.add_argument("--mode", choices=MODES, default="dense", help="decode-step MLP mode")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="sparse kernel backend")
+    p.add_argument(
+        "--alpha",
+        type=alpha_arg,
+        default=None,
+        help="conservativeness: one number or one per layer, comma-separated "
+        "(larger skips fewer neurons; default: the checkpoint's)",
+    )
+
+
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh, e.g. data=1,model=4: heads and MLP neurons split over model, the "
+        "batch over data (default: one device, or all local devices on model when the model "
+        "does not fit one)",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-host job first (jax.distributed.initialize; see docs/multihost.md); "
+        "only process 0 prints",
+    )
+    p.add_argument(
+        "--distributed-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="with --distributed: give up when the job has not formed within this time",
+    )
+
+
+def mesh_arg(args: argparse.Namespace):
+    """The `--mesh` as a jax Mesh ("auto" without it)."""
+    from sparseinfer_jax.model import sharding
+
+    return "auto" if args.mesh is None else sharding.mesh_from_text(args.mesh)
+
+
+def process_zero_prints(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """With --distributed, joins the job; then only process 0 prints (every process computes the
+    same replicated results). Errors raised inside still print everywhere."""
+    if not getattr(args, "distributed", False):
+        return contextlib.nullcontext()
+    import jax
+
+    from sparseinfer_jax.runtime.distributed import initialize_distributed
+
+    if not args.distributed_timeout > 0:
+        raise UserError(f"--distributed-timeout must be > 0, got {args.distributed_timeout}.")
+    initialize_distributed(args.distributed_timeout)
+    if jax.process_index() == 0:
+        return contextlib.nullcontext()
+    quiet = contextlib.ExitStack()
+    devnull = quiet.enter_context(open(os.devnull, "w"))
+    quiet.enter_context(contextlib.redirect_stdout(devnull))
+    quiet.enter_context(contextlib.redirect_stderr(devnull))
+    return quiet
+
+
+def peek_config(path: str):
+    """The model's LlamaConfig from its config.json alone (no weights read), so limits can be
+    checked before a long load; None when it cannot be read here (`load` then says why)."""
+    from sparseinfer_jax.io import checkpoint
+    from sparseinfer_jax.model.config import config_from_hf_dict
+
+    try:
+        if checkpoint.is_checkpoint(path):
+            return config_from_hf_dict(checkpoint.read_checkpoint_config(path)[0])
+        with open(os.path.join(path, "config.json")) as f:
+            return config_from_hf_dict(json.load(f))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def model_path(args: argparse.Namespace) -> str:
+    from sparseinfer_jax.api.loading import SHIPPED_MODEL
+
+    return args.model or args.model_path or SHIPPED_MODEL
+
+
+def check_report_outputs(args: argparse.Namespace) -> None:
+    """Fails before measuring (not after) on a `--json` / `--plot` path that cannot be written, or
+    `--plot` without matplotlib."""
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):
+        if out:
+            check_output_file(out, flag)
+    if args.plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UserError("--plot needs matplotlib; pip install matplotlib.")
+
+
+def check_text_args(args: argparse.Namespace) -> None:
+    """Fails fast (before loading the model) on a bad text file or window sizes."""
+    from sparseinfer_jax.io.text import position_limit, read_text
+
+    read_text(args.text)
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise UserError(f"--max-tokens must be at least 2, got {args.max_tokens}.")
+    if args.window < 2:
+        raise UserError(f"--window must be at least 2, got {args.window}.")
+    cfg = peek_config(model_path(args))
+    if cfg is not None and args.window > (position_limit(cfg) or math.inf):
+        raise UserError(
+            f"--window {args.window} exceeds the model's {cfg.max_position_embeddings} positions "
+            f"(max_position_embeddings); use --window {cfg.max_position_embeddings} or less."
+        )
+
+
+def encode_windows(args: argparse.Namespace, tokenizer, model_path: str):
+    from sparseinfer_jax.io.text import read_text, token_windows
+
+    text = read_text(args.text)
+    if tokenizer is None:
+        raise UserError(f"{model_path} has no tokenizer.json, so the text cannot be encoded.")
+    return token_windows(tokenizer.encode(text), args.window, args.max_tokens)
+
+
+def add_text_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
+    p.add_argument("--window", type=int, default=128, help="tokens per forward window")
+
+
+def compile_cache_dir(flag_off: bool = False) -> str | None:
+    """Where the CLI keeps compiled programs between runs (JAX's persistent compilation cache).
+
+    SPARSEINFER_COMPILE_CACHE names the folder, or turns the cache off with "off" (as does
+    `--no-compile-cache`); default: $XDG_CACHE_HOME/sparseinfer/jax (~/.cache/...). A folder set
+    with JAX_COMPILATION_CACHE_DIR is JAX's own choice and left alone (None).
+    """
+    setting = os.environ.get("SPARSEINFER_COMPILE_CACHE", "").strip()
+    if flag_off or setting.lower() in ("off", "0", "false", "no"):
+        return None
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    if setting:
+        return os.path.expanduser(setting)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sparseinfer", "jax")
+
+
+def use_compile_cache(args: argparse.Namespace) -> None:
+    """Turns JAX's persistent compilation cache on: a program compiled once for a prompt/output
+    bucket (tens of seconds for a 7B model on a CPU, growing with depth) loads in about a second
+    in every later run."""
+    folder = compile_cache_dir(args.no_compile_cache)
+    if folder is None:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)

@@ -1,0 +1,56 @@
+"""`sparseinfer compile-report`: compile the kernels and programs for GPUs without one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax
+
+from sparseinfer_jax.bench.compile_report import HEADER, SHAPES, failures, run
+from sparseinfer_jax.bench.gpu_spec import DEFAULT_GPUS, GPUS
+from sparseinfer_jax.bench.shapes import DTYPES
+from sparseinfer_jax.errors import UserError
+
+
+def command(args: argparse.Namespace) -> int:
+    """`sparseinfer compile-report`: prints the table, writes --json, exit 1 on a failure."""
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise UserError(
+            f"--batches must be a comma list of integers, got '{args.batches}'.") from None
+    gpus = list(GPUS) if args.gpu == "all" else args.gpu.split(",")
+    # The plugin registers only when JAX's platform is the CPU (else it looks for a GPU driver);
+    # the cuda backend then still compiles, for the compile-only devices of a topology.
+    jax.config.update("jax_platforms", "cpu")
+    # Compile-only executables cannot be loaded back from JAX's persistent cache (a rerun warned
+    # "PjRtCompiler must be constructed with a Client"), and nothing here is run: keep it off.
+    jax.config.update("jax_enable_compilation_cache", False)
+    print(HEADER, flush=True)
+    records = run(gpus, args.shape, batches, layers=args.layers, dtype=args.dtype,
+                  programs=not args.no_programs, log=lambda s: print(s, flush=True))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    bad = failures(records)
+    for line in bad:
+        print(f"FAILED: {line}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def add_parser(sub) -> None:
+    """Adds the `compile-report` subcommand to the `sparseinfer` parser's subparsers."""
+    p = sub.add_parser("compile-report",
+                       help="compile every kernel and the decode program for GPUs, offline")
+    p.add_argument("--gpu", default=",".join(DEFAULT_GPUS),
+                   help=f"comma list of {', '.join(GPUS)}, or all")
+    p.add_argument("--shape", default="7b", help=", ".join(SHAPES))
+    p.add_argument("--batches", default="1,4,16", help="comma list of batch sizes")
+    p.add_argument("--layers", type=int, default=None,
+                   help="cut the programs' depth to N layers (their kernels are the same)")
+    p.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
+    p.add_argument("--no-programs", action="store_true", help="compile the kernels only")
+    p.add_argument("--json", default=None, help="write the records to this JSON file")
+    p.set_defaults(run=command)

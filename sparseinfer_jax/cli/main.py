@@ -1,0 +1,37 @@
+"""The `sparseinfer` command line."""
+
+from __future__ import annotations
+
+import argparse
+
+from sparseinfer_jax.cli import bench, calibrate, compile_report, evaluate, generate
+from sparseinfer_jax.cli.common import process_zero_prints, use_compile_cache
+from sparseinfer_jax.errors import (
+    run_command,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparseinfer", description=__doc__)
+    parser.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not keep compiled programs between runs (default folder: ~/.cache/sparseinfer/"
+        "jax; SPARSEINFER_COMPILE_CACHE=DIR or off sets it)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in (generate, calibrate, evaluate, bench, compile_report):
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `sparseinfer`; returns the exit status (2: a user error, 130: Ctrl-C)."""
+
+    def command() -> int:
+        args = build_parser().parse_args(argv)
+        use_compile_cache(args)  # compile-report turns it off again (`compile_report.command`)
+        with process_zero_prints(args):
+            return args.run(args)
+
+    return run_command(command)

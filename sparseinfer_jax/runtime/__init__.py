@@ -1,0 +1,1 @@
+"""Running a model: jit-compiled generation, sampling, streamed text, multi-process jobs."""

@@ -1,0 +1,1 @@
+"""Tuning and measuring the predictor: per-layer alpha calibration, evaluation, their plots."""
