@@ -252,12 +252,12 @@ def import_module(name, *args):
     return real(name, *args)
 
 importlib.import_module = import_module
-from sparseinfer_jax import console
+from sparseinfer_jax.cli import console
 getattr(console, sys.argv[2])()
 """
 
 
-@pytest.mark.parametrize("module, script", [("sparseinfer_jax.cli", "sparseinfer"),
+@pytest.mark.parametrize("module, script", [("sparseinfer_jax.cli.main", "sparseinfer"),
                                             ("convert.cli", "sparseinfer_convert")])
 def test_ctrl_c_while_jax_imports(module, script):
     """The console scripts import jax inside their Ctrl-C handling: one line, exit 130."""
