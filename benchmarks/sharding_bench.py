@@ -35,7 +35,7 @@ def random_1b(layers: int, mode: str, dtype: str) -> Llama:
     """The `bench` 1b shape cut to `layers`, random weights, alpha 1.0 (about half the neurons
     predicted active on random weights)."""
     model = random_model(shape_config("1b", layers), dtype)
-    model.mode, model.backend = mode, "xla"
+    model.sparsity = model.with_sparsity(mode=mode, backend="xla")
     return model
 
 

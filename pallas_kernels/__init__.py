@@ -23,6 +23,7 @@ from pallas_kernels.predict import sign_predict, threshold
 from pallas_kernels.signmag import signmag_predict
 from pallas_kernels.sparse_down import sparse_down
 from pallas_kernels.sparse_gate_up import ACTIVATIONS, sparse_gate_up
+from pallas_kernels.sparse_layer import sparse_mlp_layer
 from pallas_kernels.sparse_mlp import sparse_mlp
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "sparse_down",
     "sparse_gate_up",
     "sparse_mlp",
+    "sparse_mlp_layer",
     "threshold",
 ]

@@ -17,7 +17,7 @@ from sparseinfer_jax.api.loading import load
 from sparseinfer_jax.cli.main import main
 from sparseinfer_jax.io import checkpoint
 from sparseinfer_jax.io.text import token_windows
-from sparseinfer_jax.model.mlp import STAT_FIELDS
+from sparseinfer_jax.model.mlp import STAT_FIELDS, Sparsity
 from sparseinfer_jax.tuning.calibration import ALPHA_GRID, KEEP_ALL_ALPHA
 
 TEXT = (
@@ -56,7 +56,8 @@ def _measured_recall(path: str, text: str, alpha=None) -> np.ndarray:
         t = ids.shape[1]
         mask = jnp.tril(jnp.ones((t, t), bool))[None]
         pos = jnp.arange(t, dtype=jnp.int32)[None]
-        return model.forward(ids, pos, mask, mode="dense", backend="reference", stats="diagnostic")
+        return model.forward(ids, pos, mask, sparsity=Sparsity("dense", "reference"),
+                             stats="diagnostic")
 
     for ids in token_windows(tok.encode(open(text).read())):
         stats += np.asarray(forward(model, ids)[2])

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from sparseinfer_jax import UserError
+from sparseinfer_jax.model.mlp import Sparsity
 from sparseinfer_jax.model.sharding import make_mesh, parse_mesh
 
 MESHES = ((1, 4), (2, 2), (4, 1))
@@ -86,7 +87,7 @@ def _random_checks(folder: str, bad_folder: str, out_dir: str) -> dict:
 
     def run_all(xs, m):
         return [
-            mlps[m](x, mode=mode, stats="diagnostic", mesh=m)
+            mlps[m](x, sparsity=Sparsity(mode), stats="diagnostic", mesh=m)
             for x, (_, mode) in zip(xs, cases, strict=True)
         ]
 

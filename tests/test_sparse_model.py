@@ -11,6 +11,7 @@ import pytest
 
 import pallas_kernels as pk
 from sparseinfer_jax import generate, load
+from sparseinfer_jax.model.mlp import Sparsity
 from sparseinfer_jax.runtime.generation import compilation_count
 
 F32_RTOL = 1e-5
@@ -37,7 +38,7 @@ def test_sparse_mlp_equals_dense_on_the_predicted_mask(tiny, backend, batch):
     x = x.at[0, 0, :3].set(0.0)
     for alpha in (0.5, 1.0, 3.0):
         mlp.alpha.value = jnp.float32(alpha)
-        y, stats = mlp(x, mode="sparse", backend=backend, stats="diagnostic")
+        y, stats = mlp(x, sparsity=Sparsity("sparse", backend), stats="diagnostic")
         active, _ = pk.sign_predict(
             x[:, 0], mlp.gate_sign_bits[...], jnp.float32(alpha), backend="reference"
         )
@@ -56,8 +57,8 @@ def test_keep_everything_alpha_equals_dense(tiny, backend):
     mlp = first_mlp(tiny)
     mlp.alpha.value = jnp.float32(jnp.inf)
     x = jax.random.normal(jax.random.key(7), (2, 1, tiny.config.hidden_size))
-    sparse, stats = mlp(x, mode="sparse", backend=backend, stats="predicted")
-    dense, _ = mlp(x, mode="dense")
+    sparse, stats = mlp(x, sparsity=Sparsity("sparse", backend), stats="predicted")
+    dense, _ = mlp(x, sparsity=Sparsity("dense"))
     np.testing.assert_allclose(sparse, dense, rtol=F32_RTOL, atol=F32_RTOL)
     assert int(stats[-2]) == tiny.config.intermediate_size
     assert int(stats[-1]) < tiny.config.intermediate_size  # ReLU: some gates never fire
@@ -66,8 +67,8 @@ def test_keep_everything_alpha_equals_dense(tiny, backend):
 def test_xla_path_equals_pallas_path(tiny):
     mlp = first_mlp(tiny)
     x = jax.random.normal(jax.random.key(3), (4, 1, tiny.config.hidden_size))
-    a, _ = mlp(x, mode="sparse", backend="xla")
-    b, _ = mlp(x, mode="sparse", backend="pallas")
+    a, _ = mlp(x, sparsity=Sparsity("sparse", "xla"))
+    b, _ = mlp(x, sparsity=Sparsity("sparse", "pallas"))
     np.testing.assert_allclose(a, b, rtol=F32_RTOL, atol=F32_RTOL)
 
 
@@ -133,14 +134,11 @@ def test_working_alpha_runs_in_one_program_and_reports_stats(tiny):
 def test_signmag_predictor_selects_the_computed_neurons(tiny, backend):
     mlp = first_mlp(tiny)
     x = jax.random.normal(jax.random.key(11), (3, 1, tiny.config.hidden_size))
-    mlp.predictor, mlp.alpha.value = "signmag", jnp.float32(1.2)
-    try:
-        y, stats = mlp(x, mode="sparse", backend=backend, stats="predicted")
-        active, _, _ = pk.signmag_predict(
-            x[:, 0], mlp.gate_sign_bits[...], jnp.float32(1.2), backend="reference"
-        )
-    finally:
-        mlp.predictor = "sign"
+    mlp.alpha.value = jnp.float32(1.2)
+    y, stats = mlp(x, sparsity=Sparsity("sparse", backend, "signmag"), stats="predicted")
+    active, _, _ = pk.signmag_predict(
+        x[:, 0], mlp.gate_sign_bits[...], jnp.float32(1.2), backend="reference"
+    )
     expected = mlp.down(jnp.where(active[None], mlp.hidden(x[:, 0]), 0.0))
     np.testing.assert_allclose(y[:, 0], expected, rtol=F32_RTOL, atol=F32_RTOL)
     assert int(stats[-2]) == int(active.sum()) < tiny.config.intermediate_size

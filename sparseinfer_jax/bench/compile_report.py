@@ -229,13 +229,14 @@ def kernel_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable, *,
 
 
 def _generate_program(state, tokens, pad, follow, temperature, top_p, penalty, key, stop, alpha,
-                      *, graphdef, mode, backend, top_k, eos_ids, pad_id):
-    """What `generate` runs, as one program: the dense prefill, then the decode loop in `mode`."""
-    shared = dict(graphdef=graphdef, backend=backend, top_k=top_k, eos_ids=eos_ids, pad_id=pad_id)
+                      *, graphdef, sparsity, top_k, eos_ids, pad_id):
+    """What `generate` runs, as one program: the dense prefill, then the decode loop as
+    `sparsity` says."""
+    shared = dict(graphdef=graphdef, top_k=top_k, eos_ids=eos_ids, pad_id=pad_id)
     cache, loop = generation._prefill(state, tokens, pad, follow, temperature, top_p, penalty, key,
                                       **shared)
     return generation._decode(state, cache, loop, pad, stop, temperature, top_p, penalty, alpha,
-                              mode=mode, stats=None, **shared)
+                              sparsity=sparsity, stats=None, **shared)
 
 
 def program_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable) -> list[Case]:
@@ -250,7 +251,7 @@ def program_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable) -> list[Ca
                                     backend="pallas"))
         graphdef, state = nnx.split(model)
         state = jax.tree.map(lambda a: sds(a.shape, a.dtype), state)
-        statics = dict(mode=mode, backend="pallas", top_k=None,
+        statics = dict(sparsity=model.sparsity, top_k=None,
                        eos_ids=tuple(cfg.eos_token_ids), pad_id=int(cfg.pad_token_id or 0))
         args = (state, sds((batch, prompt), jnp.int32), sds((batch,), jnp.int32),
                 sds((batch, new), jnp.int32), scalar, scalar, scalar, sds(key.shape, key.dtype),

@@ -12,6 +12,7 @@ head_dim, V vocab, L layers.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -20,7 +21,7 @@ from flax import nnx
 
 from sparseinfer_jax.model.config import LlamaConfig
 from sparseinfer_jax.model.matmul import dot
-from sparseinfer_jax.model.mlp import MLP
+from sparseinfer_jax.model.mlp import MLP, Sparsity
 from sparseinfer_jax.model.rope import apply_rope, rope_tables
 from sparseinfer_jax.model.sharding import as_mesh
 
@@ -128,11 +129,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache, cache_index, *, mode, backend, stats, mesh):
+    def __call__(self, x, cos, sin, mask, cache, cache_index, *, sparsity, stats, mesh):
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
         x = x + attn
         mlp, layer_stats = self.mlp(
-            self.post_attention_layernorm(x), mode=mode, backend=backend, stats=stats, mesh=mesh
+            self.post_attention_layernorm(x), sparsity=sparsity, stats=stats, mesh=mesh
         )
         return x + mlp, cache, layer_stats
 
@@ -150,7 +151,7 @@ class Llama(nnx.Module):
         backend: str = "auto",
     ):
         self.config = cfg
-        self.mode, self.backend = mode, backend
+        self.sparsity = Sparsity(mode, backend)
         self.mesh = None
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
@@ -172,6 +173,22 @@ class Llama(nnx.Module):
         # Any mesh a user built (jax.make_mesh's Explicit axes, one axis) becomes the Auto
         # (data, model) mesh that generation and the sharded MLP expect.
         self._mesh = None if mesh is None else as_mesh(mesh)
+
+    @property
+    def mode(self) -> str:
+        """The decode-step MLP mode (`sparsity.mode`)."""
+        return self.sparsity.mode
+
+    @property
+    def backend(self) -> str:
+        """The sparse kernels' backend (`sparsity.backend`)."""
+        return self.sparsity.backend
+
+    def with_sparsity(self, **changes) -> Sparsity:
+        """The model's `sparsity` with the fields in `changes` that are not None replaced,
+        checked against the config (UserError for a bad value)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self.sparsity, **changes).check(self.config)
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -215,8 +232,7 @@ class Llama(nnx.Module):
         cache: KVCache | None = None,
         cache_index=None,
         *,
-        mode: str = "dense",
-        backend: str = "auto",
+        sparsity: Sparsity | None = None,
         stats: str | None = None,
     ):
         """The decoder stack.
@@ -226,7 +242,8 @@ class Llama(nnx.Module):
           positions: `[B, T]` int32 RoPE positions.
           mask: `[B, T, S]` bool attention mask (S = T without a cache).
           cache: KV cache to read and update at `cache_index`, or None.
-          mode, backend, stats: the MLP's (static), see `MLP.__call__`.
+          sparsity: how the MLPs run (static; default: the model's own `sparsity`).
+          stats: the MLP's (static), see `MLP.__call__`.
         Returns:
           hidden states `[B, T, D]`, the updated cache (or None) and per-layer stats `[L, 6]`
           (or None).
@@ -243,8 +260,7 @@ class Llama(nnx.Module):
                 mask,
                 layer_cache,
                 cache_index,
-                mode=mode,
-                backend=backend,
+                sparsity=sparsity or self.sparsity,
                 stats=stats,
                 mesh=self.mesh,
             )
@@ -274,6 +290,6 @@ class Llama(nnx.Module):
         causal = jnp.tril(jnp.ones((t, t), bool))
         mask = causal[None] & valid[:, None, :]
         x, _, _ = self.forward(
-            input_ids, positions, mask, mode=mode or self.mode, backend=backend or self.backend
+            input_ids, positions, mask, sparsity=self.with_sparsity(mode=mode, backend=backend)
         )
         return self.logits(x)

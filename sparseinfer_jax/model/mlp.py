@@ -26,6 +26,8 @@ without pretending the union over a prompt is sparse.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -45,12 +47,33 @@ BACKENDS = ("auto", "pallas", "xla", "reference")
 STAT_FIELDS = ("rows", "predicted_active", "true_active", "both_active", "computed", "fired")
 
 
+@dataclasses.dataclass(frozen=True)
+class Sparsity:
+    """How every MLP of a model runs: static (hashable; a change recompiles), held once by the
+    model (`Llama.sparsity`) and handed down to each layer's call. The per-layer alphas are data
+    beside it (`Llama.alphas`), so changing them never recompiles.
+
+    mode: one of MODES. backend: the sparse kernels' backend, one of BACKENDS. predictor: one of
+    PREDICTORS (the checkpoint's, set by `load`).
+    """
+
+    mode: str = "dense"
+    backend: str = "auto"
+    predictor: str = "sign"
+
+    def check(self, cfg: LlamaConfig) -> Sparsity:
+        """Returns self; UserError for an unknown field or a sparse mode on a non-ReLU model."""
+        check_mode(cfg, self.mode, self.backend)
+        if self.predictor not in PREDICTORS:
+            raise UserError(
+                f"predictor must be one of {', '.join(PREDICTORS)}, got '{self.predictor}'."
+            )
+        return self
+
+
 def set_predictor(model, kind: str) -> None:
-    """Sets every layer's predictor of `model` (a `Llama`) to `kind`, one of PREDICTORS."""
-    if kind not in PREDICTORS:
-        raise UserError(f"predictor must be one of {', '.join(PREDICTORS)}, got '{kind}'.")
-    for layer in model.layers:
-        layer.mlp.predictor = kind
+    """Sets the predictor of `model` (a `Llama`) to `kind`, one of PREDICTORS."""
+    model.sparsity = dataclasses.replace(model.sparsity, predictor=kind).check(model.config)
 
 
 def predictor_share(cfg: LlamaConfig, itemsize: int) -> float:
@@ -97,8 +120,6 @@ class MLP(nnx.Module):
         self.down_t = nnx.Param(init(rngs.params(), (f, d), dtype))
         self.gate_sign_bits = SignBits(pack_sign_bits_reference(self.gate[...]))
         self.alpha = Alpha(jnp.float32(1.0))
-        # One of PREDICTORS (static: a change recompiles; set by `load` from the checkpoint).
-        self.predictor = "sign"
         self.activation = (
             "relu" if cfg.hidden_act == "fatrelu" and cfg.act_threshold == 0 else cfg.hidden_act
         )
@@ -122,27 +143,30 @@ class MLP(nnx.Module):
         w = self.down_t[...]
         return dot(h.astype(w.dtype), w, 0).astype(w.dtype)
 
-    def votes(self, x: jnp.ndarray, backend: str) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    def votes(
+        self, x: jnp.ndarray, predictor: str, backend: str
+    ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
         """The predictor's counts for `x: [N, D]`: (union mask `[F]`, negative votes `[N, F]`,
         vote totals `[N]`); a row predicts a neuron active iff `n_neg <= threshold(alpha, total)`.
         """
         bits, alpha = self.gate_sign_bits[...], self.alpha[...]
-        if self.predictor == "signmag":
+        if predictor == "signmag":
             return pk.signmag_predict(x, bits, alpha, backend=backend)
         active, n_neg = pk.sign_predict(x, bits, alpha, backend=backend)
         return active, n_neg, jnp.sum(x != 0, axis=-1, dtype=jnp.int32)
 
-    def predict(self, x: jnp.ndarray, backend: str) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def predict(
+        self, x: jnp.ndarray, predictor: str, backend: str
+    ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Prediction for `x: [N, D]` -> (union mask `[F]`, per-row mask `[N, F]`)."""
-        active, n_neg, total = self.votes(x, backend)
+        active, n_neg, total = self.votes(x, predictor, backend)
         return active, n_neg <= pk.threshold(self.alpha[...], total[:, None])
 
     def __call__(
         self,
         x: jnp.ndarray,
         *,
-        mode: str = "dense",
-        backend: str = "auto",
+        sparsity: Sparsity = Sparsity(),
         stats: str | None = None,
         mesh: Mesh | None = None,
     ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
@@ -150,8 +174,7 @@ class MLP(nnx.Module):
 
         Args:
           x: `[B, T, D]` activations after the post-attention RMSNorm.
-          mode: one of MODES (static).
-          backend: kernel backend for the sparse path, one of BACKENDS (static).
+          sparsity: mode, backend and predictor (static; the model's `Llama.sparsity`).
           stats: None, "predicted" (predictor statistics) or "diagnostic" (also the true mask,
             which costs the full gate matvec).
           mesh: a `(data, model)` mesh to run tensor-parallel on (see `sharded`), or None.
@@ -161,19 +184,19 @@ class MLP(nnx.Module):
           predicted-active neurons, truly active neurons, neurons both predicted and truly active
           (all summed over rows; the last two are 0 unless "diagnostic"), neurons whose gate row
           the layer read (the candidates, one union over the rows), and neurons whose up and down
-          rows it read (the candidates that fired; see `pallas_kernels.sparse_mlp`).
+          rows it read (the candidates that fired; see `pallas_kernels.sparse_mlp_layer`).
         """
         b, t, _ = x.shape
         if mesh is None:
-            y, counts = self.apply(x, mode, backend, stats)
+            y, counts = self.apply(x, sparsity, stats)
         else:
-            y, counts = self.sharded(x, mode, backend, stats, mesh)
+            y, counts = self.sharded(x, sparsity, stats, mesh)
         if not stats:
             return y, None
         return y, jnp.concatenate([jnp.full((1,), b * t, jnp.int32), counts])
 
     def apply(
-        self, x: jnp.ndarray, mode: str, backend: str, stats: str | None, data_axis=None
+        self, x: jnp.ndarray, sparsity: Sparsity, stats: str | None, data_axis=None
     ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
         """The MLP on `x: [B, T, D]` -> (`[B, T, D]` in the weights' dtype, counts `[5]` or None).
 
@@ -183,41 +206,35 @@ class MLP(nnx.Module):
         b, t, d = x.shape
         rows = x.reshape(b * t, d)
         f = self.gate.shape[0]
+        mode, predictor, backend = sparsity.mode, sparsity.predictor, sparsity.backend
         predicted = true_mask = None
         if mode == "dense":
             y, computed = self.down(self.hidden(rows)), jnp.int32(f)
             fired = computed
         elif t > 1:
             h = self.hidden(rows)
-            mask = self.predict(rows, backend)[1] if mode == "sparse" else h != 0
+            mask = self.predict(rows, predictor, backend)[1] if mode == "sparse" else h != 0
             y, computed = self.down(jnp.where(mask, h, 0.0)), jnp.int32(f)
             fired = computed
             predicted, true_mask = (mask, h != 0) if mode == "sparse" else (None, mask)
         else:
-            if mode == "sparse":
-                active, predicted = self.predict(rows, backend)
-            else:
-                true_mask = self.hidden(rows) != 0
-                active = jnp.any(true_mask, axis=0)
-            if data_axis is not None:
-                # One union over the whole batch, as on one device, so results do not depend on
-                # how the rows are split.
-                active = jax.lax.psum(active.astype(jnp.int32), data_axis) > 0
-            idx, computed = pk.compact(active, backend=backend)
-            y, fired = pk.sparse_mlp(
+            # Decoding: the whole sparse MLP is one op per layer; each backend keeps its own
+            # representation of the active set inside it.
+            y, (n_predicted, computed, fired) = pk.sparse_mlp_layer(
                 rows,
                 self.gate[...],
                 self.up[...],
                 self.down_t[...],
-                idx,
-                computed,
+                self.gate_sign_bits[...],
+                self.alpha[...],
+                predictor="oracle" if mode == "oracle" else predictor,
                 activation=self.activation,
                 threshold=self.threshold,
                 backend=backend,
+                union_axis=data_axis,
             )
-            if data_axis is not None:  # fired by any row of the batch, like `active` above
-                fired = jax.lax.psum(fired.astype(jnp.int32), data_axis) > 0
-            fired = jnp.sum(fired, dtype=jnp.int32)
+            if stats == "predicted" and mode == "sparse":
+                predicted = n_predicted
         y = y.reshape(b, t, d)
         if not stats:
             return y, None
@@ -225,21 +242,24 @@ class MLP(nnx.Module):
             true_mask = jnp.zeros((), bool)
         elif true_mask is None:
             true_mask = self.hidden(rows) != 0
-        if predicted is None:
-            predicted = self.predict(rows, backend)[1]
         count = lambda m: jnp.sum(m, dtype=jnp.int32)  # noqa: E731
+        if predicted is None:  # the predictor's per-row masks, whatever the mode
+            predicted = self.predict(rows, predictor, backend)[1]
+        # A count from the op (decoding, "predicted" stats: no true mask, so none both) or a mask.
+        n_predicted = predicted if predicted.ndim == 0 else count(predicted)
+        both = count(predicted & true_mask) if predicted.ndim else jnp.int32(0)
         return y, jnp.stack(
             [
-                count(predicted),
+                n_predicted.astype(jnp.int32),
                 count(true_mask),
-                count(predicted & true_mask),
+                both,
                 computed.astype(jnp.int32),
                 fired.astype(jnp.int32),
             ]
         )
 
     def sharded(
-        self, x: jnp.ndarray, mode: str, backend: str, stats: str | None, mesh: Mesh
+        self, x: jnp.ndarray, sparsity: Sparsity, stats: str | None, mesh: Mesh
     ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
         """`apply` tensor-parallel: each device of the `model` axis runs it on its own neurons.
 
@@ -254,7 +274,7 @@ class MLP(nnx.Module):
         row_axes = ("model",) if data is None else ("model", data)
 
         def local(state, x):
-            y, counts = nnx.merge(graphdef, state).apply(x, mode, backend, stats, data)
+            y, counts = nnx.merge(graphdef, state).apply(x, sparsity, stats, data)
             y = jax.lax.psum(y.astype(jnp.float32), "model")
             if counts is not None:
                 # Row counts add up over data shards; the computed count (of the one union over

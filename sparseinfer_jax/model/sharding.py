@@ -247,8 +247,8 @@ def _shard_counts(model, input_ids, num_shards):
         attn, _ = layer.self_attn(layer.input_layernorm(x), cos, sin, mask)
         x = x + attn
         h = layer.post_attention_layernorm(x)
-        per_row = layer.mlp.predict(h.reshape(b * t, -1), "xla")[1]  # [T, F]
+        per_row = layer.mlp.predict(h.reshape(b * t, -1), model.sparsity.predictor, "xla")[1]
         counts.append(per_row.reshape(b * t, num_shards, -1).sum(-1, dtype=jnp.int32))
-        y, _ = layer.mlp(h, mode="dense")
+        y, _ = layer.mlp(h)  # dense
         x = x + y
     return jnp.stack(counts)

@@ -32,7 +32,7 @@ from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model import sharding
 from sparseinfer_jax.model.config import alpha_per_layer
 from sparseinfer_jax.model.llama import KVCache, Llama
-from sparseinfer_jax.model.mlp import STAT_FIELDS, bytes_fraction, check_mode, predictor_share
+from sparseinfer_jax.model.mlp import STAT_FIELDS, bytes_fraction, predictor_share
 from sparseinfer_jax.runtime.sampling import penalize_repeats, sample
 
 MIN_BUCKET = 16
@@ -172,8 +172,8 @@ def _next_token(model: Llama, hidden, seen, key, follow, temperature, top_p, pen
 
 
 def _prefill(
-    state, tokens, pad, follow, temperature, top_p, penalty, key, *, graphdef, backend, top_k,
-    eos_ids, pad_id,
+    state, tokens, pad, follow, temperature, top_p, penalty, key, *, graphdef, top_k, eos_ids,
+    pad_id,
 ):
     """Dense prefill of left-padded `tokens [B, P]` (`pad [B]` pad counts) into a cache of
     `P + N` slots (`follow: [B, N]`); returns the cache and the state after the first new token.
@@ -193,7 +193,7 @@ def _prefill(
     positions = jnp.maximum(jnp.arange(p)[None, :] - pad[:, None], 0).astype(jnp.int32)
     mask = (slots[None, :] <= jnp.arange(p)[:, None])[None] & valid[:, None, :]
     hidden, cache, _ = model.forward(
-        tokens, positions, mask, cache, 0, mode="dense", backend=backend
+        tokens, positions, mask, cache, 0, sparsity=model.with_sparsity(mode="dense")
     )
     rows = jnp.arange(b)[:, None]
     counts = jnp.zeros((b, cfg.vocab_size), jnp.int32)
@@ -216,11 +216,11 @@ def _prefill(
 
 
 def _decode(
-    state, cache, loop, pad, stop, temperature, top_p, penalty, alpha, *, graphdef, mode,
-    backend, stats, top_k, eos_ids, pad_id,
+    state, cache, loop, pad, stop, temperature, top_p, penalty, alpha, *, graphdef, sparsity,
+    stats, top_k, eos_ids, pad_id,
 ):
-    """Decode steps (one token per row, the MLP in `mode`) from `loop` until `stop` new tokens
-    or every row's EOS; returns the cache and the loop state."""
+    """Decode steps (one token per row, the MLP as `sparsity` says) from `loop` until `stop` new
+    tokens or every row's EOS; returns the cache and the loop state."""
     model: Llama = nnx.merge(graphdef, state)
     model.set_alphas(alpha)
     b, n = loop.out.shape
@@ -239,8 +239,7 @@ def _decode(
         positions = (slot - pad)[:, None].astype(jnp.int32)
         mask = ((slots <= slot)[None, :] & valid)[:, None, :]
         hidden, cache, layer_stats = model.forward(
-            loop.tok[:, None], positions, mask, cache, slot, mode=mode, backend=backend,
-            stats=stats,
+            loop.tok[:, None], positions, mask, cache, slot, sparsity=sparsity, stats=stats,
         )
         follow = jax.lax.dynamic_index_in_dim(loop.follow, loop.step, axis=1, keepdims=False)
         new, agreed, key = _next_token(
@@ -357,8 +356,6 @@ def _check(
     model: Llama,
     ids: list[list[int]],
     max_new_tokens: int,
-    mode: str,
-    backend: str,
     stats: str | None,
 ) -> None:
     if any(len(row) == 0 for row in ids):
@@ -370,7 +367,6 @@ def _check(
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     if stats not in STATS:
         raise UserError(f"stats must be one of {STATS}, got {stats!r}.")
-    check_mode(model.config, mode, backend)
     _check_length(model, ids, max_new_tokens)
 
 
@@ -449,12 +445,11 @@ def generate(
     Returns:
       A GenerationResult.
     """
-    mode = mode or model.mode
-    backend = backend or model.backend
+    sparsity = model.with_sparsity(mode=mode, backend=backend)
     check_sampling(temperature, top_p, top_k)
     top_p = 1.0 if top_p is None else float(top_p)
     ids = _encode(prompts, tokenizer)
-    _check(model, ids, max_new_tokens, mode, backend, stats)
+    _check(model, ids, max_new_tokens, stats)
     if not (math.isfinite(repetition_penalty) and repetition_penalty >= 1):
         raise UserError(
             f"repetition_penalty must be a finite number >= 1 (1 = off), got {repetition_penalty}."
@@ -475,7 +470,7 @@ def generate(
     forced = _follow_array(follow, len(ids), n, max_new_tokens, cfg.vocab_size)
 
     graphdef, state = nnx.split(model)
-    shared = dict(backend=backend, top_k=top_k, eos_ids=eos_ids, pad_id=int(pad_id))
+    shared = dict(top_k=top_k, eos_ids=eos_ids, pad_id=int(pad_id))
     data = (
         tokens,
         pad,
@@ -523,7 +518,7 @@ def generate(
         jax.block_until_ready(loop)
         prefill_s = time.perf_counter() - start
 
-    decode_statics = dict(mode=mode, stats=stats, **shared)
+    decode_statics = dict(sparsity=sparsity, stats=stats, **shared)
     decode_args = (state, cache, loop, pad_d, put_scalar(np.int32(max_new_tokens)),
                    temperature_d, top_p_d, penalty_d, alpha_d)
     # The cache is donated, so each call updates it in place; the small loop state is not, so
@@ -550,7 +545,8 @@ def generate(
         decode_s = (end - decode_start) / (steps - 1)
     layer_stats = None
     if stats is not None:
-        share = predictor_share(cfg, jnp.dtype(model.dtype).itemsize) if mode == "sparse" else 0.0
+        sparse = sparsity.mode == "sparse"
+        share = predictor_share(cfg, jnp.dtype(model.dtype).itemsize) if sparse else 0.0
         layer_stats = LayerStats.from_sums(
             np.asarray(loop.stat_sums), steps - 1, cfg.intermediate_size, stats == "diagnostic",
             share,

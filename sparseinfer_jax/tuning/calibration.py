@@ -68,8 +68,8 @@ MIN_TOKENS, FEW_TOKENS = 64, 1000
 log = logging.getLogger(__name__)
 
 
-@nnx.jit
-def _layer_counts(layer, x, cos, sin, mask, alphas):
+@nnx.jit(static_argnames="predictor")
+def _layer_counts(layer, x, cos, sin, mask, alphas, predictor):
     """One layer of `window_counts`: (x after the layer, its counts). Compiled once for all the
     layers (they share one structure), so compile time does not grow with depth."""
     b, t = x.shape[:2]
@@ -79,7 +79,7 @@ def _layer_counts(layer, x, cos, sin, mask, alphas):
     rows = layer.post_attention_layernorm(x).reshape(b * t, -1)
     h = layer.mlp.hidden(rows)
     true = h != 0
-    _, n_neg, total = layer.mlp.votes(rows, "xla")
+    _, n_neg, total = layer.mlp.votes(rows, predictor, "xla")
     tau = threshold(alphas[None, :], total[:, None])  # [N, G], ascending in G
     # First grid index whose tau admits n_neg: the neuron is predicted active from there on.
     first = jax.vmap(lambda tr, nr: jnp.searchsorted(tr, nr, side="left"))(tau, n_neg)
@@ -107,7 +107,7 @@ def window_counts(model, input_ids, alphas):
     x = model.embed_tokens(input_ids)
     out = []
     for layer in model.layers:
-        x, counts = _layer_counts(layer, x, cos, sin, mask, alphas)
+        x, counts = _layer_counts(layer, x, cos, sin, mask, alphas, model.sparsity.predictor)
         out.append(counts)
     return tuple(jnp.stack(c) for c in zip(*out, strict=True))
 
@@ -232,7 +232,7 @@ def calibrate(
         grid_sparsity=grid_sparsity,
         dense_perplexity=dense_ppl,
         perplexity=ppl,
-        predictor=model.layers[0].mlp.predictor,
+        predictor=model.sparsity.predictor,
         mlp_bytes_fraction=nbytes,
     )
 

@@ -41,7 +41,8 @@ def window_logits(model, input_ids, *, mode: str, backend: str, diagnostic: bool
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     stats = "diagnostic" if diagnostic and mode != "dense" else None
     x, _, layer_stats = model.forward(
-        input_ids, positions, mask, mode=mode, backend=backend, stats=stats
+        input_ids, positions, mask, sparsity=model.with_sparsity(mode=mode, backend=backend),
+        stats=stats,
     )
     out = model.logits(x), layer_stats
     if model.mesh is not None:  # replicated, so that every process of a multi-host job can read it
