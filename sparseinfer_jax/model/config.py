@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
+import pallas_kernels as pk
 from sparseinfer_jax.errors import UserError
 
-ACTIVATIONS = ("relu", "fatrelu", "silu")
-SPARSE_ACTIVATIONS = ("relu", "fatrelu")
+# The ReLU family (exact zeros, so SparseInfer applies) is the kernels' list; silu runs dense.
+ACTIVATIONS = (*pk.ACTIVATIONS, "silu")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ARCHITECTURES = ("LlamaForCausalLM", "SparseLlamaForCausalLM")
 MODEL_TYPES = ("llama", "sparsellama")
@@ -56,16 +57,12 @@ class LlamaConfig:
     @property
     def is_relu_family(self) -> bool:
         """True when the activation leaves exact zeros, so SparseInfer applies."""
-        return self.hidden_act in SPARSE_ACTIVATIONS
+        return self.hidden_act in pk.ACTIVATIONS
 
     @property
     def sign_words(self) -> int:
         """uint32 words per packed sign-bit row of W_gate: ceil(hidden_size / 32)."""
-        return -(-self.hidden_size // 32)
-
-    @property
-    def num_kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
+        return pk.num_words(self.hidden_size)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The Hugging Face `config.json` fields this config was built from."""

@@ -34,13 +34,14 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
 from pallas_kernels.pack import pack_sign_bits_reference
+from pallas_kernels.sparse_gate_up import activate
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model import sharding
 from sparseinfer_jax.model.config import PREDICTORS, LlamaConfig
 from sparseinfer_jax.model.matmul import dot
 
 MODES = ("dense", "sparse", "oracle")
-BACKENDS = ("auto", "pallas", "xla", "reference")
+BACKENDS = pk.BACKENDS
 # Per-layer predictor statistics, summed over rows (one token each): see `MLP.__call__`.
 STAT_FIELDS = ("rows", "predicted_active", "true_active", "both_active", "computed", "fired")
 
@@ -108,9 +109,7 @@ class MLP(nnx.Module):
         """The activation on float32 pre-activations."""
         if self.activation == "silu":
             return jax.nn.silu(z)
-        if self.activation == "fatrelu":
-            return jnp.where(z > self.threshold, z, 0.0)
-        return jnp.maximum(z, 0.0)
+        return activate(z, self.activation, self.threshold)
 
     def hidden(self, x: jnp.ndarray) -> jnp.ndarray:
         """act(gate x) * (up x) for every neuron: `x: [N, D]` -> `[N, F]` float32."""
