@@ -54,18 +54,6 @@ def set_predictor(model, kind: str) -> None:
         layer.mlp.predictor = kind
 
 
-def predictor_share(cfg: LlamaConfig, itemsize: int) -> float:
-    """Bytes of the packed gate sign bits over the dense MLP's weights (gate, up, down) per layer:
-    F * W * 4 / (3 * F * D * itemsize)."""
-    return 4 * cfg.sign_words / (3 * cfg.hidden_size * itemsize)
-
-
-def bytes_fraction(computed, fired, neurons: int, share: float):
-    """MLP bytes read over the dense MLP's: `share` (the predictor) plus the gate rows of
-    `computed` candidates and the up and down rows of `fired` neurons, out of 3 x `neurons`."""
-    return (computed + 2 * fired) / (3 * neurons) + share
-
-
 def check_mode(cfg: LlamaConfig, mode: str, backend: str) -> None:
     """Raises UserError for an unknown mode or backend, or a sparse mode on a non-ReLU model."""
     if mode not in MODES:

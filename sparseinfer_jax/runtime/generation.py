@@ -32,7 +32,8 @@ from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model import sharding
 from sparseinfer_jax.model.config import alpha_per_layer
 from sparseinfer_jax.model.llama import KVCache, Llama
-from sparseinfer_jax.model.mlp import STAT_FIELDS, bytes_fraction, check_mode, predictor_share
+from sparseinfer_jax.model.metrics import layer_metrics, predictor_share
+from sparseinfer_jax.model.mlp import STAT_FIELDS, check_mode
 from sparseinfer_jax.runtime.sampling import penalize_repeats, sample
 
 MIN_BUCKET = 16
@@ -67,12 +68,13 @@ class Timing:
 
 @dataclasses.dataclass(frozen=True)
 class LayerStats:
-    """Per-layer decode statistics, arrays `[L]`, summed over rows and decode steps.
+    """Per-layer decode statistics, arrays `[L]`, summed over rows and decode steps
+    (`metrics.layer_metrics` defines each; true_sparsity, recall and precision need "diagnostic").
 
     computed_fraction: gate rows read per step over F (the union of the rows' candidates);
     fired_fraction: up and down rows read per step over F (the candidates that fired);
     mlp_bytes_fraction: MLP bytes read per step over the dense MLP's, predictor included
-    (`mlp.bytes_fraction`).
+    (`metrics.bytes_fraction`).
     """
 
     predicted_sparsity: np.ndarray
@@ -89,23 +91,12 @@ class LayerStats:
     ) -> LayerStats:
         """From the summed STAT_FIELDS `[L, 6]`; `share` is the predictor's bytes fraction."""
         s = dict(zip(STAT_FIELDS, np.asarray(sums, np.float64).T, strict=True))
-        total = np.maximum(s["rows"] * num_neurons, 1)
-        per_step = max(steps * num_neurons, 1)
-        out = dict(
-            predicted_sparsity=1 - s["predicted_active"] / total,
-            computed_fraction=s["computed"] / per_step,
-            fired_fraction=s["fired"] / per_step,
-            mlp_bytes_fraction=bytes_fraction(
-                s["computed"] / per_step, s["fired"] / per_step, 1, share
-            ),
-        )
-        if diagnostic:
-            out.update(
-                true_sparsity=1 - s["true_active"] / total,
-                recall=s["both_active"] / np.maximum(s["true_active"], 1),
-                precision=s["both_active"] / np.maximum(s["predicted_active"], 1),
-            )
-        return cls(**out)
+        m = layer_metrics(s["rows"], s["predicted_active"], s["true_active"], s["both_active"],
+                          neurons=num_neurons, share=share, computed=s["computed"],
+                          fired=s["fired"], steps=steps)
+        keep = [f.name for f in dataclasses.fields(cls)
+                if diagnostic or f.name not in ("true_sparsity", "recall", "precision")]
+        return cls(**{k: m[k] for k in keep})
 
 
 @dataclasses.dataclass(frozen=True)
