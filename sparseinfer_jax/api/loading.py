@@ -29,8 +29,6 @@ from sparseinfer_jax.model.config import (
     alpha_per_layer,
     config_from_hf_dict,
     default_alpha,
-    is_calibrated,
-    predictor_kind,
 )
 from sparseinfer_jax.model.llama import Llama
 from sparseinfer_jax.model.mlp import check_mode, set_predictor
@@ -219,8 +217,8 @@ def load(
         leaves = (
             (tensor_path(name), reader.read(name)) for name in reader.files
         )
-        alpha = block.get("alpha") if alpha is None else alpha
-        dtype = _dtype(dtype) or DTYPES[block["dtype"]]
+        alpha = block.alpha if alpha is None else alpha
+        dtype = _dtype(dtype) or DTYPES[block.dtype]
         source = f"the checkpoint {path}"
         remedy = "convert the model again with sparseinfer-convert"
     else:
@@ -233,17 +231,16 @@ def load(
         hf, cfg, leaves = hf_folder.stream(folder, dtype=stream_dtype)
         tokenizer = load_tokenizer(folder)
         # An HF folder may carry a calibration (alphas, predictor) in the same block.
-        block = hf.get(checkpoint.BLOCK_KEY)
-        block_alpha = checkpoint.block_alpha(block, f"{folder}/config.json")
-        alpha = block_alpha if alpha is None else alpha
-        block = block or {}
+        block = checkpoint.SparseInferBlock.from_json(hf.get(checkpoint.BLOCK_KEY),
+                                                      f"{folder}/config.json")
+        alpha = block.alpha if alpha is None else alpha
         source, remedy = folder, "the checkpoint and its config.json disagree"
     if isinstance(mesh, str):
         mesh = _auto(mesh, cfg, dtype)
     model = assemble(cfg, leaves, dtype=dtype, alpha=alpha, mode=mode, backend=backend, mesh=mesh,
                      source=source, remedy=remedy)
-    set_predictor(model, predictor_kind(block))
-    if mode == "sparse" and not override and not is_calibrated(block):
+    set_predictor(model, block.predictor)
+    if mode == "sparse" and not override and not block.is_calibrated:
         from sparseinfer_jax.tuning.calibration import calibrate_in_memory
 
         calibrate_in_memory(model, tokenizer, path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 
@@ -103,15 +102,12 @@ def process_zero_prints(args: argparse.Namespace) -> contextlib.AbstractContextM
 def peek_config(path: str):
     """The model's LlamaConfig from its config.json alone (no weights read), so limits can be
     checked before a long load; None when it cannot be read here (`load` then says why)."""
-    from sparseinfer_jax.io import checkpoint
+    from sparseinfer_jax.io.source import read_hf_config
     from sparseinfer_jax.model.config import config_from_hf_dict
 
     try:
-        if checkpoint.is_checkpoint(path):
-            return config_from_hf_dict(checkpoint.read_checkpoint_config(path)[0])
-        with open(os.path.join(path, "config.json")) as f:
-            return config_from_hf_dict(json.load(f))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return config_from_hf_dict(read_hf_config(path))
+    except (UserError, OSError):
         return None
 
 

@@ -12,8 +12,8 @@ import numpy as np
 from pallas_kernels.pack import pack_sign_bits_numpy
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io import names
-from sparseinfer_jax.io.source import SafetensorsFolder, resolve_source
-from sparseinfer_jax.model.config import LlamaConfig, config_from_hf_dict, read_hf_config
+from sparseinfer_jax.io.source import SafetensorsFolder, read_hf_config, resolve_source
+from sparseinfer_jax.model.config import LlamaConfig, config_from_hf_dict
 
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import numpy as np
@@ -275,40 +273,7 @@ def config_from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
     )
 
 
-def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """Reads `config.json` from a folder, with a clear error when it is missing or not JSON."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{folder} has no config.json; point to a Hugging Face model folder.")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text; download it again.") from None
-    if not isinstance(hf, dict):
-        raise UserError(f"{path} must hold a JSON object, got {type(hf).__name__}.")
-    return hf
-
-
 PREDICTORS = ("sign", "signmag")
-
-
-def predictor_kind(block: dict[str, Any]) -> str:
-    """The predictor a `sparseinfer` config block names ("sign", the paper's, when absent)."""
-    kind = block.get("predictor", "sign")
-    if kind not in PREDICTORS:
-        raise UserError(
-            f"config.json field 'sparseinfer.predictor' is {kind!r}; use one of "
-            f"{', '.join(PREDICTORS)}."
-        )
-    return kind
-
-
-def is_calibrated(block: dict[str, Any]) -> bool:
-    """Whether a `sparseinfer` config block records a calibration (its "calibration" marker)."""
-    return bool(block.get("calibration"))
 
 
 def default_alpha(num_layers: int) -> list[float]:
