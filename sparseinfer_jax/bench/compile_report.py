@@ -49,8 +49,9 @@ from pallas_kernels.sparse_gate_up import num_live_programs as gate_up_live
 from pallas_kernels.sparse_gate_up import sparse_gate_up_pallas
 from sparseinfer_jax import bench
 from sparseinfer_jax.bench.gpu_spec import GpuSpec, gpu_spec
-from sparseinfer_jax.bench.shapes import DTYPES, PROMPT_TOKENS, shape_config
+from sparseinfer_jax.bench.shapes import PROMPT_TOKENS, shape_config
 from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.model import dtypes
 from sparseinfer_jax.model.config import LlamaConfig
 from sparseinfer_jax.model.llama import Llama
 from sparseinfer_jax.runtime import generation
@@ -314,10 +315,10 @@ def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None =
         sds = functools.partial(_abstract, NamedSharding(mesh, P()))
         with bk.targeting_gpu(mesh.abstract_mesh):
             for batch in batches:
-                cases = kernel_cases(cfg, batch, DTYPES[dtype], sds,
+                cases = kernel_cases(cfg, batch, dtypes.DTYPES[dtype], sds,
                                      pack_weights=batch == batches[0])
                 if programs:
-                    cases += program_cases(cfg, batch, DTYPES[dtype], sds)
+                    cases += program_cases(cfg, batch, dtypes.DTYPES[dtype], sds)
                 for case in cases:
                     rec = dict(gpu=spec.name, device_kind=spec.device_kind, shape=shape,
                                layers=cfg.num_hidden_layers, dtype=dtype, batch=batch,

@@ -35,6 +35,7 @@ from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io.jsonfile import read_json_object
 from sparseinfer_jax.io.tensorfiles import INDEX_FILE, SafetensorsFolder, tensor_path
 from sparseinfer_jax.model.config import PREDICTORS
+from sparseinfer_jax.model.dtypes import STORED
 
 FORMAT_VERSION = 3
 # What each older format was, for the message that asks to re-convert.
@@ -42,7 +43,6 @@ OLD_FORMATS = {1: "stacked layers", 2: "attention weights stored as (in, out)"}
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 BLOCK_KEY = "sparseinfer"
-DTYPES = ("bfloat16", "float32")
 # Room kept free beyond the checkpoint's own bytes (config, index, filesystem metadata).
 SPACE_MARGIN = 16 * 2**20
 
@@ -131,7 +131,7 @@ class SparseInferBlock:
 
 def new_block(alpha: list[float], dtype: str, source: str) -> SparseInferBlock:
     """The block of a freshly converted checkpoint (never calibrated)."""
-    assert dtype in DTYPES, dtype
+    assert dtype in STORED, dtype
     return SparseInferBlock(format_version=FORMAT_VERSION, alpha=tuple(float(a) for a in alpha),
                             dtype=dtype, source=source)
 
@@ -190,9 +190,9 @@ def read_checkpoint_config(
             f"{FORMAT_VERSION}); convert the model again with this version of sparseinfer-convert."
         )
     block = SparseInferBlock.from_json(raw, file)
-    if block.dtype not in DTYPES:
+    if block.dtype not in STORED:
         raise UserError(f"{file} field '{BLOCK_KEY}.dtype' is {block.dtype!r}, not one of "
-                        f"{', '.join(DTYPES)}; {_damaged(path)}.")
+                        f"{', '.join(STORED)}; {_damaged(path)}.")
     return config, block
 
 

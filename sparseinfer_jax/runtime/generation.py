@@ -281,7 +281,8 @@ def _memory_limit() -> int | None:
 def _check_length(model: Llama, ids: list[list[int]], max_new_tokens: int) -> None:
     """Prompt + new tokens within the model's positions, and a KV cache that can exist at all."""
     from sparseinfer_jax.io.text import position_limit
-    from sparseinfer_jax.model.memory import ITEMSIZE, estimate_memory
+    from sparseinfer_jax.model.dtypes import DTYPES
+    from sparseinfer_jax.model.memory import estimate_memory
 
     cfg = model.config
     longest, limit = max(len(row) for row in ids), position_limit(cfg)
@@ -294,7 +295,7 @@ def _check_length(model: Llama, ids: list[list[int]], max_new_tokens: int) -> No
     slots = bucket(longest) + bucket(max_new_tokens)
     name = jnp.dtype(model.dtype).name
     est = estimate_memory(cfg, batch=len(ids), context=slots, prompt=bucket(longest),
-                          dtype=name if name in ITEMSIZE else "float32")
+                          dtype=name if name in DTYPES else "float32")
     need, have = est.kv_cache_bytes + est.prefill_bytes, _memory_limit()
     shards = 1 if model.mesh is None else model.mesh.size
     if have and need / shards > have:
