@@ -21,6 +21,7 @@ from flax import nnx
 from sparseinfer_jax.model.config import LlamaConfig
 from sparseinfer_jax.model.matmul import dot
 from sparseinfer_jax.model.mlp import MLP
+from sparseinfer_jax.model.positions import causal_inputs
 from sparseinfer_jax.model.rope import apply_rope, rope_tables
 from sparseinfer_jax.model.sharding import as_mesh
 
@@ -269,10 +270,9 @@ class Llama(nnx.Module):
         default to the model's.
         """
         b, t = input_ids.shape
-        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = causal[None] & valid[:, None, :]
+        pad = (jnp.zeros((b,), jnp.int32) if attention_mask is None
+               else t - jnp.sum(attention_mask != 0, axis=1, dtype=jnp.int32))
+        positions, mask = causal_inputs(pad, jnp.arange(t), t)
         x, _, _ = self.forward(
             input_ids, positions, mask, mode=mode or self.mode, backend=backend or self.backend
         )

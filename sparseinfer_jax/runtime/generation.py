@@ -34,6 +34,7 @@ from sparseinfer_jax.model.config import alpha_per_layer
 from sparseinfer_jax.model.llama import KVCache, Llama
 from sparseinfer_jax.model.metrics import layer_metrics, predictor_share
 from sparseinfer_jax.model.mlp import STAT_FIELDS, check_mode
+from sparseinfer_jax.model.positions import causal_inputs
 from sparseinfer_jax.runtime.sampling import penalize_repeats, sample
 
 MIN_BUCKET = 16
@@ -176,19 +177,17 @@ def _prefill(
     cfg = model.config
     b, p = tokens.shape
     new_slots = follow.shape[1]
-    slots = jnp.arange(p + new_slots)
-    valid = slots[None, :] >= pad[:, None]
     cache = KVCache.zeros(cfg, b, p + new_slots, model.dtype)
     if model.mesh is not None:
         cache = jax.lax.with_sharding_constraint(cache, sharding.cache_sharding(cfg, model.mesh, b))
-    positions = jnp.maximum(jnp.arange(p)[None, :] - pad[:, None], 0).astype(jnp.int32)
-    mask = (slots[None, :] <= jnp.arange(p)[:, None])[None] & valid[:, None, :]
+    positions, mask = causal_inputs(pad, jnp.arange(p), p + new_slots)
     hidden, cache, _ = model.forward(
         tokens, positions, mask, cache, 0, mode="dense", backend=backend
     )
     rows = jnp.arange(b)[:, None]
     counts = jnp.zeros((b, cfg.vocab_size), jnp.int32)
-    seen = counts.at[rows, tokens].add(valid[:, :p].astype(jnp.int32)) > 0
+    real = jnp.arange(p)[None, :] >= pad[:, None]  # [B, P]: not left padding
+    seen = counts.at[rows, tokens].add(real.astype(jnp.int32)) > 0
     tok, agreed, key = _next_token(
         model, hidden[:, -1], seen, key, follow[:, 0], temperature, top_p, penalty, top_k
     )
@@ -216,8 +215,6 @@ def _decode(
     model.set_alphas(alpha)
     b, n = loop.out.shape
     p = cache.k[0].shape[1] - n
-    slots = jnp.arange(p + n)
-    valid = slots[None, :] >= pad[:, None]
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
     def cond(carry):
@@ -227,8 +224,7 @@ def _decode(
     def body(carry):
         cache, loop = carry
         slot = p + loop.step - 1
-        positions = (slot - pad)[:, None].astype(jnp.int32)
-        mask = ((slots <= slot)[None, :] & valid)[:, None, :]
+        positions, mask = causal_inputs(pad, slot[None], p + n)
         hidden, cache, layer_stats = model.forward(
             loop.tok[:, None], positions, mask, cache, slot, mode=mode, backend=backend,
             stats=stats,

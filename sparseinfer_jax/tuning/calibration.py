@@ -52,6 +52,7 @@ from sparseinfer_jax.io.text import check_windows, read_text, token_windows
 from sparseinfer_jax.model.config import PREDICTORS
 from sparseinfer_jax.model.metrics import layer_metrics, predictor_share
 from sparseinfer_jax.model.mlp import set_predictor
+from sparseinfer_jax.model.positions import full_causal_inputs
 from sparseinfer_jax.model.rope import rope_tables
 
 ALPHA_GRID = np.concatenate([np.round(np.arange(1, 401) * 0.01, 2), [np.inf]]).astype(np.float32)
@@ -100,8 +101,7 @@ def window_counts(model, input_ids, alphas):
     count `[L]` and rows `[L]` (all int32).
     """
     b, t = input_ids.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    positions, mask = full_causal_inputs(b, t)
     cos, sin = rope_tables(model.config, positions)
     x = model.embed_tokens(input_ids)
     out = []

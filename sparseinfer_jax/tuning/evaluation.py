@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from sparseinfer_jax.io.text import check_windows
 from sparseinfer_jax.model.metrics import layer_metrics, predictor_share
 from sparseinfer_jax.model.mlp import MODES, STAT_FIELDS
+from sparseinfer_jax.model.positions import full_causal_inputs
 
 
 @nnx.jit(static_argnames=["mode", "backend", "diagnostic"])
@@ -38,8 +39,7 @@ def window_logits(model, input_ids, *, mode: str, backend: str, diagnostic: bool
     """Full forward of `input_ids: [1, T]`: logits `[1, T, V]` and diagnostic stats `[L, 6]`
     (None in dense mode or without `diagnostic`)."""
     b, t = input_ids.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    positions, mask = full_causal_inputs(b, t)
     stats = "diagnostic" if diagnostic and mode != "dense" else None
     x, _, layer_stats = model.forward(
         input_ids, positions, mask, mode=mode, backend=backend, stats=stats
