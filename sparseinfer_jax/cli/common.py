@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 
 from sparseinfer_jax.errors import (
@@ -132,19 +131,10 @@ def check_report_outputs(args: argparse.Namespace) -> None:
 
 def check_text_args(args: argparse.Namespace) -> None:
     """Fails fast (before loading the model) on a bad text file or window sizes."""
-    from sparseinfer_jax.io.text import position_limit, read_text
+    from sparseinfer_jax.io.text import check_window_args, read_text
 
     read_text(args.text)
-    if args.max_tokens is not None and args.max_tokens < 2:
-        raise UserError(f"--max-tokens must be at least 2, got {args.max_tokens}.")
-    if args.window < 2:
-        raise UserError(f"--window must be at least 2, got {args.window}.")
-    cfg = peek_config(model_path(args))
-    if cfg is not None and args.window > (position_limit(cfg) or math.inf):
-        raise UserError(
-            f"--window {args.window} exceeds the model's {cfg.max_position_embeddings} positions "
-            f"(max_position_embeddings); use --window {cfg.max_position_embeddings} or less."
-        )
+    check_window_args(args.window, args.max_tokens, peek_config(model_path(args)))
 
 
 def encode_windows(args: argparse.Namespace, tokenizer, model_path: str):

@@ -29,9 +29,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.io.text import position_limit
 from sparseinfer_jax.model import sharding
-from sparseinfer_jax.model.config import alpha_per_layer
+from sparseinfer_jax.model.config import LlamaConfig, alpha_per_layer
+from sparseinfer_jax.model.dtypes import DTYPES
 from sparseinfer_jax.model.llama import KVCache, Llama
+from sparseinfer_jax.model.memory import estimate_memory
 from sparseinfer_jax.model.metrics import layer_metrics, predictor_share
 from sparseinfer_jax.model.mlp import STAT_FIELDS, check_mode
 from sparseinfer_jax.model.positions import causal_inputs
@@ -276,9 +279,6 @@ def _memory_limit() -> int | None:
 
 def _check_length(model: Llama, ids: list[list[int]], max_new_tokens: int) -> None:
     """Prompt + new tokens within the model's positions, and a KV cache that can exist at all."""
-    from sparseinfer_jax.io.text import position_limit
-    from sparseinfer_jax.model.dtypes import DTYPES
-    from sparseinfer_jax.model.memory import estimate_memory
 
     cfg = model.config
     longest, limit = max(len(row) for row in ids), position_limit(cfg)
@@ -341,6 +341,21 @@ def check_sampling(temperature: float, top_p: float | None, top_k: int | None) -
         raise UserError(f"top_k must be at least 1, got {top_k}.")
 
 
+def check_new_tokens(max_new_tokens: int, cfg: LlamaConfig | None = None, *,
+                     flag: str = "max_new_tokens") -> None:
+    """Raises UserError for fewer than 1 new token or, given the model's `cfg`, as many as its
+    positions (no room left for a prompt); checkable before the model loads. `flag` names the
+    option in the message."""
+    if max_new_tokens < 1:
+        raise UserError(f"{flag} must be at least 1, got {max_new_tokens}.")
+    limit = None if cfg is None else position_limit(cfg)
+    if limit is not None and max_new_tokens >= limit:
+        raise UserError(
+            f"{flag} {max_new_tokens} leaves no room for a prompt within the model's {limit} "
+            "positions (max_position_embeddings); ask for fewer."
+        )
+
+
 def _check(
     model: Llama,
     ids: list[list[int]],
@@ -354,8 +369,7 @@ def _check(
     vocab = model.config.vocab_size
     if any(not 0 <= t < vocab for row in ids for t in row):
         raise UserError(f"a prompt token id is outside the vocabulary [0, {vocab}).")
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    check_new_tokens(max_new_tokens)
     if stats not in STATS:
         raise UserError(f"stats must be one of {STATS}, got {stats!r}.")
     check_mode(model.config, mode, backend)
