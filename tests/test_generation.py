@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from sparseinfer_jax import UserError, generate, load
-from sparseinfer_jax.runtime.generation import bucket, compilation_count
+from sparseinfer_jax.runtime.generation import compilation_count
+from sparseinfer_jax.runtime.requests import bucket
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from sparseinfer_jax.model.metrics import bytes_fraction, layer_metrics
 from sparseinfer_jax.model.mlp import STAT_FIELDS
-from sparseinfer_jax.runtime.generation import LayerStats
+from sparseinfer_jax.runtime.results import LayerStats
 from sparseinfer_jax.tuning.evaluation import _mode_entry
 
 F = 64
