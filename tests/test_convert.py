@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import make_hf_checkpoint
+from conftest import make_hf_checkpoint, read_params
 from safetensors.numpy import load_file, save_file
 
 from convert import convert, convert_in_memory
@@ -93,7 +93,7 @@ def test_round_trip_sharded_float32(sharded, tmp_path):
     out = convert(sharded, tmp_path / "ckpt", dtype="float32")
     assert out == str(tmp_path / "ckpt")
     assert checkpoint.is_checkpoint(out)
-    assert_trees_equal(checkpoint.read_params(out), expected_params(sharded))
+    assert_trees_equal(read_params(out), expected_params(sharded))
     hf, block = checkpoint.read_checkpoint_config(out)
     with open(os.path.join(sharded, "config.json")) as f:
         assert hf == json.load(f)
@@ -108,7 +108,7 @@ def test_round_trip_sharded_float32(sharded, tmp_path):
 
 def test_tied_embeddings_have_no_lm_head(tied, tmp_path):
     out = convert(tied, tmp_path / "ckpt", dtype="float32", alpha=0.5)
-    params = checkpoint.read_params(out)
+    params = read_params(out)
     assert "lm_head" not in params
     assert_trees_equal(params, expected_params(tied))
     assert checkpoint.read_checkpoint_config(out)[1].alpha == (0.5,) * LAYERS
@@ -133,7 +133,7 @@ def test_bfloat16_is_float32_cast(sharded, tmp_path):
     assert_trees_equal(bf16, want)
     out = convert(sharded, tmp_path / "ckpt")
     assert checkpoint.read_checkpoint_config(out)[1].dtype == "bfloat16"
-    assert_trees_equal(checkpoint.read_params(out), bf16)
+    assert_trees_equal(read_params(out), bf16)
 
 
 @pytest.mark.parametrize("dtype", [None, "bfloat16", "float32"])

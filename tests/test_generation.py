@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import compilation_count
 
 from sparseinfer_jax import UserError, generate, load
-from sparseinfer_jax.runtime.generation import compilation_count
 from sparseinfer_jax.runtime.requests import bucket
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io.jsonfile import read_json_object
-from sparseinfer_jax.io.tensorfiles import INDEX_FILE, SafetensorsFolder, tensor_path
+from sparseinfer_jax.io.tensorfiles import INDEX_FILE, SafetensorsFolder
 from sparseinfer_jax.model.config import PREDICTORS
 from sparseinfer_jax.model.dtypes import STORED
 
@@ -323,17 +323,3 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
         raise
-
-
-def read_params(path: str | os.PathLike) -> dict[Any, Any]:
-    """Every array of `path/params/` on the host: a nested dict in the model's per-layer layout
-    (`{"layers": {i: {...}}, ...}`). For inspection; `load` streams them to devices instead."""
-    reader = open_params(path)
-    tree: dict[Any, Any] = {}
-    for name in reader.files:
-        *parents, leaf = tensor_path(name)
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = reader.read(name)
-    return tree

@@ -4,7 +4,7 @@ The layers are not stacked on a leading `[L]` axis and scanned: inside a scan ea
 are a slice of the stack, and XLA (on the CPU at least) copies that slice before every matvec,
 which made a decode step copy the whole model (`benchmarks/layer_stack.py`: 5x slower than
 separate arrays). A Python loop over separate arrays costs compile time linear in depth instead.
-Checkpoints store the same per-layer arrays (format 2), so loading never splits or stacks.
+Checkpoints store the same per-layer arrays, so loading never splits or stacks.
 Per-layer alpha is read and set as an `[L]` array with `Llama.alphas` / `Llama.set_alphas`.
 Shapes: B batch, T tokens in this call, S KV-cache slots, D hidden, H heads, K kv heads, hd
 head_dim, V vocab, L layers.
@@ -65,7 +65,7 @@ class Linear(nnx.Module):
 
     def __init__(self, din: int, dout: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         # Drawn as `nnx.Linear` draws its kernel, then transposed: the same seed gives the same
-        # initial weights as before format 3.
+        # initial weights as an `nnx.Linear`.
         kernel = nnx.initializers.normal(0.02)(rngs.params(), (din, dout), dtype)
         self.weight = nnx.Param(kernel.T)
 

@@ -49,12 +49,6 @@ STREAM_INTERVAL_S = 0.05
 _COMPILED: dict[Any, Any] = {}
 
 
-def compilation_count() -> int:
-    """Number of generation programs compiled in this process: a prefill and a decode program
-    per bucket and setting (dense and sparse decoding share the prefill)."""
-    return len(_COMPILED)
-
-
 class DecodeState(NamedTuple):
     """The decode loop's state between compiled calls (the KV cache travels beside it, donated).
 
