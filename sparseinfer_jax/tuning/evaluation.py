@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io.text import check_windows
 from sparseinfer_jax.model.metrics import layer_metrics, predictor_share
 from sparseinfer_jax.model.mlp import MODES, STAT_FIELDS
@@ -70,6 +71,14 @@ def perplexity(model, windows, *, mode: str = "dense", backend: str = "auto") ->
     return float(np.exp(nll / count))
 
 
+def check_modes(modes, flag: str = "modes") -> None:
+    """Raises UserError unless `modes` names one or more of MODES; `flag` names the option."""
+    modes = list(modes)
+    if not modes or any(m not in MODES for m in modes):
+        raise UserError(f"{flag} must name one or more of {', '.join(MODES)} (comma-separated), "
+                        f"got '{','.join(map(str, modes))}'.")
+
+
 def _mode_entry(mode: str, nll: float, count: int, agree: int, positions: int,
                 stats: np.ndarray, neurons: int, share: float) -> dict:
     """One mode's result: perplexity, and outside dense mode top-1 agreement and the per-layer
@@ -100,8 +109,7 @@ def evaluate(
     model, windows, *, modes=("dense", "sparse"), backend: str = "auto", progress: bool = False
 ) -> dict:
     """Runs every mode over `windows` (`[1, T]` int32 arrays) -> the JSON-ready result dict."""
-    for m in modes:
-        assert m in MODES, m
+    check_modes(modes)
     windows = list(windows)
     check_windows(model.config, windows)
     cfg = model.config
