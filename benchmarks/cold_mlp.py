@@ -22,15 +22,16 @@ import pallas_kernels as pk
 from pallas_kernels.sparse_down import matmul
 from pallas_kernels.sparse_gate_up import activate, matmul_t
 from sparseinfer_jax.bench.alphas import alpha_keeping
-from sparseinfer_jax.bench.shapes import DTYPES, shape_config
+from sparseinfer_jax.bench.shapes import shape_config
 from sparseinfer_jax.bench.timing import time_calls
+from sparseinfer_jax.model.dtypes import DTYPES, STORED
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="1b")
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=STORED)
     p.add_argument("--active", type=float, default=0.1)
     p.add_argument("--backend", default="xla")
     p.add_argument("--repeats", type=int, default=9)

@@ -20,14 +20,15 @@ import numpy as np
 
 from pallas_kernels.sparse_down import matmul, sparse_down_xla
 from pallas_kernels.sparse_gate_up import activate, matmul_t, sparse_gate_up_xla
-from sparseinfer_jax.bench.shapes import DTYPES, shape_config
+from sparseinfer_jax.bench.shapes import shape_config
 from sparseinfer_jax.bench.timing import time_calls
+from sparseinfer_jax.model.dtypes import DTYPES, STORED
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", default="1b")
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=STORED)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

@@ -9,7 +9,7 @@ import time
 from convert.converter import convert
 from sparseinfer_jax.api.calibrate import calibrate_checkpoint
 from sparseinfer_jax.errors import exit_process, run_command
-from sparseinfer_jax.io.hf import DTYPES
+from sparseinfer_jax.model.dtypes import STORED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Hugging Face model folder (config.json + safetensors) or hub id "
                              "org/name")
     parser.add_argument("out", metavar="OUT", help="checkpoint folder to create")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
+    parser.add_argument("--dtype", choices=STORED, default="bfloat16",
                         help="dtype of every weight (default: bfloat16)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT when it is a checkpoint written by this tool (only once "

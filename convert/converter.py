@@ -108,7 +108,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
     hf, cfg, reader, _ = open_source(folder)
     load_tokenizer(folder)  # a broken tokenizer fails now, not after the conversion
     if alpha is None:  # keep alphas calibrated in the source folder (as `load` does)
-        alpha = checkpoint.block_alpha(hf.get(checkpoint.BLOCK_KEY), "config.json")
+        alpha = checkpoint.SparseInferBlock.from_json(hf.get(checkpoint.BLOCK_KEY),
+                                                      "config.json").alpha
     alphas = _alpha(alpha, cfg.num_hidden_layers)
     source = os.path.abspath(folder) if os.path.isdir(os.fspath(src)) else os.fspath(src)
     files = _files(cfg, np_dtype)
@@ -118,7 +119,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
     with checkpoint.atomic_directory(out, overwrite=overwrite, size=size) as tmp:
         _write_params(os.path.join(tmp, checkpoint.PARAMS_DIR), files,
                       leaves(reader, cfg, np_dtype))
-        checkpoint.write_checkpoint_config(tmp, hf, checkpoint.sparseinfer_block(
+        checkpoint.write_checkpoint_config(tmp, hf, checkpoint.new_block(
             alphas, dtype, source))
         for file in copies:
             shutil.copy2(os.path.join(folder, file), os.path.join(tmp, file))

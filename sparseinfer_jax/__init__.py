@@ -15,14 +15,15 @@ if TYPE_CHECKING:
     from sparseinfer_jax.errors import UserError
     from sparseinfer_jax.model.config import LlamaConfig, config_from_hf_dict
     from sparseinfer_jax.model.llama import Llama
-    from sparseinfer_jax.runtime.generation import GenerationResult, LayerStats, Timing, generate
+    from sparseinfer_jax.runtime.generation import generate
+    from sparseinfer_jax.runtime.results import GenerationResult, LayerStats, Timing
 
 _HOME = {
-    "GenerationResult": "runtime.generation",
-    "LayerStats": "runtime.generation",
+    "GenerationResult": "runtime.results",
+    "LayerStats": "runtime.results",
     "Llama": "model.llama",
     "LlamaConfig": "model.config",
-    "Timing": "runtime.generation",
+    "Timing": "runtime.results",
     "UserError": "errors",
     "config_from_hf_dict": "model.config",
     "generate": "runtime.generation",

@@ -62,8 +62,8 @@ def exit_process(status: int) -> NoReturn:
     """Ends a console script with `status` (what `run_command` returned).
 
     After Ctrl-C, jax's runtime threads can still be running the computation the interrupt left
-    behind, and tearing the interpreter down under them crashed once (SIGSEGV after `interrupted`
-    was printed). Everything the command wrote is final by then (`atomic_file`), so an interrupted
+    behind, and tearing the interpreter down under them can crash it (SIGSEGV after `interrupted`
+    is printed). Everything the command wrote is final by then (`atomic_file`), so an interrupted
     command flushes its output and ends at once, skipping the teardown."""
     if status == INTERRUPTED_EXIT:
         sys.stdout.flush()

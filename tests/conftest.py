@@ -134,3 +134,28 @@ def hf_checkpoint(tmp_path):
         return make_hf_checkpoint(str(tmp_path / name), **kwargs)
 
     return make
+
+
+def compilation_count() -> int:
+    """Generation programs compiled in this process: a prefill and a decode program per bucket
+    and setting (dense and sparse decoding share the prefill)."""
+    from sparseinfer_jax.runtime.generation import _COMPILED
+
+    return len(_COMPILED)
+
+
+def read_params(path: str) -> dict:
+    """Every array of a checkpoint's params/ on the host, as a nested dict in the model's
+    per-layer layout (`{"layers": {i: {...}}, ...}`)."""
+    from sparseinfer_jax.io import checkpoint
+    from sparseinfer_jax.io.tensorfiles import tensor_path
+
+    reader = checkpoint.open_params(path)
+    tree: dict = {}
+    for name in reader.files:
+        *parents, leaf = tensor_path(name)
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = reader.read(name)
+    return tree

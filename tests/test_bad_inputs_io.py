@@ -207,10 +207,10 @@ def format_version(version):
     return prepare
 
 
-def checkpoint_alpha(value):
+def checkpoint_field(key, value):
     def prepare(work, src, ckpt):
         edit_json(f"{ckpt}/config.json", lambda d: {**d, "sparseinfer": {
-            **d["sparseinfer"], "alpha": value}})
+            **d["sparseinfer"], key: value}})
         return "api", load_call(ckpt)
     return prepare
 
@@ -273,7 +273,14 @@ CASES = {
     "format 1": (format_version(1), "is a checkpoint of format 1 .* convert the model again", 2),
     "format 2": (format_version(2), r"is a checkpoint of format 2 \(attention weights stored as "
                  r"\(in, out\).* convert the model again", 2),
-    "checkpoint alpha string": (checkpoint_alpha("x"), "'sparseinfer.alpha' must be a number", 2),
+    "checkpoint alpha string": (checkpoint_field("alpha", "x"),
+                                "'sparseinfer.alpha' must be a number", 2),
+    "checkpoint predictor unknown": (checkpoint_field("predictor", "magic"),
+                                     "'sparseinfer.predictor' is 'magic'; use one of sign", 2),
+    "checkpoint calibration number": (checkpoint_field("calibration", 3),
+                                      "'sparseinfer.calibration' must be a string", 2),
+    "checkpoint dtype unknown": (checkpoint_field("dtype", "int8"),
+                                 "'sparseinfer.dtype' is 'int8', not one of bfloat16", 2),
 }
 
 

@@ -23,6 +23,7 @@ from conftest import cli_lines
 from sparseinfer_jax import UserError, generate, load
 from sparseinfer_jax.api.loading import SHIPPED_MODEL
 from sparseinfer_jax.cli.main import main
+from sparseinfer_jax.io.text import token_windows
 from sparseinfer_jax.tuning.calibration import calibrate
 from sparseinfer_jax.tuning.evaluation import evaluate, perplexity
 
@@ -84,6 +85,19 @@ CASES = [
     ("API perplexity window > positions",
      lambda m, t, tmp: perplexity(m, [np.asarray([_ids(1100)], np.int32)]), "1024 positions",
      None),
+    ("API max_new_tokens 0", lambda m, t, tmp: generate(m, [[3]], max_new_tokens=0),
+     "max_new_tokens must be at least 1", None),
+    ("API token_windows window 1", lambda m, t, tmp: token_windows(_ids(10), 1),
+     "--window must be at least 2", None),
+    ("API token_windows max_tokens 1", lambda m, t, tmp: token_windows(_ids(10), 4, 1),
+     "--max-tokens must be at least 2", None),
+    ("eval --window 1", [*EV, "--window", "1"], "--window must be at least 2", 2),
+    ("generate --max-new-tokens 0", ["generate", "--prompt", "x", "--max-new-tokens", "0"],
+     "--max-new-tokens must be at least 1", 2),
+    ("API evaluate unknown mode",
+     lambda m, t, tmp: evaluate(m, [np.asarray([_ids(8)], np.int32)], modes=("fast",)),
+     "modes must name one or more of dense", None),
+    ("eval --modes unknown", [*EV, "--modes", "dense,fast"], "--modes must name", 2),
     ("API calibrate on 20 tokens",
      lambda m, t, tmp: calibrate(m, [np.asarray([_ids(20)], np.int32)], target_recall=0.9),
      "at least 64 tokens", None),

@@ -77,12 +77,12 @@ def test_calibrate_meets_recall_and_writes_only_alpha(setup, capsys):
     assert changed == {"config.json"} and set(after) == set(before)
     hf_after, block_after = checkpoint.read_checkpoint_config(ckpt)
     assert hf_after == hf_before
-    alphas = block_after.pop("alpha")
-    block_before.pop("alpha")
+    alphas = block_after.alpha
     # The marker says how the alphas were chosen (load in a sparse mode trusts them).
-    assert "recall >= 0.95" in block_after.pop("calibration")
-    assert block_after.pop("predictor") in ("sign", "signmag")  # the one reading fewer bytes
-    assert block_after == block_before
+    assert "recall >= 0.95" in block_after.calibration
+    assert block_after.predictor in ("sign", "signmag")  # the one reading fewer bytes
+    assert block_after.replace(alpha=None, calibration=None, predictor="sign") == (
+        block_before.replace(alpha=None))
     json.loads(open(os.path.join(ckpt, "config.json")).read())  # strict JSON: no Infinity
     assert len(alphas) == 2 and all(0 < a <= KEEP_ALL_ALPHA for a in alphas)
     recall = _measured_recall(ckpt, text)
@@ -135,7 +135,7 @@ def test_calibrate_max_ppl_increase_meets_the_budget(setup, capsys):
         assert main(argv) == 0
         out = capsys.readouterr().out
         assert f"at most {budget}% above dense" in out and "wrote alpha" in out
-        chosen[budget] = checkpoint.read_checkpoint_config(ckpt)[1]["alpha"]
+        chosen[budget] = list(checkpoint.read_checkpoint_config(ckpt)[1].alpha)
         dense, sparse = _sparse_perplexity(ckpt, text, chosen[budget])
         assert sparse <= dense * (1 + float(budget) / 100) * (1 + 1e-6), (budget, chosen)
     # A looser budget only ever lowers alphas (skips more), and here it does skip more.
@@ -203,7 +203,7 @@ def test_fresh_conversion_calibrates_and_sparse_follows_dense(fresh_shipped, tmp
     stdout = capsys.readouterr().out
     assert "calibrated for recall >= 0.99" in stdout and " s: alpha " in stdout
     block = checkpoint.read_checkpoint_config(out)[1]
-    assert "recall >= 0.99" in block["calibration"] and block["alpha"] != [1.0] * 4
+    assert "recall >= 0.99" in block.calibration and block.alpha != (1.0,) * 4
     model, tok = load(out, mode="sparse", backend="xla")
     kw = dict(tokenizer=tok, max_new_tokens=FIRST_RUN_TOKENS, stop_at_eos=False)
     same = []
@@ -222,7 +222,7 @@ def test_uncalibrated_checkpoint_calibrates_at_sparse_load_with_a_warning(fresh_
     out = str(tmp_path / "raw")
     assert convert_main([fresh_shipped, out, "--no-calibrate"]) == 0
     block = checkpoint.read_checkpoint_config(out)[1]
-    assert "calibration" not in block and block["alpha"] == [1.0] * 4
+    assert block.calibration is None and block.alpha == (1.0,) * 4
     model, _ = load(out, mode="dense")  # dense needs no alpha: no warning, nothing changed
     assert np.all(np.asarray(model.alphas()) == 1.0)
     with pytest.warns(UserWarning, match="never calibrated: calibrated now for recall >= 0.99"):
@@ -244,6 +244,6 @@ def test_chosen_alphas_are_marked_not_recalibrated(extra, marker, tmp_path, caps
     assert convert_main([SHIPPED_MODEL, out, *extra]) == 0
     assert "calibrated for" not in capsys.readouterr().out
     block = checkpoint.read_checkpoint_config(out)[1]
-    assert marker in block["calibration"]
+    assert marker in block.calibration
     source = json.loads(open(os.path.join(SHIPPED_MODEL, "config.json")).read())["sparseinfer"]
-    assert block["alpha"] == ([2.0] * 4 if extra else source["alpha"])
+    assert list(block.alpha) == ([2.0] * 4 if extra else source["alpha"])

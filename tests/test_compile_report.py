@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from sparseinfer_jax.bench.compile_report import MAX_REGISTERS, MIN_LIVE_PER_SM
+from sparseinfer_jax.bench.compile_policy import MAX_REGISTERS, MIN_LIVE_PER_SM
 from sparseinfer_jax.cli.main import main
 
 GPU = "h100"

@@ -23,7 +23,7 @@ BASE = dict(
 
 def test_defaults_and_derived_fields():
     cfg = config_from_hf_dict(BASE)
-    assert cfg.head_dim == 16 and cfg.num_kv_groups == 2 and cfg.sign_words == 2
+    assert cfg.head_dim == 16 and cfg.sign_words == 2
     assert cfg.rope.rope_type == "default" and cfg.eos_token_ids == (2,)
     assert cfg.is_relu_family
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import glob
 import json
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import make_hf_checkpoint
+from conftest import make_hf_checkpoint, read_params
 from safetensors.numpy import load_file, save_file
 
 from convert import convert, convert_in_memory
@@ -92,12 +93,12 @@ def test_round_trip_sharded_float32(sharded, tmp_path):
     out = convert(sharded, tmp_path / "ckpt", dtype="float32")
     assert out == str(tmp_path / "ckpt")
     assert checkpoint.is_checkpoint(out)
-    assert_trees_equal(checkpoint.read_params(out), expected_params(sharded))
+    assert_trees_equal(read_params(out), expected_params(sharded))
     hf, block = checkpoint.read_checkpoint_config(out)
     with open(os.path.join(sharded, "config.json")) as f:
         assert hf == json.load(f)
-    assert block == {"format_version": 3, "alpha": [1.0] * LAYERS, "dtype": "float32",
-                     "source": sharded}
+    assert block.to_json() == {"format_version": 3, "alpha": [1.0] * LAYERS, "dtype": "float32",
+                               "source": sharded, "predictor": "sign"}
     for name in TOKENIZER_FILES:
         with open(os.path.join(sharded, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
             assert a.read() == b.read()
@@ -107,10 +108,10 @@ def test_round_trip_sharded_float32(sharded, tmp_path):
 
 def test_tied_embeddings_have_no_lm_head(tied, tmp_path):
     out = convert(tied, tmp_path / "ckpt", dtype="float32", alpha=0.5)
-    params = checkpoint.read_params(out)
+    params = read_params(out)
     assert "lm_head" not in params
     assert_trees_equal(params, expected_params(tied))
-    assert checkpoint.read_checkpoint_config(out)[1]["alpha"] == [0.5] * LAYERS
+    assert checkpoint.read_checkpoint_config(out)[1].alpha == (0.5,) * LAYERS
 
 
 def test_calibrated_alpha_of_the_source_is_kept(tmp_path):
@@ -119,9 +120,9 @@ def test_calibrated_alpha_of_the_source_is_kept(tmp_path):
     with open(os.path.join(SHIPPED_MODEL, "config.json")) as f:
         shipped = json.load(f)["sparseinfer"]["alpha"]
     out = convert(SHIPPED_MODEL, tmp_path / "ckpt")
-    assert checkpoint.read_checkpoint_config(out)[1]["alpha"] == shipped
+    assert checkpoint.read_checkpoint_config(out)[1].alpha == tuple(shipped)
     out = convert(SHIPPED_MODEL, tmp_path / "ckpt2", alpha=0.9)  # an explicit alpha wins
-    assert checkpoint.read_checkpoint_config(out)[1]["alpha"] == [0.9] * len(shipped)
+    assert checkpoint.read_checkpoint_config(out)[1].alpha == (0.9,) * len(shipped)
 
 
 def test_bfloat16_is_float32_cast(sharded, tmp_path):
@@ -131,8 +132,8 @@ def test_bfloat16_is_float32_cast(sharded, tmp_path):
     want = jax.tree.map(lambda a: a if a.dtype == np.uint32 else a.astype(ml_dtypes.bfloat16), f32)
     assert_trees_equal(bf16, want)
     out = convert(sharded, tmp_path / "ckpt")
-    assert checkpoint.read_checkpoint_config(out)[1]["dtype"] == "bfloat16"
-    assert_trees_equal(checkpoint.read_params(out), bf16)
+    assert checkpoint.read_checkpoint_config(out)[1].dtype == "bfloat16"
+    assert_trees_equal(read_params(out), bf16)
 
 
 @pytest.mark.parametrize("dtype", [None, "bfloat16", "float32"])
@@ -179,8 +180,25 @@ def test_load_onto_a_mesh(tied, tmp_path):
     assert result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_sparseinfer_block_round_trips_every_field(tmp_path, calibrated):
+    """What is written is what is read back: every field of the typed block, in the file too."""
+    block = checkpoint.new_block([0.5, float(LAYERS)], "bfloat16", "org/model")
+    if calibrated:
+        block = block.replace(predictor="signmag", calibration="test", alpha=[3.0, 4.0])
+    hf = {"model_type": "llama", "hidden_size": 8}
+    checkpoint.write_checkpoint_config(tmp_path, hf, block)
+    assert checkpoint.read_checkpoint_config(tmp_path) == (hf, block)
+    with open(tmp_path / "config.json") as f:
+        raw = json.load(f)["sparseinfer"]
+    assert checkpoint.SparseInferBlock.from_json(raw, "config.json") == block
+    assert set(raw) == {f.name for f in dataclasses.fields(block)
+                        if getattr(block, f.name) is not None}
+    assert block.is_calibrated == calibrated
+
+
 def test_checkpoint_helpers(tmp_path):
-    block = checkpoint.sparseinfer_block([1.0, 2.0], "float32", "src")
+    block = checkpoint.new_block([1.0, 2.0], "float32", "src")
     (tmp_path / "params").mkdir()
     assert not checkpoint.is_checkpoint(tmp_path)  # no config.json yet
     checkpoint.write_checkpoint_config(tmp_path, {"model_type": "llama", "sparseinfer": 0}, block)
@@ -188,7 +206,7 @@ def test_checkpoint_helpers(tmp_path):
     assert checkpoint.read_checkpoint_config(tmp_path) == ({"model_type": "llama"}, block)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "params"]
     for version in (1, 2, 4):
-        checkpoint.write_checkpoint_config(tmp_path, {}, {**block, "format_version": version})
+        checkpoint.write_checkpoint_config(tmp_path, {}, block.replace(format_version=version))
         assert checkpoint.looks_converted(tmp_path) and not checkpoint.is_checkpoint(tmp_path)
         with pytest.raises(UserError, match="format [12] |unknown checkpoint format_version 4"):
             checkpoint.read_checkpoint_config(tmp_path)
@@ -288,7 +306,7 @@ def test_overwrite_replaces_only_a_checkpoint(tied, tmp_path):
     with pytest.raises(UserError, match="already exists; pass --overwrite"):
         convert(tied, empty, alpha=2.0)
     convert(tied, empty, overwrite=True, alpha=2.0)
-    assert checkpoint.read_checkpoint_config(empty)[1]["alpha"] == [2.0] * LAYERS
+    assert checkpoint.read_checkpoint_config(empty)[1].alpha == (2.0,) * LAYERS
     assert sorted(os.listdir(tmp_path)) == ["empty", "out"]
 
 
@@ -347,7 +365,7 @@ def test_hub_download(tied, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="could not be downloaded .*ConnectionError"):
         convert("org/offline", tmp_path / "a")
     out = convert("org/model", tmp_path / "b")
-    assert checkpoint.read_checkpoint_config(out)[1]["source"] == "org/model"
+    assert checkpoint.read_checkpoint_config(out)[1].source == "org/model"
     assert "*.safetensors" in calls[-1][1] and "tokenizer.model" in calls[-1][1]
     with pytest.raises(UserError, match="does not exist"):
         convert(str(tmp_path / "no" / "such" / "folder"), tmp_path / "c")
@@ -358,7 +376,7 @@ def test_cli(tied, tmp_path, capsys):
     assert main([tied, out, "--dtype", "float32", "--alpha", "2"]) == 0
     stdout = capsys.readouterr().out
     assert stdout.startswith("converted ") and "float32" in stdout and "MiB" in stdout
-    assert checkpoint.read_checkpoint_config(out)[1]["alpha"] == [2.0] * LAYERS
+    assert checkpoint.read_checkpoint_config(out)[1].alpha == (2.0,) * LAYERS
     assert main([tied, out]) == 2
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [f"error: {out} already exists; pass --overwrite to "

@@ -103,12 +103,12 @@ def test_fresh_conversion_calibrates_and_sparse_follows_dense(trained, tmp_path,
     log = capsys.readouterr().out
     assert "calibrated for recall >= 0.99 on the built-in text" in log, log
     block = checkpoint.read_checkpoint_config(out)[1]
-    assert "sparseinfer-convert default" in block["calibration"]
-    assert block["alpha"] != [1.0] * 2 and all(a > 1.0 for a in block["alpha"])
+    assert "sparseinfer-convert default" in block.calibration
+    assert block.alpha != (1.0,) * 2 and all(a > 1.0 for a in block.alpha)
     model, tok = load(out, mode="sparse")
-    np.testing.assert_allclose(np.asarray(model.alphas()), block["alpha"], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(model.alphas()), block.alpha, rtol=1e-6)
     same, followed, skipped = _agreement(model, tok)
-    print(f"converted in {seconds:.1f} s, alpha {block['alpha']}; same token at the same "
+    print(f"converted in {seconds:.1f} s, alpha {block.alpha}; same token at the same "
           f"position {same}, dense agrees fed the sparse text {followed}; predicted sparsity "
           f"{skipped}")
     assert np.all(skipped > 0.05) and np.mean(skipped) > 0.2, skipped
@@ -125,13 +125,13 @@ def test_no_calibrate_conversion_calibrates_at_sparse_load(trained, tmp_path):
     raw, cal = str(tmp_path / "raw"), str(tmp_path / "cal")
     assert convert_main([folder, raw, "--no-calibrate"]) == 0
     block = checkpoint.read_checkpoint_config(raw)[1]
-    assert "calibration" not in block and block["alpha"] == [1.0] * 2
+    assert block.calibration is None and block.alpha == (1.0,) * 2
     with pytest.warns(UserWarning, match="never calibrated: calibrated now for recall >= 0.99"):
         model, tok = load(raw, mode="sparse")
     alphas = np.asarray(model.alphas())
     assert not np.all(alphas == 1.0)
     assert convert_main([folder, cal]) == 0
-    np.testing.assert_allclose(alphas, checkpoint.read_checkpoint_config(cal)[1]["alpha"],
+    np.testing.assert_allclose(alphas, checkpoint.read_checkpoint_config(cal)[1].alpha,
                                rtol=1e-6)
     same, followed, skipped = _agreement(model, tok)
     print(f"--no-calibrate, calibrated at load: same position {same}, fed {followed}")

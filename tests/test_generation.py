@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import compilation_count
 
 from sparseinfer_jax import UserError, generate, load
-from sparseinfer_jax.runtime.generation import bucket, compilation_count
+from sparseinfer_jax.runtime.requests import bucket
 
 
 @pytest.fixture(scope="module")

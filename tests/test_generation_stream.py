@@ -12,9 +12,9 @@ import io
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import compilation_count
 
 from sparseinfer_jax import UserError, generate, load
-from sparseinfer_jax.runtime.generation import compilation_count
 from sparseinfer_jax.runtime.sampling import penalize_repeats
 from sparseinfer_jax.runtime.streaming import TextStream
 

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import compilation_count
 
 import pallas_kernels as pk
 from sparseinfer_jax import generate, load
 from sparseinfer_jax.model.mlp import Sparsity
-from sparseinfer_jax.runtime.generation import compilation_count
 
 F32_RTOL = 1e-5
 

@@ -19,19 +19,20 @@ def calibrate_checkpoint(
     """
     from sparseinfer_jax.api.loading import load
     from sparseinfer_jax.io import checkpoint
-    from sparseinfer_jax.io.source import resolve_source
-    from sparseinfer_jax.model.config import is_calibrated, read_hf_config
+    from sparseinfer_jax.io.source import read_hf_config, resolve_source
 
-    source_block = read_hf_config(resolve_source(os.fspath(source))).get("sparseinfer") or {}
+    folder = resolve_source(os.fspath(source))
+    source_block = checkpoint.SparseInferBlock.from_json(
+        read_hf_config(folder).get(checkpoint.BLOCK_KEY), f"{folder}/config.json")
     marker = None
     if alpha_given:
         marker = "alpha given to sparseinfer-convert"
-    elif is_calibrated(source_block) and source_block.get("alpha") is not None:
-        marker = source_block["calibration"]
+    elif source_block.is_calibrated and source_block.alpha is not None:
+        marker = source_block.calibration
     if marker is not None or not calibrate:
         if marker is not None:
             hf, block = checkpoint.read_checkpoint_config(path)
-            checkpoint.write_checkpoint_config(path, hf, {**block, "calibration": marker})
+            checkpoint.write_checkpoint_config(path, hf, block.replace(calibration=marker))
         return None
     model, tokenizer = load(path, mode="dense", mesh=None)
     if tokenizer is None:
@@ -40,11 +41,8 @@ def calibrate_checkpoint(
             "`sparseinfer calibrate` with a text."
         )
     cal, note, seconds = calibrate_default(model, tokenizer)
-    hf, block = checkpoint.read_checkpoint_config(path)
-    block["alpha"] = cal.config_alphas()
-    block["predictor"] = cal.predictor
-    block["calibration"] = f"sparseinfer-convert default: {note}"
-    checkpoint.write_checkpoint_config(path, hf, block)
+    checkpoint.write_calibration(path, cal.config_alphas(), cal.predictor,
+                                 f"sparseinfer-convert default: {note}")
     sparsity = " ".join(f"{s:.2f}" for s in cal.predicted_sparsity)
     alphas = ",".join(f"{a:g}" for a in cal.config_alphas())
     return (

@@ -23,29 +23,24 @@ from pallas_kernels.pack import pack_sign_bits_numpy
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io.tensorfiles import tensor_path
 from sparseinfer_jax.io.tokenizer import Tokenizer, load_tokenizer
-from sparseinfer_jax.model import sharding
+from sparseinfer_jax.model import dtypes, sharding
 from sparseinfer_jax.model.config import (
     LlamaConfig,
     alpha_per_layer,
     config_from_hf_dict,
     default_alpha,
-    is_calibrated,
-    predictor_kind,
 )
 from sparseinfer_jax.model.llama import Llama
 from sparseinfer_jax.model.mlp import check_mode, set_predictor
 
 log = logging.getLogger(__name__)
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 Path = tuple  # a params path: ("layers", 3, "mlp", "gate")
 
 
 def _dtype(name) -> jnp.dtype:
     if name is None or not isinstance(name, str):
         return name
-    if name not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got '{name}'.")
-    return DTYPES[name]
+    return dtypes.lookup(name)
 
 
 def _flat(tree: dict[Any, Any], prefix: Path = ()) -> dict[Path, Any]:
@@ -170,7 +165,7 @@ def _auto(mesh: str, cfg: LlamaConfig, dtype) -> Mesh | None:
     if mesh != "auto":
         raise UserError(f"mesh must be a jax Mesh, None or 'auto', got '{mesh}'.")
     name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
-    return sharding.auto_mesh(cfg, name if name in DTYPES else "bfloat16")
+    return sharding.auto_mesh(cfg, name if name in dtypes.DTYPES else "bfloat16")
 
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(__file__))
@@ -219,8 +214,8 @@ def load(
         leaves = (
             (tensor_path(name), reader.read(name)) for name in reader.files
         )
-        alpha = block.get("alpha") if alpha is None else alpha
-        dtype = _dtype(dtype) or DTYPES[block["dtype"]]
+        alpha = block.alpha if alpha is None else alpha
+        dtype = _dtype(dtype) or dtypes.DTYPES[block.dtype]
         source = f"the checkpoint {path}"
         remedy = "convert the model again with sparseinfer-convert"
     else:
@@ -233,17 +228,16 @@ def load(
         hf, cfg, leaves = hf_folder.stream(folder, dtype=stream_dtype)
         tokenizer = load_tokenizer(folder)
         # An HF folder may carry a calibration (alphas, predictor) in the same block.
-        block = hf.get(checkpoint.BLOCK_KEY)
-        block_alpha = checkpoint.block_alpha(block, f"{folder}/config.json")
-        alpha = block_alpha if alpha is None else alpha
-        block = block or {}
+        block = checkpoint.SparseInferBlock.from_json(hf.get(checkpoint.BLOCK_KEY),
+                                                      f"{folder}/config.json")
+        alpha = block.alpha if alpha is None else alpha
         source, remedy = folder, "the checkpoint and its config.json disagree"
     if isinstance(mesh, str):
         mesh = _auto(mesh, cfg, dtype)
     model = assemble(cfg, leaves, dtype=dtype, alpha=alpha, mode=mode, backend=backend, mesh=mesh,
                      source=source, remedy=remedy)
-    set_predictor(model, predictor_kind(block))
-    if mode == "sparse" and not override and not is_calibrated(block):
+    set_predictor(model, block.predictor)
+    if mode == "sparse" and not override and not block.is_calibrated:
         from sparseinfer_jax.tuning.calibration import calibrate_in_memory
 
         calibrate_in_memory(model, tokenizer, path)

@@ -17,55 +17,38 @@ Occupancy arithmetic per kernel: `resident` = programs one SM can hold at once (
 threads, shared memory and the 32-block limit), `live@5/10/20%` = programs that have work when
 that fraction of the neurons is active, per SM of the GPU (`core_count` in its spec). Memory
 bandwidth wants several live programs per SM, each with loads in flight.
+
+This module compiles and tabulates; `toolchain` finds the plugin and ptxas and reads what a
+compile leaves behind, `occupancy` does the arithmetic, `compile_cases` says what is compiled and
+`compile_policy` what fails.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import glob
-import importlib.util
-import math
-import os
-import re
-import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import backend as bk
-from pallas_kernels import pack, predict, signmag
-from pallas_kernels.compact import compact_pallas
-from pallas_kernels.sparse_down import num_live_programs as down_live
-from pallas_kernels.sparse_down import sparse_down_pallas
-from pallas_kernels.sparse_gate_up import num_live_programs as gate_up_live
-from pallas_kernels.sparse_gate_up import sparse_gate_up_pallas
-from sparseinfer_jax import bench
+from sparseinfer_jax.bench.compile_cases import SHAPES, Case, kernel_cases, program_cases
 from sparseinfer_jax.bench.gpu_spec import GpuSpec, gpu_spec
-from sparseinfer_jax.bench.shapes import DTYPES, PROMPT_TOKENS, shape_config
+from sparseinfer_jax.bench.occupancy import live_per_sm, resident_programs
+from sparseinfer_jax.bench.shapes import shape_config
+from sparseinfer_jax.bench.toolchain import (
+    check_plugin,
+    find_ptxas,
+    launches,
+    mesh_for,
+    ptxas_usage,
+)
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.model.config import LlamaConfig
-from sparseinfer_jax.model.llama import Llama
-from sparseinfer_jax.runtime import generation
+from sparseinfer_jax.model import dtypes
 
-# bench's shapes and Llama-2-13B (compiled only: no weights are made).
-SHAPES = {**bench.SHAPES,
-          "13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
-                      num_key_value_heads=40, head_dim=128, num_hidden_layers=40,
-                      vocab_size=32000)}
-ACTIVE_FRACTIONS = (0.05, 0.1, 0.2)
-NEW_TOKENS = 16  # decode slots of the compiled program (its kernels do not depend on it)
-MAX_REGISTERS = 128
-MIN_LIVE_PER_SM = 4
-# The shapes the live-programs target applies to (a tiny layer cannot fill a GPU).
-TARGET_SHAPES = ("7b", "13b")
 # Newer XLA dumps PTX only for emitters this matches (older XLA dumps it anyway). CUB's radix sort
 # (top-p sampling sorts the vocabulary) sizes its scratch with the CUDA runtime, which a machine
 # without a GPU lacks: offline, sorts compile as XLA's own sort kernels.
@@ -73,192 +56,6 @@ COMPILE_OPTIONS = {"xla_dump_emitter_re": "ptx", "xla_gpu_enable_cub_radix_sort"
 PALLAS_KERNELS = {
     "compact", "pack_sign_bits", "sign_predict", "signmag_predict", "sparse_gate_up", "sparse_down"
 }
-PLUGIN_MODULES = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
-
-
-def find_ptxas() -> str:
-    """ptxas on PATH, else the one pip's nvidia-cuda-nvcc ships (UserError when neither)."""
-    path = shutil.which("ptxas")
-    if path is None and importlib.util.find_spec("nvidia") is not None:
-        import nvidia
-
-        found = [p for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "*/bin/ptxas"))]
-        path = found[0] if found else None
-    if path is None:
-        raise UserError("no ptxas found: install the CUDA toolkit's ptxas on PATH "
-                        "(or pip install nvidia-cuda-nvcc-cu12) to compile for a GPU.")
-    return path
-
-
-def check_plugin() -> None:
-    """UserError unless a CUDA PJRT plugin is installed (it carries XLA's GPU compiler)."""
-    if not any(importlib.util.find_spec(m.split(".")[0]) and importlib.util.find_spec(m)
-               for m in PLUGIN_MODULES):
-        raise UserError(
-            "the CUDA PJRT plugin is not installed: pip install "
-            f"jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__} "
-            "(the test extra has them)."
-        )
-
-
-def mesh_for(spec: GpuSpec) -> jax.sharding.Mesh:
-    """A one-device mesh of compile-only devices of `spec`'s kind."""
-    from jax.experimental import topologies
-
-    topo = topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=spec.text)
-    return topologies.make_mesh(topo, (1,), ("x",))
-
-
-# --- what a compile leaves behind ------------------------------------------------------------
-
-_THUNK = re.compile(r"k\w*Kernel\b.*?\s(\S+) grid: \[(\d+), (\d+), (\d+)\] threads: "
-                    r"\[(\d+), (\d+), (\d+)\]\s+shared_memory: (\d+)")
-
-
-def launches(dump: str) -> list[dict]:
-    """Kernel launches of the compiled module: name, grid, threads, shared_bytes."""
-    out = []
-    for path in glob.glob(os.path.join(dump, "*thunk_sequence.txt")):
-        with open(path) as f:
-            for m in _THUNK.finditer(f.read()):
-                g = [int(v) for v in m.group(2, 3, 4)]
-                t = [int(v) for v in m.group(5, 6, 7)]
-                out.append(dict(name=m.group(1), grid=g, threads=math.prod(t),
-                                shared_bytes=int(m.group(8))))
-    return out
-
-
-def _ptxas(ptxas: str, path: str) -> str:
-    """`ptxas -v` on a PTX file for its own target; its report (stderr).
-
-    XLA compiles PTX in-process with its own (possibly newer) PTX compiler; when this ptxas is
-    older than the PTX's ISA version, the file is assembled again as the newest version it reads
-    (the kernels use no newer instruction; if one did, ptxas says so and the case fails).
-    """
-    with open(path) as f:
-        ptx = f.read()
-    target = re.search(r"^\.target (\w+)", ptx, re.M).group(1)
-    cmd = [ptxas, "-v", f"-arch={target}", "-o", os.devnull]
-    run = subprocess.run([*cmd, path], capture_output=True, text=True)
-    older = re.search(r"Unsupported \.version [\d.]+; current version is '([\d.]+)'", run.stderr)
-    if older:
-        ptx = re.sub(r"^\.version [\d.]+", f".version {older.group(1)}", ptx, count=1, flags=re.M)
-        run = subprocess.run([*cmd, "-"], input=ptx, capture_output=True, text=True)
-    if run.returncode:
-        raise RuntimeError(f"ptxas failed on {os.path.basename(path)}: {run.stderr.strip()}")
-    return run.stderr
-
-
-def ptxas_usage(dump: str, ptxas: str) -> dict[str, dict]:
-    """Per entry function of the dumped PTX: {"registers", "spill_bytes"} from `ptxas -v`."""
-    usage: dict[str, dict] = {}
-    for path in glob.glob(os.path.join(dump, "*.ptx")):
-        if os.path.getsize(path) == 0:
-            continue
-        name = None
-        for line in _ptxas(ptxas, path).splitlines():
-            if m := re.search(r"Compiling entry function '(\S+)'", line):
-                name = m.group(1)
-                usage[name] = dict(registers=0, spill_bytes=0)
-            elif name and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
-                                          line)):
-                usage[name]["spill_bytes"] = int(m.group(1)) + int(m.group(2))
-            elif name and (m := re.search(r"Used (\d+) registers", line)):
-                usage[name]["registers"] = int(m.group(1))
-    return usage
-
-
-def resident_programs(spec: GpuSpec, threads: int, registers: int, shared: int) -> int:
-    """Programs (thread blocks) one SM holds at once: registers are allocated per warp in units
-    of 256, at most 32 blocks per SM."""
-    warps = -(-threads // 32)
-    per_warp = -(-max(registers, 1) * 32 // 256) * 256
-    limits = [32, spec.threads_per_sm // threads, spec.registers_per_sm // (warps * per_warp)]
-    if shared:
-        limits.append(spec.shared_per_sm // shared)
-    return min(limits)
-
-
-# --- what is compiled --------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One thing to compile: `fn(*args)`; `live(count)` = its programs with work at `count`
-    active neurons (None for whole programs)."""
-
-    name: str
-    kind: str
-    fn: Callable
-    args: tuple
-    live: Callable[[int], int] | None = None
-    kernel: str | None = None  # the Pallas kernel's name in the compiled module
-
-
-def kernel_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable, *,
-                 pack_weights: bool = True) -> list[Case]:
-    """Every Pallas kernel at one layer's shapes (the decode step's arguments). pack_sign_bits
-    packs W_gate `[F, D]` (its use), whatever the batch: only with `pack_weights`."""
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    x, w = sds((batch, d), dtype), sds((f, d), dtype)
-    idx, count = sds((f,), jnp.int32), sds((), jnp.int32)
-    bits = sds((f, pack.num_words(d)), jnp.uint32)
-    gate_up = lambda act: functools.partial(  # noqa: E731
-        sparse_gate_up_pallas, activation=act,
-        threshold=0.0 if act == "relu" else 0.1)
-    cases = [
-        Case("sign_predict", "kernel", predict.sign_predict_pallas, (x, bits, sds((), jnp.float32)),
-             lambda c: predict.num_programs(f), "sign_predict"),
-        Case("signmag_predict", "kernel", signmag.signmag_pallas, (x, bits),
-             lambda c: signmag.num_programs(f), "signmag_predict"),
-        Case("sparse_gate_up_relu", "kernel", gate_up("relu"), (x, w, w, idx, count),
-             lambda c: gate_up_live(c, d), "sparse_gate_up"),
-        Case("sparse_gate_up_fatrelu", "kernel", gate_up("fatrelu"), (x, w, w, idx, count),
-             lambda c: gate_up_live(c, d), "sparse_gate_up"),
-        Case("sparse_down", "kernel", sparse_down_pallas,
-             (sds((batch, f), jnp.float32), w, idx, count), lambda c: down_live(c, d),
-             "sparse_down"),
-    ]
-    if pack_weights:  # the batch-independent kernels, at the first batch only
-        cases.insert(0, Case("pack_sign_bits", "kernel", pack.pack_sign_bits_pallas, (w,),
-                             lambda c: pack.num_programs(f, d), "pack_sign_bits"))
-        # The candidate compaction kernel (`compact.compact_pallas`); one program by design (a
-        # scan over F): no live-programs target.
-        cases.insert(3, Case("compact", "kernel", compact_pallas, (sds((f,), jnp.bool_),), None,
-                             "compact"))
-    return cases
-
-
-def _generate_program(state, tokens, pad, follow, temperature, top_p, penalty, key, stop, alpha,
-                      *, graphdef, sparsity, top_k, eos_ids, pad_id):
-    """What `generate` runs, as one program: the dense prefill, then the decode loop as
-    `sparsity` says."""
-    shared = dict(graphdef=graphdef, top_k=top_k, eos_ids=eos_ids, pad_id=pad_id)
-    cache, loop = generation._prefill(state, tokens, pad, follow, temperature, top_p, penalty, key,
-                                      **shared)
-    return generation._decode(state, cache, loop, pad, stop, temperature, top_p, penalty, alpha,
-                              sparsity=sparsity, stats=None, **shared)
-
-
-def program_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable) -> list[Case]:
-    """The whole `generate` (dense prefill + decode loop) per MLP mode, weights abstract."""
-    cases = []
-    prompt, new = generation.bucket(PROMPT_TOKENS), generation.bucket(NEW_TOKENS)
-    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-    scalar = sds((), jnp.float32)
-    for mode in ("dense", "sparse"):
-        model = nnx.eval_shape(
-            lambda mode=mode: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode,
-                                    backend="pallas"))
-        graphdef, state = nnx.split(model)
-        state = jax.tree.map(lambda a: sds(a.shape, a.dtype), state)
-        statics = dict(sparsity=model.sparsity, top_k=None,
-                       eos_ids=tuple(cfg.eos_token_ids), pad_id=int(cfg.pad_token_id or 0))
-        args = (state, sds((batch, prompt), jnp.int32), sds((batch,), jnp.int32),
-                sds((batch, new), jnp.int32), scalar, scalar, scalar, sds(key.shape, key.dtype),
-                sds((), jnp.int32), sds((cfg.num_hidden_layers,), jnp.float32))
-        fn = functools.partial(_generate_program, graphdef=graphdef, **statics)
-        cases.append(Case(f"generate_{mode}", "program", fn, args))
-    return cases
 
 
 def _abstract(sharding, shape, dtype) -> jax.ShapeDtypeStruct:
@@ -302,7 +99,7 @@ def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
 def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None = None,
         dtype: str = "bfloat16", programs: bool = True,
         log: Callable[[str], None] = print) -> list[dict]:
-    """Compiles every case for every GPU and batch; returns the records (see `format_table`)."""
+    """Compiles every case for every GPU and batch; returns the records (see `format_row`)."""
     specs = [gpu_spec(g) for g in gpus]
     if not batches or min(batches) < 1:
         raise UserError(f"--batches must be positive integers, got {batches}.")
@@ -315,43 +112,19 @@ def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None =
         sds = functools.partial(_abstract, NamedSharding(mesh, P()))
         with bk.targeting_gpu(mesh.abstract_mesh):
             for batch in batches:
-                cases = kernel_cases(cfg, batch, DTYPES[dtype], sds,
+                cases = kernel_cases(cfg, batch, dtypes.DTYPES[dtype], sds,
                                      pack_weights=batch == batches[0])
                 if programs:
-                    cases += program_cases(cfg, batch, DTYPES[dtype], sds)
+                    cases += program_cases(cfg, batch, dtypes.DTYPES[dtype], sds)
                 for case in cases:
                     rec = dict(gpu=spec.name, device_kind=spec.device_kind, shape=shape,
                                layers=cfg.num_hidden_layers, dtype=dtype, batch=batch,
                                **compile_case(case, spec, ptxas))
                     if case.live is not None and rec["compiled"]:
-                        for frac in ACTIVE_FRACTIONS:
-                            live = case.live(math.ceil(frac * cfg.intermediate_size))
-                            rec[f"live_per_sm_{round(frac * 100)}"] = round(live / spec.sms, 2)
+                        rec.update(live_per_sm(case.live, spec, cfg.intermediate_size))
                     records.append(rec)
                     log(format_row(rec))
     return records
-
-
-def failures(records: list[dict]) -> list[str]:
-    """What makes the report fail, per Pallas kernel: a compile error, a spilled byte, more than
-    MAX_REGISTERS registers, or (at the shapes of real models, `TARGET_SHAPES`) fewer than
-    MIN_LIVE_PER_SM programs with work per SM at 10% active. XLA's own fusions are XLA's choice:
-    listed in a program's `xla_spills`, not a failure."""
-    out = []
-    for r in records:
-        what = f"{r['gpu']} {r['name']} batch {r['batch']}: "
-        if not r["compiled"]:
-            out.append(what + str(r["error"]))
-            continue
-        if r["spill_bytes"]:
-            out.append(what + f"{r['spill_bytes']} spill bytes")
-        if r["kind"] == "kernel" and (r["registers"] or 0) > MAX_REGISTERS:
-            out.append(what + f"{r['registers']} registers (at most {MAX_REGISTERS})")
-        live = r.get("live_per_sm_10")
-        if r["shape"] in TARGET_SHAPES and live is not None and live < MIN_LIVE_PER_SM:
-            out.append(what + f"{live} live programs per SM at 10% active "
-                       f"(at least {MIN_LIVE_PER_SM})")
-    return out
 
 
 HEADER = (f"{'gpu':<13}{'batch':>5}  {'name':<24}{'ok':>3}{'regs':>6}{'spill':>6}"

@@ -71,13 +71,6 @@ def format_bytes(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_table(records: list[dict]) -> str:
-    """Decode rows, the MLP bytes per step, then the kernel table."""
-    rows = [format_row(r) for r in records if r["kind"] in ("decode", "batch")]
-    return "\n".join([HEADER, *rows, "", format_bytes(records), "",
-                      format_kernels(records)]).rstrip()
-
-
 def plot(records: list[dict], path: str) -> None:
     """Writes a PNG: decode ms/token vs active fraction per backend, dense, peer and the limit."""
     try:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from sparseinfer_jax.api.loading import model_from_params
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io import names
+from sparseinfer_jax.model import dtypes
 from sparseinfer_jax.model.config import LlamaConfig
 from sparseinfer_jax.model.llama import Llama
 
@@ -25,7 +26,7 @@ SHAPES = {
 }
 
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+DTYPES = dtypes.STORED  # the dtypes a random model is built in
 
 
 MODES = ("dense", "sparse")
@@ -57,8 +58,7 @@ def _normal(key, shape, dtype):
 
 def random_model(cfg: LlamaConfig, dtype: str = "float32", *, seed: int = 0) -> Llama:
     """A `Llama` with N(0, 0.02) weights and unit norms, one `jax.random` call per array."""
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'.")
+    np_dtype = dtypes.lookup(dtype, allowed=DTYPES, flag="--dtype")
     params: dict[str, Any] = {}
     key = jax.random.key(seed)
     for path, shape, target in names.out_order(cfg):
@@ -69,6 +69,6 @@ def random_model(cfg: LlamaConfig, dtype: str = "float32", *, seed: int = 0) -> 
         for k in path[:-1]:
             node = node.setdefault(k, {})
         is_norm = path[-1] == "weight"
-        node[path[-1]] = (jnp.ones(shape, DTYPES[dtype]) if is_norm
-                          else _normal(sub, shape, DTYPES[dtype]))
-    return model_from_params(cfg, params, dtype=DTYPES[dtype])
+        node[path[-1]] = (jnp.ones(shape, np_dtype) if is_norm
+                          else _normal(sub, shape, np_dtype))
+    return model_from_params(cfg, params, dtype=np_dtype)

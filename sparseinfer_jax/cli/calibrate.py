@@ -61,11 +61,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"dry run: nothing written (alpha {alphas})")
     elif checkpoint.is_checkpoint(path):
-        hf, block = checkpoint.read_checkpoint_config(path)
-        block["alpha"] = cal.config_alphas()
-        block["predictor"] = cal.predictor
-        block["calibration"] = f"sparseinfer calibrate on {os.path.basename(args.text)}: {target}"
-        checkpoint.write_checkpoint_config(path, hf, block)
+        checkpoint.write_calibration(path, cal.config_alphas(), cal.predictor,
+                                     f"sparseinfer calibrate on {os.path.basename(args.text)}: "
+                                     f"{target}")
         print(f"wrote alpha {alphas}, predictor {cal.predictor} to {path}/config.json")
     else:
         print(

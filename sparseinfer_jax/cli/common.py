@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
 import os
 
 from sparseinfer_jax.errors import (
@@ -103,15 +101,12 @@ def process_zero_prints(args: argparse.Namespace) -> contextlib.AbstractContextM
 def peek_config(path: str):
     """The model's LlamaConfig from its config.json alone (no weights read), so limits can be
     checked before a long load; None when it cannot be read here (`load` then says why)."""
-    from sparseinfer_jax.io import checkpoint
+    from sparseinfer_jax.io.source import read_hf_config
     from sparseinfer_jax.model.config import config_from_hf_dict
 
     try:
-        if checkpoint.is_checkpoint(path):
-            return config_from_hf_dict(checkpoint.read_checkpoint_config(path)[0])
-        with open(os.path.join(path, "config.json")) as f:
-            return config_from_hf_dict(json.load(f))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return config_from_hf_dict(read_hf_config(path))
+    except (UserError, OSError):
         return None
 
 
@@ -136,19 +131,10 @@ def check_report_outputs(args: argparse.Namespace) -> None:
 
 def check_text_args(args: argparse.Namespace) -> None:
     """Fails fast (before loading the model) on a bad text file or window sizes."""
-    from sparseinfer_jax.io.text import position_limit, read_text
+    from sparseinfer_jax.io.text import check_window_args, read_text
 
     read_text(args.text)
-    if args.max_tokens is not None and args.max_tokens < 2:
-        raise UserError(f"--max-tokens must be at least 2, got {args.max_tokens}.")
-    if args.window < 2:
-        raise UserError(f"--window must be at least 2, got {args.window}.")
-    cfg = peek_config(model_path(args))
-    if cfg is not None and args.window > (position_limit(cfg) or math.inf):
-        raise UserError(
-            f"--window {args.window} exceeds the model's {cfg.max_position_embeddings} positions "
-            f"(max_position_embeddings); use --window {cfg.max_position_embeddings} or less."
-        )
+    check_window_args(args.window, args.max_tokens, peek_config(model_path(args)))
 
 
 def encode_windows(args: argparse.Namespace, tokenizer, model_path: str):

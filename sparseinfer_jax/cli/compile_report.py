@@ -8,7 +8,9 @@ import sys
 
 import jax
 
-from sparseinfer_jax.bench.compile_report import HEADER, SHAPES, failures, run
+from sparseinfer_jax.bench.compile_cases import SHAPES
+from sparseinfer_jax.bench.compile_policy import failures
+from sparseinfer_jax.bench.compile_report import HEADER, run
 from sparseinfer_jax.bench.gpu_spec import DEFAULT_GPUS, GPUS
 from sparseinfer_jax.bench.shapes import DTYPES
 from sparseinfer_jax.errors import UserError

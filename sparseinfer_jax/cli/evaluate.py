@@ -39,12 +39,10 @@ def _sweep(text: str) -> list[float]:
 
 def _eval(args: argparse.Namespace) -> int:
     from sparseinfer_jax.api.loading import load
-    from sparseinfer_jax.tuning.evaluation import evaluate, format_report
+    from sparseinfer_jax.tuning.evaluation import check_modes, evaluate, format_report
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if not modes or bad:
-        raise UserError(f"--modes must be a comma list of {', '.join(MODES)}, got '{args.modes}'.")
+    check_modes(modes, "--modes")
     check_text_args(args)
     scales = _sweep(args.sweep) if args.plot else None
     check_report_outputs(args)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import sys
 
 import numpy as np
@@ -17,27 +16,17 @@ from sparseinfer_jax.errors import (
 
 def _check_generate_args(args: argparse.Namespace) -> None:
     """Fails fast (before loading the model) on bad prompts and sampling values."""
-    from sparseinfer_jax.runtime.generation import check_sampling, check_text
+    from sparseinfer_jax.runtime.requests import check_new_tokens, check_sampling, check_text
 
     for prompt in args.prompt:
         check_text(prompt, "--prompt")
-    check_sampling(args.temperature, args.top_p, args.top_k)
+    check_sampling(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
     if args.compare and args.mode == "dense":
         raise UserError("--compare compares a sparse mode with dense; add --mode sparse.")
     if args.compare and args.max_new_tokens < 2:
         raise UserError("--compare needs --max-new-tokens 2 or more: the first new token comes "
                         "from the dense prefill, so sparse decoding starts at the second.")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
-    from sparseinfer_jax.io.text import position_limit
-
-    cfg = peek_config(args.model)
-    if cfg is not None and args.max_new_tokens >= (position_limit(cfg) or math.inf):
-        raise UserError(
-            f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt within the "
-            f"model's {cfg.max_position_embeddings} positions (max_position_embeddings); ask "
-            "for fewer."
-        )
+    check_new_tokens(args.max_new_tokens, peek_config(args.model), flag="--max-new-tokens")
 
 
 def _generate(args: argparse.Namespace) -> int:

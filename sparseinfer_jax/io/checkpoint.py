@@ -4,7 +4,9 @@ writes.
 Layout of a checkpoint directory (written by `convert`, read by `load`), format_version 3:
   config.json   the Hugging Face config fields plus
                 "sparseinfer": {"format_version": 3, "alpha": [float per layer],
-                                "dtype": "bfloat16" | "float32", "source": str}
+                                "dtype": "bfloat16" | "float32", "source": str,
+                                "predictor": "sign" | "signmag", "calibration": str}
+                (`SparseInferBlock`, read and written only here)
   params/       model.safetensors.index.json and model-NNNNN-of-NNNNN.safetensors files: the
                 non-layer tensors in the first, then one file per decoder layer. Tensor names are
                 the model's params paths joined with dots (`layers.3.mlp.gate`, see
@@ -19,6 +21,7 @@ keeps HF's `(out, in)` `weight`s, see `model.Linear`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import numbers
@@ -29,7 +32,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.io.tensorfiles import INDEX_FILE, SafetensorsFolder, tensor_path
+from sparseinfer_jax.io.jsonfile import read_json_object
+from sparseinfer_jax.io.tensorfiles import INDEX_FILE, SafetensorsFolder
+from sparseinfer_jax.model.config import PREDICTORS
+from sparseinfer_jax.model.dtypes import STORED
 
 FORMAT_VERSION = 3
 # What each older format was, for the message that asks to re-convert.
@@ -37,7 +43,6 @@ OLD_FORMATS = {1: "stacked layers", 2: "attention weights stored as (in, out)"}
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 BLOCK_KEY = "sparseinfer"
-DTYPES = ("bfloat16", "float32")
 # Room kept free beyond the checkpoint's own bytes (config, index, filesystem metadata).
 SPACE_MARGIN = 16 * 2**20
 
@@ -55,31 +60,80 @@ def open_params(path: str | os.PathLike) -> SafetensorsFolder:
     return SafetensorsFolder(params, remedy=_damaged(path), codes=("BF16", "F32", "U32"))
 
 
-def block_alpha(block: Any, where: str) -> Any:
-    """The `alpha` of a `sparseinfer` block (None when absent), its types checked."""
-    if block is None:
-        return None
-    if not isinstance(block, dict):
-        raise UserError(f"{where} field '{BLOCK_KEY}' must be an object, got "
-                        f"{type(block).__name__}; fix it or convert the model again.")
-    alpha = block.get("alpha")
-    items = alpha if isinstance(alpha, list) else [alpha]
-    if alpha is not None and not all(isinstance(a, numbers.Real) and not isinstance(a, bool)
-                                      for a in items):
-        raise UserError(f"{where} field '{BLOCK_KEY}.alpha' must be a number or a list of "
-                        f"numbers, got {alpha!r}; fix it or calibrate again.")
-    return alpha
+@dataclasses.dataclass(frozen=True)
+class SparseInferBlock:
+    """The `sparseinfer` block of a config.json: how to run this model sparsely.
+
+    format_version: the checkpoint format (None in an HF folder's block);
+    alpha: one number or one per layer (None: 1.0 per layer); dtype: the stored weights' dtype
+    (a checkpoint's); source: where it was converted from; predictor: one of
+    `config.PREDICTORS`; calibration: how the alphas were chosen (None: never calibrated, so
+    sparse mode calibrates in memory at load).
+    """
+
+    format_version: int | None = None
+    alpha: float | tuple[float, ...] | None = None
+    dtype: str | None = None
+    source: str | None = None
+    predictor: str = "sign"
+    calibration: str | None = None
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether the alphas were chosen (a "calibration" marker is present)."""
+        return bool(self.calibration)
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> SparseInferBlock:
+        """The block from its JSON value (None: the defaults), every field's type checked;
+        `where` names the file for errors. Unknown keys are ignored."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise UserError(f"{where} field '{BLOCK_KEY}' must be an object, got "
+                            f"{type(raw).__name__}; fix it or convert the model again.")
+        alpha = raw.get("alpha")
+        items = alpha if isinstance(alpha, list) else [alpha]
+        if alpha is not None and not all(isinstance(a, numbers.Real) and not isinstance(a, bool)
+                                          for a in items):
+            raise UserError(f"{where} field '{BLOCK_KEY}.alpha' must be a number or a list of "
+                            f"numbers, got {alpha!r}; fix it or calibrate again.")
+        predictor = raw.get("predictor", "sign")
+        if predictor not in PREDICTORS:
+            raise UserError(f"{where} field '{BLOCK_KEY}.predictor' is {predictor!r}; use one of "
+                            f"{', '.join(PREDICTORS)}.")
+        for key in ("dtype", "source", "calibration"):
+            if raw.get(key) is not None and not isinstance(raw[key], str):
+                raise UserError(f"{where} field '{BLOCK_KEY}.{key}' must be a string, got "
+                                f"{raw[key]!r}; fix it or convert the model again.")
+        return cls(
+            format_version=raw.get("format_version"),
+            alpha=tuple(float(a) for a in alpha) if isinstance(alpha, list) else alpha,
+            dtype=raw.get("dtype"),
+            source=raw.get("source"),
+            predictor=predictor,
+            calibration=raw.get("calibration"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON value: every field that is set (the predictor always)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if isinstance(self.alpha, tuple):
+            out["alpha"] = list(self.alpha)
+        return {k: v for k, v in out.items() if v is not None}
+
+    def replace(self, **changes: Any) -> SparseInferBlock:
+        """A copy with `changes` (an alpha list becomes a tuple)."""
+        if isinstance(changes.get("alpha"), list):
+            changes["alpha"] = tuple(float(a) for a in changes["alpha"])
+        return dataclasses.replace(self, **changes)
 
 
-def sparseinfer_block(alpha: list[float], dtype: str, source: str) -> dict[str, Any]:
-    """The `sparseinfer` block of a checkpoint's config.json."""
-    assert dtype in DTYPES, dtype
-    return {
-        "format_version": FORMAT_VERSION,
-        "alpha": [float(a) for a in alpha],
-        "dtype": dtype,
-        "source": source,
-    }
+def new_block(alpha: list[float], dtype: str, source: str) -> SparseInferBlock:
+    """The block of a freshly converted checkpoint (never calibrated)."""
+    assert dtype in STORED, dtype
+    return SparseInferBlock(format_version=FORMAT_VERSION, alpha=tuple(float(a) for a in alpha),
+                            dtype=dtype, source=source)
 
 
 def _sibling(path: str, tag: str) -> str:
@@ -89,11 +143,11 @@ def _sibling(path: str, tag: str) -> str:
 
 
 def write_checkpoint_config(
-    path: str | os.PathLike, hf_dict: dict[str, Any], block: dict[str, Any]
+    path: str | os.PathLike, hf_dict: dict[str, Any], block: SparseInferBlock
 ) -> None:
     """Writes `path/config.json` = `hf_dict` plus the `sparseinfer` block, atomically."""
     config = {k: v for k, v in hf_dict.items() if k != BLOCK_KEY}
-    config[BLOCK_KEY] = block
+    config[BLOCK_KEY] = block.to_json()
     tmp = _sibling(os.path.join(path, CONFIG_FILE), "tmp")
     try:
         with open(tmp, "x") as f:
@@ -108,31 +162,22 @@ def write_checkpoint_config(
 
 def _read_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     file = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(file):
-        raise UserError(
-            f"{path} has no {CONFIG_FILE}; point to a folder made by sparseinfer-convert."
-        )
-    try:
-        with open(file) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}).") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{file} is not UTF-8 text; restore it or convert again.") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{file} must hold a JSON object, got {type(config).__name__}.")
-    return file, config
+    return file, read_json_object(
+        file, missing="point to a folder made by sparseinfer-convert",
+        remedy="restore it or convert again")
 
 
-def read_checkpoint_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Reads `path/config.json` -> (HF config dict without the block, `sparseinfer` block)."""
+def read_checkpoint_config(
+    path: str | os.PathLike,
+) -> tuple[dict[str, Any], SparseInferBlock]:
+    """Reads `path/config.json` -> (HF config dict without the block, its `sparseinfer` block)."""
     file, config = _read_config(path)
-    block = config.pop(BLOCK_KEY, None)
-    if not isinstance(block, dict):
+    raw = config.pop(BLOCK_KEY, None)
+    if not isinstance(raw, dict):
         raise UserError(
             f"{file} has no '{BLOCK_KEY}' block; convert the model with sparseinfer-convert first."
         )
-    version = block.get("format_version")
+    version = raw.get("format_version")
     if version in OLD_FORMATS:
         raise UserError(
             f"{path} is a checkpoint of format {version} ({OLD_FORMATS[version]}, written by an "
@@ -144,11 +189,20 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[dict[str, Any], dic
             f"{file} has an unknown checkpoint format_version {version!r} (this version reads "
             f"{FORMAT_VERSION}); convert the model again with this version of sparseinfer-convert."
         )
-    block_alpha(block, file)
-    if block.get("dtype") not in DTYPES:
-        raise UserError(f"{file} field '{BLOCK_KEY}.dtype' is {block.get('dtype')!r}, not one of "
-                        f"{', '.join(DTYPES)}; {_damaged(path)}.")
+    block = SparseInferBlock.from_json(raw, file)
+    if block.dtype not in STORED:
+        raise UserError(f"{file} field '{BLOCK_KEY}.dtype' is {block.dtype!r}, not one of "
+                        f"{', '.join(STORED)}; {_damaged(path)}.")
     return config, block
+
+
+def write_calibration(path: str | os.PathLike, alpha: list[float], predictor: str,
+                      calibration: str) -> None:
+    """Records chosen alphas, their predictor and how they were chosen in a checkpoint's
+    config.json (the weights are untouched)."""
+    hf, block = read_checkpoint_config(path)
+    write_checkpoint_config(path, hf, block.replace(alpha=alpha, predictor=predictor,
+                                                    calibration=calibration))
 
 
 def _has_version(path: str | os.PathLike) -> bool:
@@ -269,17 +323,3 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
         raise
-
-
-def read_params(path: str | os.PathLike) -> dict[Any, Any]:
-    """Every array of `path/params/` on the host: a nested dict in the model's per-layer layout
-    (`{"layers": {i: {...}}, ...}`). For inspection; `load` streams them to devices instead."""
-    reader = open_params(path)
-    tree: dict[Any, Any] = {}
-    for name in reader.files:
-        *parents, leaf = tensor_path(name)
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = reader.read(name)
-    return tree

@@ -6,17 +6,14 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from pallas_kernels.pack import pack_sign_bits_numpy
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io import names
-from sparseinfer_jax.io.source import SafetensorsFolder, resolve_source
-from sparseinfer_jax.model.config import LlamaConfig, config_from_hf_dict, read_hf_config
-
-DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
-
+from sparseinfer_jax.io.source import SafetensorsFolder, read_hf_config, resolve_source
+from sparseinfer_jax.model import dtypes
+from sparseinfer_jax.model.config import LlamaConfig, config_from_hf_dict
 
 # Exponent bits of each float width: all set means NaN or infinity.
 EXPONENT = {2: (np.uint16, 0x7F80), 4: (np.uint32, 0x7F800000)}
@@ -26,9 +23,8 @@ CHUNK = 2**24  # elements checked at a time, so the check's temporaries stay sma
 
 
 def numpy_dtype(dtype: str) -> np.dtype:
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'.")
-    return DTYPES[dtype]
+    """The numpy dtype a checkpoint stores under the name `dtype`."""
+    return dtypes.lookup(dtype, allowed=dtypes.STORED)
 
 
 def open_source(folder: str) -> tuple[dict[str, Any], LlamaConfig, SafetensorsFolder,

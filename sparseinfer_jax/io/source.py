@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.io.jsonfile import read_json_object
 from sparseinfer_jax.io.tensorfiles import SafetensorsFolder
 
-__all__ = ["SafetensorsFolder", "resolve_source", "TOKENIZER_FILES"]
+__all__ = ["SafetensorsFolder", "resolve_source", "read_hf_config", "TOKENIZER_FILES"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "generation_config.json")
@@ -41,3 +43,10 @@ def resolve_source(src: str | os.PathLike) -> str:
         raise UserError(f"{src} is not a local folder and could not be downloaded from the "
                         f"Hugging Face Hub ({type(e).__name__}); check the id, your network and "
                         "login, or pass a local folder.") from None
+
+
+def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The dict of `folder/config.json` (an HF folder's or a checkpoint's, block included)."""
+    return read_json_object(os.path.join(folder, "config.json"),
+                            missing="point to a Hugging Face model folder",
+                            remedy="download it again")

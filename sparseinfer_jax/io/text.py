@@ -34,11 +34,8 @@ def read_text(path: str | os.PathLike) -> str:
 def token_windows(ids: list[int], window: int = WINDOW, max_tokens: int | None = None):
     """Non-overlapping windows `[1, <=window]` int32 of `ids` (first `max_tokens`); a trailing
     window of one token (nothing to predict) is dropped."""
-    if window < 2:
-        raise UserError(f"--window must be at least 2, got {window}.")
+    check_window_args(window, max_tokens)
     if max_tokens is not None:
-        if max_tokens < 2:
-            raise UserError(f"--max-tokens must be at least 2, got {max_tokens}.")
         ids = ids[:max_tokens]
     out = [ids[i : i + window] for i in range(0, len(ids), window)]
     out = [w for w in out if len(w) >= 2]
@@ -51,6 +48,21 @@ def position_limit(cfg) -> int | None:
     """Tokens a sequence may hold: `max_position_embeddings`, or None (no limit) with dynamic
     NTK RoPE scaling, which rescales RoPE for longer sequences (that is what it is for)."""
     return None if cfg.rope.rope_type == "dynamic" else cfg.max_position_embeddings
+
+
+def check_window_args(window: int, max_tokens: int | None, cfg=None) -> None:
+    """Raises UserError for windows under 2 tokens, `max_tokens` under 2, or (given the model's
+    `cfg`) a window longer than its positions; checkable before the model loads."""
+    if window < 2:
+        raise UserError(f"--window must be at least 2, got {window}.")
+    if max_tokens is not None and max_tokens < 2:
+        raise UserError(f"--max-tokens must be at least 2, got {max_tokens}.")
+    limit = None if cfg is None else position_limit(cfg)
+    if limit is not None and window > limit:
+        raise UserError(
+            f"--window {window} exceeds the model's {limit} positions "
+            f"(max_position_embeddings); use --window {limit} or less."
+        )
 
 
 def check_windows(cfg, windows) -> None:

@@ -12,10 +12,10 @@ BOS rule in both cases.
 
 from __future__ import annotations
 
-import json
 import os
 
 from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.io.jsonfile import read_json_object
 
 JSON_FILE = "tokenizer.json"
 SENTENCEPIECE_FILE = "tokenizer.model"
@@ -90,14 +90,7 @@ def _settings(folder: str) -> dict:
     path = os.path.join(folder, "tokenizer_config.json")
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path) as f:
-            settings = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        settings = None
-    if not isinstance(settings, dict):
-        raise UserError(f"{path} is not a JSON object; download it again.")
-    return settings
+    return read_json_object(path, missing="download it again", remedy="download it again")
 
 
 class Tokenizer:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import numpy as np
 
+import pallas_kernels as pk
 from sparseinfer_jax.errors import UserError
 
-ACTIVATIONS = ("relu", "fatrelu", "silu")
-SPARSE_ACTIVATIONS = ("relu", "fatrelu")
+# The ReLU family (exact zeros, so SparseInfer applies) is the kernels' list; silu runs dense.
+ACTIVATIONS = (*pk.ACTIVATIONS, "silu")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ARCHITECTURES = ("LlamaForCausalLM", "SparseLlamaForCausalLM")
 MODEL_TYPES = ("llama", "sparsellama")
@@ -56,16 +55,12 @@ class LlamaConfig:
     @property
     def is_relu_family(self) -> bool:
         """True when the activation leaves exact zeros, so SparseInfer applies."""
-        return self.hidden_act in SPARSE_ACTIVATIONS
+        return self.hidden_act in pk.ACTIVATIONS
 
     @property
     def sign_words(self) -> int:
         """uint32 words per packed sign-bit row of W_gate: ceil(hidden_size / 32)."""
-        return -(-self.hidden_size // 32)
-
-    @property
-    def num_kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
+        return pk.num_words(self.hidden_size)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The Hugging Face `config.json` fields this config was built from."""
@@ -278,40 +273,7 @@ def config_from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
     )
 
 
-def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """Reads `config.json` from a folder, with a clear error when it is missing or not JSON."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{folder} has no config.json; point to a Hugging Face model folder.")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text; download it again.") from None
-    if not isinstance(hf, dict):
-        raise UserError(f"{path} must hold a JSON object, got {type(hf).__name__}.")
-    return hf
-
-
 PREDICTORS = ("sign", "signmag")
-
-
-def predictor_kind(block: dict[str, Any]) -> str:
-    """The predictor a `sparseinfer` config block names ("sign", the paper's, when absent)."""
-    kind = block.get("predictor", "sign")
-    if kind not in PREDICTORS:
-        raise UserError(
-            f"config.json field 'sparseinfer.predictor' is {kind!r}; use one of "
-            f"{', '.join(PREDICTORS)}."
-        )
-    return kind
-
-
-def is_calibrated(block: dict[str, Any]) -> bool:
-    """Whether a `sparseinfer` config block records a calibration (its "calibration" marker)."""
-    return bool(block.get("calibration"))
 
 
 def default_alpha(num_layers: int) -> list[float]:

@@ -4,7 +4,7 @@ The layers are not stacked on a leading `[L]` axis and scanned: inside a scan ea
 are a slice of the stack, and XLA (on the CPU at least) copies that slice before every matvec,
 which made a decode step copy the whole model (`benchmarks/layer_stack.py`: 5x slower than
 separate arrays). A Python loop over separate arrays costs compile time linear in depth instead.
-Checkpoints store the same per-layer arrays (format 2), so loading never splits or stacks.
+Checkpoints store the same per-layer arrays, so loading never splits or stacks.
 Per-layer alpha is read and set as an `[L]` array with `Llama.alphas` / `Llama.set_alphas`.
 Shapes: B batch, T tokens in this call, S KV-cache slots, D hidden, H heads, K kv heads, hd
 head_dim, V vocab, L layers.
@@ -22,6 +22,7 @@ from flax import nnx
 from sparseinfer_jax.model.config import LlamaConfig
 from sparseinfer_jax.model.matmul import dot
 from sparseinfer_jax.model.mlp import MLP, Sparsity
+from sparseinfer_jax.model.positions import causal_inputs
 from sparseinfer_jax.model.rope import apply_rope, rope_tables
 from sparseinfer_jax.model.sharding import as_mesh
 
@@ -65,7 +66,7 @@ class Linear(nnx.Module):
 
     def __init__(self, din: int, dout: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         # Drawn as `nnx.Linear` draws its kernel, then transposed: the same seed gives the same
-        # initial weights as before format 3.
+        # initial weights as an `nnx.Linear`.
         kernel = nnx.initializers.normal(0.02)(rngs.params(), (din, dout), dtype)
         self.weight = nnx.Param(kernel.T)
 
@@ -285,10 +286,9 @@ class Llama(nnx.Module):
         default to the model's.
         """
         b, t = input_ids.shape
-        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = causal[None] & valid[:, None, :]
+        pad = (jnp.zeros((b,), jnp.int32) if attention_mask is None
+               else t - jnp.sum(attention_mask != 0, axis=1, dtype=jnp.int32))
+        positions, mask = causal_inputs(pad, jnp.arange(t), t)
         x, _, _ = self.forward(
             input_ids, positions, mask, sparsity=self.with_sparsity(mode=mode, backend=backend)
         )

@@ -26,6 +26,7 @@ import dataclasses
 import numpy as np
 
 from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.model import dtypes
 from sparseinfer_jax.model.config import LlamaConfig
 
 GiB = 2**30
@@ -39,7 +40,6 @@ COLAB_GPUS = {
 }
 # T4 (compute capability 7.5) has no bfloat16 tensor cores: float16 is its 16-bit dtype.
 NO_BF16 = ("T4",)
-ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +93,10 @@ def estimate_memory(
       prompt: prompt tokens of the dense prefill; default: `context` (the worst case).
       dtype: weights' and KV cache's dtype: "bfloat16", "float16" or "float32".
     """
-    if dtype not in ITEMSIZE:
-        raise UserError(f"dtype must be one of {', '.join(ITEMSIZE)}, got '{dtype}'.")
     if batch < 1 or context < 1:
         raise UserError(f"batch and context must be at least 1, got {batch} and {context}.")
     prompt = context if prompt is None else min(prompt, context)
-    size = ITEMSIZE[dtype]
+    size = dtypes.itemsize(dtype)
     layers = config.num_hidden_layers
     params = parameter_count(config)
     kv_per_token = 2 * layers * config.num_key_value_heads * config.head_dim * size * batch

@@ -36,13 +36,14 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
 from pallas_kernels.pack import pack_sign_bits_reference
+from pallas_kernels.sparse_gate_up import activate
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model import sharding
 from sparseinfer_jax.model.config import PREDICTORS, LlamaConfig
 from sparseinfer_jax.model.matmul import dot
 
 MODES = ("dense", "sparse", "oracle")
-BACKENDS = ("auto", "pallas", "xla", "reference")
+BACKENDS = pk.BACKENDS
 # Per-layer predictor statistics, summed over rows (one token each): see `MLP.__call__`.
 STAT_FIELDS = ("rows", "predicted_active", "true_active", "both_active", "computed", "fired")
 
@@ -74,18 +75,6 @@ class Sparsity:
 def set_predictor(model, kind: str) -> None:
     """Sets the predictor of `model` (a `Llama`) to `kind`, one of PREDICTORS."""
     model.sparsity = dataclasses.replace(model.sparsity, predictor=kind).check(model.config)
-
-
-def predictor_share(cfg: LlamaConfig, itemsize: int) -> float:
-    """Bytes of the packed gate sign bits over the dense MLP's weights (gate, up, down) per layer:
-    F * W * 4 / (3 * F * D * itemsize)."""
-    return 4 * cfg.sign_words / (3 * cfg.hidden_size * itemsize)
-
-
-def bytes_fraction(computed, fired, neurons: int, share: float):
-    """MLP bytes read over the dense MLP's: `share` (the predictor) plus the gate rows of
-    `computed` candidates and the up and down rows of `fired` neurons, out of 3 x `neurons`."""
-    return (computed + 2 * fired) / (3 * neurons) + share
 
 
 def check_mode(cfg: LlamaConfig, mode: str, backend: str) -> None:
@@ -129,9 +118,7 @@ class MLP(nnx.Module):
         """The activation on float32 pre-activations."""
         if self.activation == "silu":
             return jax.nn.silu(z)
-        if self.activation == "fatrelu":
-            return jnp.where(z > self.threshold, z, 0.0)
-        return jnp.maximum(z, 0.0)
+        return activate(z, self.activation, self.threshold)
 
     def hidden(self, x: jnp.ndarray) -> jnp.ndarray:
         """act(gate x) * (up x) for every neuron: `x: [N, D]` -> `[N, F]` float32."""

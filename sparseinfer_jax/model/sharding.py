@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model.config import LlamaConfig
+from sparseinfer_jax.model.positions import full_causal_inputs
 from sparseinfer_jax.model.rope import rope_tables
 
 AXES = ("data", "model")
@@ -238,8 +239,7 @@ def shard_active_counts(model, input_ids: jnp.ndarray, num_shards: int) -> np.nd
 @nnx.jit(static_argnames="num_shards")
 def _shard_counts(model, input_ids, num_shards):
     b, t = input_ids.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    positions, mask = full_causal_inputs(b, t)
     cos, sin = rope_tables(model.config, positions)
     x = model.embed_tokens(input_ids)
     counts = []

@@ -9,10 +9,8 @@ For a grid of candidate alphas (`ALPHA_GRID`: 0.01 .. 4.00 step 0.01, then +inf)
 as the model's rule does (`pallas_kernels.predict.threshold`: predicted active iff n_neg <= tau):
 predicted-active neurons and neurons both predicted and truly active, summed over tokens.
 
-Definitions, per layer, over all (token, neuron) pairs of the text:
-- recall = both / truly active (1.0 when nothing is active): the share of the true activations the
-  predictor keeps; missing one changes the output.
-- predicted sparsity = 1 - predicted active / (tokens * F): the share of neurons skipped.
+Per layer, over all (token, neuron) pairs of the text, recall (missing a true activation changes
+the output) and predicted sparsity as `metrics.layer_metrics` defines them.
 
 Both only grow (recall) or shrink (sparsity) with alpha, so the choice per layer is:
 - `target_recall=R`: the smallest grid alpha whose recall >= R (most skipping that meets R);
@@ -52,7 +50,9 @@ from pallas_kernels.predict import threshold
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io.text import check_windows, read_text, token_windows
 from sparseinfer_jax.model.config import PREDICTORS
-from sparseinfer_jax.model.mlp import bytes_fraction, predictor_share, set_predictor
+from sparseinfer_jax.model.metrics import layer_metrics, predictor_share
+from sparseinfer_jax.model.mlp import set_predictor
+from sparseinfer_jax.model.positions import full_causal_inputs
 from sparseinfer_jax.model.rope import rope_tables
 
 ALPHA_GRID = np.concatenate([np.round(np.arange(1, 401) * 0.01, 2), [np.inf]]).astype(np.float32)
@@ -101,8 +101,7 @@ def window_counts(model, input_ids, alphas):
     count `[L]` and rows `[L]` (all int32).
     """
     b, t = input_ids.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    positions, mask = full_causal_inputs(b, t)
     cos, sin = rope_tables(model.config, positions)
     x = model.embed_tokens(input_ids)
     out = []
@@ -126,7 +125,7 @@ class Calibration:
     dense_perplexity: float | None = None  # with max_ppl_increase: on the calibration text
     perplexity: float | None = None  # sparse mode at the chosen alphas
     predictor: str = "sign"
-    # Per layer at the chosen alphas: MLP bytes read per token over dense (`mlp.bytes_fraction`:
+    # Per layer at the chosen alphas: MLP bytes read per token over dense (`metrics.bytes_fraction`:
     # sign bits, gate rows of the predicted, up and down rows of the predicted truly active).
     mlp_bytes_fraction: list[float] = dataclasses.field(default_factory=list)
 
@@ -204,8 +203,9 @@ def calibrate(
         both += bo
         true += tr
         rows += int(r[0])
-    grid_recall = np.where(true[:, None] > 0, both / np.maximum(true[:, None], 1), 1.0)
-    grid_sparsity = 1.0 - predicted / (rows * f)
+    share = predictor_share(model.config, jnp.dtype(model.dtype).itemsize)
+    metrics = layer_metrics(rows, predicted, true[:, None], both, neurons=f, share=share)
+    grid_recall, grid_sparsity = metrics["recall"], metrics["predicted_sparsity"]
     dense_ppl = ppl = None
     if target_sparsity is not None:
         idx = _first_ok(grid_sparsity <= target_sparsity + 1e-12)
@@ -216,12 +216,6 @@ def calibrate(
             model, windows, grid_recall, max_ppl_increase, backend, progress
         )
     pick = lambda a: [float(a[i, j]) for i, j in enumerate(idx)]  # noqa: E731
-    share = predictor_share(model.config, jnp.dtype(model.dtype).itemsize)
-    true_fraction = true / (rows * f)
-    nbytes = [
-        float(bytes_fraction(1 - s, r * t, 1, share))
-        for s, r, t in zip(pick(grid_sparsity), pick(grid_recall), true_fraction, strict=True)
-    ]
     return Calibration(
         alphas=[float(ALPHA_GRID[j]) for j in idx],
         recall=pick(grid_recall),
@@ -233,7 +227,7 @@ def calibrate(
         dense_perplexity=dense_ppl,
         perplexity=ppl,
         predictor=model.sparsity.predictor,
-        mlp_bytes_fraction=nbytes,
+        mlp_bytes_fraction=pick(metrics["mlp_bytes_fraction"]),
     )
 
 

@@ -5,14 +5,14 @@ in "sparse" and "oracle" mode every token gets its own mask (see `mlp.py`). Perp
 exp(mean NLL) over every position that has a next token inside its window.
 
 Per mode other than dense (summed over all tokens of the text, per layer, from the model's
-"diagnostic" statistics, i.e. on that mode's own hidden states):
-- true_sparsity = 1 - truly active / (tokens * F);
-- predicted_sparsity = 1 - predicted active / (tokens * F) (the neurons a token's MLP skips);
-- recall = both / truly active; precision = both / predicted active (1.0 when the denominator is 0);
+"diagnostic" statistics, i.e. on that mode's own hidden states; `metrics.layer_metrics` defines
+each):
+- true_sparsity, predicted_sparsity (the neurons a token's MLP skips), recall, precision (overall:
+  over the counts of every layer together);
 - top1_agreement: share of positions whose argmax next token equals dense mode's.
 - mlp_bytes_fraction (overall = mean over layers, and per layer): MLP weight bytes read per token
   over the dense MLP's (gate + up + down), as the two-stage kernel reads them for that token alone
-  (`mlp.bytes_fraction`): the packed sign bits of gate (1 bit per weight, 1/48 of the MLP in
+  (`metrics.bytes_fraction`): the packed sign bits of gate (1 bit per weight, 1/48 of the MLP in
   bfloat16), the gate rows of the predicted-active neurons, and the up and down rows of those whose
   gate fires (predicted and truly active). Oracle reports what a free, perfect predictor would
   leave: the truly active rows of all three. Per token: a batch reads the union of its tokens'
@@ -28,8 +28,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io.text import check_windows
-from sparseinfer_jax.model.mlp import MODES, STAT_FIELDS, bytes_fraction, predictor_share
+from sparseinfer_jax.model.metrics import layer_metrics, predictor_share
+from sparseinfer_jax.model.mlp import MODES, STAT_FIELDS
+from sparseinfer_jax.model.positions import full_causal_inputs
 
 
 @nnx.jit(static_argnames=["mode", "backend", "diagnostic"])
@@ -37,8 +40,7 @@ def window_logits(model, input_ids, *, mode: str, backend: str, diagnostic: bool
     """Full forward of `input_ids: [1, T]`: logits `[1, T, V]` and diagnostic stats `[L, 6]`
     (None in dense mode or without `diagnostic`)."""
     b, t = input_ids.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    positions, mask = full_causal_inputs(b, t)
     stats = "diagnostic" if diagnostic and mode != "dense" else None
     x, _, layer_stats = model.forward(
         input_ids, positions, mask, sparsity=model.with_sparsity(mode=mode, backend=backend),
@@ -70,32 +72,52 @@ def perplexity(model, windows, *, mode: str = "dense", backend: str = "auto") ->
     return float(np.exp(nll / count))
 
 
-def _ratio(num: float, den: float) -> float:
-    return float(num / den) if den > 0 else 1.0
+def check_modes(modes, flag: str = "modes") -> None:
+    """Raises UserError unless `modes` names one or more of MODES; `flag` names the option."""
+    modes = list(modes)
+    if not modes or any(m not in MODES for m in modes):
+        raise UserError(f"{flag} must name one or more of {', '.join(MODES)} (comma-separated), "
+                        f"got '{','.join(map(str, modes))}'.")
+
+
+def _mode_entry(mode: str, nll: float, count: int, agree: int, positions: int,
+                stats: np.ndarray, neurons: int, share: float) -> dict:
+    """One mode's result: perplexity, and outside dense mode top-1 agreement and the per-layer
+    metrics (`metrics.layer_metrics`) from its summed STAT_FIELDS `stats: [L, 6]`."""
+    entry = {"perplexity": float(np.exp(nll / count)), "nll": nll / count}
+    if mode == "dense":
+        return entry
+    rows, pred, true, both = (stats[:, i] for i in range(4))
+    if mode == "oracle":  # a free, perfect predictor: it predicts exactly the true mask
+        pred, both, share = true, true, 0.0
+    per_layer = layer_metrics(rows, pred, true, both, neurons=neurons, share=share)
+    keys = ("true_sparsity", "predicted_sparsity", "recall", "precision", "mlp_bytes_fraction")
+    layers = [{k: float(per_layer[k][li]) for k in keys} for li in range(len(rows))]
+    overall = layer_metrics(rows.sum(), pred.sum(), true.sum(), both.sum(), neurons=neurons)
+    entry.update(
+        top1_agreement=agree / positions,
+        true_sparsity=float(np.mean(per_layer["true_sparsity"])),
+        predicted_sparsity=float(np.mean(per_layer["predicted_sparsity"])),
+        recall=float(overall["recall"]),
+        precision=float(overall["precision"]),
+        mlp_bytes_fraction=float(np.mean(per_layer["mlp_bytes_fraction"])),
+        layers=layers,
+    )
+    return entry
 
 
 def evaluate(
     model, windows, *, modes=("dense", "sparse"), backend: str = "auto", progress: bool = False
 ) -> dict:
     """Runs every mode over `windows` (`[1, T]` int32 arrays) -> the JSON-ready result dict."""
-    for m in modes:
-        assert m in MODES, m
+    check_modes(modes)
     windows = list(windows)
     check_windows(model.config, windows)
     cfg = model.config
-    f = cfg.intermediate_size
-    share = predictor_share(cfg, jnp.dtype(model.dtype).itemsize)
     run_modes = list(dict.fromkeys(["dense", *modes]))  # dense too: top-1 agreement needs it
-    acc = {
-        m: {
-            "nll": 0.0,
-            "count": 0,
-            "agree": 0,
-            "positions": 0,
-            "stats": np.zeros((cfg.num_hidden_layers, len(STAT_FIELDS)), np.float64),
-        }
-        for m in run_modes
-    }
+    stat_shape = (cfg.num_hidden_layers, len(STAT_FIELDS))
+    acc = {m: dict(nll=0.0, count=0, agree=0, positions=0, stats=np.zeros(stat_shape))
+           for m in run_modes}
     tokens = int(sum(w.shape[1] for w in windows))
     if progress:
         from tqdm import tqdm
@@ -108,54 +130,17 @@ def evaluate(
             logits, stats = window_logits(model, ids, mode=m, backend=backend)
             logits = np.asarray(jax.device_get(logits[0]))
             nll, count = nll_sum(logits, ids_np)
-            a = acc[m]
-            a["nll"] += nll
-            a["count"] += count
             top1 = logits.argmax(axis=-1)
-            if m == "dense":
-                dense_top1 = top1
+            dense_top1 = top1 if m == "dense" else dense_top1
+            a = acc[m]
+            a["nll"], a["count"] = a["nll"] + nll, a["count"] + count
             a["agree"] += int((top1 == dense_top1).sum())
             a["positions"] += len(top1)
             if stats is not None:
                 a["stats"] += np.asarray(jax.device_get(stats), np.float64)
-    result = {"tokens": tokens, "modes": {}}
-    for m in modes:
-        a = acc[m]
-        entry = {"perplexity": float(np.exp(a["nll"] / a["count"])), "nll": a["nll"] / a["count"]}
-        if m != "dense":
-            rows, pred, true, both = (a["stats"][:, i] for i in range(4))
-            layers = []
-            for li in range(cfg.num_hidden_layers):
-                layers.append(
-                    {
-                        "true_sparsity": 1.0 - true[li] / (rows[li] * f),
-                        "predicted_sparsity": 1.0
-                        - (pred[li] if m == "sparse" else true[li]) / (rows[li] * f),
-                        "recall": _ratio(both[li], true[li]) if m == "sparse" else 1.0,
-                        "precision": _ratio(both[li], pred[li]) if m == "sparse" else 1.0,
-                        "mlp_bytes_fraction": float(
-                            bytes_fraction(pred[li], both[li], rows[li] * f, share)
-                            if m == "sparse"
-                            else bytes_fraction(true[li], true[li], rows[li] * f, 0.0)
-                        ),
-                    }
-                )
-            pred_sp = float(np.mean([x["predicted_sparsity"] for x in layers]))
-            entry.update(
-                {
-                    "top1_agreement": a["agree"] / a["positions"],
-                    "true_sparsity": float(np.mean([x["true_sparsity"] for x in layers])),
-                    "predicted_sparsity": pred_sp,
-                    "recall": _ratio(both.sum(), true.sum()) if m == "sparse" else 1.0,
-                    "precision": _ratio(both.sum(), pred.sum()) if m == "sparse" else 1.0,
-                    "mlp_bytes_fraction": float(
-                        np.mean([x["mlp_bytes_fraction"] for x in layers])
-                    ),
-                    "layers": layers,
-                }
-            )
-        result["modes"][m] = entry
-    return result
+    share = predictor_share(cfg, jnp.dtype(model.dtype).itemsize)
+    return {"tokens": tokens, "modes": {
+        m: _mode_entry(m, **acc[m], neurons=cfg.intermediate_size, share=share) for m in modes}}
 
 
 def format_report(result: dict) -> str:

@@ -1,0 +1,111 @@
+"""What the GPU compile report compiles: every Pallas kernel at one layer's shapes, and the whole
+`generate` program per MLP mode, all on abstract arguments (no weight is ever allocated)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels import pack, predict, signmag
+from pallas_kernels.compact import compact_pallas
+from pallas_kernels.sparse_down import num_live_programs as down_live
+from pallas_kernels.sparse_down import sparse_down_pallas
+from pallas_kernels.sparse_gate_up import num_live_programs as gate_up_live
+from pallas_kernels.sparse_gate_up import sparse_gate_up_pallas
+from sparseinfer_jax import bench
+from sparseinfer_jax.bench.shapes import PROMPT_TOKENS
+from sparseinfer_jax.model.config import LlamaConfig
+from sparseinfer_jax.model.llama import Llama
+from sparseinfer_jax.runtime import generation, requests
+
+# bench's shapes and Llama-2-13B (compiled only: no weights are made).
+SHAPES = {**bench.SHAPES,
+          "13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
+                      num_key_value_heads=40, head_dim=128, num_hidden_layers=40,
+                      vocab_size=32000)}
+NEW_TOKENS = 16  # decode slots of the compiled program (its kernels do not depend on it)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One thing to compile: `fn(*args)`; `live(count)` = its programs with work at `count`
+    active neurons (None for whole programs)."""
+
+    name: str
+    kind: str
+    fn: Callable
+    args: tuple
+    live: Callable[[int], int] | None = None
+    kernel: str | None = None  # the Pallas kernel's name in the compiled module
+
+
+def kernel_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable, *,
+                 pack_weights: bool = True) -> list[Case]:
+    """Every Pallas kernel at one layer's shapes (the decode step's arguments). pack_sign_bits
+    packs W_gate `[F, D]` (its use), whatever the batch: only with `pack_weights`."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    x, w = sds((batch, d), dtype), sds((f, d), dtype)
+    idx, count = sds((f,), jnp.int32), sds((), jnp.int32)
+    bits = sds((f, pack.num_words(d)), jnp.uint32)
+    gate_up = lambda act: functools.partial(  # noqa: E731
+        sparse_gate_up_pallas, activation=act,
+        threshold=0.0 if act == "relu" else 0.1)
+    cases = [
+        Case("sign_predict", "kernel", predict.sign_predict_pallas, (x, bits, sds((), jnp.float32)),
+             lambda c: predict.num_programs(f), "sign_predict"),
+        Case("signmag_predict", "kernel", signmag.signmag_pallas, (x, bits),
+             lambda c: signmag.num_programs(f), "signmag_predict"),
+        Case("sparse_gate_up_relu", "kernel", gate_up("relu"), (x, w, w, idx, count),
+             lambda c: gate_up_live(c, d), "sparse_gate_up"),
+        Case("sparse_gate_up_fatrelu", "kernel", gate_up("fatrelu"), (x, w, w, idx, count),
+             lambda c: gate_up_live(c, d), "sparse_gate_up"),
+        Case("sparse_down", "kernel", sparse_down_pallas,
+             (sds((batch, f), jnp.float32), w, idx, count), lambda c: down_live(c, d),
+             "sparse_down"),
+    ]
+    if pack_weights:  # the batch-independent kernels, at the first batch only
+        cases.insert(0, Case("pack_sign_bits", "kernel", pack.pack_sign_bits_pallas, (w,),
+                             lambda c: pack.num_programs(f, d), "pack_sign_bits"))
+        # The candidate compaction kernel (`compact.compact_pallas`); one program by design (a
+        # scan over F): no live-programs target.
+        cases.insert(3, Case("compact", "kernel", compact_pallas, (sds((f,), jnp.bool_),), None,
+                             "compact"))
+    return cases
+
+
+def _generate_program(state, tokens, pad, follow, temperature, top_p, penalty, key, stop, alpha,
+                      *, graphdef, sparsity, top_k, eos_ids, pad_id):
+    """What `generate` runs, as one program: the dense prefill, then the decode loop as
+    `sparsity` says."""
+    shared = dict(graphdef=graphdef, top_k=top_k, eos_ids=eos_ids, pad_id=pad_id)
+    cache, loop = generation._prefill(state, tokens, pad, follow, temperature, top_p, penalty, key,
+                                      **shared)
+    return generation._decode(state, cache, loop, pad, stop, temperature, top_p, penalty, alpha,
+                              sparsity=sparsity, stats=None, **shared)
+
+
+def program_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable) -> list[Case]:
+    """The whole `generate` (dense prefill + decode loop) per MLP mode, weights abstract."""
+    cases = []
+    prompt, new = requests.bucket(PROMPT_TOKENS), requests.bucket(NEW_TOKENS)
+    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    scalar = sds((), jnp.float32)
+    for mode in ("dense", "sparse"):
+        model = nnx.eval_shape(
+            lambda mode=mode: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode,
+                                    backend="pallas"))
+        graphdef, state = nnx.split(model)
+        state = jax.tree.map(lambda a: sds(a.shape, a.dtype), state)
+        statics = dict(sparsity=model.sparsity, top_k=None,
+                       eos_ids=tuple(cfg.eos_token_ids), pad_id=int(cfg.pad_token_id or 0))
+        args = (state, sds((batch, prompt), jnp.int32), sds((batch,), jnp.int32),
+                sds((batch, new), jnp.int32), scalar, scalar, scalar, sds(key.shape, key.dtype),
+                sds((), jnp.int32), sds((cfg.num_hidden_layers,), jnp.float32))
+        fn = functools.partial(_generate_program, graphdef=graphdef, **statics)
+        cases.append(Case(f"generate_{mode}", "program", fn, args))
+    return cases

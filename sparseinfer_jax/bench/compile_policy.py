@@ -1,0 +1,30 @@
+"""The GPU compile report's pass/fail policy: what a Pallas kernel must not do."""
+
+from __future__ import annotations
+
+MAX_REGISTERS = 128
+MIN_LIVE_PER_SM = 4
+# The shapes the live-programs target applies to (a tiny layer cannot fill a GPU).
+TARGET_SHAPES = ("7b", "13b")
+
+
+def failures(records: list[dict]) -> list[str]:
+    """What makes the report fail, per Pallas kernel: a compile error, a spilled byte, more than
+    MAX_REGISTERS registers, or (at the shapes of real models, `TARGET_SHAPES`) fewer than
+    MIN_LIVE_PER_SM programs with work per SM at 10% active. XLA's own fusions are XLA's choice:
+    listed in a program's `xla_spills`, not a failure."""
+    out = []
+    for r in records:
+        what = f"{r['gpu']} {r['name']} batch {r['batch']}: "
+        if not r["compiled"]:
+            out.append(what + str(r["error"]))
+            continue
+        if r["spill_bytes"]:
+            out.append(what + f"{r['spill_bytes']} spill bytes")
+        if r["kind"] == "kernel" and (r["registers"] or 0) > MAX_REGISTERS:
+            out.append(what + f"{r['registers']} registers (at most {MAX_REGISTERS})")
+        live = r.get("live_per_sm_10")
+        if r["shape"] in TARGET_SHAPES and live is not None and live < MIN_LIVE_PER_SM:
+            out.append(what + f"{live} live programs per SM at 10% active "
+                       f"(at least {MIN_LIVE_PER_SM})")
+    return out
