@@ -260,18 +260,18 @@ import importlib, os, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
 real = importlib.import_module
 
-def import_module(name, *args):
+def import_module(name, *args, **kwargs):
     if name == sys.argv[1]:  # a Ctrl-C just as the command line (and jax) starts importing
         os.kill(os.getpid(), signal.SIGINT)
-    return real(name, *args)
+    return real(name, *args, **kwargs)
 
 importlib.import_module = import_module
-from sparseinfer_jax import console
+from sparseinfer_jax.cli import console
 getattr(console, sys.argv[2])()
 """
 
 
-@pytest.mark.parametrize("module, script", [("sparseinfer_jax.cli", "sparseinfer"),
+@pytest.mark.parametrize("module, script", [("sparseinfer_jax.cli.main", "sparseinfer"),
                                             ("convert.cli", "sparseinfer_convert")])
 def test_ctrl_c_while_jax_imports(module, script):
     """The console scripts import jax inside their Ctrl-C handling: one line, exit 130."""
