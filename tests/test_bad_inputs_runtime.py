@@ -260,10 +260,10 @@ import importlib, os, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
 real = importlib.import_module
 
-def import_module(name, *args):
+def import_module(name, *args, **kwargs):
     if name == sys.argv[1]:  # a Ctrl-C just as the command line (and jax) starts importing
         os.kill(os.getpid(), signal.SIGINT)
-    return real(name, *args)
+    return real(name, *args, **kwargs)
 
 importlib.import_module = import_module
 from sparseinfer_jax.cli import console
