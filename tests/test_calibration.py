@@ -17,7 +17,7 @@ from sparseinfer_jax.api.loading import load
 from sparseinfer_jax.cli.main import main
 from sparseinfer_jax.io import checkpoint
 from sparseinfer_jax.io.text import token_windows
-from sparseinfer_jax.model.mlp import STAT_FIELDS, Sparsity
+from sparseinfer_jax.model.mlp import STAT_FIELDS
 from sparseinfer_jax.tuning.calibration import ALPHA_GRID, KEEP_ALL_ALPHA
 
 TEXT = (
@@ -56,8 +56,9 @@ def _measured_recall(path: str, text: str, alpha=None) -> np.ndarray:
         t = ids.shape[1]
         mask = jnp.tril(jnp.ones((t, t), bool))[None]
         pos = jnp.arange(t, dtype=jnp.int32)[None]
-        return model.forward(ids, pos, mask, sparsity=Sparsity("dense", "reference"),
-                             stats="diagnostic")
+        # The model's own predictor (the checkpoint's), run densely: its recall on dense states.
+        sparsity = model.with_sparsity(mode="dense", backend="reference")
+        return model.forward(ids, pos, mask, sparsity=sparsity, stats="diagnostic")
 
     for ids in token_windows(tok.encode(open(text).read())):
         stats += np.asarray(forward(model, ids)[2])
