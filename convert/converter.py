@@ -23,7 +23,11 @@ from sparseinfer_jax.io import checkpoint, names, tensorfiles
 from sparseinfer_jax.io.hf import Leaf, leaves, numpy_dtype, open_source
 from sparseinfer_jax.io.source import TOKENIZER_FILES, resolve_source
 from sparseinfer_jax.io.tokenizer import load_tokenizer
-from sparseinfer_jax.model.config import LlamaConfig, default_alpha
+from sparseinfer_jax.model.config import LlamaConfig, default_alpha, predictor_kind
+
+# The `sparseinfer` keys the converter writes itself; every other key the source's block holds
+# (the predictor, the calibration marker, ...) is the source's choice and is kept.
+WRITTEN_KEYS = ("format_version", "alpha", "dtype", "source")
 
 
 def _check_paths(src: str, out: str) -> None:
@@ -97,6 +101,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
       alpha: the predictor's alpha, one number or one per layer; default: the source's calibrated
         `sparseinfer.alpha` when its config.json has one, else 1.0 per layer.
 
+    The rest of the source's `sparseinfer` block (its predictor, its calibration marker) is kept,
+    so the checkpoint decodes as the source does; a calibration marker is dropped when `alpha`
+    replaces the alphas it describes.
+
     Returns:
       The absolute path of `out`.
     """
@@ -105,10 +113,19 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
     checkpoint.check_output(out, overwrite=overwrite)
     folder = resolve_source(src)
     _check_paths(folder, out)
+    if checkpoint.looks_converted(folder):
+        raise UserError(f"{folder} is a checkpoint converted by sparseinfer-convert already; load "
+                        "it as it is, or convert its Hugging Face source folder.")
     hf, cfg, reader, _ = open_source(folder)
     load_tokenizer(folder)  # a broken tokenizer fails now, not after the conversion
+    source_block = hf.get(checkpoint.BLOCK_KEY)
+    source_alpha = checkpoint.block_alpha(source_block, "config.json")
+    kept = {k: v for k, v in (source_block or {}).items() if k not in WRITTEN_KEYS}
+    predictor_kind(kept)  # an unknown predictor fails now, not at the first load
     if alpha is None:  # keep alphas calibrated in the source folder (as `load` does)
-        alpha = checkpoint.block_alpha(hf.get(checkpoint.BLOCK_KEY), "config.json")
+        alpha = source_alpha
+    else:
+        kept.pop("calibration", None)  # it described the source's alphas, not these
     alphas = _alpha(alpha, cfg.num_hidden_layers)
     source = os.path.abspath(folder) if os.path.isdir(os.fspath(src)) else os.fspath(src)
     files = _files(cfg, np_dtype)
@@ -118,8 +135,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
     with checkpoint.atomic_directory(out, overwrite=overwrite, size=size) as tmp:
         _write_params(os.path.join(tmp, checkpoint.PARAMS_DIR), files,
                       leaves(reader, cfg, np_dtype))
-        checkpoint.write_checkpoint_config(tmp, hf, checkpoint.sparseinfer_block(
-            alphas, dtype, source))
+        checkpoint.write_checkpoint_config(tmp, hf, {
+            **kept, **checkpoint.sparseinfer_block(alphas, dtype, source)})
         for file in copies:
             shutil.copy2(os.path.join(folder, file), os.path.join(tmp, file))
     return out

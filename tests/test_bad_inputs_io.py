@@ -121,6 +121,10 @@ def config_edit(**fields):
     return prepare
 
 
+def source_is_a_checkpoint(work, src, ckpt):
+    return "convert", [ckpt, f"{work}/out"]
+
+
 def config_not_an_object(work, src, ckpt):
     edit_json(f"{src}/config.json", lambda data: [data])
     return "convert", [src, f"{work}/out"]
@@ -244,6 +248,11 @@ CASES = {
     "alpha string": (config_edit(sparseinfer={"alpha": "1.0"}),
                      "'sparseinfer.alpha' must be a number or a list of numbers", 2),
     "block list": (config_edit(sparseinfer=[1.0]), "field 'sparseinfer' must be an object", 2),
+    # Issue 23.1: the source's predictor is kept, so an unknown one is refused before the work.
+    "predictor unknown": (config_edit(sparseinfer={"predictor": "magic"}),
+                          "'sparseinfer.predictor' is 'magic'; use one of sign, signmag", 2),
+    "source already converted": (source_is_a_checkpoint,
+                                 "is a checkpoint converted by sparseinfer-convert already", 2),
     "config list": (config_not_an_object, "must hold a JSON object, got list", 2),
     "index list": (index_is_a_list, "is not a valid safetensors index", 2),
     "corrupt tokenizer, convert": (corrupt_tokenizer_convert,

@@ -8,30 +8,26 @@ from sparseinfer_jax.tuning.calibration import calibrate_default
 
 
 def calibrate_checkpoint(
-    path: str | os.PathLike, source: str | os.PathLike, *, alpha_given: bool, calibrate: bool
+    path: str | os.PathLike, *, alpha_given: bool, calibrate: bool
 ) -> str | None:
-    """`sparseinfer-convert`'s last step on the checkpoint at `path`, converted from `source`.
+    """`sparseinfer-convert`'s last step on the checkpoint it wrote at `path`.
 
-    Alphas given on the command line, or calibrated ones kept from the source's `sparseinfer`
-    block, are marked as chosen; else, unless `calibrate` is False (`--no-calibrate`: no marker,
-    so sparse mode calibrates in memory at load), `calibrate_default` runs and its alphas and
-    marker are written into config.json. Returns one line saying what happened, or None.
+    Alphas given on the command line are marked as chosen, and a calibration kept from the source
+    (`convert` keeps the source's marker with its alphas and predictor) stays as it is; else,
+    unless `calibrate` is False (`--no-calibrate`: no marker, so sparse mode calibrates in memory
+    at load), `calibrate_default` runs and its alphas, predictor and marker are written into
+    config.json. Returns one line saying what happened, or None.
     """
     from sparseinfer_jax.api.loading import load
     from sparseinfer_jax.io import checkpoint
-    from sparseinfer_jax.io.source import resolve_source
-    from sparseinfer_jax.model.config import is_calibrated, read_hf_config
+    from sparseinfer_jax.model.config import is_calibrated
 
-    source_block = read_hf_config(resolve_source(os.fspath(source))).get("sparseinfer") or {}
-    marker = None
+    hf, block = checkpoint.read_checkpoint_config(path)
     if alpha_given:
-        marker = "alpha given to sparseinfer-convert"
-    elif is_calibrated(source_block) and source_block.get("alpha") is not None:
-        marker = source_block["calibration"]
-    if marker is not None or not calibrate:
-        if marker is not None:
-            hf, block = checkpoint.read_checkpoint_config(path)
-            checkpoint.write_checkpoint_config(path, hf, {**block, "calibration": marker})
+        checkpoint.write_checkpoint_config(
+            path, hf, {**block, "calibration": "alpha given to sparseinfer-convert"})
+        return None
+    if is_calibrated(block) or not calibrate:
         return None
     model, tokenizer = load(path, mode="dense", mesh=None)
     if tokenizer is None:
@@ -40,7 +36,6 @@ def calibrate_checkpoint(
             "`sparseinfer calibrate` with a text."
         )
     cal, note, seconds = calibrate_default(model, tokenizer)
-    hf, block = checkpoint.read_checkpoint_config(path)
     block["alpha"] = cal.config_alphas()
     block["predictor"] = cal.predictor
     block["calibration"] = f"sparseinfer-convert default: {note}"
