@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for a process stopped by Ctrl-C
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what shells report for `yes | head`'s `yes`
 
 
 class UserError(ValueError):
@@ -29,7 +30,8 @@ def run_command(command: Callable[[], int]) -> int:
     """Runs one CLI command and returns its exit status.
 
     UserError: `error: <message>` on stderr, exit 2. Ctrl-C (KeyboardInterrupt): `interrupted`,
-    exit 130. Neither prints a traceback; outputs are written atomically (`atomic_file`), so an
+    exit 130. Output into a closed pipe (`| head`): nothing, exit 141, as a Unix tool ended by
+    SIGPIPE. None prints a traceback; outputs are written atomically (`atomic_file`), so an
     interruption leaves nothing half-written.
     """
     default_hook = sys.unraisablehook
@@ -54,6 +56,12 @@ def run_command(command: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT
+    except BrokenPipeError:
+        # Whatever is still buffered for stdout would fail again at exit: send it nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_EXIT
     finally:
         sys.unraisablehook = default_hook
 

@@ -73,6 +73,19 @@ CASES = [
                                  "--distributed-timeout", "3"], "could not reach", 2),
     ("other processes never join", ["job:0", "generate", "--prompt", "x", "--distributed",
                                     "--distributed-timeout", "3"], "did not form", 2),
+    # Issue 23: a seed outside int64, --distributed outside a job, output into a closed pipe.
+    ("--seed 2**63", ["generate", "--prompt", "x", "--seed", str(2**63)], "seed must be", 2),
+    ("--seed -2**63-1", ["generate", "--prompt", "x", f"--seed={-(2**63) - 1}"], "seed must be",
+     2),
+    ("--distributed without a job", ["job:", "generate", "--prompt", "x", "--distributed"],
+     "set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID", 2),
+    ("closed pipe, --stream", ["pipe", "generate", "--prompt", "Return the", "--stream"], "",
+     141),
+    ("closed pipe, --no-stream", ["pipe", "generate", "--prompt", "Return the", "--no-stream"],
+     "", 141),
+    ("API seed 2**64", lambda m, t, tmp: generate(m, [[3]], seed=2**64), "seed must be", None),
+    ("API seed float", lambda m, t, tmp: generate(m, [[3]], seed=1.5), "seed must be", None),
+    ("API float ids", lambda m, t, tmp: generate(m, np.asarray([[3.0, 4.0]])), "integers", None),
     ("API temperature nan", lambda m, t, tmp: generate(m, [[3]], temperature=float("nan")),
      "temperature", None),
     ("API prompt + new tokens > positions",
@@ -121,15 +134,29 @@ def _writable(path: str) -> None:
 
 def _alone_in_a_job(process_id: str, argv: list[str]) -> tuple[int, str]:
     """Runs `sparseinfer ARGV` as one process of a 2-process job whose other process never
-    starts (the coordinator is a free port nobody listens on unless this is process 0)."""
+    starts (the coordinator is a free port nobody listens on unless this is process 0); with no
+    `process_id`, outside any job (no JAX_* variables)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=process_id)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env["JAX_PLATFORMS"] = "cpu"
+    if process_id:
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=process_id)
     child = subprocess.run([sys.executable, "-m", "sparseinfer_jax.cli", *argv], env=env,
                            capture_output=True, text=True, timeout=120)
     return child.returncode, cli_lines(child.stderr)
+
+
+def _into_closed_pipe(argv: list[str]) -> tuple[int, str]:
+    """Runs `sparseinfer ARGV` with stdout a pipe whose reader has gone (`| head -c 0`)."""
+    code = "from sparseinfer_jax.cli.console import sparseinfer; sparseinfer()"
+    child = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    child.stdout.close()
+    err = child.communicate(timeout=300)[1].decode()
+    return child.returncode, cli_lines(err)
 
 
 def _interrupt(argv: list[str]) -> tuple[int, str]:
@@ -176,6 +203,10 @@ def test_bad_input_gives_one_line_before_the_work(case, call, fragment, code, fo
         status, err = _alone_in_a_job(argv[0][4:], argv[1:])
         assert status == code and err.startswith("error: ") and fragment in err, err[-2000:]
         assert len(err.strip().splitlines()) == 1
+        return
+    if argv[0] == "pipe":
+        status, err = _into_closed_pipe(argv[1:])
+        assert status == code and not err.strip(), err[-2000:]  # quiet, as `yes | head`
         return
     if argv[0] == "sigint":
         status, err = _interrupt(argv[1:])

@@ -319,6 +319,8 @@ def _encode(prompts, tokenizer) -> list[list[int]]:
         prompts = [prompts]
     if isinstance(prompts, np.ndarray | jax.Array):
         prompts = np.asarray(prompts)
+        if not np.issubdtype(prompts.dtype, np.integer):
+            raise UserError(f"token ids must be integers, got an array of {prompts.dtype}.")
         if prompts.ndim == 1:
             prompts = prompts[None]
         return [list(map(int, row)) for row in prompts]
@@ -351,6 +353,14 @@ def check_sampling(temperature: float, top_p: float | None, top_k: int | None) -
         raise UserError(f"top_p must be in (0, 1], got {top_p}.")
     if top_k is not None and top_k < 1:
         raise UserError(f"top_k must be at least 1, got {top_k}.")
+
+
+def check_seed(seed) -> None:
+    """Raises UserError unless `seed` is a whole number that fits a PRNG key (int64)."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not (
+        -(2**63) <= int(seed) < 2**63
+    ):
+        raise UserError(f"seed must be a whole number in [-2**63, 2**63), got {seed!r}.")
 
 
 def _check(
@@ -452,6 +462,7 @@ def generate(
     mode = mode or model.mode
     backend = backend or model.backend
     check_sampling(temperature, top_p, top_k)
+    check_seed(seed)
     top_p = 1.0 if top_p is None else float(top_p)
     ids = _encode(prompts, tokenizer)
     _check(model, ids, max_new_tokens, mode, backend, stats)
