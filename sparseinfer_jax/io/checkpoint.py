@@ -28,7 +28,7 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
-from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.errors import UserError, check_writable_folder
 from sparseinfer_jax.io.tensorfiles import INDEX_FILE, SafetensorsFolder, tensor_path
 
 FORMAT_VERSION = 3
@@ -104,6 +104,24 @@ def write_checkpoint_config(
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def check_config_writable(path: str | os.PathLike) -> None:
+    """Raises UserError unless `write_checkpoint_config` can replace `path/config.json`: its
+    folder takes new files, and the file itself can be renamed (an immutable or append-only file,
+    or one in a sticky folder owned by another user, cannot), tried by renaming it away and back.
+    Call it before the work whose result goes there."""
+    check_writable_folder(path, f"the new {CONFIG_FILE}")
+    file = os.path.join(path, CONFIG_FILE)
+    probe = _sibling(file, "probe")
+    try:
+        os.rename(file, probe)
+    except OSError as e:
+        raise UserError(f"{file} cannot be replaced ({e.strerror}); make it writable (chattr -i, "
+                        "chmod) or copy the checkpoint elsewhere.") from None
+    finally:
+        if os.path.lexists(probe):
+            os.rename(probe, file)
 
 
 def _read_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
