@@ -80,6 +80,14 @@ def exit_process(status: int) -> NoReturn:
     sys.exit(status)
 
 
+def size_text(nbytes: float) -> str:
+    """`nbytes` for a message, in the unit that shows it best: "512 B", "3.2 MiB", "13.50 GiB"."""
+    for unit, scale, digits in (("GiB", 2**30, 2), ("MiB", 2**20, 1), ("KiB", 2**10, 1)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.{digits}f} {unit}"
+    return f"{int(nbytes)} B"
+
+
 def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
     """Raises UserError unless a file can be created in `folder` (tried, not guessed from mode
     bits: root ignores them, and a read-only file system does not show in them)."""

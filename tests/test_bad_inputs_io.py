@@ -233,7 +233,8 @@ CASES = {
     "parent is a file": (out_parent_is_a_file, "is a file, so .* cannot be created", 2),
     "unwritable output": (unwritable_output_folder, r"cannot create .*\(Permission denied\)", 2),
     # 11.2: disk space checked up front, write failures are errors.
-    "too little space": (too_little_space, "GiB free but the checkpoint needs", 2),
+    "too little space": (too_little_space,
+                         r"has 4\.0 KiB free but the checkpoint needs \d+\.\d MiB", 2),
     "disk full": (disk_full_while_writing, r"failed \(the disk is full\); nothing was written", 2),
     # Ctrl-C.
     "ctrl-c": (ctrl_c_while_writing, "^interrupted$", 130),

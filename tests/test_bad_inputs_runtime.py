@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from conftest import cli_lines
 
 from sparseinfer_jax import UserError, generate, load
 from sparseinfer_jax.api.loading import SHIPPED_MODEL
+from sparseinfer_jax.bench import records
+from sparseinfer_jax.bench.records import Settings
 from sparseinfer_jax.cli.main import main
 from sparseinfer_jax.tuning.calibration import calibrate
 from sparseinfer_jax.tuning.evaluation import evaluate, perplexity
@@ -88,6 +91,17 @@ CASES = [
     ("API seed 2**64", lambda m, t, tmp: generate(m, [[3]], seed=2**64), "seed must be", None),
     ("API seed float", lambda m, t, tmp: generate(m, [[3]], seed=1.5), "seed must be", None),
     ("API float ids", lambda m, t, tmp: generate(m, np.asarray([[3.0, 4.0]])), "integers", None),
+    # Issue 23: bench checks its memory and its --peer before building anything.
+    ("bench more than memory", ["mem:1", "bench", "--shape", "1b", "--layers", "2"],
+     "needs about 1.", 2),
+    ("bench --peer hf without torch", ["no-torch", "bench", "--peer", "hf"],
+     "--peer hf needs torch; pip install torch", 2),
+    ("API bench 7b float32 on 24 GiB",
+     lambda m, t, tmp: _on_a_machine_of(24, Settings(shape="7b", dtype="float32").check),
+     "needs about 26.35 GiB but there is 24.00 GiB of memory", None),
+    ("API bench 13b bfloat16 on 24 GiB",
+     lambda m, t, tmp: _on_a_machine_of(24, Settings(shape="13b", dtype="bfloat16").check),
+     "needs about 25.64 GiB", None),
     ("API temperature nan", lambda m, t, tmp: generate(m, [[3]], temperature=float("nan")),
      "temperature", None),
     ("API prompt + new tokens > positions",
@@ -103,6 +117,12 @@ CASES = [
      lambda m, t, tmp: calibrate(m, [np.asarray([_ids(20)], np.int32)], target_recall=0.9),
      "at least 64 tokens", None),
 ]
+
+
+def _on_a_machine_of(gib: float, call) -> None:
+    """`call()` as on a machine with `gib` GiB of memory."""
+    with mock.patch.object(records, "memory_limit", lambda: int(gib * 2**30)):
+        call()
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +229,12 @@ def test_bad_input_gives_one_line_before_the_work(case, call, fragment, code, fo
         assert status == code and err.startswith("error: ") and fragment in err, err[-2000:]
         assert len(err.strip().splitlines()) == 1
         return
+    if argv[0].startswith("mem:"):
+        limit = int(argv.pop(0)[4:]) * 2**30
+        request.getfixturevalue("monkeypatch").setattr(records, "memory_limit", lambda: limit)
+    elif argv[0] == "no-torch":
+        request.getfixturevalue("monkeypatch").setitem(sys.modules, "torch", None)
+        argv.pop(0)
     if argv[0] == "pipe":
         status, err = _into_closed_pipe(argv[1:])
         assert status == code and not err.strip(), err[-2000:]  # quiet, as `yes | head`

@@ -47,7 +47,6 @@ from pallas_kernels.sparse_down import num_live_programs as down_live
 from pallas_kernels.sparse_down import sparse_down_pallas
 from pallas_kernels.sparse_gate_up import num_live_programs as gate_up_live
 from pallas_kernels.sparse_gate_up import sparse_gate_up_pallas
-from sparseinfer_jax import bench
 from sparseinfer_jax.bench.gpu_spec import GpuSpec, gpu_spec
 from sparseinfer_jax.bench.shapes import DTYPES, PROMPT_TOKENS, shape_config
 from sparseinfer_jax.errors import UserError
@@ -55,11 +54,6 @@ from sparseinfer_jax.model.config import LlamaConfig
 from sparseinfer_jax.model.llama import Llama
 from sparseinfer_jax.runtime import generation
 
-# bench's shapes and Llama-2-13B (compiled only: no weights are made).
-SHAPES = {**bench.SHAPES,
-          "13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
-                      num_key_value_heads=40, head_dim=128, num_hidden_layers=40,
-                      vocab_size=32000)}
 ACTIVE_FRACTIONS = (0.05, 0.1, 0.2)
 NEW_TOKENS = 16  # decode slots of the compiled program (its kernels do not depend on it)
 MAX_REGISTERS = 128
@@ -298,14 +292,20 @@ def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
     return rec
 
 
+def check(gpus: list[str], shape: str, batches: list[int], layers: int | None = None
+          ) -> tuple[list[GpuSpec], LlamaConfig]:
+    """The GPUs' specs and the shape's config; UserError for a bad name or batch size."""
+    specs = [gpu_spec(g) for g in gpus]
+    if not batches or min(batches) < 1:
+        raise UserError(f"--batches must be positive integers, got {batches}.")
+    return specs, shape_config(shape, layers)
+
+
 def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None = None,
         dtype: str = "bfloat16", programs: bool = True,
         log: Callable[[str], None] = print) -> list[dict]:
     """Compiles every case for every GPU and batch; returns the records (see `format_table`)."""
-    specs = [gpu_spec(g) for g in gpus]
-    if not batches or min(batches) < 1:
-        raise UserError(f"--batches must be positive integers, got {batches}.")
-    cfg = shape_config(shape, layers, SHAPES)
+    specs, cfg = check(gpus, shape, batches, layers)
     check_plugin()
     ptxas = find_ptxas()
     records = []

@@ -28,7 +28,7 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
-from sparseinfer_jax.errors import UserError, check_writable_folder
+from sparseinfer_jax.errors import UserError, check_writable_folder, size_text
 from sparseinfer_jax.io.tensorfiles import INDEX_FILE, SafetensorsFolder, tensor_path
 
 FORMAT_VERSION = 3
@@ -264,8 +264,8 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
                             "you can write to.") from None
         free = shutil.disk_usage(tmp).free
         if free < size + SPACE_MARGIN:
-            raise UserError(f"{os.path.dirname(out)} has {free / 2**30:.2f} GiB free but the "
-                            f"checkpoint needs {(size + SPACE_MARGIN) / 2**30:.2f} GiB; free some "
+            raise UserError(f"{os.path.dirname(out)} has {size_text(free)} free but the "
+                            f"checkpoint needs {size_text(size + SPACE_MARGIN)}; free some "
                             "space or choose another output folder.")
         try:
             yield tmp

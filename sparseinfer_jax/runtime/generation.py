@@ -276,7 +276,7 @@ def check_text(text: str, what: str) -> None:
         ) from None
 
 
-def _memory_limit() -> int | None:
+def memory_limit() -> int | None:
     """Bytes of the first device (its reported limit), or of the host's RAM on the CPU."""
     stats = jax.local_devices()[0].memory_stats() or {}
     if stats.get("bytes_limit"):
@@ -304,7 +304,7 @@ def _check_length(model: Llama, ids: list[list[int]], max_new_tokens: int) -> No
     name = jnp.dtype(model.dtype).name
     est = estimate_memory(cfg, batch=len(ids), context=slots, prompt=bucket(longest),
                           dtype=name if name in ITEMSIZE else "float32")
-    need, have = est.kv_cache_bytes + est.prefill_bytes, _memory_limit()
+    need, have = est.kv_cache_bytes + est.prefill_bytes, memory_limit()
     shards = 1 if model.mesh is None else model.mesh.size
     if have and need / shards > have:
         raise UserError(
