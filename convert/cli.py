@@ -49,7 +49,7 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"converted {args.src} -> {out} ({args.dtype}, {_folder_size(out) / 2**20:.1f} MiB) in "
           f"{time.perf_counter() - start:.1f} s")
     note = calibrate_checkpoint(out, alpha_given=args.alpha is not None,
-                                calibrate=not args.no_calibrate)
+                                calibrate=not args.no_calibrate, progress=True)
     if note:
         print(note)
     return 0

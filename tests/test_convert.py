@@ -440,3 +440,16 @@ def test_cli(tied, tmp_path, capsys):
     assert captured.err.splitlines() == [f"error: {out} already exists; pass --overwrite to "
                                          "replace it."]
     assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_cli_calibration_says_how_to_skip_it_and_shows_progress(tied, tmp_path, capsys):
+    """The default calibration (minutes for a 7B on a CPU) is announced with the flag that skips
+    it before it starts, and runs under a progress bar (tqdm: count, elapsed and time left)."""
+    assert main([tied, str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    captured = capsys.readouterr()
+    announce = captured.err.index("pass --no-calibrate to skip this step")
+    bar = captured.err.index("calibrate:")
+    assert announce < bar and "<" in captured.err[bar:]  # elapsed<remaining
+    assert "calibrated for recall >= 0.99" in captured.out
+    block = checkpoint.read_checkpoint_config(tmp_path / "out")[1]
+    assert block["calibration"].startswith("sparseinfer-convert default")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 
-from sparseinfer_jax.tuning.calibration import calibrate_default
+from sparseinfer_jax.model.config import PREDICTORS
+from sparseinfer_jax.tuning.calibration import DEFAULT_RECALL, calibrate_default
 
 
 def calibrate_checkpoint(
-    path: str | os.PathLike, *, alpha_given: bool, calibrate: bool
+    path: str | os.PathLike, *, alpha_given: bool, calibrate: bool, progress: bool = False
 ) -> str | None:
     """`sparseinfer-convert`'s last step on the checkpoint it wrote at `path`.
 
@@ -16,7 +18,8 @@ def calibrate_checkpoint(
     (`convert` keeps the source's marker with its alphas and predictor) stays as it is; else,
     unless `calibrate` is False (`--no-calibrate`: no marker, so sparse mode calibrates in memory
     at load), `calibrate_default` runs and its alphas, predictor and marker are written into
-    config.json. Returns one line saying what happened, or None.
+    config.json; `progress` says so first on stderr (and how to skip it), then shows a progress bar
+    with the time left. Returns one line saying what happened, or None.
     """
     from sparseinfer_jax.api.loading import load
     from sparseinfer_jax.io import checkpoint
@@ -29,13 +32,17 @@ def calibrate_checkpoint(
         return None
     if is_calibrated(block) or not calibrate:
         return None
+    if progress:
+        print("calibrating alpha per layer on the built-in text (recall >= "
+              f"{DEFAULT_RECALL}, predictors {' and '.join(PREDICTORS)}); pass --no-calibrate to "
+              "skip this step", file=sys.stderr, flush=True)
     model, tokenizer = load(path, mode="dense", mesh=None)
     if tokenizer is None:
         return (
             f"{path} has no tokenizer, so it was not calibrated; sparse mode warns until you run "
             "`sparseinfer calibrate` with a text."
         )
-    cal, note, seconds = calibrate_default(model, tokenizer)
+    cal, note, seconds = calibrate_default(model, tokenizer, progress=progress)
     block["alpha"] = cal.config_alphas()
     block["predictor"] = cal.predictor
     block["calibration"] = f"sparseinfer-convert default: {note}"
