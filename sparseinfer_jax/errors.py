@@ -11,6 +11,7 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
@@ -31,8 +32,9 @@ def run_command(command: Callable[[], int]) -> int:
 
     UserError: `error: <message>` on stderr, exit 2. Ctrl-C (KeyboardInterrupt): `interrupted`,
     exit 130. Output into a closed pipe (`| head`): nothing, exit 141, as a Unix tool ended by
-    SIGPIPE. None prints a traceback; outputs are written atomically (`atomic_file`), so an
-    interruption leaves nothing half-written.
+    SIGPIPE. Warnings: `warning: <message>`, without Python's source line. None prints a
+    traceback; outputs are written atomically (`atomic_file`), so an interruption leaves nothing
+    half-written.
     """
     default_hook = sys.unraisablehook
 
@@ -47,7 +49,11 @@ def run_command(command: Callable[[], int]) -> int:
         else:
             default_hook(unraisable)
 
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
     sys.unraisablehook = deliver_again
+    default_show, warnings.showwarning = warnings.showwarning, one_line
     try:
         return command()
     except UserError as e:
@@ -64,6 +70,7 @@ def run_command(command: Callable[[], int]) -> int:
         return BROKEN_PIPE_EXIT
     finally:
         sys.unraisablehook = default_hook
+        warnings.showwarning = default_show
 
 
 def exit_process(status: int) -> NoReturn:

@@ -336,7 +336,7 @@ def test_ctrl_c_in_a_real_process(hf, tmp_path):
     """SIGINT while the converter writes: one line, exit 130, no temporary folder, no output."""
     script = textwrap.dedent(f"""
         import sys, time
-        from sparseinfer_jax import tensorfiles
+        from sparseinfer_jax.io import tensorfiles
         write = tensorfiles.Writer.write
         def slow(self, name, x):
             time.sleep(0.2)

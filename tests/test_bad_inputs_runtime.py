@@ -102,6 +102,11 @@ CASES = [
     ("API bench 13b bfloat16 on 24 GiB",
      lambda m, t, tmp: _on_a_machine_of(24, Settings(shape="13b", dtype="bfloat16").check),
      "needs about 25.64 GiB", None),
+    # Issue 23's smaller flaws.
+    ("--alpha with --mode dense", ["generate", "--prompt", "x", "--alpha", "2"],
+     "--mode dense does not use", 2),
+    ("--mesh axis twice", ["generate", "--prompt", "x", "--mesh", "model=1,model=1"],
+     "names axis 'model' twice", 2),
     ("API temperature nan", lambda m, t, tmp: generate(m, [[3]], temperature=float("nan")),
      "temperature", None),
     ("API prompt + new tokens > positions",
@@ -309,18 +314,18 @@ import importlib, os, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
 real = importlib.import_module
 
-def import_module(name, *args):
+def import_module(name, *args, **kwargs):
     if name == sys.argv[1]:  # a Ctrl-C just as the command line (and jax) starts importing
         os.kill(os.getpid(), signal.SIGINT)
-    return real(name, *args)
+    return real(name, *args, **kwargs)
 
 importlib.import_module = import_module
-from sparseinfer_jax import console
+from sparseinfer_jax.cli import console
 getattr(console, sys.argv[2])()
 """
 
 
-@pytest.mark.parametrize("module, script", [("sparseinfer_jax.cli", "sparseinfer"),
+@pytest.mark.parametrize("module, script", [("sparseinfer_jax.cli.main", "sparseinfer"),
                                             ("convert.cli", "sparseinfer_convert")])
 def test_ctrl_c_while_jax_imports(module, script):
     """The console scripts import jax inside their Ctrl-C handling: one line, exit 130."""
@@ -329,3 +334,18 @@ def test_ctrl_c_while_jax_imports(module, script):
     assert done.returncode == 130, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == "interrupted" and not done.stdout
+
+
+def test_a_warning_is_the_tools_own_line(capsys):
+    """A warning inside a command (a never-calibrated checkpoint in sparse mode) prints as
+    `warning: ...`, one line, without Python's file name, line number and source line."""
+    import warnings
+
+    from sparseinfer_jax.errors import run_command
+
+    def command() -> int:
+        warnings.warn("the checkpoint was never calibrated", UserWarning, stacklevel=1)
+        return 0
+
+    assert run_command(command) == 0
+    assert capsys.readouterr().err == "warning: the checkpoint was never calibrated\n"

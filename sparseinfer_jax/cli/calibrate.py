@@ -66,8 +66,11 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"wrote alpha {alphas}, predictor {cal.predictor} to {path}/config.json")
     else:
         print(
-            f"{path} is not a converted checkpoint, so nothing was written: pass --alpha {alphas}, "
-            "or convert it with sparseinfer-convert and calibrate the checkpoint."
+            f"{path} is not a converted checkpoint, so nothing was written: add \"sparseinfer\": "
+            f"{{\"alpha\": [{alphas}], \"predictor\": \"{cal.predictor}\"}} to its config.json "
+            f"(the alphas fit predictor {cal.predictor}; --alpha {alphas} alone runs the "
+            "checkpoint's own predictor), or convert it with sparseinfer-convert and calibrate the "
+            "checkpoint."
         )
     return 0
 

@@ -23,6 +23,9 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         check_text(prompt, "--prompt")
     check_sampling(args.temperature, args.top_p, args.top_k)
     check_seed(args.seed)
+    if args.alpha is not None and args.mode == "dense":
+        raise UserError("--alpha sets the sparse predictor, which --mode dense does not use; add "
+                        "--mode sparse or drop --alpha.")
     if args.compare and args.mode == "dense":
         raise UserError("--compare compares a sparse mode with dense; add --mode sparse.")
     if args.compare and args.max_new_tokens < 2:

@@ -134,7 +134,8 @@ def _read_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
         with open(file) as f:
             config = json.load(f)
     except json.JSONDecodeError as e:
-        raise UserError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+        raise UserError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}); fix that line or "
+                        "convert the model again.") from None
     except UnicodeDecodeError:
         raise UserError(f"{file} is not UTF-8 text; restore it or convert again.") from None
     if not isinstance(config, dict):

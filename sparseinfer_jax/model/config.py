@@ -287,7 +287,8 @@ def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
         with open(path) as f:
             hf = json.load(f)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix that line or "
+                        "download the model again.") from None
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text; download it again.") from None
     if not isinstance(hf, dict):
