@@ -48,8 +48,8 @@ def _convert(args: argparse.Namespace) -> int:
     out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, alpha=args.alpha)
     print(f"converted {args.src} -> {out} ({args.dtype}, {_folder_size(out) / 2**20:.1f} MiB) in "
           f"{time.perf_counter() - start:.1f} s")
-    note = calibrate_checkpoint(out, args.src, alpha_given=args.alpha is not None,
-                                calibrate=not args.no_calibrate)
+    note = calibrate_checkpoint(out, alpha_given=args.alpha is not None,
+                                calibrate=not args.no_calibrate, progress=True)
     if note:
         print(note)
     return 0

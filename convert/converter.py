@@ -25,6 +25,9 @@ from sparseinfer_jax.io.source import TOKENIZER_FILES, resolve_source
 from sparseinfer_jax.io.tokenizer import load_tokenizer
 from sparseinfer_jax.model.config import LlamaConfig, default_alpha
 
+# The `sparseinfer` keys the converter writes itself; every other key the source's block holds
+# (the predictor, the calibration marker, ...) is the source's choice and is kept.
+
 
 def _check_paths(src: str, out: str) -> None:
     src, out = os.path.realpath(src), os.path.realpath(out)
@@ -97,6 +100,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
       alpha: the predictor's alpha, one number or one per layer; default: the source's calibrated
         `sparseinfer.alpha` when its config.json has one, else 1.0 per layer.
 
+    The rest of the source's `sparseinfer` block (its predictor, its calibration marker) is kept,
+    so the checkpoint decodes as the source does; a calibration marker is dropped when `alpha`
+    replaces the alphas it describes.
+
     Returns:
       The absolute path of `out`.
     """
@@ -105,11 +112,19 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
     checkpoint.check_output(out, overwrite=overwrite)
     folder = resolve_source(src)
     _check_paths(folder, out)
+    if checkpoint.looks_converted(folder):
+        raise UserError(f"{folder} is a checkpoint converted by sparseinfer-convert already; load "
+                        "it as it is, or convert its Hugging Face source folder.")
     hf, cfg, reader, _ = open_source(folder)
     load_tokenizer(folder)  # a broken tokenizer fails now, not after the conversion
+    # Everything the source's block chose is kept; a bad field (an unknown predictor) fails now,
+    # not at the first load.
+    source_block = checkpoint.SparseInferBlock.from_json(hf.get(checkpoint.BLOCK_KEY),
+                                                         f"{folder}/config.json")
     if alpha is None:  # keep alphas calibrated in the source folder (as `load` does)
-        alpha = checkpoint.SparseInferBlock.from_json(hf.get(checkpoint.BLOCK_KEY),
-                                                      "config.json").alpha
+        alpha = source_block.alpha
+    else:  # the source's marker described its alphas, not these
+        source_block = source_block.replace(calibration=None)
     alphas = _alpha(alpha, cfg.num_hidden_layers)
     source = os.path.abspath(folder) if os.path.isdir(os.fspath(src)) else os.fspath(src)
     files = _files(cfg, np_dtype)
@@ -120,7 +135,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
         _write_params(os.path.join(tmp, checkpoint.PARAMS_DIR), files,
                       leaves(reader, cfg, np_dtype))
         checkpoint.write_checkpoint_config(tmp, hf, checkpoint.new_block(
-            alphas, dtype, source))
+            alphas, dtype, source, base=source_block))
         for file in copies:
             shutil.copy2(os.path.join(folder, file), os.path.join(tmp, file))
     return out

@@ -11,10 +11,12 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for a process stopped by Ctrl-C
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what shells report for `yes | head`'s `yes`
 
 
 class UserError(ValueError):
@@ -29,8 +31,10 @@ def run_command(command: Callable[[], int]) -> int:
     """Runs one CLI command and returns its exit status.
 
     UserError: `error: <message>` on stderr, exit 2. Ctrl-C (KeyboardInterrupt): `interrupted`,
-    exit 130. Neither prints a traceback; outputs are written atomically (`atomic_file`), so an
-    interruption leaves nothing half-written.
+    exit 130. Output into a closed pipe (`| head`): nothing, exit 141, as a Unix tool ended by
+    SIGPIPE. Warnings: `warning: <message>`, without Python's source line. None prints a
+    traceback; outputs are written atomically (`atomic_file`), so an interruption leaves nothing
+    half-written.
     """
     default_hook = sys.unraisablehook
 
@@ -45,7 +49,11 @@ def run_command(command: Callable[[], int]) -> int:
         else:
             default_hook(unraisable)
 
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
     sys.unraisablehook = deliver_again
+    default_show, warnings.showwarning = warnings.showwarning, one_line
     try:
         return command()
     except UserError as e:
@@ -54,8 +62,15 @@ def run_command(command: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT
+    except BrokenPipeError:
+        # Whatever is still buffered for stdout would fail again at exit: send it nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_EXIT
     finally:
         sys.unraisablehook = default_hook
+        warnings.showwarning = default_show
 
 
 def exit_process(status: int) -> NoReturn:
@@ -70,6 +85,14 @@ def exit_process(status: int) -> NoReturn:
         sys.stderr.flush()
         os._exit(status)
     sys.exit(status)
+
+
+def size_text(nbytes: float) -> str:
+    """`nbytes` for a message, in the unit that shows it best: "512 B", "3.2 MiB", "13.50 GiB"."""
+    for unit, scale, digits in (("GiB", 2**30, 2), ("MiB", 2**20, 1), ("KiB", 2**10, 1)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.{digits}f} {unit}"
+    return f"{int(nbytes)} B"
 
 
 def check_writable_folder(folder: str | os.PathLike, what: str) -> None:

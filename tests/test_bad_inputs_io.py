@@ -121,6 +121,10 @@ def config_edit(**fields):
     return prepare
 
 
+def source_is_a_checkpoint(work, src, ckpt):
+    return "convert", [ckpt, f"{work}/out"]
+
+
 def config_not_an_object(work, src, ckpt):
     edit_json(f"{src}/config.json", lambda data: [data])
     return "convert", [src, f"{work}/out"]
@@ -229,7 +233,8 @@ CASES = {
     "parent is a file": (out_parent_is_a_file, "is a file, so .* cannot be created", 2),
     "unwritable output": (unwritable_output_folder, r"cannot create .*\(Permission denied\)", 2),
     # 11.2: disk space checked up front, write failures are errors.
-    "too little space": (too_little_space, "GiB free but the checkpoint needs", 2),
+    "too little space": (too_little_space,
+                         r"has 4\.0 KiB free but the checkpoint needs \d+\.\d MiB", 2),
     "disk full": (disk_full_while_writing, r"failed \(the disk is full\); nothing was written", 2),
     # Ctrl-C.
     "ctrl-c": (ctrl_c_while_writing, "^interrupted$", 130),
@@ -244,6 +249,11 @@ CASES = {
     "alpha string": (config_edit(sparseinfer={"alpha": "1.0"}),
                      "'sparseinfer.alpha' must be a number or a list of numbers", 2),
     "block list": (config_edit(sparseinfer=[1.0]), "field 'sparseinfer' must be an object", 2),
+    # Issue 23.1: the source's predictor is kept, so an unknown one is refused before the work.
+    "predictor unknown": (config_edit(sparseinfer={"predictor": "magic"}),
+                          "'sparseinfer.predictor' is 'magic'; use one of sign, signmag", 2),
+    "source already converted": (source_is_a_checkpoint,
+                                 "is a checkpoint converted by sparseinfer-convert already", 2),
     "config list": (config_not_an_object, "must hold a JSON object, got list", 2),
     "index list": (index_is_a_list, "is not a valid safetensors index", 2),
     "corrupt tokenizer, convert": (corrupt_tokenizer_convert,

@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from conftest import cli_lines
 
 from sparseinfer_jax import UserError, generate, load
 from sparseinfer_jax.api.loading import SHIPPED_MODEL
+from sparseinfer_jax.bench import records
+from sparseinfer_jax.bench.records import Settings
 from sparseinfer_jax.cli.main import main
 from sparseinfer_jax.io.text import token_windows
 from sparseinfer_jax.tuning.calibration import calibrate
@@ -59,6 +62,8 @@ CASES = [
      "1024 positions", 2),
     ("calibrate on 1 character", [*CAL, "--text", "{tmp}/one.txt"], "at least 64 tokens", 2),
     ("calibrate read-only checkpoint", [*CAL, "{tmp}/ckpt", "--text", TEXT], "cannot write", 2),
+    ("calibrate immutable config.json", [*CAL, "{tmp}/ckpt", "--text", TEXT],
+     "config.json cannot be replaced", 2),
     ("--sweep negative", [*EV, "--plot", "{tmp}/p.png", "--sweep=-1,1"], "--sweep", 2),
     ("--sweep not numbers", [*EV, "--plot", "{tmp}/p.png", "--sweep", "abc"], "--sweep", 2),
     ("--sweep inf", [*EV, "--plot", "{tmp}/p.png", "--sweep", "1,inf"], "--sweep", 2),
@@ -74,6 +79,35 @@ CASES = [
                                  "--distributed-timeout", "3"], "could not reach", 2),
     ("other processes never join", ["job:0", "generate", "--prompt", "x", "--distributed",
                                     "--distributed-timeout", "3"], "did not form", 2),
+    # Issue 23: a seed outside int64, --distributed outside a job, output into a closed pipe.
+    ("--seed 2**63", ["generate", "--prompt", "x", "--seed", str(2**63)], "seed must be", 2),
+    ("--seed -2**63-1", ["generate", "--prompt", "x", f"--seed={-(2**63) - 1}"], "seed must be",
+     2),
+    ("--distributed without a job", ["job:", "generate", "--prompt", "x", "--distributed"],
+     "set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID", 2),
+    ("closed pipe, --stream", ["pipe", "generate", "--prompt", "Return the", "--stream"], "",
+     141),
+    ("closed pipe, --no-stream", ["pipe", "generate", "--prompt", "Return the", "--no-stream"],
+     "", 141),
+    ("API seed 2**64", lambda m, t, tmp: generate(m, [[3]], seed=2**64), "seed must be", None),
+    ("API seed float", lambda m, t, tmp: generate(m, [[3]], seed=1.5), "seed must be", None),
+    ("API float ids", lambda m, t, tmp: generate(m, np.asarray([[3.0, 4.0]])), "integers", None),
+    # Issue 23: bench checks its memory and its --peer before building anything.
+    ("bench more than memory", ["mem:1", "bench", "--shape", "1b", "--layers", "2"],
+     "needs about 1.", 2),
+    ("bench --peer hf without torch", ["no-torch", "bench", "--peer", "hf"],
+     "--peer hf needs torch; pip install torch", 2),
+    ("API bench 7b float32 on 24 GiB",
+     lambda m, t, tmp: _on_a_machine_of(24, Settings(shape="7b", dtype="float32").check),
+     "needs about 26.35 GiB but there is 24.00 GiB of memory", None),
+    ("API bench 13b bfloat16 on 24 GiB",
+     lambda m, t, tmp: _on_a_machine_of(24, Settings(shape="13b", dtype="bfloat16").check),
+     "needs about 25.64 GiB", None),
+    # Issue 23's smaller flaws.
+    ("--alpha with --mode dense", ["generate", "--prompt", "x", "--alpha", "2"],
+     "--mode dense does not use", 2),
+    ("--mesh axis twice", ["generate", "--prompt", "x", "--mesh", "model=1,model=1"],
+     "names axis 'model' twice", 2),
     ("API temperature nan", lambda m, t, tmp: generate(m, [[3]], temperature=float("nan")),
      "temperature", None),
     ("API prompt + new tokens > positions",
@@ -104,6 +138,12 @@ CASES = [
 ]
 
 
+def _on_a_machine_of(gib: float, call) -> None:
+    """`call()` as on a machine with `gib` GiB of memory."""
+    with mock.patch.object(records, "memory_limit", lambda: int(gib * 2**30)):
+        call()
+
+
 @pytest.fixture(scope="module")
 def shipped():
     return load()
@@ -118,7 +158,10 @@ def folder(tmp_path):
 
 
 def _read_only(path: str) -> None:
-    """Makes `path` unwritable, for root too (chattr +i); skips where that is impossible."""
+    """Makes `path` unwritable, for root too (chattr +i); skips where that is impossible (a file
+    without root: mode bits do not stop a rename over it)."""
+    if os.geteuid() != 0 and os.path.isfile(path):
+        pytest.skip("not root: cannot make a file that rename cannot replace")
     if os.geteuid() != 0:
         os.chmod(path, stat.S_IRUSR | stat.S_IXUSR)
         return
@@ -135,15 +178,29 @@ def _writable(path: str) -> None:
 
 def _alone_in_a_job(process_id: str, argv: list[str]) -> tuple[int, str]:
     """Runs `sparseinfer ARGV` as one process of a 2-process job whose other process never
-    starts (the coordinator is a free port nobody listens on unless this is process 0)."""
+    starts (the coordinator is a free port nobody listens on unless this is process 0); with no
+    `process_id`, outside any job (no JAX_* variables)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=process_id)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env["JAX_PLATFORMS"] = "cpu"
+    if process_id:
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=process_id)
     child = subprocess.run([sys.executable, "-m", "sparseinfer_jax.cli", *argv], env=env,
                            capture_output=True, text=True, timeout=120)
     return child.returncode, cli_lines(child.stderr)
+
+
+def _into_closed_pipe(argv: list[str]) -> tuple[int, str]:
+    """Runs `sparseinfer ARGV` with stdout a pipe whose reader has gone (`| head -c 0`)."""
+    code = "from sparseinfer_jax.cli.console import sparseinfer; sparseinfer()"
+    child = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    child.stdout.close()
+    err = child.communicate(timeout=300)[1].decode()
+    return child.returncode, cli_lines(err)
 
 
 def _interrupt(argv: list[str]) -> tuple[int, str]:
@@ -191,6 +248,16 @@ def test_bad_input_gives_one_line_before_the_work(case, call, fragment, code, fo
         assert status == code and err.startswith("error: ") and fragment in err, err[-2000:]
         assert len(err.strip().splitlines()) == 1
         return
+    if argv[0].startswith("mem:"):
+        limit = int(argv.pop(0)[4:]) * 2**30
+        request.getfixturevalue("monkeypatch").setattr(records, "memory_limit", lambda: limit)
+    elif argv[0] == "no-torch":
+        request.getfixturevalue("monkeypatch").setitem(sys.modules, "torch", None)
+        argv.pop(0)
+    if argv[0] == "pipe":
+        status, err = _into_closed_pipe(argv[1:])
+        assert status == code and not err.strip(), err[-2000:]  # quiet, as `yes | head`
+        return
     if argv[0] == "sigint":
         status, err = _interrupt(argv[1:])
         lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
@@ -205,11 +272,12 @@ def test_bad_input_gives_one_line_before_the_work(case, call, fragment, code, fo
         capsys.readouterr()
         config = open(os.path.join(ckpt, "config.json")).read()
         before = sorted(os.listdir(tmp))
-        _read_only(ckpt)
+        locked = os.path.join(ckpt, "config.json") if "config.json" in case else ckpt
+        _read_only(locked)
         try:
             status = main(argv)
         finally:
-            _writable(ckpt)
+            _writable(locked)
         assert open(os.path.join(ckpt, "config.json")).read() == config
     else:
         status = main(argv)
@@ -280,3 +348,18 @@ def test_ctrl_c_while_jax_imports(module, script):
     assert done.returncode == 130, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == "interrupted" and not done.stdout
+
+
+def test_a_warning_is_the_tools_own_line(capsys):
+    """A warning inside a command (a never-calibrated checkpoint in sparse mode) prints as
+    `warning: ...`, one line, without Python's file name, line number and source line."""
+    import warnings
+
+    from sparseinfer_jax.errors import run_command
+
+    def command() -> int:
+        warnings.warn("the checkpoint was never calibrated", UserWarning, stacklevel=1)
+        return 0
+
+    assert run_command(command) == 0
+    assert capsys.readouterr().err == "warning: the checkpoint was never calibrated\n"

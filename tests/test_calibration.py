@@ -115,7 +115,8 @@ def test_calibrate_hf_folder_prints_alphas_without_writing(setup, capsys):
     before = _tree_digest(src)
     argv = ["calibrate", src, "--text", text, "--target-recall", "0.9", "--max-tokens", "64"]
     assert main(argv) == 0
-    assert "pass --alpha" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pass --alpha" not in out and '"predictor": "' in out and "--alpha " in out
     assert _tree_digest(src) == before
 
 
@@ -248,3 +249,30 @@ def test_chosen_alphas_are_marked_not_recalibrated(extra, marker, tmp_path, caps
     assert marker in block.calibration
     source = json.loads(open(os.path.join(SHIPPED_MODEL, "config.json")).read())["sparseinfer"]
     assert list(block.alpha) == ([2.0] * 4 if extra else source["alpha"])
+
+
+@pytest.mark.parametrize("d", [32, 70, 200])
+def test_votes_by_matmul_are_the_kernels_votes(d):
+    """Calibration's one-matmul votes equal `pallas_kernels`' packed votes (xla) for both
+    predictors, on random inputs with zeros, a width that is not a multiple of 32 and -0.0."""
+    import jax
+
+    import pallas_kernels as pk
+    from sparseinfer_jax.tuning.calibration import votes_by_matmul
+
+    rng = np.random.default_rng(d)
+    gate = rng.standard_normal((96, d)).astype(np.float32)
+    gate[0, :3] = [0.0, -0.0, 0.0]
+    x = rng.standard_normal((40, d)).astype(np.float32) * rng.uniform(0.01, 10, (40, 1))
+    x[rng.random(x.shape) < 0.2] = 0.0
+    x[3] = 0.0  # a row with no votes at all
+    bits = pk.pack_sign_bits(jnp.asarray(gate))
+    alpha = jnp.float32(1.0)
+    n_neg, totals = jax.jit(votes_by_matmul, static_argnums=2)(bits, jnp.asarray(x),
+                                                               ("sign", "signmag"))
+    _, sign_neg = pk.sign_predict(jnp.asarray(x), bits, alpha, backend="xla")
+    _, mag_neg, mag_total = pk.signmag_predict(jnp.asarray(x), bits, alpha, backend="xla")
+    np.testing.assert_array_equal(n_neg[0], sign_neg)
+    np.testing.assert_array_equal(totals[0], np.count_nonzero(x, axis=-1))
+    np.testing.assert_array_equal(n_neg[1], mag_neg)
+    np.testing.assert_array_equal(totals[1], mag_total)

@@ -125,6 +125,82 @@ def test_calibrated_alpha_of_the_source_is_kept(tmp_path):
     assert checkpoint.read_checkpoint_config(out)[1].alpha == (0.9,) * len(shipped)
 
 
+def _sparse_results(path, windows, predictor=None):
+    """`evaluate` of `path` loaded in float32 sparse mode (its predictor set to `predictor` when
+    given), and the predictor it decoded with."""
+    from sparseinfer_jax import load
+    from sparseinfer_jax.model.mlp import set_predictor
+    from sparseinfer_jax.tuning.evaluation import evaluate
+
+    model, _ = load(path, dtype="float32", mode="sparse", mesh=None)
+    if predictor is not None:
+        set_predictor(model, predictor)
+    result = evaluate(model, windows, modes=("sparse",))["modes"]["sparse"]
+    return result, model.sparsity.predictor
+
+
+def test_shipped_model_decodes_the_same_after_conversion(tmp_path):
+    """The shipped folder chose predictor signmag with its alphas: the converted copy keeps both
+    and its marker, so its sparse perplexity and top-1 agreement are the source's."""
+    from sparseinfer_jax import load
+    from sparseinfer_jax.api.loading import SHIPPED_MODEL
+    from sparseinfer_jax.io.text import read_text, token_windows
+
+    with open(os.path.join(SHIPPED_MODEL, "config.json")) as f:
+        source = json.load(f)["sparseinfer"]
+    assert source["predictor"] == "signmag"  # the case the test is about
+    out = convert(SHIPPED_MODEL, tmp_path / "ckpt", dtype="float32")
+    block = checkpoint.read_checkpoint_config(out)[1]
+    assert {k: block.to_json()[k] for k in source} == source
+    _, tokenizer = load(SHIPPED_MODEL, mesh=None)
+    ids = tokenizer.encode(read_text(os.path.join(SHIPPED_MODEL, "validation.txt")))
+    windows = list(token_windows(ids, 128, 512))
+    want, want_kind = _sparse_results(SHIPPED_MODEL, windows)
+    got, got_kind = _sparse_results(out, windows)
+    assert got_kind == want_kind == "signmag"
+    # Same float32 weights, same predictor and alphas: the same programs on the same numbers.
+    assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
+    assert got["top1_agreement"] == pytest.approx(want["top1_agreement"], abs=1e-9)
+    # The sign predictor with these alphas decodes measurably differently, so a dropped
+    # predictor would fail the comparison above.
+    sign, _ = _sparse_results(out, windows, predictor="sign")
+    assert sign["mlp_bytes_fraction"] != pytest.approx(want["mlp_bytes_fraction"], rel=1e-3)
+
+
+def test_non_default_predictor_survives_conversion(tmp_path):
+    """A source that chose signmag (and any other key of its block) keeps it; an explicit alpha
+    keeps the predictor but replaces the calibration marker, which described other alphas."""
+    from sparseinfer_jax.tuning.evaluation import window_logits
+
+    chosen = {"alpha": [0.7] * LAYERS, "predictor": "signmag", "calibration": "by hand",
+              "note": "kept"}
+    src = make_hf_checkpoint(str(tmp_path / "hf"), tie_word_embeddings=True)
+    with open(os.path.join(src, "config.json")) as f:
+        hf = json.load(f)
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump({**hf, "sparseinfer": chosen}, f)
+    out = convert(src, tmp_path / "ckpt", dtype="float32")
+    block = checkpoint.read_checkpoint_config(out)[1]
+    assert {k: block.to_json()[k] for k in chosen} == chosen
+    assert block.dtype == "float32" and block.format_version == checkpoint.FORMAT_VERSION
+
+    from sparseinfer_jax import load
+
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 96, (1, 24)), jnp.int32)
+    logits = {}
+    for name, path in (("source", src), ("converted", out)):
+        model, _ = load(path, dtype="float32", mode="sparse", mesh=None)
+        assert model.sparsity.predictor == "signmag"
+        logits[name] = np.asarray(window_logits(model, ids, mode="sparse", backend="auto")[0])
+    np.testing.assert_allclose(logits["converted"], logits["source"], rtol=1e-5, atol=1e-5)
+
+    again = str(tmp_path / "given")
+    assert main([src, again, "--alpha", "2", "--dtype", "float32"]) == 0
+    block = checkpoint.read_checkpoint_config(again)[1]
+    assert block.predictor == "signmag" and list(block.alpha) == [2.0] * LAYERS
+    assert block.calibration == "alpha given to sparseinfer-convert"
+
+
 def test_bfloat16_is_float32_cast(sharded, tmp_path):
     _, f32 = convert_in_memory(sharded, dtype="float32")
     hf, bf16 = convert_in_memory(sharded)
@@ -382,3 +458,16 @@ def test_cli(tied, tmp_path, capsys):
     assert captured.err.splitlines() == [f"error: {out} already exists; pass --overwrite to "
                                          "replace it."]
     assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_cli_calibration_says_how_to_skip_it_and_shows_progress(tied, tmp_path, capsys):
+    """The default calibration (minutes for a 7B on a CPU) is announced with the flag that skips
+    it before it starts, and runs under a progress bar (tqdm: count, elapsed and time left)."""
+    assert main([tied, str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    captured = capsys.readouterr()
+    announce = captured.err.index("pass --no-calibrate to skip this step")
+    bar = captured.err.index("calibrate:")
+    assert announce < bar and "<" in captured.err[bar:]  # elapsed<remaining
+    assert "calibrated for recall >= 0.99" in captured.out
+    block = checkpoint.read_checkpoint_config(tmp_path / "out")[1]
+    assert block.calibration.startswith("sparseinfer-convert default")

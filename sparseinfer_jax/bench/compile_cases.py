@@ -17,17 +17,11 @@ from pallas_kernels.sparse_down import num_live_programs as down_live
 from pallas_kernels.sparse_down import sparse_down_pallas
 from pallas_kernels.sparse_gate_up import num_live_programs as gate_up_live
 from pallas_kernels.sparse_gate_up import sparse_gate_up_pallas
-from sparseinfer_jax import bench
 from sparseinfer_jax.bench.shapes import PROMPT_TOKENS
 from sparseinfer_jax.model.config import LlamaConfig
 from sparseinfer_jax.model.llama import Llama
 from sparseinfer_jax.runtime import generation, requests
 
-# bench's shapes and Llama-2-13B (compiled only: no weights are made).
-SHAPES = {**bench.SHAPES,
-          "13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
-                      num_key_value_heads=40, head_dim=128, num_hidden_layers=40,
-                      vocab_size=32000)}
 NEW_TOKENS = 16  # decode slots of the compiled program (its kernels do not depend on it)
 
 

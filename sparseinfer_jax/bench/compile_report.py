@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import backend as bk
-from sparseinfer_jax.bench.compile_cases import SHAPES, Case, kernel_cases, program_cases
+from sparseinfer_jax.bench.compile_cases import Case, kernel_cases, program_cases
 from sparseinfer_jax.bench.gpu_spec import GpuSpec, gpu_spec
 from sparseinfer_jax.bench.occupancy import live_per_sm, resident_programs
 from sparseinfer_jax.bench.shapes import shape_config
@@ -48,6 +48,7 @@ from sparseinfer_jax.bench.toolchain import (
 )
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model import dtypes
+from sparseinfer_jax.model.config import LlamaConfig
 
 # Newer XLA dumps PTX only for emitters this matches (older XLA dumps it anyway). CUB's radix sort
 # (top-p sampling sorts the vocabulary) sizes its scratch with the CUDA runtime, which a machine
@@ -96,14 +97,20 @@ def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
     return rec
 
 
+def check(gpus: list[str], shape: str, batches: list[int], layers: int | None = None
+          ) -> tuple[list[GpuSpec], LlamaConfig]:
+    """The GPUs' specs and the shape's config; UserError for a bad name or batch size."""
+    specs = [gpu_spec(g) for g in gpus]
+    if not batches or min(batches) < 1:
+        raise UserError(f"--batches must be positive integers, got {batches}.")
+    return specs, shape_config(shape, layers)
+
+
 def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None = None,
         dtype: str = "bfloat16", programs: bool = True,
         log: Callable[[str], None] = print) -> list[dict]:
     """Compiles every case for every GPU and batch; returns the records (see `format_row`)."""
-    specs = [gpu_spec(g) for g in gpus]
-    if not batches or min(batches) < 1:
-        raise UserError(f"--batches must be positive integers, got {batches}.")
-    cfg = shape_config(shape, layers, SHAPES)
+    specs, cfg = check(gpus, shape, batches, layers)
     check_plugin()
     ptxas = find_ptxas()
     records = []

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 import statistics
 import time
@@ -40,12 +41,15 @@ from sparseinfer_jax.bench.alphas import alpha_keeping, decode_inputs_fraction, 
 from sparseinfer_jax.bench.report import HEADER, format_row
 from sparseinfer_jax.bench.shapes import DTYPES, MODES, PROMPT_TOKENS, random_model, shape_config
 from sparseinfer_jax.bench.timing import copy_bandwidth, read_bandwidth, spread, time_in_a_loop
-from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.errors import UserError, size_text
 from sparseinfer_jax.io import names
+from sparseinfer_jax.model import dtypes
 from sparseinfer_jax.model.config import LlamaConfig
 from sparseinfer_jax.model.llama import Llama
+from sparseinfer_jax.model.memory import estimate_memory, parameter_count
 from sparseinfer_jax.model.mlp import BACKENDS
 from sparseinfer_jax.runtime.generation import generate
+from sparseinfer_jax.runtime.requests import bucket, memory_limit
 
 
 def step_bytes(cfg: LlamaConfig, itemsize: int, computed: float, context: float,
@@ -120,6 +124,45 @@ class Settings:
             raise UserError("--batches must be positive batch sizes.")
         if self.peer not in (None, "hf"):
             raise UserError(f"--peer must be 'hf', got '{self.peer}'.")
+        missing = [m for m in ("torch", "transformers") if self.peer == "hf" and not _has(m)]
+        if missing:
+            raise UserError(f"--peer hf needs {' and '.join(missing)}; pip install "
+                            f"{' '.join(missing)} (or drop --peer).")
+        check_memory(self)
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def memory_needed(settings: Settings) -> tuple[int, int]:
+    """Bytes a run of `settings` needs: (on the device: the model, its sign bits, the largest
+    batch's KV cache and prefill, the runtime's overhead; on the host, for `--peer hf`: the torch
+    model, built in float32 and then cast, and the state dict copied into it)."""
+    cfg = shape_config(settings.shape, settings.layers)
+    batch = max((1, *settings.batches))
+    slots = bucket(PROMPT_TOKENS) + bucket(settings.tokens)
+    est = estimate_memory(cfg, batch=batch, context=slots, prompt=PROMPT_TOKENS,
+                          dtype=settings.dtype)
+    size = dtypes.itemsize(settings.dtype)
+    peer = parameter_count(cfg) * max(4, 2 * size) if settings.peer == "hf" else 0
+    return est.total_bytes, peer
+
+
+def check_memory(settings: Settings) -> None:
+    """Raises UserError when a run of `settings` needs more memory than there is (the device's
+    limit; on the CPU the host's RAM, shared with the torch peer), before anything is built."""
+    device, host = memory_needed(settings)
+    have = memory_limit()
+    if jax.default_backend() == "cpu":
+        device, host = device + host, 0
+    for need, where in ((device, "memory here"), (host, "host memory for --peer hf")):
+        if have and need > have:
+            raise UserError(
+                f"bench --shape {settings.shape} --dtype {settings.dtype} needs about "
+                f"{size_text(need)} but there is {size_text(have)} of {where}; choose a smaller "
+                "--shape, fewer --layers or --dtype bfloat16."
+            )
 
 
 def _record(kind: str, mode: str, backend: str, active: float | None, **fields) -> dict:
@@ -265,13 +308,9 @@ def hf_peer_record(model: Llama, prompt: np.ndarray, settings: Settings, copy_gb
     """
     # libgomp reads this once, when torch loads it (nothing in this package imports torch before).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:
-        import torch
-        from transformers import LlamaConfig as HFConfig
-        from transformers import LlamaForCausalLM
-    except ImportError:
-        raise UserError("--peer hf needs torch and transformers; pip install torch "
-                        "transformers (or drop --peer).") from None
+    import torch  # `Settings.check` found both
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(threads)
     cfg = model.config

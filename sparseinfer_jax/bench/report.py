@@ -1,4 +1,8 @@
-"""Tables and plots of benchmark records."""
+"""Tables and plots of benchmark records.
+
+Both tables compare with dense the same way: "speed-up" is dense time / this time, so higher is
+better and 1.00x is dense's speed.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from sparseinfer_jax.errors import UserError
 
 HEADER = (f"{'kind':<7} {'mode':<9} {'backend':<8} {'B':>2} {'active':>6} {'ms/token':>9} "
           f"{'IQR':>13} {'tok/s':>7} {'GB/s':>6} {'of copy':>7} {'compile s':>9} "
-          f"{'x dense (IQR), paired':>22}")
+          f"{'speed-up (IQR), paired':>22}")
 
 
 def format_row(r: dict) -> str:
@@ -30,7 +34,7 @@ KERNEL_BASE = {"predictor": "gate_matvec", "signmag": "gate_matvec", "mlp_1stage
 
 
 def format_kernels(records: list[dict]) -> str:
-    """The kernel table: each op's median ms, sparse / dense time ratio and GB/s.
+    """The kernel table: each op's median ms, speed-up (dense ms / its ms) and GB/s.
 
     Each sparse row is compared with the dense row timed just before it (`kernel_records` times
     the dense ops again for every fraction, so a ratio comes from one stretch of one run)."""
@@ -38,13 +42,13 @@ def format_kernels(records: list[dict]) -> str:
     if not rows:
         return ""
     dense: dict[str, float] = {}
-    lines = [f"{'op':<12} {'backend':<8} {'active':>6} {'ms':>8} {'vs dense':>8} {'GB/s':>6}"]
+    lines = [f"{'op':<12} {'backend':<8} {'active':>6} {'ms':>8} {'speed-up':>8} {'GB/s':>6}"]
     for r in rows:
         if r["mode"] == "dense":
             dense[r["op"]] = r["ms"]["median"]
         base = dense[KERNEL_BASE.get(r["op"], r["op"])]
         lines.append(f"{r['op']:<12} {r['backend']:<8} {r['active_fraction']:>6.3f} "
-                     f"{r['ms']['median']:>8.3f} {r['ms']['median'] / base:>8.3f} "
+                     f"{r['ms']['median']:>8.3f} {base / r['ms']['median']:>7.2f}x "
                      f"{r['achieved_gb_s']:>6.1f}")
     return "\n".join(lines)
 

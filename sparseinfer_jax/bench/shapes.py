@@ -15,7 +15,8 @@ from sparseinfer_jax.model import dtypes
 from sparseinfer_jax.model.config import LlamaConfig
 from sparseinfer_jax.model.llama import Llama
 
-# hidden, intermediate, heads, kv heads, head_dim, layers, vocab (TinyLlama-1.1B, Llama-2-7B).
+# hidden, intermediate, heads, kv heads, head_dim, layers, vocab (TinyLlama-1.1B, Llama-2-7B and
+# -13B).
 SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=64, num_hidden_layers=4, vocab_size=4096),
@@ -23,6 +24,8 @@ SHAPES = {
                num_key_value_heads=4, head_dim=64, num_hidden_layers=22, vocab_size=32000),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                num_key_value_heads=32, head_dim=128, num_hidden_layers=32, vocab_size=32000),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
+                num_key_value_heads=40, head_dim=128, num_hidden_layers=40, vocab_size=32000),
 }
 
 
@@ -38,11 +41,11 @@ PROMPT_TOKENS = 8
 INIT_STD = 0.02
 
 
-def shape_config(shape: str, layers: int | None = None, shapes: dict = SHAPES) -> LlamaConfig:
-    """The `LlamaConfig` of a named shape among `shapes`, its depth cut to `layers` if given."""
-    if shape not in shapes:
-        raise UserError(f"--shape must be one of {', '.join(shapes)}, got '{shape}'.")
-    fields = dict(shapes[shape])
+def shape_config(shape: str, layers: int | None = None) -> LlamaConfig:
+    """The `LlamaConfig` of a named shape of `SHAPES`, its depth cut to `layers` if given."""
+    if shape not in SHAPES:
+        raise UserError(f"--shape must be one of {', '.join(SHAPES)}, got '{shape}'.")
+    fields = dict(SHAPES[shape])
     if layers is not None:
         if layers < 1:
             raise UserError(f"--layers must be at least 1, got {layers}.")

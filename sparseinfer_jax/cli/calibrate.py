@@ -12,9 +12,6 @@ from sparseinfer_jax.cli.common import (
     encode_windows,
     model_path,
 )
-from sparseinfer_jax.errors import (
-    check_writable_folder,
-)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -27,7 +24,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     check_text_args(args)
     path = model_path(args)
     if not args.dry_run and checkpoint.is_checkpoint(path):  # the alphas go there at the end
-        check_writable_folder(path, "the calibrated alphas (config.json)")
+        checkpoint.check_config_writable(path)
     model, tokenizer = load(path, dtype=args.dtype, mode="dense", backend=args.backend)
     windows = encode_windows(args, tokenizer, path)
     cals = calibrate_predictors(
@@ -67,8 +64,11 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"wrote alpha {alphas}, predictor {cal.predictor} to {path}/config.json")
     else:
         print(
-            f"{path} is not a converted checkpoint, so nothing was written: pass --alpha {alphas}, "
-            "or convert it with sparseinfer-convert and calibrate the checkpoint."
+            f"{path} is not a converted checkpoint, so nothing was written: add \"sparseinfer\": "
+            f"{{\"alpha\": [{alphas}], \"predictor\": \"{cal.predictor}\"}} to its config.json "
+            f"(the alphas fit predictor {cal.predictor}; --alpha {alphas} alone runs the "
+            "checkpoint's own predictor), or convert it with sparseinfer-convert and calibrate the "
+            "checkpoint."
         )
     return 0
 

@@ -8,12 +8,11 @@ import sys
 
 import jax
 
-from sparseinfer_jax.bench.compile_cases import SHAPES
 from sparseinfer_jax.bench.compile_policy import failures
-from sparseinfer_jax.bench.compile_report import HEADER, run
+from sparseinfer_jax.bench.compile_report import HEADER, check, run
 from sparseinfer_jax.bench.gpu_spec import DEFAULT_GPUS, GPUS
-from sparseinfer_jax.bench.shapes import DTYPES
-from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.bench.shapes import DTYPES, SHAPES
+from sparseinfer_jax.errors import UserError, check_output_file
 
 
 def command(args: argparse.Namespace) -> int:
@@ -24,6 +23,9 @@ def command(args: argparse.Namespace) -> int:
         raise UserError(
             f"--batches must be a comma list of integers, got '{args.batches}'.") from None
     gpus = list(GPUS) if args.gpu == "all" else args.gpu.split(",")
+    check(gpus, args.shape, batches, args.layers)  # bad flags fail before the table starts
+    if args.json:
+        check_output_file(args.json, "--json")
     # The plugin registers only when JAX's platform is the CPU (else it looks for a GPU driver);
     # the cuda backend then still compiles, for the compile-only devices of a topology.
     jax.config.update("jax_platforms", "cpu")

@@ -16,11 +16,20 @@ from sparseinfer_jax.errors import (
 
 def _check_generate_args(args: argparse.Namespace) -> None:
     """Fails fast (before loading the model) on bad prompts and sampling values."""
-    from sparseinfer_jax.runtime.requests import check_new_tokens, check_sampling, check_text
+    from sparseinfer_jax.runtime.requests import (
+        check_new_tokens,
+        check_sampling,
+        check_seed,
+        check_text,
+    )
 
     for prompt in args.prompt:
         check_text(prompt, "--prompt")
     check_sampling(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    check_seed(args.seed)
+    if args.alpha is not None and args.mode == "dense":
+        raise UserError("--alpha sets the sparse predictor, which --mode dense does not use; add "
+                        "--mode sparse or drop --alpha.")
     if args.compare and args.mode == "dense":
         raise UserError("--compare compares a sparse mode with dense; add --mode sparse.")
     if args.compare and args.max_new_tokens < 2:

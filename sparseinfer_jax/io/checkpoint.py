@@ -31,7 +31,7 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
-from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.errors import UserError, check_writable_folder, size_text
 from sparseinfer_jax.io.jsonfile import read_json_object
 from sparseinfer_jax.io.tensorfiles import INDEX_FILE, SafetensorsFolder
 from sparseinfer_jax.model.config import PREDICTORS
@@ -68,7 +68,8 @@ class SparseInferBlock:
     alpha: one number or one per layer (None: 1.0 per layer); dtype: the stored weights' dtype
     (a checkpoint's); source: where it was converted from; predictor: one of
     `config.PREDICTORS`; calibration: how the alphas were chosen (None: never calibrated, so
-    sparse mode calibrates in memory at load).
+    sparse mode calibrates in memory at load); extra: any other keys, kept as they are (a
+    converted copy carries everything its source's block chose).
     """
 
     format_version: int | None = None
@@ -77,6 +78,7 @@ class SparseInferBlock:
     source: str | None = None
     predictor: str = "sign"
     calibration: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def is_calibrated(self) -> bool:
@@ -86,7 +88,7 @@ class SparseInferBlock:
     @classmethod
     def from_json(cls, raw: Any, where: str) -> SparseInferBlock:
         """The block from its JSON value (None: the defaults), every field's type checked;
-        `where` names the file for errors. Unknown keys are ignored."""
+        `where` names the file for errors. Other keys go to `extra`."""
         if raw is None:
             return cls()
         if not isinstance(raw, dict):
@@ -113,11 +115,12 @@ class SparseInferBlock:
             source=raw.get("source"),
             predictor=predictor,
             calibration=raw.get("calibration"),
+            extra={k: v for k, v in raw.items() if k not in _FIELDS},
         )
 
     def to_json(self) -> dict[str, Any]:
         """The JSON value: every field that is set (the predictor always)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {**self.extra, **{name: getattr(self, name) for name in _FIELDS}}
         if isinstance(self.alpha, tuple):
             out["alpha"] = list(self.alpha)
         return {k: v for k, v in out.items() if v is not None}
@@ -129,11 +132,18 @@ class SparseInferBlock:
         return dataclasses.replace(self, **changes)
 
 
-def new_block(alpha: list[float], dtype: str, source: str) -> SparseInferBlock:
-    """The block of a freshly converted checkpoint (never calibrated)."""
+_FIELDS = tuple(f.name for f in dataclasses.fields(SparseInferBlock) if f.name != "extra")
+
+
+def new_block(alpha: list[float], dtype: str, source: str,
+              base: SparseInferBlock | None = None) -> SparseInferBlock:
+    """The block of a freshly converted checkpoint: `base` (the source folder's block, whose
+    choices it keeps: predictor, calibration marker, other keys) with this checkpoint's format,
+    alphas, dtype and source."""
     assert dtype in STORED, dtype
-    return SparseInferBlock(format_version=FORMAT_VERSION, alpha=tuple(float(a) for a in alpha),
-                            dtype=dtype, source=source)
+    return (base or SparseInferBlock()).replace(
+        format_version=FORMAT_VERSION, alpha=tuple(float(a) for a in alpha), dtype=dtype,
+        source=source)
 
 
 def _sibling(path: str, tag: str) -> str:
@@ -158,6 +168,24 @@ def write_checkpoint_config(
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def check_config_writable(path: str | os.PathLike) -> None:
+    """Raises UserError unless `write_checkpoint_config` can replace `path/config.json`: its
+    folder takes new files, and the file itself can be renamed (an immutable or append-only file,
+    or one in a sticky folder owned by another user, cannot), tried by renaming it away and back.
+    Call it before the work whose result goes there."""
+    check_writable_folder(path, f"the new {CONFIG_FILE}")
+    file = os.path.join(path, CONFIG_FILE)
+    probe = _sibling(file, "probe")
+    try:
+        os.rename(file, probe)
+    except OSError as e:
+        raise UserError(f"{file} cannot be replaced ({e.strerror}); make it writable (chattr -i, "
+                        "chmod) or copy the checkpoint elsewhere.") from None
+    finally:
+        if os.path.lexists(probe):
+            os.rename(probe, file)
 
 
 def _read_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
@@ -300,8 +328,8 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
                             "you can write to.") from None
         free = shutil.disk_usage(tmp).free
         if free < size + SPACE_MARGIN:
-            raise UserError(f"{os.path.dirname(out)} has {free / 2**30:.2f} GiB free but the "
-                            f"checkpoint needs {(size + SPACE_MARGIN) / 2**30:.2f} GiB; free some "
+            raise UserError(f"{os.path.dirname(out)} has {size_text(free)} free but the "
+                            f"checkpoint needs {size_text(size + SPACE_MARGIN)}; free some "
                             "space or choose another output folder.")
         try:
             yield tmp

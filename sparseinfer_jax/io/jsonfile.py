@@ -24,7 +24,8 @@ def read_json_object(file: str | os.PathLike, *, missing: str, remedy: str) -> d
         with open(file, encoding="utf-8") as f:
             value = json.load(f)
     except json.JSONDecodeError as e:
-        raise UserError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+        raise UserError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}); fix that line "
+                        f"or {remedy}.") from None
     except UnicodeDecodeError:
         raise UserError(f"{file} is not UTF-8 text; {remedy}.") from None
     if not isinstance(value, dict):

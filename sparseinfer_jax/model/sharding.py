@@ -34,9 +34,13 @@ log = logging.getLogger(__name__)
 def parse_mesh(text: str) -> dict[str, int]:
     """Parses "data=1,model=4" into `{"data": 1, "model": 4}` (a missing axis is 1)."""
     sizes = dict.fromkeys(AXES, 1)
+    seen = set()
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, _, value = item.partition("=")
         name = name.strip()
+        if name in seen:
+            raise UserError(f"mesh names axis '{name}' twice in '{text}'; give each axis once.")
+        seen.add(name)
         if name not in AXES or not value.strip().isdigit() or int(value) < 1:
             raise UserError(
                 f"mesh must look like 'data=1,model=4' (axes {', '.join(AXES)}, sizes >= 1), "

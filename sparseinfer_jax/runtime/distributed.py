@@ -64,6 +64,12 @@ def initialize_distributed(timeout_s: float = 300.0) -> None:
     try:
         # JAX's own timeout comes after the watchdog's, so the one-line error is what users see.
         jax.distributed.initialize(**kwargs, initialization_timeout=int(timeout_s) + 60)
+    except ValueError:  # no cluster detected and the variables it needs not all set
+        unset = [f"JAX_{k.upper()}" for k, v in env.items() if not v]
+        raise UserError(
+            f"--distributed found no multi-process job: set {', '.join(unset)} on every process "
+            "(or run under SLURM, Open MPI or Cloud TPU); see docs/multihost.md."
+        ) from None
     finally:
         watchdog.cancel()
 

@@ -35,6 +35,7 @@ from sparseinfer_jax.runtime.requests import (
     bucket,
     check_request,
     check_sampling,
+    check_seed,
     encode_prompts,
     follow_array,
 )
@@ -232,6 +233,7 @@ def generate(
     """
     sparsity = model.with_sparsity(mode=mode, backend=backend)
     check_sampling(temperature, top_p, top_k, repetition_penalty)
+    check_seed(seed)
     ids = encode_prompts(prompts, tokenizer)
     check_request(model, ids, max_new_tokens, stats, stream_chunk)
     cfg = model.config

@@ -41,7 +41,7 @@ def check_text(text: str, what: str) -> None:
         ) from None
 
 
-def _memory_limit() -> int | None:
+def memory_limit() -> int | None:
     """Bytes of the first device (its reported limit), or of the host's RAM on the CPU."""
     stats = jax.local_devices()[0].memory_stats() or {}
     if stats.get("bytes_limit"):
@@ -67,7 +67,7 @@ def _check_length(model, ids: list[list[int]], max_new_tokens: int) -> None:
     name = jnp.dtype(model.dtype).name
     est = estimate_memory(cfg, batch=len(ids), context=slots, prompt=bucket(longest),
                           dtype=name if name in DTYPES else "float32")
-    need, have = est.kv_cache_bytes + est.prefill_bytes, _memory_limit()
+    need, have = est.kv_cache_bytes + est.prefill_bytes, memory_limit()
     shards = 1 if model.mesh is None else model.mesh.size
     if have and need / shards > have:
         raise UserError(
@@ -82,6 +82,8 @@ def encode_prompts(prompts, tokenizer) -> list[list[int]]:
         prompts = [prompts]
     if isinstance(prompts, np.ndarray | jax.Array):
         prompts = np.asarray(prompts)
+        if not np.issubdtype(prompts.dtype, np.integer):
+            raise UserError(f"token ids must be integers, got an array of {prompts.dtype}.")
         if prompts.ndim == 1:
             prompts = prompts[None]
         return [list(map(int, row)) for row in prompts]
@@ -119,6 +121,14 @@ def check_sampling(temperature: float, top_p: float | None, top_k: int | None,
         raise UserError(
             f"repetition_penalty must be a finite number >= 1 (1 = off), got {repetition_penalty}."
         )
+
+
+def check_seed(seed) -> None:
+    """Raises UserError unless `seed` is a whole number that fits a PRNG key (int64)."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not (
+        -(2**63) <= int(seed) < 2**63
+    ):
+        raise UserError(f"seed must be a whole number in [-2**63, 2**63), got {seed!r}.")
 
 
 def check_new_tokens(max_new_tokens: int, cfg: LlamaConfig | None = None, *,

@@ -35,6 +35,7 @@ a checkpoint without the marker calibrates the same way in memory, with a warnin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -47,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels.predict import threshold
+from pallas_kernels.signmag import quantise
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io.text import check_windows, read_text, token_windows
 from sparseinfer_jax.model.config import PREDICTORS
@@ -68,8 +70,30 @@ MIN_TOKENS, FEW_TOKENS = 64, 1000
 log = logging.getLogger(__name__)
 
 
-@nnx.jit(static_argnames="predictor")
-def _layer_counts(layer, x, cos, sin, mask, alphas, predictor):
+def votes_by_matmul(bits, rows, kinds: tuple[str, ...]):
+    """Negative votes `[K, N, F]` and vote totals `[K, N]` (int32) of each predictor of `kinds`
+    for `rows: [N, D]`, the counts `MLP.votes` gives, from `bits: [F, W]` packed sign bits.
+
+    The rule of `pallas_kernels`' references (`sign_predict_reference`, `signmag_reference`) as
+    one float32 matmul for all kinds: with v each input's vote weight (1 for "sign", the quantised
+    |x| for "signmag"), n_neg = sum of v over negative inputs + (v over positive inputs - v over
+    negative inputs) . w_neg. Exact: every sum is an integer below 2^24. Over a window of rows
+    this costs about one gate matmul, where XOR and popcount over `[N, F, W]` words cost several.
+    """
+    d = rows.shape[-1]
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    w_neg = ((bits[..., None] >> shifts) & 1).reshape(bits.shape[0], -1)[:, :d]
+    v = jnp.stack([(rows != 0).astype(jnp.int32) if k == "sign" else quantise(rows)
+                   for k in kinds]).astype(jnp.float32)  # [K, N, D]
+    neg = v * (rows < 0)
+    n_neg = jnp.einsum("knd,fd->knf", v * (rows > 0) - neg, w_neg.astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+    n_neg = n_neg + jnp.sum(neg, axis=-1, keepdims=True)
+    return jnp.round(n_neg).astype(jnp.int32), jnp.sum(v, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(nnx.jit, static_argnames=["kinds"])
+def _layer_counts(layer, x, cos, sin, mask, alphas, kinds):
     """One layer of `window_counts`: (x after the layer, its counts). Compiled once for all the
     layers (they share one structure), so compile time does not grow with depth."""
     b, t = x.shape[:2]
@@ -78,37 +102,44 @@ def _layer_counts(layer, x, cos, sin, mask, alphas, predictor):
     x = x + attn
     rows = layer.post_attention_layernorm(x).reshape(b * t, -1)
     h = layer.mlp.hidden(rows)
-    true = h != 0
-    _, n_neg, total = layer.mlp.votes(rows, predictor, "xla")
-    tau = threshold(alphas[None, :], total[:, None])  # [N, G], ascending in G
-    # First grid index whose tau admits n_neg: the neuron is predicted active from there on.
-    first = jax.vmap(lambda tr, nr: jnp.searchsorted(tr, nr, side="left"))(tau, n_neg)
-    hist_all = jnp.bincount(first.ravel(), length=g + 1)[:g]
-    hist_true = jnp.bincount(
-        first.ravel(), weights=true.ravel().astype(jnp.int32), length=g + 1
-    )[:g]
-    predicted = jnp.cumsum(hist_all).astype(jnp.int32)
-    both = jnp.cumsum(hist_true).astype(jnp.int32)
+    true = (h != 0).ravel().astype(jnp.int32)
+    n_negs, totals = votes_by_matmul(layer.mlp.gate_sign_bits[...], rows, kinds)
+    predicted, both = [], []
+    for n_neg, total in zip(n_negs, totals, strict=True):
+        tau = threshold(alphas[None, :], total[:, None])  # [N, G], ascending in G
+        # First grid index whose tau admits n_neg: the neuron is predicted active from there on.
+        first = jax.vmap(lambda tr, nr: jnp.searchsorted(tr, nr, side="left"))(tau, n_neg)
+        hist_all = jnp.bincount(first.ravel(), length=g + 1)[:g]
+        hist_true = jnp.bincount(first.ravel(), weights=true, length=g + 1)[:g]
+        predicted.append(jnp.cumsum(hist_all).astype(jnp.int32))
+        both.append(jnp.cumsum(hist_true).astype(jnp.int32))
     x = x + layer.mlp.down(h).reshape(x.shape)
-    return x, (predicted, both, jnp.sum(true, dtype=jnp.int32), jnp.int32(b * t))
+    return x, (jnp.stack(predicted), jnp.stack(both), jnp.sum(true, dtype=jnp.int32),
+               jnp.int32(b * t))
 
 
-def window_counts(model, input_ids, alphas):
+def window_counts(model, input_ids, alphas, kinds: tuple[str, ...] | None = None):
     """Replays the decoder stack densely over `input_ids: [1, T]`.
 
-    Returns per layer (stacked on a leading L axis): predicted-active counts `[L, G]` and
-    both-active counts `[L, G]` for each alpha of `alphas: [G]` (sorted ascending), truly active
-    count `[L]` and rows `[L]` (all int32).
+    Returns per layer (stacked on a leading L axis): predicted-active counts and both-active
+    counts for each alpha of `alphas: [G]` (sorted ascending), `[L, G]` for the model's predictor
+    or, given `kinds`, `[L, K, G]` for each of those predictors (one replay serves them all);
+    truly active count `[L]` and rows `[L]` (all int32).
     """
+    one = kinds is None
+    kinds = (model.sparsity.predictor,) if one else tuple(kinds)
     b, t = input_ids.shape
     positions, mask = full_causal_inputs(b, t)
     cos, sin = rope_tables(model.config, positions)
     x = model.embed_tokens(input_ids)
     out = []
     for layer in model.layers:
-        x, counts = _layer_counts(layer, x, cos, sin, mask, alphas, model.sparsity.predictor)
+        x, counts = _layer_counts(layer, x, cos, sin, mask, alphas, kinds)
         out.append(counts)
-    return tuple(jnp.stack(c) for c in zip(*out, strict=True))
+    predicted, both, true, rows = (jnp.stack(c) for c in zip(*out, strict=True))
+    if one:
+        predicted, both = predicted[:, 0], both[:, 0]
+    return predicted, both, true, rows
 
 
 @dataclasses.dataclass
@@ -168,11 +199,41 @@ def calibrate(
     backend: str = "auto",
     progress: bool = False,
 ) -> Calibration:
-    """Chooses one alpha per layer (see the module docstring) from dense runs over `windows`.
+    """Chooses one alpha per layer (see the module docstring) from dense runs over `windows`,
+    for the model's predictor.
 
     Exactly one target: `target_recall` in (0, 1], `target_sparsity` in [0, 1), or
     `max_ppl_increase` in percent (`backend` is the sparse kernels' for its perplexity runs).
     """
+    return _calibrate_kinds(
+        model, windows, (model.sparsity.predictor,), target_recall=target_recall,
+        target_sparsity=target_sparsity, max_ppl_increase=max_ppl_increase, backend=backend,
+        progress=progress)[0]
+
+
+def calibrate_predictors(model, windows, predictors=PREDICTORS, **kwargs) -> list[Calibration]:
+    """`calibrate` for each predictor kind (one dense replay of the text serves them all); sets
+    the model to the one reading the fewest MLP bytes at the target (its alphas too) and returns
+    every calibration, that one first."""
+    cals = _calibrate_kinds(model, windows, tuple(predictors), **kwargs)
+    cals.sort(key=lambda c: c.mean_bytes)
+    set_predictor(model, cals[0].predictor)
+    model.set_alphas(cals[0].alphas)
+    return cals
+
+
+def _calibrate_kinds(
+    model,
+    windows,
+    kinds: tuple[str, ...],
+    *,
+    target_recall: float | None = None,
+    target_sparsity: float | None = None,
+    max_ppl_increase: float | None = None,
+    backend: str = "auto",
+    progress: bool = False,
+) -> list[Calibration]:
+    """`calibrate` for each predictor of `kinds`, in that order."""
     check_targets(target_recall, target_sparsity, max_ppl_increase)
     windows = list(windows)
     check_windows(model.config, windows)
@@ -188,21 +249,37 @@ def calibrate(
             "longer text gives steadier ones.", tokens, FEW_TOKENS
         )
     grid = jnp.asarray(ALPHA_GRID)
-    layers, f = model.config.num_hidden_layers, model.config.intermediate_size
-    predicted = np.zeros((layers, len(ALPHA_GRID)), np.float64)
+    layers = model.config.num_hidden_layers
+    predicted = np.zeros((layers, len(kinds), len(ALPHA_GRID)), np.float64)
     both = np.zeros_like(predicted)
     true = np.zeros((layers,), np.float64)
     rows = 0
+    replay = windows
     if progress:
         from tqdm import tqdm
 
-        windows = tqdm(windows, desc="calibrate", unit="window")
-    for ids in windows:
-        p, bo, tr, r = jax.device_get(window_counts(model, ids, grid))
+        replay = tqdm(windows, desc="calibrate", unit="window")
+    for ids in replay:
+        p, bo, tr, r = jax.device_get(window_counts(model, ids, grid, kinds))
         predicted += p
         both += bo
         true += tr
         rows += int(r[0])
+    kind = model.sparsity.predictor
+    try:
+        return [
+            _choose(model, windows, k, predicted[:, i], both[:, i], true, rows, target_recall,
+                    target_sparsity, max_ppl_increase, backend, progress)
+            for i, k in enumerate(kinds)
+        ]
+    finally:
+        set_predictor(model, kind)
+
+
+def _choose(model, windows, kind, predicted, both, true, rows, target_recall, target_sparsity,
+            max_ppl_increase, backend, progress) -> Calibration:
+    """The Calibration of predictor `kind` from its grid counts `[L, G]` over `windows`."""
+    f = model.config.intermediate_size
     share = predictor_share(model.config, jnp.dtype(model.dtype).itemsize)
     metrics = layer_metrics(rows, predicted, true[:, None], both, neurons=f, share=share)
     grid_recall, grid_sparsity = metrics["recall"], metrics["predicted_sparsity"]
@@ -212,6 +289,7 @@ def calibrate(
     elif target_recall is not None:
         idx = _recall_index(grid_recall, target_recall)
     else:
+        set_predictor(model, kind)
         idx, dense_ppl, ppl = _perplexity_search(
             model, windows, grid_recall, max_ppl_increase, backend, progress
         )
@@ -226,22 +304,9 @@ def calibrate(
         grid_sparsity=grid_sparsity,
         dense_perplexity=dense_ppl,
         perplexity=ppl,
-        predictor=model.sparsity.predictor,
+        predictor=kind,
         mlp_bytes_fraction=pick(metrics["mlp_bytes_fraction"]),
     )
-
-
-def calibrate_predictors(model, windows, predictors=PREDICTORS, **kwargs) -> list[Calibration]:
-    """`calibrate` once per predictor kind; sets the model to the one reading the fewest MLP
-    bytes at the target (its alphas too) and returns every calibration, that one first."""
-    cals = []
-    for kind in predictors:
-        set_predictor(model, kind)
-        cals.append(calibrate(model, windows, **kwargs))
-    cals.sort(key=lambda c: c.mean_bytes)
-    set_predictor(model, cals[0].predictor)
-    model.set_alphas(cals[0].alphas)
-    return cals
 
 
 def _first_ok(ok: np.ndarray) -> np.ndarray:
@@ -263,7 +328,6 @@ def _perplexity_search(model, windows, grid_recall, max_increase, backend, progr
     """
     from sparseinfer_jax.tuning.evaluation import perplexity
 
-    windows = list(getattr(windows, "iterable", windows))  # unwrap a tqdm
     dense = perplexity(model, windows, mode="dense", backend=backend)
     budget = dense * (1.0 + max_increase / 100.0)
     base = model.alphas()
@@ -309,15 +373,17 @@ def format_table(cal: Calibration) -> str:
     return "\n".join(lines)
 
 
-def calibrate_default(model, tokenizer) -> tuple[Calibration, str, float]:
+def calibrate_default(model, tokenizer, *, progress: bool = False
+                      ) -> tuple[Calibration, str, float]:
     """Calibrates `model` for `DEFAULT_RECALL` on `DEFAULT_TEXT` (`calibrate_predictors`) and
-    sets its predictor and alphas.
+    sets its predictor and alphas; `progress` shows a bar with the time left.
 
     Returns (the calibration, its description for the config's "calibration" marker, seconds).
     """
     start = time.perf_counter()
     windows = token_windows(tokenizer.encode(read_text(DEFAULT_TEXT)))
-    cal = calibrate_predictors(model, windows, target_recall=DEFAULT_RECALL)[0]
+    cal = calibrate_predictors(model, windows, target_recall=DEFAULT_RECALL,
+                               progress=progress)[0]
     note = (
         f"recall >= {DEFAULT_RECALL} on the built-in text ({cal.tokens} tokens), "
         f"predictor {cal.predictor}"
