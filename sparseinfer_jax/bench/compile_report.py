@@ -13,6 +13,13 @@ target. A Pallas kernel that fails to compile, spills, uses over 128 registers o
 record holds its Pallas kernels' figures, and XLA's own fusions apart (`xla_registers`,
 `xla_spills`).
 
+What is compiled for each GPU, inside `backend.targeting_gpu` with the spec's compute capability,
+so "auto" picks what that GPU can run (`backend.choose`, said in the report's first line per GPU):
+the sparse MLP layer as auto runs it (`sparse_mlp_layer`; its `triton_calls` counts the Pallas
+Triton calls, 0 below compute capability 8.0 where auto takes the portable path), every Pallas
+Triton kernel (only where auto runs them), and the `generate` programs on backend "auto".
+`--gpu` takes shipped spec names and spec files (`gpu_spec.gpu_spec`).
+
 Occupancy arithmetic per kernel: `resident` = programs one SM can hold at once (registers,
 threads, shared memory and the 32-block limit), `live@5/10/20%` = programs that have work when
 that fraction of the neurons is active, per SM of the GPU (`core_count` in its spec). Memory
@@ -31,6 +38,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -40,13 +48,16 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import pallas_kernels as pk
 from pallas_kernels import backend as bk
 from pallas_kernels import pack, predict, signmag
 from pallas_kernels.compact import compact_pallas
+from pallas_kernels.portable import sparse_mlp_layer_portable
 from pallas_kernels.sparse_down import num_live_programs as down_live
 from pallas_kernels.sparse_down import sparse_down_pallas
 from pallas_kernels.sparse_gate_up import num_live_programs as gate_up_live
 from pallas_kernels.sparse_gate_up import sparse_gate_up_pallas
+from pallas_kernels.triton_check import TRITON_CALL_TARGET
 from sparseinfer_jax import bench
 from sparseinfer_jax.bench.gpu_spec import GpuSpec, gpu_spec
 from sparseinfer_jax.bench.shapes import DTYPES, PROMPT_TOKENS, shape_config
@@ -102,10 +113,17 @@ def check_plugin() -> None:
 
 
 def mesh_for(spec: GpuSpec) -> jax.sharding.Mesh:
-    """A one-device mesh of compile-only devices of `spec`'s kind."""
+    """A one-device mesh of compile-only devices of `spec`'s kind (UserError when XLA cannot read
+    the spec)."""
     from jax.experimental import topologies
 
-    topo = topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=spec.text)
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", topology="1x1x1",
+                                            target_config=spec.text)
+    except Exception as e:  # noqa: BLE001 - XLA's parse error, whatever its type
+        first = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise UserError(f"XLA cannot read GPU spec '{spec.name}' ({first}): start from a file in "
+                        "sparseinfer_jax/bench/gpu_specs.") from None
     return topologies.make_mesh(topo, (1,), ("x",))
 
 
@@ -228,6 +246,25 @@ def kernel_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable, *,
     return cases
 
 
+def _auto_layer(x, gate, up, down_t, bits, alpha):
+    """The sparse MLP layer `auto` runs on the target (`bk.choose`): the portable path, or the
+    Pallas chain (predict, compact, two-stage MLP)."""
+    if bk.choose("auto").path == "portable":
+        return sparse_mlp_layer_portable(x, gate, up, down_t, bits, alpha)
+    active, _ = pk.sign_predict(x, bits, alpha)
+    idx, count = pk.compact(active)
+    return pk.sparse_mlp(x, gate, up, down_t, idx, count)
+
+
+def layer_case(cfg: LlamaConfig, batch: int, dtype, sds: Callable) -> Case:
+    """One decode step's sparse MLP layer as `auto` runs it on the target, weights abstract."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    w = sds((f, d), dtype)
+    return Case("sparse_mlp_layer", "layer", _auto_layer,
+                (sds((batch, d), dtype), w, w, w, sds((f, pack.num_words(d)), jnp.uint32),
+                 sds((), jnp.float32)))
+
+
 def _generate_program(state, tokens, pad, follow, temperature, top_p, penalty, key, stop, alpha,
                       *, graphdef, mode, backend, top_k, eos_ids, pad_id):
     """What `generate` runs, as one program: the dense prefill, then the decode loop in `mode`."""
@@ -247,10 +284,10 @@ def program_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable) -> list[Ca
     for mode in ("dense", "sparse"):
         model = nnx.eval_shape(
             lambda mode=mode: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode,
-                                    backend="pallas"))
+                                    backend="auto"))
         graphdef, state = nnx.split(model)
         state = jax.tree.map(lambda a: sds(a.shape, a.dtype), state)
-        statics = dict(mode=mode, backend="pallas", top_k=None,
+        statics = dict(mode=mode, backend="auto", top_k=None,
                        eos_ids=tuple(cfg.eos_token_ids), pad_id=int(cfg.pad_token_id or 0))
         args = (state, sds((batch, prompt), jnp.int32), sds((batch,), jnp.int32),
                 sds((batch, new), jnp.int32), scalar, scalar, scalar, sds(key.shape, key.dtype),
@@ -269,10 +306,11 @@ def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
     compile failed)."""
     rec: dict[str, Any] = dict(name=case.name, kind=case.kind, compiled=False, error=None,
                                registers=None, spill_bytes=None, grid=None, threads=None,
-                               shared_bytes=None, kernels=None)
+                               shared_bytes=None, kernels=None, triton_calls=None)
     with tempfile.TemporaryDirectory() as dump:
         try:
             lowered = jax.jit(case.fn).trace(*case.args).lower()
+            rec["triton_calls"] = lowered.as_text().count(TRITON_CALL_TARGET)
             lowered.compile(COMPILE_OPTIONS | {"xla_dump_to": dump})
             usage, runs = ptxas_usage(dump, ptxas), launches(dump)
         except Exception as e:  # noqa: BLE001 - any compiler error is the report's finding
@@ -312,16 +350,22 @@ def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None =
     for spec in specs:
         mesh = mesh_for(spec)
         sds = functools.partial(_abstract, NamedSharding(mesh, P()))
-        with bk.targeting_gpu(mesh.abstract_mesh):
+        with bk.targeting_gpu(mesh.abstract_mesh, compute_capability=spec.compute_capability):
+            with warnings.catch_warnings():  # a fallback is said in the next line instead
+                warnings.simplefilter("ignore", RuntimeWarning)
+                choice = bk.choose("auto")
+            log(f"{spec.name:<13}{choice.line()}")
             for batch in batches:
-                cases = kernel_cases(cfg, batch, DTYPES[dtype], sds,
-                                     pack_weights=batch == batches[0])
+                cases = [layer_case(cfg, batch, DTYPES[dtype], sds)]
+                if choice.path == "pallas":  # else auto runs none of them on this GPU
+                    cases += kernel_cases(cfg, batch, DTYPES[dtype], sds,
+                                          pack_weights=batch == batches[0])
                 if programs:
                     cases += program_cases(cfg, batch, DTYPES[dtype], sds)
                 for case in cases:
                     rec = dict(gpu=spec.name, device_kind=spec.device_kind, shape=shape,
                                layers=cfg.num_hidden_layers, dtype=dtype, batch=batch,
-                               **compile_case(case, spec, ptxas))
+                               path=choice.path, **compile_case(case, spec, ptxas))
                     if case.live is not None and rec["compiled"]:
                         for frac in ACTIVE_FRACTIONS:
                             live = case.live(math.ceil(frac * cfg.intermediate_size))
