@@ -42,9 +42,9 @@ BACKENDS = ("auto", "pallas", "mosaic", "portable", "xla", "reference")
 # XLA compiles Triton kernels for compute capability 8.0 and up only ("Triton support is only
 # enabled for Ampere GPUs (compute capability 8.0) and up", compiling for a T4's sm_75).
 TRITON_MIN_CC = (8, 0)
-# The CPU's sparse path. Against the portable path, paired, cold caches, 1b shape, float32, 10 %
-# active, 2-core CPU (benchmarks/portable_paired.py, benchmarks/RESULTS.md): the chunk loop took
-# 0.61-0.70 of the portable path's time: one gather of a whole bucket leaves the cache.
+# The CPU's sparse path: on the 2-core CPU the portable path took 1.8x the chunk loop's time
+# (float32; 2.0x bfloat16), paired, cold caches, 1b shape, 10 % active (benchmarks/RESULTS.md,
+# benchmarks/portable_paired.py): a gather of a whole bucket leaves the cache, 64 rows do not.
 CPU_PATH = "xla"
 # The XLA path walks the active rows in chunks of CHUNK (a loop whose trip count is the real
 # count / CHUNK, so work follows the count and no capacity can drop a neuron), and computes densely
