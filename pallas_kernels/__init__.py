@@ -1,7 +1,7 @@
 """SparseInfer kernels: sign-bit prediction and gathered sparse MLP ops, each with three faces.
 
-Every op takes `backend=` among "auto", "pallas", "xla", "reference" (see `backend.py`). The model
-chains them per decode step:
+Every op takes `backend=` among BACKENDS (see `backend.py`: "auto" picks by device, `describe`
+says what it picked and why). The model chains them per decode step:
 
     active, n_neg = sign_predict(x, gate_sign_bits, alpha)   # predictor (predict.py)
     # or signmag_predict: votes weighted by quantised |x| (signmag.py)
@@ -13,12 +13,17 @@ or, reading up and down rows only for the candidates whose gate fires (sparse_ml
 
     out, fired = sparse_mlp(x, gate, up, down_t, idx, count)
 
+The whole layer in plain XLA at static bucketed shapes, for any XLA device (portable.py):
+
+    out, counts = sparse_mlp_layer_portable(x, gate, up, down_t, gate_sign_bits, alpha)
+
 Kernels know nothing of models.
 """
 
-from pallas_kernels.backend import BACKENDS
+from pallas_kernels.backend import BACKENDS, choose, describe
 from pallas_kernels.compact import compact
 from pallas_kernels.pack import num_words, pack_sign_bits, pack_sign_bits_numpy
+from pallas_kernels.portable import sparse_mlp_layer_portable
 from pallas_kernels.predict import sign_predict, threshold
 from pallas_kernels.signmag import signmag_predict
 from pallas_kernels.sparse_down import sparse_down
@@ -29,7 +34,9 @@ from pallas_kernels.sparse_mlp import sparse_mlp
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
+    "choose",
     "compact",
+    "describe",
     "num_words",
     "pack_sign_bits",
     "pack_sign_bits_numpy",
@@ -39,5 +46,6 @@ __all__ = [
     "sparse_gate_up",
     "sparse_mlp",
     "sparse_mlp_layer",
+    "sparse_mlp_layer_portable",
     "threshold",
 ]

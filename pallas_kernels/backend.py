@@ -1,24 +1,51 @@
-"""Which implementation an op runs, and how the XLA path walks the active rows.
+"""Which implementation runs: the device-aware `auto` choice, and how the XLA path walks the rows.
 
-Every op takes `backend` among BACKENDS:
+Paths, the values of `backend` besides "auto" (BACKENDS):
+- "pallas": Pallas Triton kernels. A CUDA GPU of compute capability >= 8.0 (XLA compiles Triton
+  for Ampere and newer only) with a jax that still has Pallas' Triton backend; off GPU they run in
+  interpret mode (slow, for tests).
+- "mosaic": Pallas TPU (Mosaic) kernels, on a TPU (`tpu_*.py`).
+- "portable": plain XLA at static bucketed shapes (`portable.py`), fast on any XLA device: a GPU
+  that Pallas Triton cannot serve, or a TPU without Pallas' TPU backend.
+- "xla": plain XLA, a loop over chunks of the active rows or dense (see `use_dense`): the CPU's
+  path (`CPU_PATH`).
 - "reference": pure jnp, the truth the tests compare against (gathers all F rows).
-- "xla": plain XLA, a loop over chunks of the active rows or dense (see `use_dense`); the CPU/TPU
-  path and the fallback.
-- "pallas": the Triton-backend Pallas kernel; off GPU it runs in interpret mode (slow, for tests).
-- "auto": "pallas" on a GPU, "xla" elsewhere.
+
+"auto" picks by device (`choose`): pallas on a GPU, mosaic on a TPU, `CPU_PATH` on the CPU, and
+portable where the faster path cannot run there; an explicit "pallas" or "mosaic" on a device
+that cannot run it falls back the same way. Never a crash where a faster path is missing: each
+fallback is said once (a RuntimeWarning). `describe` is the one-line account for users.
+Compiling offline for a GPU (`targeting_gpu`), the target's compute capability decides.
+
+The per-op functions (`sign_predict`, `compact`, `sparse_mlp`, ...) have "pallas", "xla" and
+"reference" faces: `resolve` maps the choice onto them (every other path runs their XLA face).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("auto", "pallas", "xla", "reference")
+try:  # Pallas' Triton backend: a jax without it still imports the kernels, and never runs them
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:
+    plgpu = None
+
+BACKENDS = ("auto", "pallas", "mosaic", "portable", "xla", "reference")
+# XLA compiles Triton kernels for compute capability 8.0 and up only ("Triton support is only
+# enabled for Ampere GPUs (compute capability 8.0) and up", compiling for a T4's sm_75).
+TRITON_MIN_CC = (8, 0)
+# The CPU's sparse path: on the 2-core CPU the portable path took 1.8x the chunk loop's time
+# (float32; 2.0x bfloat16), paired, cold caches, 1b shape, 10 % active (benchmarks/RESULTS.md,
+# benchmarks/portable_paired.py): a gather of a whole bucket leaves the cache, 64 rows do not.
+CPU_PATH = "xla"
 # The XLA path walks the active rows in chunks of CHUNK (a loop whose trip count is the real
 # count / CHUNK, so work follows the count and no capacity can drop a neuron), and computes densely
 # when more than DENSE_ABOVE of the neurons are active. Both measured on the 2-core CPU with
@@ -26,9 +53,50 @@ BACKENDS = ("auto", "pallas", "xla", "reference")
 # gathered tile in cache; above about half of F the loop costs more than the dense matvec.
 CHUNK = 64
 DENSE_ABOVE = 0.5
+_PATH_WORDS = {
+    "pallas": "the Pallas Triton kernels",
+    "mosaic": "the Pallas TPU (Mosaic) kernels",
+    "portable": "the portable XLA path",
+    "xla": "the XLA chunk loop",
+    "reference": "the jnp reference",
+}
 
 
-_TARGET_GPU = False
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """What the choice depends on: the platform ("cpu", "cuda", "gpu" for a GPU that is not
+    CUDA's, "tpu", ...), the device kind, and a CUDA GPU's compute capability (None elsewhere, or
+    when a compile target does not say)."""
+
+    platform: str
+    kind: str
+    compute_capability: tuple[int, int] | None = None
+
+    def __str__(self) -> str:
+        if self.platform in ("cpu", "tpu"):
+            return self.kind if self.platform == "tpu" else "CPU"
+        cc = self.compute_capability
+        return f"GPU {self.kind}" + (f" (sm_{cc[0]}{cc[1]})" if cc else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """The path a sparse MLP layer runs on `device`, and why (`fallback`: a faster path exists for
+    this kind of device but cannot run here)."""
+
+    path: str
+    device: Device
+    why: str
+    fallback: bool = False
+
+    def line(self) -> str:
+        """One line for users: device, path, why."""
+        return f"{self.device}: sparse MLP runs {_PATH_WORDS[self.path]} ({self.why})"
+
+
+# The GPU being compiled for ahead of time (`targeting_gpu`), else None: the local device decides.
+_TARGET: Device | None = None
+_SAID: set[str] = set()
 
 
 def nvidia_driver_present() -> bool:
@@ -44,10 +112,102 @@ if (not jax.config.jax_platforms and not nvidia_driver_present()
     jax.config.update("jax_platforms", "cpu")
 
 
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a parent package is missing
+        return False
+
+
+def has_triton() -> bool:
+    """Whether the installed jax has Pallas' Triton backend (the lowering "pallas" needs)."""
+    return _has_module("jax._src.pallas.triton.pallas_call_registration")
+
+
+def has_mosaic_tpu() -> bool:
+    """Whether the installed jax has Pallas' TPU (Mosaic) backend (the lowering "mosaic" needs)."""
+    return _has_module("jax._src.pallas.mosaic.pallas_call_registration")
+
+
+def parse_compute_capability(value) -> tuple[int, int] | None:
+    """"8.9" (what a CUDA device's `compute_capability` holds) -> (8, 9); None for anything else
+    (a ROCm GPU's "gfx90a", a missing value)."""
+    try:
+        major, minor = str(value).split(".")
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
+def local_device() -> Device:
+    """JAX's default device, as the choice sees it."""
+    d = jax.devices()[0]
+    if d.platform != "gpu":
+        return Device(d.platform, d.device_kind)
+    cc = parse_compute_capability(getattr(d, "compute_capability", None))
+    return Device("cuda" if cc else "gpu", d.device_kind, cc)
+
+
+def target() -> Device:
+    """The device programs are built for: the GPU of `targeting_gpu`, else the local one."""
+    return _TARGET if _TARGET is not None else local_device()
+
+
 def on_gpu() -> bool:
     """Whether kernels are built for a GPU: the default JAX backend is one (where Pallas Triton
     kernels compile), or the caller is compiling for one ahead of time (`targeting_gpu`)."""
-    return _TARGET_GPU or jax.default_backend() == "gpu"
+    return _TARGET is not None or jax.default_backend() == "gpu"
+
+
+def unavailable(path: str, device: Device) -> str | None:
+    """Why `path` cannot run on `device` (None when it can; Pallas kernels run interpreted on the
+    CPU)."""
+    if path == "pallas" and device.platform != "cpu":
+        cc = device.compute_capability
+        if device.platform != "cuda":
+            return "Pallas Triton kernels run on CUDA GPUs only"
+        if not has_triton():
+            return "this jax has no Pallas Triton backend"
+        if cc is not None and cc < TRITON_MIN_CC:
+            return (f"Pallas Triton needs compute capability {TRITON_MIN_CC[0]}.{TRITON_MIN_CC[1]}"
+                    f" or newer, this GPU has {cc[0]}.{cc[1]}")
+    if path == "mosaic" and device.platform != "cpu":
+        if device.platform != "tpu":
+            return "Pallas TPU kernels run on TPUs only"
+        if not has_mosaic_tpu():
+            return "this jax has no Pallas TPU backend"
+    return None
+
+
+def choose(backend: str = "auto") -> Choice:
+    """The path a sparse MLP layer runs for `backend` (one of BACKENDS) on the target device.
+
+    "auto": pallas on a GPU, mosaic on a TPU, `CPU_PATH` on the CPU, portable on other devices.
+    Where the path asked for (or picked) cannot run on the device, portable, said once.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}: use one of {', '.join(BACKENDS)}.")
+    device = target()
+    if backend == "auto":
+        path = {"cuda": "pallas", "gpu": "pallas", "tpu": "mosaic",
+                "cpu": CPU_PATH}.get(device.platform, "portable")
+        why = "chosen by auto"
+    else:
+        path, why = backend, "asked for"
+    problem = unavailable(path, device)
+    if problem is None:
+        return Choice(path, device, why)
+    choice = Choice("portable", device, problem, fallback=True)
+    if choice.line() not in _SAID:
+        _SAID.add(choice.line())
+        warnings.warn(choice.line(), RuntimeWarning, stacklevel=2)
+    return choice
+
+
+def describe(backend: str = "auto") -> str:
+    """One line saying which device was found, which path sparse mode takes there, and why (for
+    `generate --compare` and the notebook)."""
+    return choose(backend).line()
 
 
 def abstract_gpu_mesh(device_kind: str):
@@ -61,36 +221,44 @@ def abstract_gpu_mesh(device_kind: str):
 
 
 @contextlib.contextmanager
-def targeting_gpu(mesh=None) -> Iterator[None]:
-    """Within: "auto" means "pallas" and Pallas kernels are real Triton kernels, not interpreted,
-    whatever the default backend: for compiling GPU programs on a machine without a GPU.
+def targeting_gpu(mesh=None, *, compute_capability: tuple[int, int] | None = None,
+                  device_kind: str | None = None) -> Iterator[None]:
+    """Within: programs are built for a CUDA GPU, whatever the default backend: for compiling GPU
+    programs on a machine without one. "auto" picks for that GPU (`choose`), and Pallas kernels
+    are real Triton kernels, not interpreted.
 
-    Pallas reads the target's compute capability from its device kind: jax >= 0.11 takes it from
-    the abstract device of the abstract mesh in use, so pass `mesh` (`abstract_gpu_mesh`, or the
-    `abstract_mesh` of a mesh of compile-only GPU devices); older jax needs none. Clears JAX's
-    trace caches on entry and exit, so no trace made for the other target is reused.
+    Args:
+      mesh: the target's one-device abstract mesh (`abstract_gpu_mesh`, or the `abstract_mesh` of a
+        mesh of compile-only GPU devices): Pallas on jax >= 0.11 reads the target's compute
+        capability from its device kind; older jax needs none.
+      compute_capability: the target's, e.g. (7, 5) for a T4: decides whether "pallas" can run
+        (None: taken to be one Pallas Triton supports).
+      device_kind: the target's name for `describe` (default: the mesh's device kind).
+
+    Clears JAX's trace caches on entry and exit, so no trace made for the other target is reused.
     """
-    global _TARGET_GPU
+    global _TARGET
     use_mesh = contextlib.nullcontext()
     if mesh is not None and hasattr(jax.sharding, "AbstractDevice"):
         use_mesh = jax.sharding.use_abstract_mesh(mesh)
+    if device_kind is None:
+        abstract = getattr(mesh, "abstract_device", None)
+        device_kind = abstract.device_kind if abstract is not None else "CUDA GPU"
     jax.clear_caches()
-    _TARGET_GPU = True
+    _TARGET = Device("cuda", device_kind, compute_capability)
     try:
         with use_mesh:
             yield
     finally:
-        _TARGET_GPU = False
+        _TARGET = None
         jax.clear_caches()
 
 
 def resolve(backend: str) -> str:
-    """Maps `backend` to one of "pallas", "xla", "reference" ("auto" picks by platform)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"Unknown backend {backend!r}: use one of {', '.join(BACKENDS)}.")
-    if backend == "auto":
-        return "pallas" if on_gpu() else "xla"
-    return backend
+    """Maps `backend` to the per-op face among "pallas", "xla", "reference" (`choose` picks the
+    path; every path but pallas and reference runs the ops' XLA face)."""
+    path = choose(backend).path
+    return path if path in ("pallas", "reference") else "xla"
 
 
 def interpret() -> bool:

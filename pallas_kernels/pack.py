@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import backend as bk
+from pallas_kernels.backend import plgpu
 
 WORD_BITS = 32
 

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import backend as bk
+from pallas_kernels.backend import plgpu
 from pallas_kernels.pack import WORD_BITS, num_words, pack_bits_reference, pack_sign_bits_reference
 from pallas_kernels.predict import BLOCK_F as PREDICT_BLOCK_F
 from pallas_kernels.predict import threshold

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import backend as bk
+from pallas_kernels.backend import plgpu
 
 ACTIVATIONS = ("relu", "fatrelu")
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import backend as bk
 from pallas_kernels.compact import compact
+from pallas_kernels.portable import sparse_mlp_layer_portable
 from pallas_kernels.predict import sign_predict
 from pallas_kernels.predict import threshold as vote_threshold
 from pallas_kernels.signmag import signmag_predict
@@ -44,6 +45,10 @@ def sparse_mlp_layer(x, gate, up, down_t, gate_sign_bits, alpha, *, predictor: s
                      union_axis: str | None = None):
     """One layer's sparse MLP: (out `[B, D]` in down_t's dtype, counts `[3]` int32 =
     (predicted summed over rows, computed: gate rows read, fired: up and down rows read))."""
+    kind = dict(predictor=predictor, activation=activation, threshold=float(threshold),
+                union_axis=union_axis)
+    if bk.choose(backend).path == "portable":
+        return sparse_mlp_layer_portable(x, gate, up, down_t, gate_sign_bits, alpha, **kind)
     backend = bk.resolve(backend)
     active, n_predicted = _predict(x, gate, gate_sign_bits, alpha, predictor, activation,
                                    float(threshold), backend)

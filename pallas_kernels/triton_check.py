@@ -15,12 +15,13 @@ from collections.abc import Callable, Iterator
 
 import jax
 from jax._src.lib.mlir import ir
-from jax._src.pallas.triton import lowering as triton_lowering
 
 from pallas_kernels import backend as bk
 
+# The custom call a Pallas Triton kernel lowers to (what `compile_report` counts in a program).
 TRITON_CALL_TARGET = "__gpu$xla.gpu.triton"
 DEVICE_KIND = "NVIDIA H100 80GB HBM3"
+COMPUTE_CAPABILITY = (9, 0)  # DEVICE_KIND's
 
 
 def _walk(op) -> Iterator:
@@ -31,10 +32,15 @@ def _walk(op) -> Iterator:
                 yield from _walk(child.operation)
 
 
-def triton_modules(fn: Callable, *args, device_kind: str = DEVICE_KIND) -> list[str]:
+def triton_modules(fn: Callable, *args, device_kind: str = DEVICE_KIND,
+                   compute_capability: tuple[int, int] = COMPUTE_CAPABILITY) -> list[str]:
     """Cross-lowers `fn(*args)` for a CUDA GPU of `device_kind` and returns the verified Triton
     module of each kernel."""
-    with bk.targeting_gpu(bk.abstract_gpu_mesh(device_kind)):
+    # Imported here: a jax without Pallas' Triton backend can still import this module.
+    from jax._src.pallas.triton import lowering as triton_lowering
+
+    with bk.targeting_gpu(bk.abstract_gpu_mesh(device_kind),
+                          compute_capability=compute_capability, device_kind=device_kind):
         lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     modules = []
     for op in _walk(lowered.compiler_ir("stablehlo").operation):

@@ -14,17 +14,18 @@ import sys
 import pytest
 
 from sparseinfer_jax.bench.compile_policy import MAX_REGISTERS, MIN_LIVE_PER_SM
+from sparseinfer_jax.bench.gpu_spec import SPECS_DIR
 from sparseinfer_jax.cli.main import main
 
 GPU = "h100"
 PALLAS_IN_SPARSE_PROGRAM = {"sign_predict", "sparse_gate_up", "sparse_down"}
 
 
-def report(tmp_path, *flags: str) -> list[dict]:
+def report(tmp_path, *flags: str, gpu: str = GPU) -> list[dict]:
     """Runs the report in a fresh process (it sets JAX's platform and target) and reads --json."""
     out = tmp_path / "report.json"
     run = subprocess.run(
-        [sys.executable, "-m", "sparseinfer_jax.cli", "compile-report", "--gpu", GPU,
+        [sys.executable, "-m", "sparseinfer_jax.cli", "compile-report", "--gpu", gpu,
          "--batches", "1,16", "--json", str(out), *flags],
         capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=900)
     assert run.returncode == 0, f"report failed:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}"
@@ -37,7 +38,8 @@ KERNELS = {"pack_sign_bits", "compact", "sign_predict", "signmag_predict", "spar
 
 def check(records: list[dict], shape: str, programs: bool) -> None:
     names = {r["name"] for r in records}
-    assert names == KERNELS | ({"generate_dense", "generate_sparse"} if programs else set())
+    assert names == KERNELS | {"sparse_mlp_layer"} | (
+        {"generate_dense", "generate_sparse"} if programs else set())
     assert {r["batch"] for r in records} == {1, 16}
     for r in records:
         assert r["compiled"] and r["error"] is None, r
@@ -45,8 +47,10 @@ def check(records: list[dict], shape: str, programs: bool) -> None:
         if r["kind"] == "kernel":
             assert r["threads"] % 32 == 0 and len(r["grid"]) == 3, r
             assert r["resident_per_sm"] >= 1, r
-        if r["name"] == "generate_sparse":
+        assert r["path"] == "pallas", r  # what auto runs on an H100 and an L4
+        if r["name"] in ("generate_sparse", "sparse_mlp_layer"):
             assert set(r["pallas_kernels"]) == PALLAS_IN_SPARSE_PROGRAM, r
+            assert r["triton_calls"] >= len(PALLAS_IN_SPARSE_PROGRAM), r
         if r["name"] == "generate_dense":
             assert not r["pallas_kernels"], r
     if shape == "7b":  # the issue's targets for the decode kernels at Llama-2-7B
@@ -66,10 +70,45 @@ def test_7b_kernels_compile_without_spills_within_register_and_occupancy_targets
     check(report(tmp_path, "--shape", "7b", "--no-programs"), "7b", programs=False)
 
 
+def test_l4_compiles_every_pallas_kernel(tmp_path):
+    """Compute capability 8.9: auto runs the Pallas Triton kernels, and all of them compile."""
+    check(report(tmp_path, "--shape", "tiny", "--no-programs", gpu="l4"), "tiny", programs=False)
+
+
+def t4_written_apart(path) -> str:
+    """A T4 spec made from the A100 one as a user would (not the shipped t4.txtpb)."""
+    with open(os.path.join(SPECS_DIR, "a100.txtpb")) as f:
+        text = f.read()
+    for old, new in [("major: 8", "major: 7\n    minor: 5"), ("core_count: 108", "core_count: 40"),
+                     ("shared_memory_per_core: 167936", "shared_memory_per_core: 65536"),
+                     ("NVIDIA A100-SXM4-80GB", "Tesla T4")]:
+        assert old in text
+        text = text.replace(old, new)
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("spec", ["t4", "written apart"])
+def test_t4_layer_that_auto_runs_holds_no_triton_kernel(tmp_path, spec):
+    """Below compute capability 8.0 auto takes the portable path: no Pallas Triton kernel is
+    compiled, and the sparse MLP layer compiles for the T4 with no Triton call in it. (The
+    generate programs are the model's: `sparse_mlp_layer` is the part the kernels own.)"""
+    gpu = t4_written_apart(tmp_path / "my-t4.txtpb") if spec != "t4" else spec
+    records = report(tmp_path, "--shape", "7b", "--no-programs", gpu=gpu)
+    assert {r["name"] for r in records} == {"sparse_mlp_layer"}
+    assert {r["gpu"] for r in records} == {"t4" if spec == "t4" else "my-t4"}
+    assert {r["batch"] for r in records} == {1, 16}
+    for r in records:
+        assert r["compiled"] and r["path"] == "portable", r
+        assert r["triton_calls"] == 0 and r["pallas_kernels"] == [], r
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
         (["--gpu", "h100,k80"], "--gpu"),
+        (["--gpu", "no/such/spec.txtpb"], "--gpu"),
+        (["--gpu", os.path.abspath(__file__)], "GPU spec"),
         (["--batches", "1,x"], "--batches"),
         (["--batches", "0"], "--batches"),
         (["--shape", "3b"], "--shape"),

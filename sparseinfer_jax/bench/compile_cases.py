@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import pallas_kernels as pk
 from pallas_kernels import pack, predict, signmag
 from pallas_kernels.compact import compact_pallas
 from pallas_kernels.sparse_down import num_live_programs as down_live
@@ -72,6 +73,16 @@ def kernel_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable, *,
     return cases
 
 
+def layer_case(cfg: LlamaConfig, batch: int, dtype, sds: Callable) -> Case:
+    """One decode step's sparse MLP layer as `auto` runs it on the target (the per-layer op),
+    weights abstract."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    w = sds((f, d), dtype)
+    return Case("sparse_mlp_layer", "layer", pk.sparse_mlp_layer,
+                (sds((batch, d), dtype), w, w, w, sds((f, pack.num_words(d)), jnp.uint32),
+                 sds((), jnp.float32)))
+
+
 def _generate_program(state, tokens, pad, follow, temperature, top_p, penalty, key, stop, alpha,
                       *, graphdef, sparsity, top_k, eos_ids, pad_id):
     """What `generate` runs, as one program: the dense prefill, then the decode loop as
@@ -92,7 +103,7 @@ def program_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable) -> list[Ca
     for mode in ("dense", "sparse"):
         model = nnx.eval_shape(
             lambda mode=mode: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode,
-                                    backend="pallas"))
+                                    backend="auto"))
         graphdef, state = nnx.split(model)
         state = jax.tree.map(lambda a: sds(a.shape, a.dtype), state)
         statics = dict(sparsity=model.sparsity, top_k=None,

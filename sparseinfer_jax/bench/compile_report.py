@@ -13,6 +13,13 @@ target. A Pallas kernel that fails to compile, spills, uses over 128 registers o
 record holds its Pallas kernels' figures, and XLA's own fusions apart (`xla_registers`,
 `xla_spills`).
 
+What is compiled for each GPU, inside `backend.targeting_gpu` with the spec's compute capability,
+so "auto" picks what that GPU can run (`backend.choose`, said in the report's first line per GPU):
+the sparse MLP layer as auto runs it (`sparse_mlp_layer`; its `triton_calls` counts the Pallas
+Triton calls, 0 below compute capability 8.0 where auto takes the portable path), every Pallas
+Triton kernel (only where auto runs them), and the `generate` programs on backend "auto".
+`--gpu` takes shipped spec names and spec files (`gpu_spec.gpu_spec`).
+
 Occupancy arithmetic per kernel: `resident` = programs one SM can hold at once (registers,
 threads, shared memory and the 32-block limit), `live@5/10/20%` = programs that have work when
 that fraction of the neurons is active, per SM of the GPU (`core_count` in its spec). Memory
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +43,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import backend as bk
-from sparseinfer_jax.bench.compile_cases import Case, kernel_cases, program_cases
+from pallas_kernels.triton_check import TRITON_CALL_TARGET
+from sparseinfer_jax.bench.compile_cases import Case, kernel_cases, layer_case, program_cases
 from sparseinfer_jax.bench.gpu_spec import GpuSpec, gpu_spec
 from sparseinfer_jax.bench.occupancy import live_per_sm, resident_programs
 from sparseinfer_jax.bench.shapes import shape_config
@@ -68,10 +77,11 @@ def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
     compile failed)."""
     rec: dict[str, Any] = dict(name=case.name, kind=case.kind, compiled=False, error=None,
                                registers=None, spill_bytes=None, grid=None, threads=None,
-                               shared_bytes=None, kernels=None)
+                               shared_bytes=None, kernels=None, triton_calls=None)
     with tempfile.TemporaryDirectory() as dump:
         try:
             lowered = jax.jit(case.fn).trace(*case.args).lower()
+            rec["triton_calls"] = lowered.as_text().count(TRITON_CALL_TARGET)
             lowered.compile(COMPILE_OPTIONS | {"xla_dump_to": dump})
             usage, runs = ptxas_usage(dump, ptxas), launches(dump)
         except Exception as e:  # noqa: BLE001 - any compiler error is the report's finding
@@ -117,16 +127,22 @@ def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None =
     for spec in specs:
         mesh = mesh_for(spec)
         sds = functools.partial(_abstract, NamedSharding(mesh, P()))
-        with bk.targeting_gpu(mesh.abstract_mesh):
+        with bk.targeting_gpu(mesh.abstract_mesh, compute_capability=spec.compute_capability):
+            with warnings.catch_warnings():  # a fallback is said in the next line instead
+                warnings.simplefilter("ignore", RuntimeWarning)
+                choice = bk.choose("auto")
+            log(f"{spec.name:<13}{choice.line()}")
             for batch in batches:
-                cases = kernel_cases(cfg, batch, dtypes.DTYPES[dtype], sds,
-                                     pack_weights=batch == batches[0])
+                cases = [layer_case(cfg, batch, dtypes.DTYPES[dtype], sds)]
+                if choice.path == "pallas":  # else auto runs none of them on this GPU
+                    cases += kernel_cases(cfg, batch, dtypes.DTYPES[dtype], sds,
+                                          pack_weights=batch == batches[0])
                 if programs:
                     cases += program_cases(cfg, batch, dtypes.DTYPES[dtype], sds)
                 for case in cases:
                     rec = dict(gpu=spec.name, device_kind=spec.device_kind, shape=shape,
                                layers=cfg.num_hidden_layers, dtype=dtype, batch=batch,
-                               **compile_case(case, spec, ptxas))
+                               path=choice.path, **compile_case(case, spec, ptxas))
                     if case.live is not None and rec["compiled"]:
                         rec.update(live_per_sm(case.live, spec, cfg.intermediate_size))
                     records.append(rec)

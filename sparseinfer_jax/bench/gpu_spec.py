@@ -1,8 +1,10 @@
-"""GPU specs for compiling without a GPU: the shipped XLA spec files and figures read from them."""
+"""GPU specs for compiling without a GPU: the shipped spec files (XLA's, and the T4's and L4's made
+in XLA's format from their published figures), or a user's, and the figures read from them."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 
@@ -31,26 +33,34 @@ class GpuSpec:
     shared_per_sm: int
 
 
-def _field(text: str, key: str) -> str:
+def _field(text: str, key: str, path: str) -> str:
     m = re.search(rf"^\s*{key}: \"?([^\"\n]*)\"?$", text, re.M)
-    assert m, f"GPU spec has no {key}"
+    if not m:
+        raise UserError(f"GPU spec {path} has no {key}: start from a file in {SPECS_DIR}.")
     return m.group(1)
 
 
 def gpu_spec(name: str) -> GpuSpec:
-    """Reads `gpu_specs/<name>.txtpb` (UserError for an unknown name)."""
-    if name not in GPUS:
-        raise UserError(f"--gpu must be a comma list of {', '.join(GPUS)}, got '{name}'.")
-    with open(os.path.join(SPECS_DIR, name + ".txtpb")) as f:
+    """Reads a GPU spec: a shipped one by name (`gpu_specs/<name>.txtpb`) or a spec file by path,
+    named after the file (UserError for neither, or a file without the fields used here)."""
+    path = os.path.join(SPECS_DIR, name + ".txtpb") if name in GPUS else name
+    if not os.path.isfile(path):
+        raise UserError(f"--gpu must be a comma list of {', '.join(GPUS)} or GPU spec files "
+                        f"(.txtpb), got '{name}'.")
+    with open(path) as f:
         text = f.read()
     cc = re.search(r"cuda_compute_capability \{\s*major: (\d+)(?:\s*minor: (\d+))?", text)
+    if not cc:
+        raise UserError(f"GPU spec {path} has no cuda_compute_capability: start from a file in "
+                        f"{SPECS_DIR}.")
+    field = functools.partial(_field, text, path=path)
     return GpuSpec(
-        name=name,
-        device_kind=_field(text, "device_description_str"),
+        name=os.path.splitext(os.path.basename(path))[0],
+        device_kind=field("device_description_str"),
         text=text,
         compute_capability=(int(cc.group(1)), int(cc.group(2) or 0)),
-        sms=int(_field(text, "core_count")),
-        registers_per_sm=int(_field(text, "registers_per_core_limit")),
-        threads_per_sm=int(_field(text, "threads_per_core_limit")),
-        shared_per_sm=int(_field(text, "shared_memory_per_core")),
+        sms=int(field("core_count")),
+        registers_per_sm=int(field("registers_per_core_limit")),
+        threads_per_sm=int(field("threads_per_core_limit")),
+        shared_per_sm=int(field("shared_memory_per_core")),
     )

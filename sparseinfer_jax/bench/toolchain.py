@@ -46,10 +46,17 @@ def check_plugin() -> None:
 
 
 def mesh_for(spec: GpuSpec) -> jax.sharding.Mesh:
-    """A one-device mesh of compile-only devices of `spec`'s kind."""
+    """A one-device mesh of compile-only devices of `spec`'s kind (UserError when XLA cannot read
+    the spec)."""
     from jax.experimental import topologies
 
-    topo = topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=spec.text)
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", topology="1x1x1",
+                                            target_config=spec.text)
+    except Exception as e:  # noqa: BLE001 - XLA's parse error, whatever its type
+        first = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise UserError(f"XLA cannot read GPU spec '{spec.name}' ({first}): start from a file in "
+                        "sparseinfer_jax/bench/gpu_specs.") from None
     return topologies.make_mesh(topo, (1,), ("x",))
 
 

@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("compile-report",
                        help="compile every kernel and the decode program for GPUs, offline")
     p.add_argument("--gpu", default=",".join(DEFAULT_GPUS),
-                   help=f"comma list of {', '.join(GPUS)}, or all")
+                   help=f"comma list of {', '.join(GPUS)} or GPU spec files (.txtpb), or all")
     p.add_argument("--shape", default="7b", help=", ".join(SHAPES))
     p.add_argument("--batches", default="1,4,16", help="comma list of batch sizes")
     p.add_argument("--layers", type=int, default=None,
