@@ -127,7 +127,10 @@ def _mlp_bytes(model, result) -> tuple[float, float]:
 
 
 def _comparison(model, sparse, dense, mode: str) -> str:
-    """The few lines `--compare` prints: tokens, neurons and bytes skipped, both speeds."""
+    """The few lines `--compare` prints: tokens, neurons and bytes skipped, both speeds, and
+    which path the sparse MLP took on this device (`backend.describe`)."""
+    from pallas_kernels.backend import describe
+
     mib = 2**20
     read, full = _mlp_bytes(model, sparse)
     skipped = 1 - float(np.mean(sparse.stats.computed_fraction))
@@ -141,6 +144,7 @@ def _comparison(model, sparse, dense, mode: str) -> str:
         f"  decode   {mode} {s.tokens_per_s:.0f} tokens/s, dense {d.tokens_per_s:.0f} tokens/s "
         f"({speedup:.2f}x)",
         f"  compile  {mode} {s.compile_s:.1f} s, dense {d.compile_s:.1f} s (prefill shared)",
+        f"  path     {describe(model.backend)}",
     ]
     if speedup < 1:
         lines.append("  note     skipping pays off where reading weights bounds a step: "
