@@ -126,6 +126,28 @@ def make_hf_checkpoint(
     return folder
 
 
+class FailedSave:
+    """What orbax's partial save returns when tensorstore's write fails: `result()` raises."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def result(self):
+        raise self.error
+
+
+def failing_save(error: int | type[BaseException]):
+    """A stand-in for `orbax...partial.save_async` whose write fails: with an OS error number as
+    tensorstore reports it (in the message), or with an exception type (KeyboardInterrupt)."""
+    if isinstance(error, int):
+        error = ValueError(f"OUT_OF_RANGE: Error writing \"a/c/0/0\" in OCDBT database: Failed to "
+                           f"write 4096 bytes to file 9: {os.strerror(error)} "
+                           f"[os_error_code='{error}']")
+    else:
+        error = error()
+    return lambda *args, **kwargs: FailedSave(error)
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
     """A factory: `hf_checkpoint(name="a", **config_overrides) -> folder`."""
