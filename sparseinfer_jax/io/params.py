@@ -139,11 +139,12 @@ class Writer:
         self._context.memory.deepcopy_host_arrays = False  # the arrays are not changed meanwhile
 
     def add(self, path: Path, x: np.ndarray) -> None:
-        """Queues array `x` for `path`; a full group is handed to orbax."""
+        """Queues array `x` for `path`, after handing the group to orbax if `x` would take it
+        past `GROUP_BYTES` (so a group is one array or at most `GROUP_BYTES`)."""
+        if self._group and self._bytes + x.nbytes > GROUP_BYTES:
+            self._save_group()
         self._group[path] = x
         self._bytes += x.nbytes
-        if self._bytes >= GROUP_BYTES:
-            self._save_group()
 
     def _wait(self) -> None:
         response, self._in_flight = self._in_flight, None
