@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -114,12 +115,14 @@ def make_checkpoint(folder: str, layers: int, seed: int = 0) -> int:
 
 # Each stage runs in a fresh process; at exit it prints its peak RSS and bytes written as JSON.
 PRELUDE = """
-import atexit, json, sys, time
+import atexit, json, os, sys, time
 def _report():
     status = open("/proc/self/status").read()
     io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+    cpu = os.times()
     print("STAGE" + json.dumps({"vmhwm": int(status.split("VmHWM:")[1].split()[0]) * 1024,
-                                "write_bytes": int(io["write_bytes"])}), file=sys.stderr)
+                                "write_bytes": int(io["write_bytes"]),
+                                "cpu_s": cpu.user + cpu.system}), file=sys.stderr)
 atexit.register(_report)
 """
 CONVERT = PRELUDE + """
@@ -144,6 +147,32 @@ if sys.argv[3] == "generate":
     found["tokens"] = np.asarray(result.tokens).tolist()
 print("STAGE" + json.dumps(found), file=sys.stderr)
 """
+# One process of a job (jax.distributed from the environment, gloo collectives): loads OUT over
+# the job's `model` mesh and reports the bytes it read while loading.
+SHARED_LOAD = PRELUDE + """
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+from sparseinfer_jax import load
+from sparseinfer_jax.io import checkpoint  # orbax too: imported before counting
+from sparseinfer_jax.model.sharding import make_mesh
+from sparseinfer_jax.runtime.distributed import initialize_distributed
+def rchar():
+    io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+    return int(io["rchar"])
+initialize_distributed(600)
+before, t0 = rchar(), time.perf_counter()
+model, _ = load(sys.argv[1], mesh=make_mesh(1, jax.device_count()))
+print("STAGE" + json.dumps({"load_s": time.perf_counter() - t0, "read": rchar() - before,
+                            "process": jax.process_index()}), file=sys.stderr)
+"""
+
+
+def _found(stderr: str, seconds: float) -> dict:
+    found = {"seconds": seconds}
+    for line in stderr.splitlines():
+        if line.startswith("STAGE"):
+            found.update(json.loads(line[5:]))
+    return found
 
 
 def run_stage(script: str, args: list[str]) -> dict:
@@ -152,11 +181,28 @@ def run_stage(script: str, args: list[str]) -> dict:
                           text=True, env={**os.environ, "PYTHONPATH": ROOT})
     if proc.returncode:
         sys.exit(f"stage {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    found = {"seconds": time.perf_counter() - start}
-    for line in proc.stderr.splitlines():
-        if line.startswith("STAGE"):
-            found.update(json.loads(line[5:]))
-    return found
+    return _found(proc.stderr, time.perf_counter() - start)
+
+
+def run_job(script: str, args: list[str], processes: int) -> list[dict]:
+    """`script` in `processes` processes of 2 CPU devices each, joined into one jax job."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.perf_counter()
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", script, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+             "JAX_NUM_PROCESSES": str(processes), "JAX_PROCESS_ID": str(i)})
+        for i in range(processes)]
+    errs = [p.communicate()[1] for p in procs]
+    for p, err in zip(procs, errs, strict=True):
+        if p.returncode:
+            sys.exit(f"job {args} failed ({p.returncode}):\n{err[-3000:]}")
+    return [_found(err, time.perf_counter() - start) for err in errs]
 
 
 def folder_bytes(path: str) -> int:
@@ -171,6 +217,8 @@ def main() -> None:
     parser.add_argument("--hf", action="store_true", help="also load the HF folder directly")
     parser.add_argument("--no-generate", action="store_true",
                         help="load only, skip the 4-token generate")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="also load the checkpoint in a job of this many processes")
     parser.add_argument("--workdir", default=None, help="where to write (default: a temp folder)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
@@ -188,23 +236,32 @@ def main() -> None:
         result["load"] = run_stage(LOAD, [out, args.mode, then])
         if args.hf:
             result["load_hf"] = run_stage(LOAD, [src, args.mode, then])
+        if args.processes:
+            result["processes"] = run_job(SHARED_LOAD, [out], args.processes)
     params = result["params_bytes"]
     result["load_peak_over_checkpoint"] = result["load"]["vmhwm"] / params
     print(f"{args.layers} layers of 7B shape, bf16: HF source {source_bytes / GiB:.2f} GiB, "
           f"made in {result['make_s']:.0f} s")
     c = result["convert"]
-    print(f"convert   {c['seconds']:6.1f} s  peak RSS {c['vmhwm'] / GiB:6.2f} GiB  wrote "
-          f"{c['write_bytes'] / GiB:6.2f} GiB (checkpoint {result['checkpoint_bytes'] / GiB:.2f} "
-          f"GiB, {c['write_bytes'] / result['checkpoint_bytes']:.2f}x)")
+    print(f"convert   {c['seconds']:6.1f} s (CPU {c['cpu_s']:.1f} s)  peak RSS "
+          f"{c['vmhwm'] / GiB:6.2f} GiB  wrote {c['write_bytes'] / GiB:6.2f} GiB (checkpoint "
+          f"{result['checkpoint_bytes'] / GiB:.2f} GiB, weights {params / GiB:.2f} GiB: "
+          f"{c['write_bytes'] / params:.3f}x the weights)")
     for key in ("load", "load_hf"):
         if key in result:
             r = result[key]
-            line = (f"{key:<9} {r['load_s']:6.1f} s  peak RSS {r['vmhwm_after_load'] / GiB:6.2f} "
-                    f"GiB ({r['vmhwm_after_load'] / params:.3f}x the weights)")
+            line = (f"{key:<9} {r['load_s']:6.1f} s (stage CPU {r['cpu_s']:.1f} s)  peak RSS "
+                    f"{r['vmhwm_after_load'] / GiB:6.2f} GiB "
+                    f"({r['vmhwm_after_load'] / params:.3f}x the weights)")
             if "generate_s" in r:
                 line += (f"; + generate 4 tokens ({args.mode}) {r['generate_s']:6.1f} s  peak RSS "
                          f"{r['vmhwm'] / GiB:6.2f} GiB ({r['vmhwm'] / params:.3f}x)")
             print(line)
+    for r in result.get("processes", []):
+        r["read_share"] = r["read"] / params
+        print(f"process {r['process']} of {args.processes}: load {r['load_s']:.1f} s, read "
+              f"{r['read'] / GiB:.2f} GiB = {r['read_share']:.3f} of the weights (target <= 0.6 "
+              f"for 2: {'met' if r['read_share'] <= 0.6 else 'NOT met'})")
     # On a GPU the weights live on the device: host memory while loading is this process's
     # baseline plus the arrays in flight. On the CPU the same figure is peak RSS minus the weights.
     largest = max(int(np.prod(shape)) * 2 for _, shape in hf_tensors(

@@ -1,25 +1,23 @@
 """Streaming conversion of a Hugging Face Llama checkpoint into our checkpoint layout.
 
 One tensor at a time: read, cast to the output dtype, transpose if the table says so, check it is
-finite, then either write it (`convert`: straight into its safetensors file, written once, no
-scratch copy) or hand it on (`stream`, which `load` uses to put each array on its device). The
-output needs its own size on disk (checked before any work) and memory for a few tensors.
+finite (io/hf.py), then hand it to the orbax writer (io/params.py), which writes a group of
+arrays while the next group is converted, each array once, with no scratch copy. The output
+needs its own size on disk (checked before any work) and memory for a few groups of tensors.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.io import checkpoint, names, tensorfiles
+from sparseinfer_jax.io import checkpoint, names, params
 from sparseinfer_jax.io.hf import Leaf, leaves, numpy_dtype, open_source
 from sparseinfer_jax.io.source import TOKENIZER_FILES, resolve_source
 from sparseinfer_jax.io.tokenizer import load_tokenizer
@@ -51,35 +49,20 @@ def _alpha(alpha: float | Sequence[float] | None, layers: int) -> list[float]:
     return values
 
 
-def _files(cfg: LlamaConfig, dtype: np.dtype) -> list[tuple[str, dict[str, tuple]]]:
-    """The checkpoint's safetensors files in write order: `(file name, {tensor name: (shape,
-    dtype)})`, the non-layer tensors first, then one file per layer."""
-    groups: dict[Any, dict[str, tuple]] = {}
-    for path, shape, target in names.out_order(cfg):
-        layer = path[1] if path[0] == "layers" else None
-        dt = np.dtype(np.uint32) if target is None else dtype
-        groups.setdefault(layer, {})[names.tensor_name(path)] = (shape, dt)
-    return [(f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors", specs)
-            for k, specs in enumerate(groups.values())]
+def _specs(cfg: LlamaConfig, dtype: np.dtype) -> dict[names.Path, tuple]:
+    """Every array the checkpoint holds, in write order: `{params path: (shape, dtype)}`."""
+    return {path: (shape, np.dtype(np.uint32) if target is None else dtype)
+            for path, shape, target in names.out_order(cfg)}
 
 
-def _write_params(folder: str, files: list[tuple[str, dict[str, tuple]]],
-                  leaves: Iterator[Leaf]) -> None:
-    """Writes every tensor of `leaves` once, into `folder`'s safetensors files and index."""
-    os.mkdir(folder)
-    weight_map = {}
-    with tqdm(total=sum(len(specs) for _, specs in files), unit="tensor", desc="converting",
-              disable=False) as bar:  # notebooks too
-        for file, specs in files:
-            with tensorfiles.Writer(os.path.join(folder, file), specs) as writer:
-                for name in specs:
-                    path, x = next(leaves)
-                    writer.write(names.tensor_name(path), x)
-                    weight_map[name] = file
-                    bar.update()
-    total = sum(tensorfiles.file_size(specs) for _, specs in files)
-    with open(os.path.join(folder, tensorfiles.INDEX_FILE), "x") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+def _write_params(folder: str, count: int, leaves: Iterator[Leaf]) -> None:
+    """Writes every array of `leaves` once, into the orbax checkpoint `folder`."""
+    with params.Writer(folder) as writer, tqdm(total=count, unit="tensor", desc="converting",
+                                               disable=False) as bar:  # notebooks too
+        for path, x in leaves:
+            writer.add(path, x)
+            bar.update()
+        writer.finish()
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
@@ -127,12 +110,12 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
         source_block = source_block.replace(calibration=None)
     alphas = _alpha(alpha, cfg.num_hidden_layers)
     source = os.path.abspath(folder) if os.path.isdir(os.fspath(src)) else os.fspath(src)
-    files = _files(cfg, np_dtype)
+    specs = _specs(cfg, np_dtype)
     copies = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))]
-    size = (sum(tensorfiles.file_size(specs) for _, specs in files)
+    size = (params.size_on_disk(specs)
             + sum(os.path.getsize(os.path.join(folder, f)) for f in copies))
     with checkpoint.atomic_directory(out, overwrite=overwrite, size=size) as tmp:
-        _write_params(os.path.join(tmp, checkpoint.PARAMS_DIR), files,
+        _write_params(os.path.join(tmp, checkpoint.PARAMS_DIR), len(specs),
                       leaves(reader, cfg, np_dtype))
         checkpoint.write_checkpoint_config(tmp, hf, checkpoint.new_block(
             alphas, dtype, source, base=source_block))

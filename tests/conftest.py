@@ -126,6 +126,28 @@ def make_hf_checkpoint(
     return folder
 
 
+class FailedSave:
+    """What orbax's partial save returns when tensorstore's write fails: `result()` raises."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def result(self):
+        raise self.error
+
+
+def failing_save(error: int | type[BaseException]):
+    """A stand-in for `orbax...partial.save_async` whose write fails: with an OS error number as
+    tensorstore reports it (in the message), or with an exception type (KeyboardInterrupt)."""
+    if isinstance(error, int):
+        error = ValueError(f"OUT_OF_RANGE: Error writing \"a/c/0/0\" in OCDBT database: Failed to "
+                           f"write 4096 bytes to file 9: {os.strerror(error)} "
+                           f"[os_error_code='{error}']")
+    else:
+        error = error()
+    return lambda *args, **kwargs: FailedSave(error)
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
     """A factory: `hf_checkpoint(name="a", **config_overrides) -> folder`."""
@@ -145,17 +167,18 @@ def compilation_count() -> int:
 
 
 def read_params(path: str) -> dict:
-    """Every array of a checkpoint's params/ on the host, as a nested dict in the model's
-    per-layer layout (`{"layers": {i: {...}}, ...}`)."""
-    from sparseinfer_jax.io import checkpoint
-    from sparseinfer_jax.io.tensorfiles import tensor_path
+    """Every array of a checkpoint's params/ on the host (numpy), as saved: a nested dict in the
+    model's per-layer layout (`{"layers": {i: {...}}, ...}`)."""
+    from sparseinfer_jax.errors import UserError
+    from sparseinfer_jax.io import checkpoint, params
 
-    reader = checkpoint.open_params(path)
+    found = params.restore(os.path.join(path, checkpoint.PARAMS_DIR), None,
+                           error=lambda reason: UserError(reason))
     tree: dict = {}
-    for name in reader.files:
-        *parents, leaf = tensor_path(name)
+    for p, x in found.items():
+        *parents, leaf = p
         node = tree
         for key in parents:
             node = node.setdefault(key, {})
-        node[leaf] = reader.read(name)
+        node[leaf] = x
     return tree

@@ -10,6 +10,7 @@ folder left).
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import re
@@ -22,13 +23,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import make_hf_checkpoint
+from conftest import failing_save, make_hf_checkpoint
 from safetensors.numpy import load_file, save_file
 
 from convert import convert
 from convert.cli import main as convert_main
 from sparseinfer_jax.errors import run_command
-from sparseinfer_jax.io import checkpoint, tensorfiles
+from sparseinfer_jax.io import checkpoint, params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,7 +153,7 @@ def corrupt_tokenizer_convert(work, src, ckpt):
 
 def corrupt_tokenizer_load(work, src, ckpt):
     open(f"{ckpt}/tokenizer.json", "a").write("}{")
-    tensorfiles.SafetensorsFolder.read = None  # any weight read would fail loudly
+    params.restore = None  # any weight read would fail loudly
     return "api", load_call(ckpt)
 
 
@@ -162,9 +163,7 @@ def too_little_space(work, src, ckpt):
 
 
 def disk_full_while_writing(work, src, ckpt):
-    def full(self, name, x):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    tensorfiles.Writer.write = full
+    params.ocp.partial.save_async = failing_save(errno.ENOSPC)
     return "convert", [src, ckpt, "--overwrite"]
 
 
@@ -181,9 +180,7 @@ def unwritable_output_folder(work, src, ckpt):
 
 
 def ctrl_c_while_writing(work, src, ckpt):
-    def interrupt(self, name, x):
-        raise KeyboardInterrupt
-    tensorfiles.Writer.write = interrupt
+    params.ocp.partial.save_async = failing_save(KeyboardInterrupt)
     return "convert", [src, ckpt, "--overwrite"]
 
 
@@ -194,13 +191,20 @@ def damaged(edit):
     return prepare
 
 
-def data_file(params: str) -> str:
-    return os.path.join(params, "model-00002-of-00003.safetensors")
+def data_files(folder: str) -> list[str]:
+    """The files holding the arrays' bytes in an orbax checkpoint (OCDBT data files)."""
+    return sorted(glob.glob(os.path.join(folder, "state", "ocdbt.process_*", "d", "*")))
+
+
+def biggest_data_file(folder: str) -> str:
+    return max(data_files(folder), key=os.path.getsize)
 
 
 def truncate(path: str) -> None:
+    """Cuts the file in half: into array data (its tail may hold index nodes orbax no longer
+    reads once the checkpoint is committed)."""
     with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) - 64)
+        f.truncate(os.path.getsize(path) // 2)
 
 
 def format_version(version):
@@ -219,7 +223,7 @@ def checkpoint_field(key, value):
     return prepare
 
 
-DAMAGED = "the checkpoint .* is damaged: convert the model again"
+DAMAGED = "the checkpoint .* is damaged( \\(.*\\))?: convert the model again"
 CASES = {
     # 11.1: --overwrite replaces only a checkpoint this tool wrote.
     "overwrite other folder": (out_is_folder_of_other_files,
@@ -272,17 +276,22 @@ CASES = {
     "inf weight": (weight_value("model.embed_tokens.weight", -np.inf),
                    r"tensor 'model\.embed_tokens\.weight' has 1 NaN or infinite", 2),
     # 11.5: a damaged checkpoint says which and to re-convert it.
-    "data file deleted": (damaged(lambda p: os.remove(data_file(p))), DAMAGED, 2),
-    "data file truncated": (damaged(lambda p: truncate(data_file(p))), DAMAGED, 2),
-    "index deleted": (damaged(lambda p: os.remove(f"{p}/{tensorfiles.INDEX_FILE}")), DAMAGED, 2),
-    "params empty": (damaged(lambda p: [os.remove(f"{p}/{f}") for f in os.listdir(p)]),
+    "data file deleted": (damaged(lambda p: os.remove(biggest_data_file(p))), DAMAGED, 2),
+    "data file truncated": (damaged(lambda p: truncate(biggest_data_file(p))), DAMAGED, 2),
+    "data files deleted": (damaged(lambda p: [os.remove(f) for f in data_files(p)]), DAMAGED, 2),
+    "manifest deleted": (damaged(lambda p: os.remove(f"{p}/state/manifest.ocdbt")), DAMAGED, 2),
+    "tree metadata deleted": (damaged(lambda p: os.remove(f"{p}/state/_METADATA")), DAMAGED, 2),
+    "params empty": (damaged(lambda p: [shutil.rmtree(f"{p}/{f}") if os.path.isdir(f"{p}/{f}")
+                                        else os.remove(f"{p}/{f}") for f in os.listdir(p)]),
                      DAMAGED, 2),
-    "params deleted": (damaged(shutil.rmtree), r"has no model\.safetensors\.index\.json; the "
-                       "checkpoint .* is damaged", 2),
+    "params deleted": (damaged(shutil.rmtree), r"has no params/ folder; the checkpoint .* is "
+                       "damaged", 2),
     "unknown format_version": (format_version(99), "unknown checkpoint format_version 99", 2),
     "format 1": (format_version(1), "is a checkpoint of format 1 .* convert the model again", 2),
     "format 2": (format_version(2), r"is a checkpoint of format 2 \(attention weights stored as "
                  r"\(in, out\).* convert the model again", 2),
+    "format 3": (format_version(3), r"is a checkpoint of format 3 \(per-layer safetensors files,"
+                 r".* convert the model again", 2),
     "checkpoint alpha string": (checkpoint_field("alpha", "x"),
                                 "'sparseinfer.alpha' must be a number", 2),
     "checkpoint predictor unknown": (checkpoint_field("predictor", "magic"),
@@ -303,8 +312,8 @@ def test_bad_input(case, hf, ckpt, tmp_path, monkeypatch, capsys):
     shutil.copytree(ckpt, ck)
     monkeypatch.chdir(tmp_path)
     # Whatever `prepare` patches (os.mkdir, Writer.write, ...) is undone after the test.
-    for owner, name in ((os, "mkdir"), (shutil, "disk_usage"), (tensorfiles.Writer, "write"),
-                        (tensorfiles.SafetensorsFolder, "read")):
+    for owner, name in ((os, "mkdir"), (shutil, "disk_usage"), (params.ocp.partial, "save_async"),
+                        (params, "restore")):
         monkeypatch.setattr(owner, name, getattr(owner, name))
     command, args = prepare(work, src, ck)
     before = {d: snapshot(d) for d in (work, src, ck)}
@@ -343,12 +352,13 @@ def test_ctrl_c_in_a_real_process(hf, tmp_path):
     """SIGINT while the converter writes: one line, exit 130, no temporary folder, no output."""
     script = textwrap.dedent(f"""
         import sys, time
-        from sparseinfer_jax.io import tensorfiles
-        write = tensorfiles.Writer.write
-        def slow(self, name, x):
+        from sparseinfer_jax.io import params
+        params.GROUP_BYTES = 1  # each array its own save: one is written while the next comes
+        add = params.Writer.add
+        def slow(self, path, x):
             time.sleep(0.2)
-            write(self, name, x)
-        tensorfiles.Writer.write = slow
+            add(self, path, x)
+        params.Writer.add = slow
         sys.argv[1:] = [{hf!r}, {str(tmp_path / "out")!r}]
         from sparseinfer_jax.cli.console import sparseinfer_convert
         sparseinfer_convert()

@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import make_hf_checkpoint, read_params
+from conftest import failing_save, make_hf_checkpoint, read_params
 from safetensors.numpy import load_file, save_file
 
 from convert import convert, convert_in_memory
 from convert.cli import main
 from pallas_kernels.pack import pack_sign_bits_numpy
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.io import checkpoint, tensorfiles
+from sparseinfer_jax.io import checkpoint, params
 
 LAYERS = 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -97,7 +97,7 @@ def test_round_trip_sharded_float32(sharded, tmp_path):
     hf, block = checkpoint.read_checkpoint_config(out)
     with open(os.path.join(sharded, "config.json")) as f:
         assert hf == json.load(f)
-    assert block.to_json() == {"format_version": 3, "alpha": [1.0] * LAYERS, "dtype": "float32",
+    assert block.to_json() == {"format_version": 4, "alpha": [1.0] * LAYERS, "dtype": "float32",
                                "source": sharded, "predictor": "sign"}
     for name in TOKENIZER_FILES:
         with open(os.path.join(sharded, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
@@ -281,10 +281,10 @@ def test_checkpoint_helpers(tmp_path):
     assert checkpoint.is_checkpoint(tmp_path) and checkpoint.looks_converted(tmp_path)
     assert checkpoint.read_checkpoint_config(tmp_path) == ({"model_type": "llama"}, block)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "params"]
-    for version in (1, 2, 4):
+    for version in (1, 2, 3, 5):
         checkpoint.write_checkpoint_config(tmp_path, {}, block.replace(format_version=version))
         assert checkpoint.looks_converted(tmp_path) and not checkpoint.is_checkpoint(tmp_path)
-        with pytest.raises(UserError, match="format [12] |unknown checkpoint format_version 4"):
+        with pytest.raises(UserError, match="format [123] |unknown checkpoint format_version 5"):
             checkpoint.read_checkpoint_config(tmp_path)
 
 
@@ -391,10 +391,7 @@ def test_failure_keeps_existing_checkpoint(tied, tmp_path, monkeypatch):
     before = {p: open(p, "rb").read() for p in glob.glob(f"{out}/**", recursive=True)
               if os.path.isfile(p)}
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(tensorfiles.Writer, "write", full)
+    monkeypatch.setattr(params.ocp.partial, "save_async", failing_save(errno.ENOSPC))
     with pytest.raises(UserError, match=r"failed \(the disk is full\); nothing was written"):
         convert(tied, out, overwrite=True)
     assert {p: open(p, "rb").read() for p in glob.glob(f"{out}/**", recursive=True)

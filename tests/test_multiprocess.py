@@ -8,6 +8,9 @@ reference. Each runs the same `sparseinfer generate` command on the shipped mode
 the Python API with dense and sparse decoding (the job's over `data=1,model=4`: every layer's
 neurons split over both processes, a gloo psum per layer), and `sparseinfer eval --distributed`
 over that mesh, and prints the API's tokens and eval's output as JSON.
+A second test loads a converted checkpoint the same way (2 processes x 2 devices, `model=4`) and
+counts the bytes each process reads from disk (/proc/self/io rchar, every read() and pread()):
+orbax restores only the chunks of a process's own slices, so each reads about half.
 float32 weights: the split sums differ from one device only in summation order, far below what
 could change a greedy token. All children compile with JAX_DISABLE_MOST_OPTIMIZATIONS, so they
 compare like with like (compiling is most of their time).
@@ -23,7 +26,9 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from conftest import make_hf_checkpoint
 
 PROMPTS = ("Once upon a time", "The capital of France is")
 NEW_TOKENS = 8
@@ -64,13 +69,47 @@ def _child(role: str) -> None:
     print(MARK + json.dumps(found), flush=True)
 
 
+# Wide enough that every 2-D array is stored in several chunks (io/params.py: at least 1 MiB each).
+READ_MODEL = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=4096, tie_word_embeddings=True)
+
+
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        return int(dict(line.split(": ") for line in f.read().splitlines())["rchar"])
+
+
+def _read_child(role: str, ckpt: str) -> None:
+    """Loads `ckpt` (alone on one device, or in the job over `model=4`) and prints the bytes it
+    read and two sums of its logits."""
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    import jax.numpy as jnp
+
+    from sparseinfer_jax import load
+    from sparseinfer_jax.io import checkpoint  # noqa: F401  (orbax too: imported before counting)
+    from sparseinfer_jax.model.sharding import make_mesh
+    from sparseinfer_jax.runtime.distributed import initialize_distributed
+
+    job = role == "read-job"
+    if job:
+        initialize_distributed(60)
+    before = _rchar()
+    model, _ = load(ckpt, mesh=make_mesh(1, 4) if job else None)
+    read = _rchar() - before
+    logits = model(jnp.arange(3, 19)[None])
+    sums = [float(jnp.sum(logits)), float(jnp.sum(logits * logits))]
+    print(MARK + json.dumps({"read": read, "sums": sums}), flush=True)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _start(role: str, **env: str) -> subprocess.Popen:
+def _start(role: str, *args: str, **env: str) -> subprocess.Popen:
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
@@ -80,7 +119,7 @@ def _start(role: str, **env: str) -> subprocess.Popen:
         **env,
     )
     return subprocess.Popen(
-        [sys.executable, __file__, role], env=env, stdout=subprocess.PIPE,
+        [sys.executable, __file__, role, *args], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )
 
@@ -96,13 +135,15 @@ def _perplexity(printed: str) -> float:
     return float(printed.split("[dense] perplexity ")[1].split()[0])
 
 
-def test_two_processes_give_the_single_process_tokens():
+def _run(role: str, *args: str) -> dict[str, tuple[dict, str]]:
+    """Runs `role` alone and as a job of 2 processes, in parallel; their JSON and stderr."""
     coordinator = f"127.0.0.1:{_free_port()}"
     children = {
-        "alone": _start("alone"),
+        "alone": _start(role, *args),
         **{
             f"process {i}": _start(
-                "job",
+                role + "-job" if args else "job",
+                *args,
                 JAX_COORDINATOR_ADDRESS=coordinator,
                 JAX_NUM_PROCESSES="2",
                 JAX_PROCESS_ID=str(i),
@@ -120,6 +161,11 @@ def test_two_processes_give_the_single_process_tokens():
         for child in children.values():
             if child.poll() is None:
                 child.kill()
+    return found
+
+
+def test_two_processes_give_the_single_process_tokens():
+    found = _run("alone")
     alone, first, other = (found[k][0] for k in ("alone", "process 0", "process 1"))
     alone_text = alone["generate"].splitlines()
     assert len(alone_text) == len(PROMPTS) and alone_text[0].startswith(PROMPTS[0])
@@ -135,5 +181,25 @@ def test_two_processes_give_the_single_process_tokens():
         assert other["tokens"][mode] == alone["tokens"][mode], mode
 
 
+def test_each_process_reads_only_its_share_of_a_checkpoint(tmp_path):
+    from convert import convert
+    from sparseinfer_jax.io import checkpoint, params
+
+    hf = make_hf_checkpoint(str(tmp_path / "hf"), **READ_MODEL)
+    ckpt = convert(hf, tmp_path / "ckpt", dtype="float32")
+    stored = params.stored(os.path.join(ckpt, checkpoint.PARAMS_DIR), error=AssertionError)
+    weights = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in stored.values())
+    found = {name: got for name, (got, _) in _run("read", ckpt).items()}
+    alone = found.pop("alone")
+    assert weights <= alone["read"] <= 1.05 * weights  # rchar sees orbax's reads: all of them
+    for name, got in found.items():
+        # Each process holds half of every split array (and all of the replicated norms).
+        assert 0.45 * weights <= got["read"] <= 0.6 * weights, (name, got["read"] / weights)
+        assert got["sums"] == pytest.approx(alone["sums"], rel=1e-4), name
+
+
 if __name__ == "__main__":
-    _child(sys.argv[1])
+    if sys.argv[1].startswith("read"):
+        _read_child(*sys.argv[1:])
+    else:
+        _child(sys.argv[1])

@@ -1,9 +1,11 @@
 """`load`: a converted checkpoint, or an HF folder converted on the fly -> (model, tokenizer).
 
-Arrays are streamed: each one is read from its file (or converted from the HF tensor), cast if
-the requested dtype differs, and put on its device(s) before the next is read, so the host holds
-at most one array beyond what the devices hold. On the CPU the "device" is host memory: loading
-needs the model's bytes plus about one array (benchmarks/scale.py measures it).
+A checkpoint's arrays are restored by orbax straight into their shardings (io/params.py): each
+process reads only the chunks of its own devices' slices, cast to the requested dtype, with a
+bounded amount in flight. An HF folder's arrays are streamed: each one is converted from its HF
+tensor and put on its device(s) before the next is read. Either way the host holds little beyond
+what the devices hold; on the CPU the "device" is host memory, so loading needs the model's bytes
+plus a few hundred MB (benchmarks/scale.py measures it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from jax.sharding import Mesh
 
 from pallas_kernels.pack import pack_sign_bits_numpy
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.io.tensorfiles import tensor_path
+from sparseinfer_jax.io import names
 from sparseinfer_jax.io.tokenizer import Tokenizer, load_tokenizer
 from sparseinfer_jax.model import dtypes, sharding
 from sparseinfer_jax.model.config import (
@@ -55,7 +57,9 @@ def _flat(tree: dict[Any, Any], prefix: Path = ()) -> dict[Path, Any]:
 
 def _put(x: Any, target: jax.sharding.Sharding | None) -> jax.Array:
     """One array onto its device(s): each device gets only its slice (its own process's devices
-    only, so this works over several processes too)."""
+    only, so this works over several processes too). An array already placed there is kept."""
+    if isinstance(x, jax.Array) and (target is None or x.sharding == target):
+        return x
     if target is None:
         return jax.device_put(x)
     return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
@@ -161,6 +165,26 @@ def model_from_params(
                     mode=mode, backend=backend, mesh=mesh)
 
 
+def _restore(path: str, cfg: LlamaConfig, block, dtype, mesh: Mesh | None
+             ) -> dict[Path, jax.Array]:
+    """The arrays of checkpoint `path` (its `SparseInferBlock` is `block`), each restored onto its
+    sharding on `mesh` (else on the default device), floats as `dtype`."""
+    from sparseinfer_jax.io import checkpoint
+
+    if mesh is not None:
+        sharding.check_config(cfg, mesh)
+        targets = _flat(sharding.model_shardings(cfg, mesh))
+    else:
+        targets = {}
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = {
+        p: jax.ShapeDtypeStruct(shape, np.uint32 if target is None else dtype,
+                                sharding=targets.get(p, device))
+        for p, shape, target in names.out_order(cfg)
+    }
+    return checkpoint.restore_params(path, abstract, dtype=block.dtype)
+
+
 def _auto(mesh: str, cfg: LlamaConfig, dtype) -> Mesh | None:
     if mesh != "auto":
         raise UserError(f"mesh must be a jax Mesh, None or 'auto', got '{mesh}'.")
@@ -195,8 +219,8 @@ def load(
         "calibration" marker) calibrates in memory first, with a warning
         (`calibration.calibrate_in_memory`).
       mesh: a `(data, model)` device mesh (`sharding.make_mesh`) to shard the model over; each
-        array is read (an HF folder's converted) on the host, one at a time, and each device is
-        sent its slice.
+        device receives only its slice (a checkpoint's read from disk by orbax, an HF folder's
+        converted on the host one array at a time).
         None: one device. "auto" (default): one device when the model fits it, else every
         local device on `model` (`sharding.auto_mesh`).
     Returns:
@@ -209,13 +233,13 @@ def load(
     if checkpoint.claims_converted(path):
         hf, block = checkpoint.read_checkpoint_config(path)
         cfg = config_from_hf_dict(hf)
+        check_mode(cfg, mode, backend)
         tokenizer = load_tokenizer(path)  # a broken tokenizer fails before the weights load
-        reader = checkpoint.open_params(path)
-        leaves = (
-            (tensor_path(name), reader.read(name)) for name in reader.files
-        )
         alpha = block.alpha if alpha is None else alpha
         dtype = _dtype(dtype) or dtypes.DTYPES[block.dtype]
+        if isinstance(mesh, str):
+            mesh = _auto(mesh, cfg, dtype)
+        leaves = _restore(path, cfg, block, dtype, mesh).items()
         source = f"the checkpoint {path}"
         remedy = "convert the model again with sparseinfer-convert"
     else:

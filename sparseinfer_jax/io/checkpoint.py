@@ -1,21 +1,20 @@
-"""Checkpoint folder I/O: config.json with a `sparseinfer` block, params/ (safetensors), atomic
-writes.
+"""Checkpoint folder I/O: config.json with a `sparseinfer` block, params/ (an orbax checkpoint),
+atomic writes.
 
-Layout of a checkpoint directory (written by `convert`, read by `load`), format_version 3:
+Layout of a checkpoint directory (written by `convert`, read by `load`), format_version 4:
   config.json   the Hugging Face config fields plus
-                "sparseinfer": {"format_version": 3, "alpha": [float per layer],
+                "sparseinfer": {"format_version": 4, "alpha": [float per layer],
                                 "dtype": "bfloat16" | "float32", "source": str,
                                 "predictor": "sign" | "signmag", "calibration": str}
                 (`SparseInferBlock`, read and written only here)
-  params/       model.safetensors.index.json and model-NNNNN-of-NNNNN.safetensors files: the
-                non-layer tensors in the first, then one file per decoder layer. Tensor names are
-                the model's params paths joined with dots (`layers.3.mlp.gate`, see
-                io/names.py), one array per layer as the model holds them, so `load` reads
-                each array straight into its place and nothing is ever stacked or split.
+  params/       an orbax checkpoint (io/params.py) of the model's params tree, one array per
+                layer exactly as the model holds them (`layers/3/mlp/gate`, see io/names.py), so
+                `load` restores each array straight into its place and sharding; plain orbax
+                reads it too.
   tokenizer files copied from the source.
 Older formats are refused with a request to re-convert: format 1 was an orbax PyTree of `[L, ...]`
-stacked arrays, format 2 held the attention and LM head weights as `(in, out)` `kernel`s (format 3
-keeps HF's `(out, in)` `weight`s, see `model.Linear`).
+stacked arrays, format 2 held the attention and LM head weights as `(in, out)` `kernel`s, format 3
+was per-layer safetensors files.
 """
 
 from __future__ import annotations
@@ -31,15 +30,19 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
+import jax.numpy as jnp
+
 from sparseinfer_jax.errors import UserError, check_writable_folder, size_text
+from sparseinfer_jax.io import params
 from sparseinfer_jax.io.jsonfile import read_json_object
-from sparseinfer_jax.io.tensorfiles import INDEX_FILE, SafetensorsFolder
+from sparseinfer_jax.io.params import Path
 from sparseinfer_jax.model.config import PREDICTORS
 from sparseinfer_jax.model.dtypes import STORED
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # What each older format was, for the message that asks to re-convert.
-OLD_FORMATS = {1: "stacked layers", 2: "attention weights stored as (in, out)"}
+OLD_FORMATS = {1: "stacked layers", 2: "attention weights stored as (in, out)",
+               3: "per-layer safetensors files"}
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 BLOCK_KEY = "sparseinfer"
@@ -47,17 +50,49 @@ BLOCK_KEY = "sparseinfer"
 SPACE_MARGIN = 16 * 2**20
 
 
-def _damaged(path: str | os.PathLike) -> str:
-    return (f"the checkpoint {os.fspath(path)} is damaged: convert the model again with "
+def _damaged(path: str | os.PathLike, reason: str | None = None) -> str:
+    why = "" if reason is None else f" ({reason})"
+    return (f"the checkpoint {os.fspath(path)} is damaged{why}: convert the model again with "
             "sparseinfer-convert")
 
 
-def open_params(path: str | os.PathLike) -> SafetensorsFolder:
-    """The tensors of `path/params/`, every file's header checked (no data read yet)."""
-    params = os.path.join(path, PARAMS_DIR)
-    if not os.path.isfile(os.path.join(params, INDEX_FILE)):
-        raise UserError(f"{params} has no {INDEX_FILE}; {_damaged(path)}.")
-    return SafetensorsFolder(params, remedy=_damaged(path), codes=("BF16", "F32", "U32"))
+def _params_folder(path: str | os.PathLike) -> str:
+    folder = os.path.join(path, PARAMS_DIR)
+    if not os.path.isdir(folder):
+        raise UserError(f"{path} has no {PARAMS_DIR}/ folder; {_damaged(path)}.")
+    return folder
+
+
+def restore_params(path: str | os.PathLike, abstract: dict[Path, Any], *, dtype: str
+                   ) -> dict[Path, Any]:
+    """The arrays of `path/params/` restored into `abstract` (`{params path:
+    jax.ShapeDtypeStruct}` with shardings: see `params.restore`).
+
+    The stored tree is checked against `abstract` first, from orbax's metadata: the same paths
+    and shapes, floats stored as `dtype` (the block's) and the rest as uint32.
+    """
+    folder = _params_folder(path)
+
+    def damaged(reason: str) -> UserError:
+        return UserError(f"{_damaged(path, reason)}.")
+
+    stored = params.stored(folder, error=damaged)
+    for p, (shape, stored_dtype) in stored.items():
+        name = ".".join(str(k) for k in p)
+        want = abstract.get(p)
+        if want is None or tuple(want.shape) != shape:
+            what = "an unexpected tensor" if want is None else f"tensor of shape {list(shape)}"
+            raise UserError(f"the checkpoint {path} has {what} '{name}' that its config.json "
+                            "does not imply; convert the model again with sparseinfer-convert.")
+        floating = jnp.issubdtype(want.dtype, jnp.floating)
+        if stored_dtype.name != (dtype if floating else "uint32"):
+            raise damaged(f"tensor '{name}' is stored as {stored_dtype}")
+    missing = [p for p in abstract if p not in stored]
+    if missing:
+        name = ".".join(str(k) for k in missing[0])
+        raise UserError(f"the checkpoint {path} has no tensor '{name}'; convert the model again "
+                        "with sparseinfer-convert.")
+    return params.restore(folder, abstract, error=damaged)
 
 
 @dataclasses.dataclass(frozen=True)

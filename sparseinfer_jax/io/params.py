@@ -1,0 +1,237 @@
+"""A checkpoint's `params/` folder: one orbax checkpoint, written a group of arrays at a time and
+restored straight into each array's sharding.
+
+The tree is the model's own per-layer layout with string keys (orbax's), one array per layer:
+`{"embed_tokens": {"embedding": [V, D]}, "layers": {"0": {"mlp": {"gate": [F, D], ...}}}, ...}`
+(paths and shapes in io/names.py).
+
+Writing streams. `Writer.add` collects converted arrays; every `GROUP_BYTES` it hands the group to
+orbax's partial save (`orbax.checkpoint.experimental.v1.partial.save_async`), which writes it
+into a staging folder beside `params/` while the caller converts the next group, and `finish`
+commits every group with `partial.finalize`, which renames and merges indexes: each array's bytes
+are written once and never re-read. Arrays are stored uncompressed (random-looking weights gain
+little from zstd, which would cost CPU on every load), and a 2-D array in up to `CHUNKS` chunks
+(zarr3 chunks inside one OCDBT value), so a process restoring only some rows or columns reads
+only the chunks that hold them.
+
+Reading gives orbax an abstract tree of `jax.ShapeDtypeStruct`s with the shardings the model
+needs; orbax reads, for each device of this process, only the chunks of its slice, at most
+`READ_BYTES` in flight, and places it on the device.
+
+Orbax reports its failures through absl.logging, with a traceback, before raising them; this
+module turns every failure into one `UserError` line, so absl's verbosity is held at FATAL while
+orbax runs (`_orbax_quiet`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
+from absl import logging as absl_logging
+
+from sparseinfer_jax.errors import UserError
+
+Path = tuple  # a params path: ("layers", 3, "mlp", "gate")
+
+# Arrays handed to one partial save. A partial save holds about twice its group in memory while
+# it writes (chunk copies, then the encoded value), so this bounds the converter's memory.
+GROUP_BYTES = 256 * 2**20
+# Chunks per 2-D array: a shard of an axis split 2, 4, 8 or 16 ways covers whole chunks.
+CHUNKS = 16
+# Orbax's smallest recommended chunk (it warns below 1 MiB); smaller arrays stay one chunk.
+MIN_CHUNK_BYTES = 2**20
+# Bytes being read at once while restoring (orbax's default is unbounded: 2x the model on the CPU).
+READ_BYTES = 256 * 2**20
+# Space orbax writes per array beyond its data (zarr metadata, chunk index, tree metadata);
+# measured about 2 KB, counted generously for the free-space check.
+ARRAY_OVERHEAD_BYTES = 16 * 2**10
+# tensorstore's errors end with the OS error of a failed write: "... [os_error_code='28']".
+OS_ERROR = re.compile(r"os_error_code='?(\d+)")
+
+
+def orbax_key(path: Path) -> tuple[str, ...]:
+    """A params path as orbax's tree keys: `("layers", 3, "mlp", "gate")` -> all strings."""
+    return tuple(str(k) for k in path)
+
+
+def params_path(keys: tuple[str, ...]) -> Path:
+    """The inverse of `orbax_key`: layer indices back to ints."""
+    return tuple(int(k) if k.isdigit() else k for k in keys)
+
+
+def nest(flat: dict[Path, Any]) -> dict[str, Any]:
+    """`{params path: leaf}` -> orbax's nested dict with string keys."""
+    tree: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        *parents, last = orbax_key(path)
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return tree
+
+
+def flatten(tree: dict[str, Any]) -> dict[Path, Any]:
+    """The inverse of `nest`."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: not isinstance(x, dict))
+    return {params_path(tuple(k.key for k in keypath)): leaf for keypath, leaf in leaves}
+
+
+@contextlib.contextmanager
+def _orbax_quiet() -> Iterator[None]:
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.FATAL)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
+def _chunking(keypath, value) -> Any:
+    """Orbax storage options of one leaf: 2-D arrays in up to `CHUNKS` chunks."""
+    if np.ndim(value) != 2 or value.nbytes < 2 * MIN_CHUNK_BYTES:
+        return None
+    return ocp.options.ArrayOptions.Saving.StorageOptions(
+        chunk_byte_size=max(value.nbytes // CHUNKS, MIN_CHUNK_BYTES))
+
+
+def size_on_disk(specs: dict[Path, tuple[tuple[int, ...], np.dtype]]) -> int:
+    """Bytes of a params folder holding arrays of these `{path: (shape, dtype)}`, at most."""
+    data = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in specs.values())
+    return data + ARRAY_OVERHEAD_BYTES * len(specs)
+
+
+def _write_error(folder: str, e: Exception) -> Exception:
+    """An orbax write failure as the OSError it was (tensorstore reports it in the message)."""
+    found = OS_ERROR.search(str(e))
+    if found is None:
+        return e
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), folder)
+
+
+class Writer:
+    """Writes the arrays given to `add` into the orbax checkpoint `folder` (which must not exist).
+
+    At most one group is being written while the next is collected. `finish` writes the rest
+    and commits the checkpoint; until then `folder` does not exist (the groups are staged beside
+    it, in `folder + ".partial_save"`). A failed write raises OSError when the OS refused it
+    (a full disk: ENOSPC). On any exception (Ctrl-C included) the writer first waits for the
+    group in flight, so that nothing writes into the staging folder after the caller removes it.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = os.path.abspath(folder)
+        self._group: dict[Path, np.ndarray] = {}
+        self._bytes = 0
+        self._in_flight = None
+        self._context = ocp.Context()
+        self._context.array.saving.use_compression = False
+        self._context.array.saving.scoped_storage_options_creator = _chunking
+        self._context.memory.deepcopy_host_arrays = False  # the arrays are not changed meanwhile
+
+    def add(self, path: Path, x: np.ndarray) -> None:
+        """Queues array `x` for `path`, after handing the group to orbax if `x` would take it
+        past `GROUP_BYTES` (so a group is one array or at most `GROUP_BYTES`)."""
+        if self._group and self._bytes + x.nbytes > GROUP_BYTES:
+            self._save_group()
+        self._group[path] = x
+        self._bytes += x.nbytes
+
+    def _wait(self) -> None:
+        response, self._in_flight = self._in_flight, None
+        if response is None:
+            return
+        try:
+            with _orbax_quiet():
+                response.result()
+        except KeyboardInterrupt:
+            self._settle(response)
+            raise
+        except (ValueError, OSError) as e:
+            raise _write_error(self.folder, e) from None
+
+    @staticmethod
+    def _settle(response) -> None:
+        """Waits for an interrupted save to end, whatever its outcome."""
+        with contextlib.suppress(Exception), _orbax_quiet():
+            response.result()
+
+    def _save_group(self) -> None:
+        self._wait()
+        group, self._group, self._bytes = self._group, {}, 0
+        with self._context, _orbax_quiet():
+            self._in_flight = ocp.partial.save_async(self.folder, nest(group))
+
+    def finish(self) -> None:
+        """Writes what is queued, waits for every write and commits the checkpoint."""
+        if self._group:
+            self._save_group()
+        self._wait()
+        try:
+            with self._context, _orbax_quiet():
+                ocp.partial.finalize(self.folder)
+        except (ValueError, OSError) as e:
+            raise _write_error(self.folder, e) from None
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if self._in_flight is not None:
+            response, self._in_flight = self._in_flight, None
+            self._settle(response)
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of the error at the root of an orbax failure (orbax wraps tensorstore's),
+    short enough for a one-line message."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def stored(folder: str, *, error: Callable[[str], UserError]
+           ) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
+    """`{params path: (shape, dtype)}` of every array in the orbax checkpoint `folder`, from its
+    metadata (no data read). A failure raises `error(reason)`."""
+    folder = os.path.abspath(folder)
+    try:
+        with _orbax_quiet():
+            tree = ocp.metadata(folder).metadata
+    except Exception as e:  # orbax raises what its layers raise: ValueError, OSError, KeyError...
+        raise error(_reason(e)) from None
+    if not isinstance(tree, dict):
+        raise error("no array metadata")
+    found = flatten(tree)
+    unreadable = [path for path, m in found.items() if getattr(m, "shape", None) is None]
+    if unreadable:  # orbax's tree metadata lists it, but its array metadata is gone
+        raise error(f"no array metadata for '{'.'.join(orbax_key(unreadable[0]))}'")
+    return {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in found.items()}
+
+
+def restore(folder: str, abstract: dict[Path, Any] | None, *,
+            error: Callable[[str], UserError]) -> dict[Path, Any]:
+    """Reads the arrays of `abstract` (`{params path: jax.ShapeDtypeStruct}` with shardings) from
+    the orbax checkpoint `folder`, each straight into its sharding and cast to its dtype; with
+    `abstract` None, every array as saved, in host memory (numpy). A failure raises
+    `error(reason)`."""
+    folder = os.path.abspath(folder)
+    context = ocp.Context()
+    context.memory.read_concurrent_bytes = READ_BYTES
+    try:
+        with context, _orbax_quiet():
+            tree = ocp.load(folder, None if abstract is None else nest(abstract))
+    except Exception as e:  # as in `stored`
+        raise error(_reason(e)) from None
+    return flatten(tree)
+
