@@ -92,7 +92,7 @@ def restore_params(path: str | os.PathLike, abstract: dict[Path, Any], *, dtype:
         name = ".".join(str(k) for k in missing[0])
         raise UserError(f"the checkpoint {path} has no tensor '{name}'; convert the model again "
                         "with sparseinfer-convert.")
-    return params.restore(folder, abstract, error=damaged)
+    return params.restore(folder, abstract, error=damaged, found=stored)
 
 
 @dataclasses.dataclass(frozen=True)
