@@ -5,16 +5,17 @@ Stage 2 (`tpu_up_down`): sum over fired k < n of a[:, k] * (up[rows[k]] . x) * d
 Between them the caller finds the fired candidates and compacts them (`tpu_layer.py`).
 
 How a kernel reads rows. The ids and the count are scalar-prefetched into SMEM; the weights stay
-in HBM (`memory_space=pl.ANY`). One program walks the live ids in blocks of `block` neurons with
-a loop whose trip count is ceil(count / block), so the work follows the count and no capacity
-can drop a neuron. Each neuron's row is its own async copy (DMA) from HBM into a VMEM buffer;
-blocks of 8 or 16 neighbouring rows would read the inactive neighbours too. Two buffers: while
-block j is computed, block j + 1's copies are in flight. Rows past the count are never copied.
-Products go to the MXU (`[B, D] x [block, D]^T`), sums are float32 in VMEM.
+in HBM (pinned there, so XLA does not copy them into VMEM first). One program walks the live ids
+in blocks of `block` neurons with a loop whose trip count is ceil(count / block), so the work
+follows the count and no capacity can drop a neuron. Each neuron's row is its own async copy
+(DMA) from HBM into a VMEM buffer; blocks of 8 or 16 neighbouring rows would read the inactive
+neighbours too. Two buffers: while block j is computed, block j + 1's copies are in flight. Rows
+past the count are never copied. Products go to the MXU (`[B, D] x [block, D]^T`), sums are
+float32 in VMEM.
 
-Row layout (`tpu_rows`). A DMA moves whole 32-bit words, and XLA stores a 16-bit `[F, D]` array
-in HBM with two neighbouring ROWS packed in each word (tiles `(8, 128)(2, 1)`), so one bf16 neuron
-row cannot be copied alone: Mosaic refuses the slice. The kernels therefore take bfloat16 weights
+Row layout (`tpu_rows`). XLA stores a 16-bit `[F, D]` array in HBM with two neighbouring ROWS
+packed in each 32-bit word (tiles `(8, 128)(2, 1)`), and Mosaic refuses to copy one row of such
+a pair: a bf16 neuron row cannot be fetched alone. The kernels therefore take bfloat16 weights
 as `[F, ceil(D/2)]` uint32, each word holding two neighbouring COLUMNS of the same row (low half
 the even column): made once per weight, where the model keeps it. In VMEM the halves become two
 float32 arrays by a shift and a mask (a bf16 value is the top half of its float32), so x is
@@ -81,9 +82,10 @@ def _dot(a, b, contract: int):
     """`a: [M, K]` times `b` (`[N, K]` with contract=1, `[K, N]` with 0) -> `[M, N]` float32.
 
     float32 operands ask for full float32 products (Mosaic's default is fewer bf16 passes);
-    bf16 products are exact on the MXU already, and Mosaic refuses the flag for them.
+    bf16 products are exact on the MXU already, and Mosaic refuses the flag for them: DEFAULT is
+    explicit so that JAX_DEFAULT_MATMUL_PRECISION=highest does not ask for it anyway.
     """
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
     return lax.dot_general(a, b, (((1,), (contract,)), ((), ())), precision=precision,
                            preferred_element_type=jnp.float32)
 
@@ -194,6 +196,13 @@ def up_down_kernel(rows_ref, n_ref, x_ref, a_ref, up_hbm, down_hbm, o_ref, ubuf,
     lax.fori_loop(0, blocks, body, 0)
 
 
+def _in_hbm(w: jnp.ndarray) -> jnp.ndarray:
+    """`w` pinned to HBM for a kernel: left free, XLA may copy a whole weight into VMEM before
+    the kernel when it fits (a 7b layer's 86 MiB did, in a one-layer program), reading all of it
+    to gather a tenth."""
+    return pltpu.with_memory_space_constraint(w, pltpu.HBM)
+
+
 def _blocks(f: int, block: int) -> int:
     return pl.cdiv(f, block)
 
@@ -217,7 +226,7 @@ def tpu_gate(x, gate, idx, count, *, activation: str = "relu", threshold: float 
         num_scalar_prefetch=2,
         grid=(1,),
         in_specs=[pl.BlockSpec(xp.shape, lambda i, *_: (0, 0, 0)),
-                  pl.BlockSpec(memory_space=pl.ANY)],
+                  pl.BlockSpec(memory_space=pltpu.HBM)],
         out_specs=pl.BlockSpec((nb, b, block), lambda i, *_: (0, 0, 0)),
         scratch_shapes=[pltpu.VMEM((2, block, gate.shape[1]), gate.dtype),
                         pltpu.SemaphoreType.DMA((2,))],
@@ -230,7 +239,7 @@ def tpu_gate(x, gate, idx, count, *, activation: str = "relu", threshold: float 
         out_shape=jax.ShapeDtypeStruct((nb, b, block), jnp.float32),
         interpret=interpret_mode(interpret),
         name="tpu_gate",
-    )(idx, jnp.reshape(count, (1,)), xp, gate)
+    )(idx, jnp.reshape(count, (1,)), xp, _in_hbm(gate))
     return jnp.transpose(a, (1, 0, 2)).reshape(b, nb * block)[:, :f]
 
 
@@ -257,8 +266,8 @@ def tpu_up_down(x, a, up, down_t, rows, n, *, block: int = BLOCK, interpret=Fals
         grid=(1,),
         in_specs=[pl.BlockSpec(xp.shape, lambda i, *_: (0, 0, 0)),
                   pl.BlockSpec(a_blocks.shape, lambda i, *_: (0, 0, 0)),
-                  pl.BlockSpec(memory_space=pl.ANY),
-                  pl.BlockSpec(memory_space=pl.ANY)],
+                  pl.BlockSpec(memory_space=pltpu.HBM),
+                  pl.BlockSpec(memory_space=pltpu.HBM)],
         out_specs=pl.BlockSpec((parts, b, width), lambda i, *_: (0, 0, 0)),
         scratch_shapes=[pltpu.VMEM((2, block, width), up.dtype),
                         pltpu.VMEM((2, block, width), down_t.dtype),
@@ -270,6 +279,6 @@ def tpu_up_down(x, a, up, down_t, rows, n, *, block: int = BLOCK, interpret=Fals
         out_shape=jax.ShapeDtypeStruct((parts, b, width), jnp.float32),
         interpret=interpret_mode(interpret),
         name="tpu_up_down",
-    )(rows, jnp.reshape(n, (1,)), xp, a_blocks, up, down_t)
+    )(rows, jnp.reshape(n, (1,)), xp, a_blocks, _in_hbm(up), _in_hbm(down_t))
     # Pairs: interleave the even and odd columns back.
     return jnp.moveaxis(out, 0, -1).reshape(b, parts * width)[:, :d]
