@@ -74,6 +74,7 @@ def test_7b_kernels_compile_without_spills_within_register_and_occupancy_targets
         (["--batches", "0"], "--batches"),
         (["--shape", "3b"], "--shape"),
         (["--layers", "0"], "--layers"),
+        (["--tpu", "v5e,k80"], "--tpu"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, match, capsys):
