@@ -20,6 +20,7 @@ from pallas_kernels.predict import threshold as vote_threshold
 from pallas_kernels.signmag import signmag_predict
 from pallas_kernels.sparse_gate_up import activate, matmul_t
 from pallas_kernels.sparse_mlp import sparse_mlp
+from pallas_kernels.tpu_layer import sparse_mlp_layer_mosaic
 
 PREDICTORS = ("sign", "signmag", "oracle")
 
@@ -47,8 +48,11 @@ def sparse_mlp_layer(x, gate, up, down_t, gate_sign_bits, alpha, *, predictor: s
     (predicted summed over rows, computed: gate rows read, fired: up and down rows read))."""
     kind = dict(predictor=predictor, activation=activation, threshold=float(threshold),
                 union_axis=union_axis)
-    if bk.choose(backend).path == "portable":
+    path = bk.choose(backend).path
+    if path == "portable":
         return sparse_mlp_layer_portable(x, gate, up, down_t, gate_sign_bits, alpha, **kind)
+    if path == "mosaic":
+        return sparse_mlp_layer_mosaic(x, gate, up, down_t, gate_sign_bits, alpha, **kind)
     backend = bk.resolve(backend)
     active, n_predicted = _predict(x, gate, gate_sign_bits, alpha, predictor, activation,
                                    float(threshold), backend)

@@ -113,6 +113,7 @@ def test_t4_layer_that_auto_runs_holds_no_triton_kernel(tmp_path, spec):
         (["--batches", "0"], "--batches"),
         (["--shape", "3b"], "--shape"),
         (["--layers", "0"], "--layers"),
+        (["--tpu", "v5e,k80"], "--tpu"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, match, capsys):

@@ -94,13 +94,14 @@ def _generate_program(state, tokens, pad, follow, temperature, top_p, penalty, k
                               sparsity=sparsity, stats=None, **shared)
 
 
-def program_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable) -> list[Case]:
+def program_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable,
+                  modes: tuple[str, ...] = ("dense", "sparse")) -> list[Case]:
     """The whole `generate` (dense prefill + decode loop) per MLP mode, weights abstract."""
     cases = []
     prompt, new = requests.bucket(PROMPT_TOKENS), requests.bucket(NEW_TOKENS)
     key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     scalar = sds((), jnp.float32)
-    for mode in ("dense", "sparse"):
+    for mode in modes:
         model = nnx.eval_shape(
             lambda mode=mode: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode,
                                     backend="auto"))

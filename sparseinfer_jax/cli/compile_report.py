@@ -1,4 +1,4 @@
-"""`sparseinfer compile-report`: compile the kernels and programs for GPUs without one."""
+"""`sparseinfer compile-report`: compile the kernels and programs for GPUs or TPUs without one."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import sys
 
 import jax
 
+from sparseinfer_jax.bench import compile_report_tpu
 from sparseinfer_jax.bench.compile_policy import failures
 from sparseinfer_jax.bench.compile_report import HEADER, check, run
 from sparseinfer_jax.bench.gpu_spec import DEFAULT_GPUS, GPUS
 from sparseinfer_jax.bench.shapes import DTYPES, SHAPES
-from sparseinfer_jax.errors import UserError, check_output_file
+from sparseinfer_jax.errors import UserError, atomic_file, check_output_file
 
 
 def command(args: argparse.Namespace) -> int:
@@ -22,8 +23,12 @@ def command(args: argparse.Namespace) -> int:
     except ValueError:
         raise UserError(
             f"--batches must be a comma list of integers, got '{args.batches}'.") from None
-    gpus = list(GPUS) if args.gpu == "all" else args.gpu.split(",")
-    check(gpus, args.shape, batches, args.layers)  # bad flags fail before the table starts
+    tpus = args.tpu.split(",") if args.tpu else []
+    # --tpu alone compiles for the TPUs only (libtpu and the CUDA plugin are separate installs).
+    gpu = args.gpu if args.gpu is not None else "" if tpus else ",".join(DEFAULT_GPUS)
+    gpus = list(GPUS) if gpu == "all" else [g for g in gpu.split(",") if g]
+    if gpus:  # bad flags fail before the table starts
+        check(gpus, args.shape, batches, args.layers)
     if args.json:
         check_output_file(args.json, "--json")
     # The plugin registers only when JAX's platform is the CPU (else it looks for a GPU driver);
@@ -32,13 +37,21 @@ def command(args: argparse.Namespace) -> int:
     # Compile-only executables cannot be loaded back from JAX's persistent cache (a rerun warned
     # "PjRtCompiler must be constructed with a Client"), and nothing here is run: keep it off.
     jax.config.update("jax_enable_compilation_cache", False)
-    print(HEADER, flush=True)
-    records = run(gpus, args.shape, batches, layers=args.layers, dtype=args.dtype,
-                  programs=not args.no_programs, log=lambda s: print(s, flush=True))
+    records, bad = [], []
+    settings = dict(layers=args.layers, dtype=args.dtype, programs=not args.no_programs,
+                    log=lambda s: print(s, flush=True))
+    if gpus:
+        print(HEADER, flush=True)
+        records += run(gpus, args.shape, batches, **settings)
+        bad += failures(records)
+    if tpus:
+        print(compile_report_tpu.HEADER, flush=True)
+        tpu_records = compile_report_tpu.run(tpus, args.shape, batches, **settings)
+        records += tpu_records
+        bad += compile_report_tpu.failures(tpu_records)
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_file(args.json) as tmp, open(tmp, "w") as f:
             json.dump(records, f, indent=1)
-    bad = failures(records)
     for line in bad:
         print(f"FAILED: {line}", file=sys.stderr)
     return 1 if bad else 0
@@ -48,8 +61,12 @@ def add_parser(sub) -> None:
     """Adds the `compile-report` subcommand to the `sparseinfer` parser's subparsers."""
     p = sub.add_parser("compile-report",
                        help="compile every kernel and the decode program for GPUs, offline")
-    p.add_argument("--gpu", default=",".join(DEFAULT_GPUS),
-                   help=f"comma list of {', '.join(GPUS)} or GPU spec files (.txtpb), or all")
+    p.add_argument("--gpu", default=None,
+                   help=f"comma list of {', '.join(GPUS)} or GPU spec files (.txtpb), or all "
+                        f"(default {','.join(DEFAULT_GPUS)} unless --tpu is given)")
+    p.add_argument("--tpu", default=None,
+                   help=f"comma list of {', '.join(compile_report_tpu.TOPOLOGIES)}: compile the "
+                        "Pallas TPU kernels (needs jax[tpu])")
     p.add_argument("--shape", default="7b", help=", ".join(SHAPES))
     p.add_argument("--batches", default="1,4,16", help="comma list of batch sizes")
     p.add_argument("--layers", type=int, default=None,
