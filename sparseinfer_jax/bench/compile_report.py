@@ -41,8 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import backend as bk
-from pallas_kernels import pack, predict, signmag
-from pallas_kernels.compact import compact_pallas
+from pallas_kernels import masked_down, pack, predict, predict_gate_up, signmag
 from pallas_kernels.sparse_down import num_live_programs as down_live
 from pallas_kernels.sparse_down import sparse_down_pallas
 from pallas_kernels.sparse_gate_up import num_live_programs as gate_up_live
@@ -64,6 +63,8 @@ ACTIVE_FRACTIONS = (0.05, 0.1, 0.2)
 NEW_TOKENS = 16  # decode slots of the compiled program (its kernels do not depend on it)
 MAX_REGISTERS = 128
 MIN_LIVE_PER_SM = 4
+# A sparse decode step may launch at most this many more kernels a layer than the dense one.
+MAX_EXTRA_LAUNCHES = 2
 # The shapes the live-programs target applies to (a tiny layer cannot fill a GPU).
 TARGET_SHAPES = ("7b", "13b")
 # Newer XLA dumps PTX only for emitters this matches (older XLA dumps it anyway). CUB's radix sort
@@ -71,7 +72,8 @@ TARGET_SHAPES = ("7b", "13b")
 # without a GPU lacks: offline, sorts compile as XLA's own sort kernels.
 COMPILE_OPTIONS = {"xla_dump_emitter_re": "ptx", "xla_gpu_enable_cub_radix_sort": False}
 PALLAS_KERNELS = {
-    "compact", "pack_sign_bits", "sign_predict", "signmag_predict", "sparse_gate_up", "sparse_down"
+    "pack_sign_bits", "sign_predict", "signmag_predict", "sparse_gate_up", "sparse_down",
+    "predict_gate_up", "masked_down",
 }
 PLUGIN_MODULES = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
 
@@ -126,6 +128,29 @@ def launches(dump: str) -> list[dict]:
                 out.append(dict(name=m.group(1), grid=g, threads=math.prod(t),
                                 shared_bytes=int(m.group(8))))
     return out
+
+
+# Thunks that hold others (a loop, a branch, a graph) rather than launch work themselves.
+_CONTAINERS = {"kWhile", "kConditional", "kSequential", "kCommandBuffer", "kDynamicSlice"}
+_THUNK_LINE = re.compile(r"^(\s*)(?:\d+: (k\w+)|(\w+):\s*$)")
+
+
+def loop_launches(text: str) -> int | None:
+    """Launches in one run of the biggest loop body of a thunk sequence (`*thunk_sequence.txt`):
+    every thunk that does work (a kernel, a library call, a copy), both sides of each branch
+    included; None when there is no loop. In a `generate` program that loop is the decode step."""
+    best = None
+    lines = [m for m in map(_THUNK_LINE.match, text.splitlines()) if m]
+    for i, m in enumerate(lines):
+        if m.group(3) != "body":
+            continue
+        depth, count = len(m.group(1)), 0
+        for inner in lines[i + 1:]:
+            if len(inner.group(1)) <= depth:
+                break
+            count += bool(inner.group(2)) and inner.group(2) not in _CONTAINERS
+        best = count if best is None else max(best, count)
+    return best
 
 
 def _ptxas(ptxas: str, path: str) -> str:
@@ -205,8 +230,31 @@ def kernel_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable, *,
     gate_up = lambda act: functools.partial(  # noqa: E731
         sparse_gate_up_pallas, activation=act,
         threshold=0.0 if act == "relu" else 0.1)
+    # The sparse MLP op's two kernels (`sparse_layer.sparse_mlp_layer` on a GPU): each vote, the
+    # mask input (oracle, or a union over a mesh axis), and both ways of adding the down blocks.
+    fused = lambda vote, act, zero: functools.partial(  # noqa: E731
+        predict_gate_up.predict_gate_up_pallas, vote=vote, activation=act,
+        threshold=0.0 if act == "relu" else 0.1, zero_out=zero)
+    alpha = sds((), jnp.float32)
+    h, acc = sds((batch, f), jnp.float32), sds((batch, d), jnp.float32)
+    fused_live = lambda c: predict_gate_up.num_programs(f)  # noqa: E731
+    down_new_live = lambda c: masked_down.num_live_programs(c, f, d)  # noqa: E731
     cases = [
-        Case("sign_predict", "kernel", predict.sign_predict_pallas, (x, bits, sds((), jnp.float32)),
+        Case("predict_gate_up_sign", "kernel",
+             lambda x, g, u, a, b: fused("sign", "relu", False)(x, g, u, alpha=a, bits=b),
+             (x, w, w, alpha, bits), fused_live, "predict_gate_up"),
+        Case("predict_gate_up_signmag", "kernel",
+             lambda x, g, u, a, b: fused("signmag", "fatrelu", True)(x, g, u, alpha=a, bits=b),
+             (x, w, w, alpha, bits), fused_live, "predict_gate_up"),
+        Case("predict_gate_up_mask", "kernel",
+             lambda x, g, u, m: fused("mask", "relu", False)(x, g, u, mask=m),
+             (x, w, w, sds((f,), jnp.bool_)), fused_live, "predict_gate_up"),
+        Case("masked_down", "kernel", masked_down.masked_down_pallas, (h, w), down_new_live,
+             "masked_down"),
+        Case("masked_down_atomic", "kernel",
+             functools.partial(masked_down.masked_down_pallas, accumulate="atomic"), (h, w, acc),
+             down_new_live, "masked_down"),
+        Case("sign_predict", "kernel", predict.sign_predict_pallas, (x, bits, alpha),
              lambda c: predict.num_programs(f), "sign_predict"),
         Case("signmag_predict", "kernel", signmag.signmag_pallas, (x, bits),
              lambda c: signmag.num_programs(f), "signmag_predict"),
@@ -218,13 +266,9 @@ def kernel_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable, *,
              (sds((batch, f), jnp.float32), w, idx, count), lambda c: down_live(c, d),
              "sparse_down"),
     ]
-    if pack_weights:  # the batch-independent kernels, at the first batch only
+    if pack_weights:  # the batch-independent kernel, at the first batch only
         cases.insert(0, Case("pack_sign_bits", "kernel", pack.pack_sign_bits_pallas, (w,),
                              lambda c: pack.num_programs(f, d), "pack_sign_bits"))
-        # The candidate compaction kernel (`compact.compact_pallas`); one program by design (a
-        # scan over F): no live-programs target.
-        cases.insert(3, Case("compact", "kernel", compact_pallas, (sds((f,), jnp.bool_),), None,
-                             "compact"))
     return cases
 
 
@@ -275,6 +319,10 @@ def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
             lowered = jax.jit(case.fn).trace(*case.args).lower()
             lowered.compile(COMPILE_OPTIONS | {"xla_dump_to": dump})
             usage, runs = ptxas_usage(dump, ptxas), launches(dump)
+            loops = []
+            for path in glob.glob(os.path.join(dump, "*thunk_sequence.txt")):
+                with open(path) as f:
+                    loops.append(loop_launches(f.read()))
         except Exception as e:  # noqa: BLE001 - any compiler error is the report's finding
             rec["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
             return rec
@@ -295,7 +343,24 @@ def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
                                    default=0)
         rec["xla_spills"] = {k: u["spill_bytes"] for k, u in usage.items()
                              if k not in ours and u["spill_bytes"]}
+        rec["decode_launches"] = max((n for n in loops if n is not None), default=None)
     return rec
+
+
+def launches_per_layer(cfg: LlamaConfig, shape: str, batch: int, dtype, sds: Callable,
+                       spec: GpuSpec, ptxas: str, records: list[dict]) -> None:
+    """Adds `launches_per_layer` to the `generate_*` records of `records` (compiled at cfg's
+    depth L): the decode step's launches at L, less those at another depth (1, or 2 when L is
+    1), over the difference in depth. What a layer costs in launches, whatever the step's fixed
+    part (embedding, LM head, sampling)."""
+    depth = cfg.num_hidden_layers
+    other = 1 if depth > 1 else 2
+    at_other = {c.name: compile_case(c, spec, ptxas).get("decode_launches")
+                for c in program_cases(shape_config(shape, other, SHAPES), batch, dtype, sds)}
+    for rec in records:
+        n, m = rec.get("decode_launches"), at_other.get(rec["name"])
+        if n is not None and m is not None:
+            rec["launches_per_layer"] = (n - m) / (depth - other)
 
 
 def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None = None,
@@ -318,6 +383,7 @@ def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None =
                                      pack_weights=batch == batches[0])
                 if programs:
                     cases += program_cases(cfg, batch, DTYPES[dtype], sds)
+                done = []
                 for case in cases:
                     rec = dict(gpu=spec.name, device_kind=spec.device_kind, shape=shape,
                                layers=cfg.num_hidden_layers, dtype=dtype, batch=batch,
@@ -326,8 +392,16 @@ def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None =
                         for frac in ACTIVE_FRACTIONS:
                             live = case.live(math.ceil(frac * cfg.intermediate_size))
                             rec[f"live_per_sm_{round(frac * 100)}"] = round(live / spec.sms, 2)
-                    records.append(rec)
-                    log(format_row(rec))
+                    if rec["kind"] == "kernel":
+                        log(format_row(rec))
+                    done.append(rec)
+                programs_done = [r for r in done if r["kind"] == "program"]
+                if programs_done:
+                    launches_per_layer(cfg, shape, batch, DTYPES[dtype], sds, spec, ptxas,
+                                       programs_done)
+                    for rec in programs_done:
+                        log(format_row(rec))
+                records += done
     return records
 
 
@@ -350,6 +424,13 @@ def failures(records: list[dict]) -> list[str]:
         if r["shape"] in TARGET_SHAPES and live is not None and live < MIN_LIVE_PER_SM:
             out.append(what + f"{live} live programs per SM at 10% active "
                        f"(at least {MIN_LIVE_PER_SM})")
+    per_layer = {(r["gpu"], r["batch"], r["name"]): r.get("launches_per_layer") for r in records}
+    for (gpu, batch, name), sparse in per_layer.items():
+        dense = per_layer.get((gpu, batch, "generate_dense"))
+        if name == "generate_sparse" and None not in (sparse, dense) and (
+                sparse > dense + MAX_EXTRA_LAUNCHES):
+            out.append(f"{gpu} generate_sparse batch {batch}: the decode step launches {sparse:g} "
+                       f"a layer, dense {dense:g} (at most dense + {MAX_EXTRA_LAUNCHES})")
     return out
 
 
@@ -363,6 +444,8 @@ def format_row(r: dict) -> str:
         return f"{r['gpu']:<13}{r['batch']:>5}  {r['name']:<24}  no  {r['error']}"
     cell = lambda v: "-" if v is None else str(v)  # noqa: E731
     grid = "x".join(map(str, r["grid"])) if r["grid"] else f"{r['kernels']} kernels"
+    if r.get("launches_per_layer") is not None:
+        grid = f"{r['kernels']}k {r['launches_per_layer']:g}/layer"
     return (f"{r['gpu']:<13}{r['batch']:>5}  {r['name']:<24}{'yes':>3}{cell(r['registers']):>6}"
             f"{cell(r['spill_bytes']):>6}{grid:>16}{cell(r['threads']):>5}"
             f"{cell(r['shared_bytes']):>7}{cell(r.get('resident_per_sm')):>7}"
