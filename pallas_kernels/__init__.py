@@ -1,17 +1,20 @@
-"""SparseInfer kernels: sign-bit prediction and gathered sparse MLP ops, each with three faces.
+"""SparseInfer kernels: sign-bit prediction and sparse MLP ops, each with a jnp reference, an XLA
+path and a Pallas Triton kernel (`backend=` among "auto", "pallas", "xla", "reference", see
+`backend.py`).
 
-Every op takes `backend=` among BACKENDS (see `backend.py`: "auto" picks by device, `describe`
-says what it picked and why). The model chains them per decode step:
+The op a model calls per layer and decode step (sparse_layer.py):
+
+    out, counts = sparse_mlp_layer(x, gate, up, down_t, gate_sign_bits, alpha, predictor="sign")
+
+On a GPU it is two kernels, `predict_gate_up` (the vote, gate and up, h in natural order) and
+`masked_down` (down over the rows where h != 0); on the CPU the XLA chain below it. The pieces,
+still callable one by one:
 
     active, n_neg = sign_predict(x, gate_sign_bits, alpha)   # predictor (predict.py)
     # or signmag_predict: votes weighted by quantised |x| (signmag.py)
     idx, count = compact(active)                             # compact.py
-    h = sparse_gate_up(x, gate, up, idx, count)              # [B, F] float32, compact order
-    out = sparse_down(h, down_t, idx, count)                 # [B, D]
-
-or, reading up and down rows only for the candidates whose gate fires (sparse_mlp.py):
-
-    out, fired = sparse_mlp(x, gate, up, down_t, idx, count)
+    out, fired = sparse_mlp(x, gate, up, down_t, idx, count) # sparse_mlp.py: gate over the
+    # candidates, up and down over the fired (or sparse_gate_up then sparse_down, one stage)
 
 The whole layer in plain XLA at static bucketed shapes, for any XLA device (portable.py):
 
@@ -28,12 +31,13 @@ from pallas_kernels.predict import sign_predict, threshold
 from pallas_kernels.signmag import signmag_predict
 from pallas_kernels.sparse_down import sparse_down
 from pallas_kernels.sparse_gate_up import ACTIVATIONS, sparse_gate_up
-from pallas_kernels.sparse_layer import sparse_mlp_layer
+from pallas_kernels.sparse_layer import PREDICTORS, sparse_mlp_layer
 from pallas_kernels.sparse_mlp import sparse_mlp
 
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
+    "PREDICTORS",
     "choose",
     "compact",
     "describe",

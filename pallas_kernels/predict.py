@@ -47,6 +47,8 @@ _WINDOW = 2
 def threshold(alpha: jnp.ndarray, n_nonzero: jnp.ndarray) -> jnp.ndarray:
     """The integer form of the ratio rule: predicted zero iff `n_neg > threshold(alpha, n_nz)`.
 
+    `threshold_rule` is the same function unjitted, for kernels that trace it in their body.
+
     Args:
       alpha: `[]` or `[L]` float32 conservativeness (>= 0; negative values act as 0; +inf keeps
         everything: tau = n_nonzero).
@@ -57,10 +59,20 @@ def threshold(alpha: jnp.ndarray, n_nonzero: jnp.ndarray) -> jnp.ndarray:
       in float32. Because that predicate only grows with t, `n_neg > tau` matches the ratio rule
       for every n_neg in [0, n].
     """
+    return threshold_rule(alpha, n_nonzero)
+
+
+def threshold_rule(alpha: jnp.ndarray, n_nonzero: jnp.ndarray) -> jnp.ndarray:
+    """`threshold`'s body: plain jnp a Pallas kernel can trace. The estimate's division may be
+    approximate there (Triton divides float32 with `div.full`, within 2 ulp); the window check
+    that follows uses only multiplies and compares, so tau is exact either way."""
     alpha = jnp.maximum(jnp.asarray(alpha, jnp.float32), 0.0)
     n = jnp.asarray(n_nonzero, jnp.int32)
     nf = n.astype(jnp.float32)
-    est = jnp.floor(alpha * nf / (1.0 + alpha))
+    # The estimate's alpha stays under 1e30: `div.full` returns 0 for divisors over 2^126, and
+    # every alpha that large has tau = n, which the window still finds.
+    capped = jnp.minimum(alpha, 1e30)
+    est = jnp.floor(capped * nf / (1.0 + capped))
     # inf / inf (alpha = +inf, or alpha * n overflowing) is NaN: the window below then settles it.
     est = jnp.where(jnp.isnan(est), nf, jnp.clip(est, 0.0, nf)).astype(jnp.int32)
     tau = est - _WINDOW - 1

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels as pk
-from pallas_kernels import pack, predict, signmag
-from pallas_kernels.compact import compact_pallas
+from pallas_kernels import masked_down, pack, predict, predict_gate_up, signmag
 from pallas_kernels.sparse_down import num_live_programs as down_live
 from pallas_kernels.sparse_down import sparse_down_pallas
 from pallas_kernels.sparse_gate_up import num_live_programs as gate_up_live
@@ -50,8 +49,31 @@ def kernel_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable, *,
     gate_up = lambda act: functools.partial(  # noqa: E731
         sparse_gate_up_pallas, activation=act,
         threshold=0.0 if act == "relu" else 0.1)
+    # The sparse MLP op's two kernels (`sparse_layer.sparse_mlp_layer` on a GPU): each vote, the
+    # mask input (oracle, or a union over a mesh axis), and both ways of adding the down blocks.
+    fused = lambda vote, act, zero: functools.partial(  # noqa: E731
+        predict_gate_up.predict_gate_up_pallas, vote=vote, activation=act,
+        threshold=0.0 if act == "relu" else 0.1, zero_out=zero)
+    alpha = sds((), jnp.float32)
+    h, acc = sds((batch, f), jnp.float32), sds((batch, d), jnp.float32)
+    fused_live = lambda c: predict_gate_up.num_programs(f)  # noqa: E731
+    down_new_live = lambda c: masked_down.num_live_programs(c, f, d)  # noqa: E731
     cases = [
-        Case("sign_predict", "kernel", predict.sign_predict_pallas, (x, bits, sds((), jnp.float32)),
+        Case("predict_gate_up_sign", "kernel",
+             lambda x, g, u, a, b: fused("sign", "relu", False)(x, g, u, alpha=a, bits=b),
+             (x, w, w, alpha, bits), fused_live, "predict_gate_up"),
+        Case("predict_gate_up_signmag", "kernel",
+             lambda x, g, u, a, b: fused("signmag", "fatrelu", True)(x, g, u, alpha=a, bits=b),
+             (x, w, w, alpha, bits), fused_live, "predict_gate_up"),
+        Case("predict_gate_up_mask", "kernel",
+             lambda x, g, u, m: fused("mask", "relu", False)(x, g, u, mask=m),
+             (x, w, w, sds((f,), jnp.bool_)), fused_live, "predict_gate_up"),
+        Case("masked_down", "kernel", masked_down.masked_down_pallas, (h, w), down_new_live,
+             "masked_down"),
+        Case("masked_down_atomic", "kernel",
+             functools.partial(masked_down.masked_down_pallas, accumulate="atomic"), (h, w, acc),
+             down_new_live, "masked_down"),
+        Case("sign_predict", "kernel", predict.sign_predict_pallas, (x, bits, alpha),
              lambda c: predict.num_programs(f), "sign_predict"),
         Case("signmag_predict", "kernel", signmag.signmag_pallas, (x, bits),
              lambda c: signmag.num_programs(f), "signmag_predict"),
@@ -63,13 +85,9 @@ def kernel_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable, *,
              (sds((batch, f), jnp.float32), w, idx, count), lambda c: down_live(c, d),
              "sparse_down"),
     ]
-    if pack_weights:  # the batch-independent kernels, at the first batch only
+    if pack_weights:  # the batch-independent kernel, at the first batch only
         cases.insert(0, Case("pack_sign_bits", "kernel", pack.pack_sign_bits_pallas, (w,),
                              lambda c: pack.num_programs(f, d), "pack_sign_bits"))
-        # The candidate compaction kernel (`compact.compact_pallas`); one program by design (a
-        # scan over F): no live-programs target.
-        cases.insert(3, Case("compact", "kernel", compact_pallas, (sds((f,), jnp.bool_),), None,
-                             "compact"))
     return cases
 
 

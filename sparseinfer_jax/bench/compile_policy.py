@@ -4,6 +4,8 @@ from __future__ import annotations
 
 MAX_REGISTERS = 128
 MIN_LIVE_PER_SM = 4
+# A sparse decode step may launch at most this many more kernels a layer than the dense one.
+MAX_EXTRA_LAUNCHES = 2
 # The shapes the live-programs target applies to (a tiny layer cannot fill a GPU).
 TARGET_SHAPES = ("7b", "13b")
 
@@ -11,8 +13,9 @@ TARGET_SHAPES = ("7b", "13b")
 def failures(records: list[dict]) -> list[str]:
     """What makes the report fail, per Pallas kernel: a compile error, a spilled byte, more than
     MAX_REGISTERS registers, or (at the shapes of real models, `TARGET_SHAPES`) fewer than
-    MIN_LIVE_PER_SM programs with work per SM at 10% active. XLA's own fusions are XLA's choice:
-    listed in a program's `xla_spills`, not a failure."""
+    MIN_LIVE_PER_SM programs with work per SM at 10% active; per `generate` program, a sparse
+    decode step launching more than MAX_EXTRA_LAUNCHES kernels a layer beyond the dense one's. XLA's
+    own fusions are XLA's choice: listed in a program's `xla_spills`, not a failure."""
     out = []
     for r in records:
         what = f"{r['gpu']} {r['name']} batch {r['batch']}: "
@@ -27,4 +30,11 @@ def failures(records: list[dict]) -> list[str]:
         if r["shape"] in TARGET_SHAPES and live is not None and live < MIN_LIVE_PER_SM:
             out.append(what + f"{live} live programs per SM at 10% active "
                        f"(at least {MIN_LIVE_PER_SM})")
+    per_layer = {(r["gpu"], r["batch"], r["name"]): r.get("launches_per_layer") for r in records}
+    for (gpu, batch, name), sparse in per_layer.items():
+        dense = per_layer.get((gpu, batch, "generate_dense"))
+        if name == "generate_sparse" and None not in (sparse, dense) and (
+                sparse > dense + MAX_EXTRA_LAUNCHES):
+            out.append(f"{gpu} generate_sparse batch {batch}: the decode step launches {sparse:g} "
+                       f"a layer, dense {dense:g} (at most dense + {MAX_EXTRA_LAUNCHES})")
     return out

@@ -33,6 +33,8 @@ compile leaves behind, `occupancy` does the arithmetic, `compile_cases` says wha
 from __future__ import annotations
 
 import functools
+import glob
+import os
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -52,6 +54,7 @@ from sparseinfer_jax.bench.toolchain import (
     check_plugin,
     find_ptxas,
     launches,
+    loop_launches,
     mesh_for,
     ptxas_usage,
 )
@@ -64,7 +67,8 @@ from sparseinfer_jax.model.config import LlamaConfig
 # without a GPU lacks: offline, sorts compile as XLA's own sort kernels.
 COMPILE_OPTIONS = {"xla_dump_emitter_re": "ptx", "xla_gpu_enable_cub_radix_sort": False}
 PALLAS_KERNELS = {
-    "compact", "pack_sign_bits", "sign_predict", "signmag_predict", "sparse_gate_up", "sparse_down"
+    "pack_sign_bits", "sign_predict", "signmag_predict", "sparse_gate_up", "sparse_down",
+    "predict_gate_up", "masked_down",
 }
 
 
@@ -84,6 +88,10 @@ def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
             rec["triton_calls"] = lowered.as_text().count(TRITON_CALL_TARGET)
             lowered.compile(COMPILE_OPTIONS | {"xla_dump_to": dump})
             usage, runs = ptxas_usage(dump, ptxas), launches(dump)
+            loops = []
+            for path in glob.glob(os.path.join(dump, "*thunk_sequence.txt")):
+                with open(path) as f:
+                    loops.append(loop_launches(f.read()))
         except Exception as e:  # noqa: BLE001 - any compiler error is the report's finding
             rec["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
             return rec
@@ -104,7 +112,24 @@ def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
                                    default=0)
         rec["xla_spills"] = {k: u["spill_bytes"] for k, u in usage.items()
                              if k not in ours and u["spill_bytes"]}
+        rec["decode_launches"] = max((n for n in loops if n is not None), default=None)
     return rec
+
+
+def launches_per_layer(cfg: LlamaConfig, shape: str, batch: int, dtype, sds: Callable,
+                       spec: GpuSpec, ptxas: str, records: list[dict]) -> None:
+    """Adds `launches_per_layer` to the `generate_*` records of `records` (compiled at cfg's
+    depth L): the decode step's launches at L, less those at another depth (1, or 2 when L is
+    1), over the difference in depth. What a layer costs in launches, whatever the step's fixed
+    part (embedding, LM head, sampling)."""
+    depth = cfg.num_hidden_layers
+    other = 1 if depth > 1 else 2
+    at_other = {c.name: compile_case(c, spec, ptxas).get("decode_launches")
+                for c in program_cases(shape_config(shape, other), batch, dtype, sds)}
+    for rec in records:
+        n, m = rec.get("decode_launches"), at_other.get(rec["name"])
+        if n is not None and m is not None:
+            rec["launches_per_layer"] = (n - m) / (depth - other)
 
 
 def check(gpus: list[str], shape: str, batches: list[int], layers: int | None = None
@@ -139,14 +164,23 @@ def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None =
                                           pack_weights=batch == batches[0])
                 if programs:
                     cases += program_cases(cfg, batch, dtypes.DTYPES[dtype], sds)
+                done = []
                 for case in cases:
                     rec = dict(gpu=spec.name, device_kind=spec.device_kind, shape=shape,
                                layers=cfg.num_hidden_layers, dtype=dtype, batch=batch,
                                path=choice.path, **compile_case(case, spec, ptxas))
                     if case.live is not None and rec["compiled"]:
                         rec.update(live_per_sm(case.live, spec, cfg.intermediate_size))
-                    records.append(rec)
-                    log(format_row(rec))
+                    if rec["kind"] != "program":
+                        log(format_row(rec))
+                    done.append(rec)
+                programs_done = [r for r in done if r["kind"] == "program"]
+                if programs_done:
+                    launches_per_layer(cfg, shape, batch, dtypes.DTYPES[dtype], sds, spec, ptxas,
+                                       programs_done)
+                    for rec in programs_done:
+                        log(format_row(rec))
+                records += done
     return records
 
 
@@ -160,6 +194,8 @@ def format_row(r: dict) -> str:
         return f"{r['gpu']:<13}{r['batch']:>5}  {r['name']:<24}  no  {r['error']}"
     cell = lambda v: "-" if v is None else str(v)  # noqa: E731
     grid = "x".join(map(str, r["grid"])) if r["grid"] else f"{r['kernels']} kernels"
+    if r.get("launches_per_layer") is not None:
+        grid = f"{r['kernels']}k {r['launches_per_layer']:g}/layer"
     return (f"{r['gpu']:<13}{r['batch']:>5}  {r['name']:<24}{'yes':>3}{cell(r['registers']):>6}"
             f"{cell(r['spill_bytes']):>6}{grid:>16}{cell(r['threads']):>5}"
             f"{cell(r['shared_bytes']):>7}{cell(r.get('resident_per_sm')):>7}"

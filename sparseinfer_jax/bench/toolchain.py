@@ -77,6 +77,29 @@ def launches(dump: str) -> list[dict]:
     return out
 
 
+# Thunks that hold others (a loop, a branch, a graph) rather than launch work themselves.
+_CONTAINERS = {"kWhile", "kConditional", "kSequential", "kCommandBuffer", "kDynamicSlice"}
+_THUNK_LINE = re.compile(r"^(\s*)(?:\d+: (k\w+)|(\w+):\s*$)")
+
+
+def loop_launches(text: str) -> int | None:
+    """Launches in one run of the biggest loop body of a thunk sequence (`*thunk_sequence.txt`):
+    every thunk that does work (a kernel, a library call, a copy), both sides of each branch
+    included; None when there is no loop. In a `generate` program that loop is the decode step."""
+    best = None
+    lines = [m for m in map(_THUNK_LINE.match, text.splitlines()) if m]
+    for i, m in enumerate(lines):
+        if m.group(3) != "body":
+            continue
+        depth, count = len(m.group(1)), 0
+        for inner in lines[i + 1:]:
+            if len(inner.group(1)) <= depth:
+                break
+            count += bool(inner.group(2)) and inner.group(2) not in _CONTAINERS
+        best = count if best is None else max(best, count)
+    return best
+
+
 def _ptxas(ptxas: str, path: str) -> str:
     """`ptxas -v` on a PTX file for its own target; its report (stderr).
 
