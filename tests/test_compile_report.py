@@ -13,26 +13,36 @@ import sys
 
 import pytest
 
-from sparseinfer_jax.bench.compile_report import MAX_REGISTERS, MIN_LIVE_PER_SM
+from sparseinfer_jax.bench.compile_report import (
+    MAX_EXTRA_LAUNCHES,
+    MAX_REGISTERS,
+    MIN_LIVE_PER_SM,
+    loop_launches,
+)
 from sparseinfer_jax.cli.main import main
 
 GPU = "h100"
+# The model's sparse MLP today: predictor, XLA compaction, then the two-stage kernels.
 PALLAS_IN_SPARSE_PROGRAM = {"sign_predict", "sparse_gate_up", "sparse_down"}
 
 
-def report(tmp_path, *flags: str) -> list[dict]:
-    """Runs the report in a fresh process (it sets JAX's platform and target) and reads --json."""
+def report(tmp_path, *flags: str) -> tuple[list[dict], list[str]]:
+    """Runs the report in a fresh process (it sets JAX's platform and target); its --json records
+    and its FAILED lines."""
     out = tmp_path / "report.json"
     run = subprocess.run(
         [sys.executable, "-m", "sparseinfer_jax.cli", "compile-report", "--gpu", GPU,
          "--batches", "1,16", "--json", str(out), *flags],
-        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=900)
-    assert run.returncode == 0, f"report failed:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}"
-    return json.loads(out.read_text())
+        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=1800)
+    failed = [ln for ln in run.stderr.splitlines() if ln.startswith("FAILED: ")]
+    assert run.returncode == (1 if failed else 0), (
+        f"report failed:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}")
+    return json.loads(out.read_text()), failed
 
 
-KERNELS = {"pack_sign_bits", "compact", "sign_predict", "signmag_predict", "sparse_gate_up_relu",
-           "sparse_gate_up_fatrelu", "sparse_down"}
+KERNELS = {"pack_sign_bits", "predict_gate_up_sign", "predict_gate_up_signmag",
+           "predict_gate_up_mask", "masked_down", "masked_down_atomic", "sign_predict",
+           "signmag_predict", "sparse_gate_up_relu", "sparse_gate_up_fatrelu", "sparse_down"}
 
 
 def check(records: list[dict], shape: str, programs: bool) -> None:
@@ -45,6 +55,8 @@ def check(records: list[dict], shape: str, programs: bool) -> None:
         if r["kind"] == "kernel":
             assert r["threads"] % 32 == 0 and len(r["grid"]) == 3, r
             assert r["resident_per_sm"] >= 1, r
+        else:  # the decode loop found, and a layer's launches from two depths
+            assert r["decode_launches"] > r["launches_per_layer"] > 0, r
         if r["name"] == "generate_sparse":
             assert set(r["pallas_kernels"]) == PALLAS_IN_SPARSE_PROGRAM, r
         if r["name"] == "generate_dense":
@@ -53,17 +65,59 @@ def check(records: list[dict], shape: str, programs: bool) -> None:
         for r in records:
             if r["kind"] == "kernel":
                 assert r["registers"] <= MAX_REGISTERS, r
-                if r["name"] != "compact":  # one program by design
-                    assert r["live_per_sm_10"] >= MIN_LIVE_PER_SM, r
+                assert r["live_per_sm_10"] >= MIN_LIVE_PER_SM, r
 
 
-def test_tiny_shape_compiles_kernels_and_programs(tmp_path):
-    check(report(tmp_path, "--shape", "tiny"), "tiny", programs=True)
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    return report(tmp_path_factory.mktemp("tiny"), "--shape", "tiny")
+
+
+def test_tiny_shape_compiles_kernels_and_programs(tiny_report):
+    records, failed = tiny_report
+    check(records, "tiny", programs=True)
+    # Only the launch target may fail (the next test): the kernels and programs pass.
+    assert all("launches" in line for line in failed), failed
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the model's sparse MLP still launches its predictor, an XLA compaction and two kernels; "
+    "once mlp.py calls pallas_kernels.sparse_mlp_layer (issue 20) this passes: remove the mark"))
+def test_sparse_decode_step_launches_at_most_dense_plus_two_a_layer(tiny_report):
+    records, failed = tiny_report
+    per_layer = {(r["batch"], r["name"]): r["launches_per_layer"] for r in records
+                 if r["kind"] == "program"}
+    for batch in (1, 16):
+        sparse, dense = per_layer[batch, "generate_sparse"], per_layer[batch, "generate_dense"]
+        assert sparse <= dense + MAX_EXTRA_LAUNCHES, (batch, sparse, dense)
+    assert not failed, failed
 
 
 def test_7b_kernels_compile_without_spills_within_register_and_occupancy_targets(tmp_path):
     # The kernels alone: a program compiles these same kernels (tiny above checks programs).
-    check(report(tmp_path, "--shape", "7b", "--no-programs"), "7b", programs=False)
+    records, failed = report(tmp_path, "--shape", "7b", "--no-programs")
+    assert not failed, failed
+    check(records, "7b", programs=False)
+
+
+def test_loop_launches_counts_the_biggest_loop_body():
+    """Leaf thunks under `body:`, branches included, containers and the condition not."""
+    text = """001: kCustomKernel  [source] prologue grid: [1, 1, 1] threads: [32, 1, 1]
+002: kWhile [prev=001 (1)]
+condition:
+    003: kCustomKernel [source] cond grid: [1, 1, 1] threads: [32, 1, 1]
+  body:
+    004: kCustomKernel [source] a grid: [1, 1, 1] threads: [32, 1, 1]
+    007: kConditional [prev=004 (1)]
+      false_branch:
+        005: kCustomKernel [source] b grid: [1, 1, 1] threads: [32, 1, 1]
+      true_branch:
+        006: kCopy [source] kCopy
+    008: kGemm [prev=007 (1)] gemm
+009: kCustomKernel [prev=002 (1)] epilogue grid: [1, 1, 1] threads: [32, 1, 1]
+"""
+    assert loop_launches(text) == 4
+    assert loop_launches("001: kCustomKernel [source] a grid: [1, 1, 1]\n") is None
 
 
 @pytest.mark.parametrize(
