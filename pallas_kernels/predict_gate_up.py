@@ -48,10 +48,13 @@ BLOCK_F = 8
 # flight per program): at 10 % active a block holds 0.8 active neurons on average.
 SLOTS = 1
 # Elements of x in a vote step (`[B padded, words, 32]`) and of a gate/up step's product tile
-# (`[B padded, slots, block_d]`): sized for 2 warps' registers.
+# (`[B padded, slots, block_d]`). With 4 warps that is 72-80 registers at batch 1 to 16 (the
+# compile report, H100); 2 warps took 124-165.
 TILE = 4096
 MIN_BLOCK_D = 128
-NUM_WARPS = 2
+NUM_WARPS = 4
+# Columns of the `[B, D]` accumulator a program zeroes (`zero_out`): the first programs do it all.
+ZERO_BLOCK = 128
 
 
 def num_programs(f: int, *, block_f: int = BLOCK_F) -> int:
@@ -199,6 +202,11 @@ def predict_gate_up_kernel(*refs, vote: str, activation: str, threshold: float, 
     b_ok = bs < b
     rows = i * block_f + jnp.arange(block_f)
     row_ok = rows < f
+    if zero_ref:  # columns [i * zero_block, (i + 1) * zero_block) of every row, first
+        cols = i * zero_block + jnp.arange(zero_block)
+        plgpu.store(zero_ref[0].at[bs[:, None], cols[None, :]],
+                    jnp.zeros((bs.shape[0], zero_block), jnp.float32),
+                    mask=b_ok[:, None] & (cols < d)[None, :])
 
     if vote == "mask":
         active = plgpu.load(mask_ref.at[rows], mask=row_ok, other=0) != 0
@@ -220,12 +228,6 @@ def predict_gate_up_kernel(*refs, vote: str, activation: str, threshold: float, 
     plgpu.store(flags_ref.at[rows], active.astype(jnp.int32) + 2 * fired.astype(jnp.int32),
                 mask=row_ok)
     plgpu.store(predicted_ref.at[i + jnp.arange(1)], jnp.full((1,), predicted, jnp.int32))
-    if zero_ref:
-        flat = i * zero_block + jnp.arange(zero_block)
-        ok = flat < b * d
-        flat = jnp.where(ok, flat, 0)
-        plgpu.store(zero_ref[0].at[flat // d, flat % d], jnp.zeros((zero_block,), jnp.float32),
-                    mask=ok)
 
 
 def block_sizes(b: int, d: int, *, slots: int = SLOTS, tile: int = TILE) -> tuple[int, int]:
@@ -265,7 +267,7 @@ def predict_gate_up_pallas(x, gate, up, *, alpha=None, bits=None, mask=None, vot
     f = gate.shape[0]
     grid = num_programs(f, block_f=block_f)
     block_d, block_w = block_sizes(b, d, slots=slots, tile=tile)
-    zero_block = pl.next_power_of_2(pl.cdiv(b * d, grid)) if zero_out else 0
+    zero_block = max(ZERO_BLOCK, pl.next_power_of_2(pl.cdiv(d, grid))) if zero_out else 0
     kernel = functools.partial(
         predict_gate_up_kernel, vote=vote, activation=activation, threshold=threshold,
         block_f=block_f, slots=slots, block_d=block_d, block_w=block_w, zero_block=zero_block,

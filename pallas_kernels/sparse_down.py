@@ -13,10 +13,7 @@ each position adds h[:, k] x down_t[idx[k]], whose row is read only if h[:, k] i
 some batch row (a block whose h is all zero loads no weights). A program whose run is empty
 loads nothing and writes zeros; bytes read follow the count. At 10% active a 7b layer has
 64 x 23 = 1472 programs with work: 11.2 per SM of an H100, 7.8 on an RTX PRO 6000 (188 SMs).
-Each row load is block_d (64) bf16 columns, 128 bytes: one full cache line. `prefetch=True`
-loads the next block's h columns and ids while this block's weight rows are in flight (one
-memory latency a block instead of two); it needs 90 registers at batch 1 and spills at 16, and no
-GPU has timed it yet (`benchmarks/gpu_variants.py` does), so it is off by default.
+Each row load is block_d (64) bf16 columns, 128 bytes: one full cache line.
 """
 
 from __future__ import annotations
@@ -55,7 +52,7 @@ def num_live_programs(count: int, d: int, *, block_n: int = BLOCK_N, block_d: in
 
 
 def sparse_down_kernel(h_ref, w_ref, idx_ref, count_ref, out_ref, *,
-                       block_n: int, block_d: int, num_splits: int, prefetch: bool):
+                       block_n: int, block_d: int, num_splits: int):
     """One program: columns block i, split s of the live prefix.
 
     Refs (whole arrays): h_ref `[B, F]` float32 compact order; w_ref `[F, D]`; idx_ref `[F]`
@@ -87,38 +84,29 @@ def sparse_down_kernel(h_ref, w_ref, idx_ref, count_ref, out_ref, *,
         w = plgpu.load(w_ref.at[row, cols], mask=col_ok & read, other=0)
         return acc + hk[:, None] * w.astype(jnp.float32)[None, :]
 
-    def body(j, carry):
-        acc, current = carry
-        if not prefetch:
-            for i in range(block_n):
-                acc = accumulate(acc, *operand(j, i))
-            return acc, current
-        # The next block's h and ids load while this block's weight rows are in flight.
-        upcoming = tuple(operand(j + 1, i) for i in range(block_n))
-        for op in current:
-            acc = accumulate(acc, *op)
-        return acc, upcoming
+    def body(j, acc):
+        for i in range(block_n):
+            acc = accumulate(acc, *operand(j, i))
+        return acc
 
-    zero = jnp.zeros((bs.shape[0], block_d), jnp.float32)
-    first = tuple(operand(0, i) for i in range(block_n)) if prefetch else ()
-    acc, _ = lax.fori_loop(jnp.int32(0), num_blocks, body, (zero, first))
+    acc = lax.fori_loop(jnp.int32(0), num_blocks, body,
+                        jnp.zeros((bs.shape[0], block_d), jnp.float32))
     plgpu.store(out_ref.at[s, bs[:, None], cols[None, :]], acc,
                 mask=b_ok[:, None] & col_ok[None, :])
 
 
 @functools.partial(
-    jax.jit, static_argnames=["block_n", "block_d", "num_splits", "num_warps", "prefetch",
-                              "interpret"])
+    jax.jit, static_argnames=["block_n", "block_d", "num_splits", "num_warps", "interpret"])
 def sparse_down_pallas(h, down_t, idx, count, *, block_n: int = BLOCK_N, block_d: int = BLOCK_D,
                        num_splits: int = NUM_SPLITS, num_warps: int = NUM_WARPS,
-                       prefetch: bool = False, interpret: bool = False):
+                       interpret: bool = False):
     """Pallas (Triton) `sparse_down`: partial sums per (column block, split), reduced in jnp."""
     assert block_n & (block_n - 1) == 0 and block_d & (block_d - 1) == 0, "powers of 2 only"
     b = h.shape[0]
     d = down_t.shape[1]
     block_d = min(block_d, pl.next_power_of_2(d))
     kernel = functools.partial(sparse_down_kernel, block_n=block_n, block_d=block_d,
-                               num_splits=num_splits, prefetch=prefetch)
+                               num_splits=num_splits)
     partial = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(d, block_d), num_splits),

@@ -13,27 +13,37 @@ import sys
 
 import pytest
 
-from sparseinfer_jax.bench.compile_policy import MAX_REGISTERS, MIN_LIVE_PER_SM
+from sparseinfer_jax.bench.compile_policy import (
+    MAX_EXTRA_LAUNCHES,
+    MAX_REGISTERS,
+    MIN_LIVE_PER_SM,
+)
 from sparseinfer_jax.bench.gpu_spec import SPECS_DIR
+from sparseinfer_jax.bench.toolchain import loop_launches
 from sparseinfer_jax.cli.main import main
 
 GPU = "h100"
-PALLAS_IN_SPARSE_PROGRAM = {"sign_predict", "sparse_gate_up", "sparse_down"}
+# The model's sparse MLP today: predictor, XLA compaction, then the two-stage kernels.
+PALLAS_IN_SPARSE_PROGRAM = {"predict_gate_up", "masked_down"}  # the per-layer op on a GPU
 
 
-def report(tmp_path, *flags: str, gpu: str = GPU) -> list[dict]:
-    """Runs the report in a fresh process (it sets JAX's platform and target) and reads --json."""
+def report(tmp_path, *flags: str, gpu: str = GPU) -> tuple[list[dict], list[str]]:
+    """Runs the report in a fresh process (it sets JAX's platform and target); its --json records
+    and its FAILED lines."""
     out = tmp_path / "report.json"
     run = subprocess.run(
         [sys.executable, "-m", "sparseinfer_jax.cli", "compile-report", "--gpu", gpu,
          "--batches", "1,16", "--json", str(out), *flags],
-        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=900)
-    assert run.returncode == 0, f"report failed:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}"
-    return json.loads(out.read_text())
+        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=1800)
+    failed = [ln for ln in run.stderr.splitlines() if ln.startswith("FAILED: ")]
+    assert run.returncode == (1 if failed else 0), (
+        f"report failed:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}")
+    return json.loads(out.read_text()), failed
 
 
-KERNELS = {"pack_sign_bits", "compact", "sign_predict", "signmag_predict", "sparse_gate_up_relu",
-           "sparse_gate_up_fatrelu", "sparse_down"}
+KERNELS = {"pack_sign_bits", "predict_gate_up_sign", "predict_gate_up_signmag",
+           "predict_gate_up_mask", "masked_down", "masked_down_atomic", "sign_predict",
+           "signmag_predict", "sparse_gate_up_relu", "sparse_gate_up_fatrelu", "sparse_down"}
 
 
 def check(records: list[dict], shape: str, programs: bool) -> None:
@@ -47,6 +57,8 @@ def check(records: list[dict], shape: str, programs: bool) -> None:
         if r["kind"] == "kernel":
             assert r["threads"] % 32 == 0 and len(r["grid"]) == 3, r
             assert r["resident_per_sm"] >= 1, r
+        elif r["kind"] == "program":  # the decode loop found, and a layer's launches
+            assert r["decode_launches"] > r["launches_per_layer"] > 0, r
         assert r["path"] == "pallas", r  # what auto runs on an H100 and an L4
         if r["name"] in ("generate_sparse", "sparse_mlp_layer"):
             assert set(r["pallas_kernels"]) == PALLAS_IN_SPARSE_PROGRAM, r
@@ -57,22 +69,66 @@ def check(records: list[dict], shape: str, programs: bool) -> None:
         for r in records:
             if r["kind"] == "kernel":
                 assert r["registers"] <= MAX_REGISTERS, r
-                if r["name"] != "compact":  # one program by design
-                    assert r["live_per_sm_10"] >= MIN_LIVE_PER_SM, r
+                assert r["live_per_sm_10"] >= MIN_LIVE_PER_SM, r
 
 
-def test_tiny_shape_compiles_kernels_and_programs(tmp_path):
-    check(report(tmp_path, "--shape", "tiny"), "tiny", programs=True)
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    return report(tmp_path_factory.mktemp("tiny"), "--shape", "tiny")
+
+
+def test_tiny_shape_compiles_kernels_and_programs(tiny_report):
+    records, failed = tiny_report
+    check(records, "tiny", programs=True)
+    # Only the launch target may fail (the next test): the kernels and programs pass.
+    assert all("launches" in line for line in failed), failed
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the model's sparse MLP still launches its predictor, an XLA compaction and two kernels; "
+    "once mlp.py calls pallas_kernels.sparse_mlp_layer (issue 20) this passes: remove the mark"))
+def test_sparse_decode_step_launches_at_most_dense_plus_two_a_layer(tiny_report):
+    records, failed = tiny_report
+    per_layer = {(r["batch"], r["name"]): r["launches_per_layer"] for r in records
+                 if r["kind"] == "program"}
+    for batch in (1, 16):
+        sparse, dense = per_layer[batch, "generate_sparse"], per_layer[batch, "generate_dense"]
+        assert sparse <= dense + MAX_EXTRA_LAUNCHES, (batch, sparse, dense)
+    assert not failed, failed
 
 
 def test_7b_kernels_compile_without_spills_within_register_and_occupancy_targets(tmp_path):
     # The kernels alone: a program compiles these same kernels (tiny above checks programs).
-    check(report(tmp_path, "--shape", "7b", "--no-programs"), "7b", programs=False)
+    records, failed = report(tmp_path, "--shape", "7b", "--no-programs")
+    assert not failed, failed
+    check(records, "7b", programs=False)
+
+
+def test_loop_launches_counts_the_biggest_loop_body():
+    """Leaf thunks under `body:`, branches included, containers and the condition not."""
+    text = """001: kCustomKernel  [source] prologue grid: [1, 1, 1] threads: [32, 1, 1]
+002: kWhile [prev=001 (1)]
+condition:
+    003: kCustomKernel [source] cond grid: [1, 1, 1] threads: [32, 1, 1]
+  body:
+    004: kCustomKernel [source] a grid: [1, 1, 1] threads: [32, 1, 1]
+    007: kConditional [prev=004 (1)]
+      false_branch:
+        005: kCustomKernel [source] b grid: [1, 1, 1] threads: [32, 1, 1]
+      true_branch:
+        006: kCopy [source] kCopy
+    008: kGemm [prev=007 (1)] gemm
+009: kCustomKernel [prev=002 (1)] epilogue grid: [1, 1, 1] threads: [32, 1, 1]
+"""
+    assert loop_launches(text) == 4
+    assert loop_launches("001: kCustomKernel [source] a grid: [1, 1, 1]\n") is None
 
 
 def test_l4_compiles_every_pallas_kernel(tmp_path):
     """Compute capability 8.9: auto runs the Pallas Triton kernels, and all of them compile."""
-    check(report(tmp_path, "--shape", "tiny", "--no-programs", gpu="l4"), "tiny", programs=False)
+    records, failed = report(tmp_path, "--shape", "tiny", "--no-programs", gpu="l4")
+    assert not failed, failed
+    check(records, "tiny", programs=False)
 
 
 def t4_written_apart(path) -> str:
@@ -94,7 +150,7 @@ def test_t4_layer_that_auto_runs_holds_no_triton_kernel(tmp_path, spec):
     compiled, and the sparse MLP layer compiles for the T4 with no Triton call in it. (The
     generate programs are the model's: `sparse_mlp_layer` is the part the kernels own.)"""
     gpu = t4_written_apart(tmp_path / "my-t4.txtpb") if spec != "t4" else spec
-    records = report(tmp_path, "--shape", "7b", "--no-programs", gpu=gpu)
+    records, _ = report(tmp_path, "--shape", "7b", "--no-programs", gpu=gpu)
     assert {r["name"] for r in records} == {"sparse_mlp_layer"}
     assert {r["gpu"] for r in records} == {"t4" if spec == "t4" else "my-t4"}
     assert {r["batch"] for r in records} == {1, 16}

@@ -9,7 +9,6 @@ import pytest
 
 from pallas_kernels import backend as bk
 from pallas_kernels import compact, sign_predict, threshold
-from pallas_kernels.compact import compact_pallas
 from pallas_kernels.pack import pack_sign_bits_numpy
 from pallas_kernels.predict import sign_predict_pallas
 from pallas_kernels.triton_check import triton_modules
@@ -185,30 +184,7 @@ def test_compact(backend, kind):
     np.testing.assert_array_equal(np.asarray(idx)[len(want):], 0)
 
 
-@pytest.mark.parametrize("f, chunk, p", [(1000, 64, 0.1), (333, 16, 0.9), (130, 32, 0.0),
-                                         (11008, 4096, 0.1)])
-def test_compact_pallas_over_several_chunks(f, chunk, p):
-    """The running count carries across chunks; the slots past it are zeroed (interpret mode
-    starts outputs poisoned, so a missed zero shows)."""
-    mask = np.random.default_rng(f).random(f) < p
-    idx, count = compact_pallas(jnp.asarray(mask), chunk=chunk, interpret=bk.interpret())
-    want = np.flatnonzero(mask)
-    assert int(count) == len(want)
-    np.testing.assert_array_equal(np.asarray(idx), np.r_[want, np.zeros(f - len(want), int)])
-
-
 # --- GPU ---------------------------------------------------------------------------------------
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not bk.on_gpu(), reason="needs a GPU")
-@pytest.mark.parametrize("f, p", [(11008, 0.1), (5632, 0.5), (77, 1.0)])
-def test_compact_compiled_on_gpu(f, p):
-    mask = np.random.default_rng(f).random(f) < p
-    idx, count = compact_pallas(jnp.asarray(mask))
-    want = np.flatnonzero(mask)
-    assert int(count) == len(want)
-    np.testing.assert_array_equal(np.asarray(idx), np.r_[want, np.zeros(f - len(want), int)])
-
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not bk.on_gpu(), reason="needs a GPU")

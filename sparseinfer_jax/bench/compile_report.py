@@ -20,6 +20,12 @@ Triton calls, 0 below compute capability 8.0 where auto takes the portable path)
 Triton kernel (only where auto runs them), and the `generate` programs on backend "auto".
 `--gpu` takes shipped spec names and spec files (`gpu_spec.gpu_spec`).
 
+Launches per layer: the thunk sequence nests a loop's body under it, so the decode step's
+launches are counted in the body of the program's biggest loop, and a second compile at another
+depth gives what one layer adds (`launches_per_layer`). The report fails when the sparse step's
+layer launches more than the dense one's plus `MAX_EXTRA_LAUNCHES`: each launch costs about a
+microsecond on a GPU even in a CUDA graph (issue 20).
+
 Occupancy arithmetic per kernel: `resident` = programs one SM can hold at once (registers,
 threads, shared memory and the 32-block limit), `live@5/10/20%` = programs that have work when
 that fraction of the neurons is active, per SM of the GPU (`core_count` in its spec). Memory
