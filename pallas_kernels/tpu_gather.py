@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.sparse_gate_up import activate
-from pallas_kernels.tpu_predict import interpret_mode
+from pallas_kernels.tpu_common import interpret_mode
 
 # Neurons a block: their copies are in flight together (64 x 8 KiB rows = 512 KiB at the 7b
 # shape in bfloat16, twice that double-buffered), and one MXU product covers them.

@@ -15,17 +15,12 @@ Mosaic kernel it would be the scalar core walking F flags one at a time (11008 a
 after a DMA to bring the vector unit's mask into SMEM; XLA's fused cumsum over 44 KiB is the
 simpler of the two, and the kernels then take the ids by scalar prefetch. Unmeasured on a TPU.
 
-Where the kernels run: compiled with Mosaic when JAX's default backend is a TPU, or inside
-`targeting_tpu()` (compiling for a TPU topology on a machine without one, see
-`sparseinfer_jax/compile_report_tpu.py`); everywhere else in Pallas' TPU interpreter on the CPU
-(slow: for tests).
+Where the kernels run (compiled, or interpreted on the CPU): `tpu_common.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 
 import chex
 import jax
@@ -35,6 +30,7 @@ from jax import lax
 from pallas_kernels.compact import compact_xla
 from pallas_kernels.pack import num_words
 from pallas_kernels.sparse_gate_up import ACTIVATIONS, activate
+from pallas_kernels.tpu_common import on_tpu
 from pallas_kernels.tpu_gather import (
     tpu_gate,
     tpu_rows,
@@ -47,30 +43,6 @@ from pallas_kernels.tpu_predict import tpu_votes
 
 PREDICTORS = ("sign", "signmag", "oracle")
 WEIGHT_DTYPES = (jnp.bfloat16, jnp.float32)
-
-_TARGET_TPU = False
-
-
-def on_tpu() -> bool:
-    """Whether the kernels are compiled for a TPU: JAX's default backend is one, or the caller
-    is compiling for one ahead of time (`targeting_tpu`)."""
-    return _TARGET_TPU or jax.default_backend() == "tpu"
-
-
-@contextlib.contextmanager
-def targeting_tpu() -> Iterator[None]:
-    """Within: the Mosaic kernels are compiled, not interpreted, whatever the default backend
-    (for compiling TPU programs without a TPU). Clears JAX's trace caches on entry and exit, so
-    no trace made for the other target is reused."""
-    global _TARGET_TPU
-    jax.clear_caches()
-    _TARGET_TPU = True
-    try:
-        yield
-    finally:
-        _TARGET_TPU = False
-        jax.clear_caches()
-
 
 def _check_weights(d: int, *weights: jnp.ndarray) -> None:
     """ValueError unless the weights are all `[F, D]` bfloat16 / float32 or all `tpu_rows`

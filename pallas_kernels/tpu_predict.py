@@ -34,6 +34,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.pack import pack_nonzero_bits_reference, pack_sign_bits_reference
 from pallas_kernels.predict import threshold
 from pallas_kernels.signmag import PLANES, x_words
+from pallas_kernels.tpu_common import interpret_mode
 
 PREDICTORS = ("sign", "signmag")
 # 512 neurons a program: a 256 KiB block of sign bits at W = 128 (the 7b shape), 22 programs at
@@ -69,12 +70,6 @@ def vote_inputs(x: jnp.ndarray, alpha: jnp.ndarray, predictor: str):
     n_nz = jnp.sum(x != 0, axis=-1, dtype=jnp.int32)
     return (pack_sign_bits_reference(x), pack_nonzero_bits_reference(x)[:, None],
             threshold(alpha, n_nz))
-
-
-def interpret_mode(interpret):
-    """`pallas_call`'s interpret argument: True means Pallas' TPU interpreter (simulated VMEM,
-    SMEM, DMAs and semaphores, uninitialised memory as NaN) with its default parameters."""
-    return pltpu.InterpretParams() if interpret is True else interpret
 
 
 @functools.partial(jax.jit, static_argnames=["predictor", "block_f", "interpret"])
