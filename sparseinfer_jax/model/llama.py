@@ -177,13 +177,21 @@ class Llama(nnx.Module):
 
     @property
     def mode(self) -> str:
-        """The decode-step MLP mode (`sparsity.mode`)."""
+        """The decode-step MLP mode (`sparsity.mode`; setting it replaces the setting)."""
         return self.sparsity.mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self.sparsity = self.with_sparsity(mode=mode)
 
     @property
     def backend(self) -> str:
-        """The sparse kernels' backend (`sparsity.backend`)."""
+        """The sparse kernels' backend (`sparsity.backend`; setting it replaces the setting)."""
         return self.sparsity.backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        self.sparsity = self.with_sparsity(backend=backend)
 
     def with_sparsity(self, **changes) -> Sparsity:
         """The model's `sparsity` with the fields in `changes` that are not None replaced,
