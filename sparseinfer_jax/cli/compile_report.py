@@ -29,6 +29,8 @@ def command(args: argparse.Namespace) -> int:
     gpus = list(GPUS) if gpu == "all" else [g for g in gpu.split(",") if g]
     if gpus:  # bad flags fail before the table starts
         check(gpus, args.shape, batches, args.layers)
+    for name in tpus:
+        compile_report_tpu.check_tpu(name)
     if args.json:
         check_output_file(args.json, "--json")
     # The plugin registers only when JAX's platform is the CPU (else it looks for a GPU driver);
