@@ -84,9 +84,6 @@ def test_tiny_shape_compiles_kernels_and_programs(tiny_report):
     assert all("launches" in line for line in failed), failed
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the model's sparse MLP still launches its predictor, an XLA compaction and two kernels; "
-    "once mlp.py calls pallas_kernels.sparse_mlp_layer (issue 20) this passes: remove the mark"))
 def test_sparse_decode_step_launches_at_most_dense_plus_two_a_layer(tiny_report):
     records, failed = tiny_report
     per_layer = {(r["batch"], r["name"]): r["launches_per_layer"] for r in records
