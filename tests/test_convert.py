@@ -106,6 +106,24 @@ def test_round_trip_sharded_float32(sharded, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def folder_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_free_space_check_counts_every_byte_written(sharded, tmp_path, monkeypatch, dtype):
+    asked = []
+    atomic = checkpoint.atomic_directory
+
+    def spy(out, *, overwrite=False, size=0):
+        asked.append(size)
+        return atomic(out, overwrite=overwrite, size=size)
+
+    monkeypatch.setattr(checkpoint, "atomic_directory", spy)
+    out = convert(sharded, tmp_path / "ckpt", dtype=dtype)
+    assert folder_bytes(out) <= asked[0] <= folder_bytes(out) + 2**20
+
+
 def test_tied_embeddings_have_no_lm_head(tied, tmp_path):
     out = convert(tied, tmp_path / "ckpt", dtype="float32", alpha=0.5)
     params = read_params(out)

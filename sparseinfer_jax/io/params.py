@@ -11,8 +11,8 @@ into a staging folder beside `params/` while the caller converts the next group,
 commits every group with `partial.finalize`, which renames and merges indexes: each array's bytes
 are written once and never re-read. Arrays are stored uncompressed (random-looking weights gain
 little from zstd, which would cost CPU on every load), and a 2-D array in up to `CHUNKS` chunks
-(zarr3 chunks inside one OCDBT value), so a process restoring only some rows or columns reads
-only the chunks that hold them.
+(zarr3 chunks inside one OCDBT value, `chunk_bytes`), so a process restoring only some rows or
+columns reads only the chunks that hold them.
 
 Reading gives orbax an abstract tree of `jax.ShapeDtypeStruct`s with the shardings the model
 needs; orbax reads, for each device of this process, only the chunks of its slice, at most
@@ -44,7 +44,7 @@ Path = tuple  # a params path: ("layers", 3, "mlp", "gate")
 
 # Arrays handed to one partial save. A partial save holds about twice its group in memory while
 # it writes (chunk copies, then the encoded value), so this bounds the converter's memory.
-GROUP_BYTES = 256 * 2**20
+GROUP_BYTES = 384 * 2**20
 # Chunks per 2-D array: a shard of an axis split 2, 4, 8 or 16 ways covers whole chunks.
 CHUNKS = 16
 # Orbax's smallest recommended chunk (it warns below 1 MiB); smaller arrays stay one chunk.
@@ -98,12 +98,42 @@ def _orbax_quiet() -> Iterator[None]:
         absl_logging.set_verbosity(level)
 
 
-def _chunking(keypath, value) -> Any:
-    """Orbax storage options of one leaf: 2-D arrays in up to `CHUNKS` chunks."""
-    if np.ndim(value) != 2 or value.nbytes < 2 * MIN_CHUNK_BYTES:
+def chunk_bytes(shape: tuple[int, ...], itemsize: int) -> int | None:
+    """The `chunk_byte_size` orbax is given for an array (None: one chunk).
+
+    Orbax picks the largest chunk within that size by shrinking the longest axis, rows on a tie,
+    to its next smaller divisor, one step at a time. An array orbax can split 4 or more times along
+    its rows before it would split columns (gate, up, down_t, the embeddings, the sign bits) gets
+    row blocks only, `rows / k` rows for the largest such power of two `k`: contiguous in memory,
+    so tensorstore writes them without copying. Any other 2-D array (the attention projections)
+    gets up to `CHUNKS` chunks that split both axes. No chunk is below `MIN_CHUNK_BYTES`.
+    """
+    if len(shape) != 2:
         return None
-    return ocp.options.ArrayOptions.Saving.StorageOptions(
-        chunk_byte_size=max(value.nbytes // CHUNKS, MIN_CHUNK_BYTES))
+    rows, cols = shape
+    nbytes = rows * cols * itemsize
+    most = min(CHUNKS, nbytes // MIN_CHUNK_BYTES)
+    if most < 2:
+        return None
+    k = 1
+    while 2 * k <= most and rows % (2 * k) == 0 and _rows_reach(rows, 2 * k, cols):
+        k *= 2
+    return nbytes // k if k >= 4 else nbytes // most
+
+
+def _rows_reach(rows: int, k: int, cols: int) -> bool:
+    """Whether orbax, shrinking rows from `rows`, gets to `rows / k` before shrinking columns:
+    every divisor of `rows` above `rows / k` must be at least `cols`."""
+    next_above = rows // max(e for e in range(1, k) if rows % e == 0)
+    return next_above >= cols
+
+
+def _chunking(keypath, value) -> Any:
+    """Orbax storage options of one leaf (see `chunk_bytes`)."""
+    size = chunk_bytes(np.shape(value), value.dtype.itemsize)
+    if size is None:
+        return None
+    return ocp.options.ArrayOptions.Saving.StorageOptions(chunk_byte_size=size)
 
 
 def size_on_disk(specs: dict[Path, tuple[tuple[int, ...], np.dtype]]) -> int:
