@@ -18,9 +18,12 @@ Reading gives orbax an abstract tree of `jax.ShapeDtypeStruct`s with the shardin
 needs; orbax reads, for each device of this process, only the chunks of its slice, at most
 `READ_BYTES` in flight, and places it on the device.
 
-Orbax reports its failures through absl.logging, with a traceback, before raising them; this
-module turns every failure into one `UserError` line, so absl's verbosity is held at FATAL while
-orbax runs (`_orbax_quiet`).
+Orbax reports its failures through absl.logging, with a traceback, before raising them, and a
+failed save leaves tensorstore callbacks that Python reports as unraisable errors; this module
+turns every failure into one `UserError` line (or the OSError a write got), so while orbax runs
+absl's verbosity is held at FATAL and those callbacks are dropped (`_orbax_quiet`). Ctrl-C is held
+back while orbax starts a save or commits (`_interrupt_after`), so the writer always has what to
+wait for before its staging folder is removed.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ import gc
 import math
 import os
 import re
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -88,14 +94,44 @@ def flatten(tree: dict[str, Any]) -> dict[Path, Any]:
     return {params_path(tuple(k.key for k in keypath)): leaf for keypath, leaf in leaves}
 
 
+def _closed_loop(unraisable) -> bool:
+    """Whether an unraisable exception is a tensorstore callback finding orbax's event loop closed:
+    when a save fails, orbax closes its loop while other writes of the group are still running,
+    and each one's completion is then reported this way. The failure itself is raised."""
+    e = unraisable.exc_value
+    return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+
+
 @contextlib.contextmanager
 def _orbax_quiet() -> Iterator[None]:
-    level = absl_logging.get_verbosity()
+    """While orbax runs: absl (its log) at FATAL, and the late callbacks of a failed save dropped;
+    the caller reports every failure as one line."""
+    level, hook = absl_logging.get_verbosity(), sys.unraisablehook
     absl_logging.set_verbosity(absl_logging.FATAL)
+    sys.unraisablehook = lambda unraisable: _closed_loop(unraisable) or hook(unraisable)
     try:
         yield
     finally:
         absl_logging.set_verbosity(level)
+        sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Holds Ctrl-C back until the block ends (in the main thread; elsewhere Python delivers none):
+    interrupted inside orbax's save or finalize, its threads would go on writing into the staging
+    folder after the caller removed it, with no handle left to wait for them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
 
 
 def chunk_bytes(shape: tuple[int, ...], itemsize: int) -> int | None:
@@ -159,6 +195,7 @@ class Writer:
     it, in `folder + ".partial_save"`). A failed write raises OSError when the OS refused it
     (a full disk: ENOSPC). On any exception (Ctrl-C included) the writer first waits for the
     group in flight, so that nothing writes into the staging folder after the caller removes it.
+    Use it as a context manager (orbax's log is quiet inside).
     """
 
     def __init__(self, folder: str):
@@ -184,8 +221,7 @@ class Writer:
         if response is None:
             return
         try:
-            with _orbax_quiet():
-                response.result()
+            response.result()
         except KeyboardInterrupt:
             self._settle(response)
             raise
@@ -195,13 +231,13 @@ class Writer:
     @staticmethod
     def _settle(response) -> None:
         """Waits for an interrupted save to end, whatever its outcome."""
-        with contextlib.suppress(Exception), _orbax_quiet():
+        with contextlib.suppress(Exception):
             response.result()
 
     def _save_group(self) -> None:
         self._wait()
         group, self._group, self._bytes = self._group, {}, 0
-        with self._context, _orbax_quiet():
+        with self._context, _interrupt_after():
             self._in_flight = ocp.partial.save_async(self.folder, nest(group))
 
     def finish(self) -> None:
@@ -210,18 +246,23 @@ class Writer:
             self._save_group()
         self._wait()
         try:
-            with self._context, _orbax_quiet():
+            with self._context, _interrupt_after():
                 ocp.partial.finalize(self.folder)
         except (ValueError, OSError) as e:
             raise _write_error(self.folder, e) from None
 
     def __enter__(self) -> Writer:
+        self._quiet = _orbax_quiet()
+        self._quiet.__enter__()
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
-        if self._in_flight is not None:
-            response, self._in_flight = self._in_flight, None
-            self._settle(response)
+        try:
+            if self._in_flight is not None:
+                response, self._in_flight = self._in_flight, None
+                self._settle(response)
+        finally:
+            self._quiet.__exit__(None, None, None)
 
 
 def _reason(e: BaseException) -> str:
