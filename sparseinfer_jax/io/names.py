@@ -5,7 +5,7 @@ HF stores linear weights as (out, in), and so do the attention projections and t
 MLP keeps one contiguous row per neuron: `gate` and `up` are HF's (F, D) as is, and `down_t` is
 HF's down_proj (D, F) transposed to (F, D). Paths are the model's own (`nnx.to_pure_dict` of a
 `Llama`): per-layer tensors live at `("layers", i, ...)`, one array per layer, never stacked. In a
-checkpoint file a path is the tensor name joined with dots (`layers.3.mlp.gate`).
+checkpoint's orbax tree the keys are strings (`layers/3/mlp/gate`, io/params.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from sparseinfer_jax.io.tensorfiles import tensor_name, tensor_path
 from sparseinfer_jax.model.config import LlamaConfig
-
-__all__ = ["tensor_name", "tensor_path"]  # re-exported: the checkpoint's tensor names
 
 LAYER = "{i}"
 
