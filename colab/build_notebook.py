@@ -106,10 +106,10 @@ What a 7B Llama-2 needs on the GPU in a 16-bit dtype (6.74 B parameters, 32 laye
   16k cache, or a batch of 11 at 4k (32 at 2k).
 
 Host side, for the conversion: the download is 27 GB of float32 safetensors for either 7B model
-(in the hub cache), the converter streams one tensor at a time (anonymous memory of a few
-tensors; Colab's 12.7 GB of RAM is enough), and the disk needs the download plus about twice the
-13.5 GB output while converting (~55 GB peak of Colab's ~100 GB). The cell below computes these
-numbers from the model's own `config.json`."""),
+(in the hub cache), the converter streams one tensor at a time and writes groups of up to 384 MiB
+(about 1.5 GB of RAM; Colab has 12.7 GB), and the disk needs the download plus the 13.5 GB output,
+each byte written once (~41 GB of Colab's ~100 GB). The cell below computes the GPU figures from
+the model's own `config.json`."""),
     ("code", """\
 import json
 from pathlib import Path
@@ -161,9 +161,9 @@ for gpu, size in COLAB_GPUS.items():
 ## 3. Convert to a SparseInfer checkpoint
 
 The converter downloads the model (hub ids; progress bars from `huggingface_hub`), then streams one
-tensor at a time into the checkpoint layout: bf16 weights with each neuron's rows contiguous and
-the sign bits of `W_gate` packed 32 to a uint32. It writes into a temporary folder renamed at the
-end. An existing checkpoint is reused, never overwritten: delete the folder to convert again.
+tensor at a time into the checkpoint layout, an orbax checkpoint (`params/`) beside `config.json`
+and the tokenizer: bf16 weights with each neuron's rows contiguous and the sign bits of `W_gate`
+packed 32 to a uint32. It writes into a temporary folder renamed at the end. An existing checkpoint is reused, never overwritten: delete the folder to convert again.
 To keep the checkpoint across Colab sessions, set `SPARSEINFER_OUT` to a folder on Google Drive.
 
 Both 7B repos ship only a sentencepiece `tokenizer.model`; the cell saves the equivalent
