@@ -214,9 +214,11 @@ def predict_gate_up_kernel(*refs, vote: str, activation: str, threshold: float, 
     else:
         per_row = _vote(x_ref, bits_ref, alpha_ref, rows, row_ok, bs, b_ok, vote=vote,
                         block_w=block_w, block_d=block_d, interpret=interpret)
-        predicted = jnp.sum(per_row.astype(jnp.int32))
-        # A sum, not jnp.any: Pallas Triton has no reduce_or.
-        active = jnp.sum(per_row.astype(jnp.int32), axis=0) > 0
+        # A sum, not jnp.any: Pallas Triton has no reduce_or. One axis at a time: jax 0.12's
+        # Triton lowering of a two-axis reduction fails under an abstract mesh.
+        per_neuron = jnp.sum(per_row.astype(jnp.int32), axis=0)
+        predicted = jnp.sum(per_neuron)
+        active = per_neuron > 0
 
     matvecs = functools.partial(gathered_matvecs, x_ref, rows=rows, bs=bs, b_ok=b_ok, slots=slots,
                                 block_d=block_d)
