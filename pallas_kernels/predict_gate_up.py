@@ -21,8 +21,8 @@ buffer: the accumulator that `masked_down`'s atomic variant adds into, cleared h
 variant needs no launch of its own.
 
 The vote is exact against `predict.sign_predict_reference` and `signmag.signmag_reference`:
-signmag's scale 7 / max|x| is an IEEE division (Triton's `/` is `div.full`, within 2 ulp, so the
-kernel divides with `div.rn` in inline PTX) and rounds half to even as `jnp.round` does.
+signmag's scale 7 / max|x| and each |x| * scale are rounded once as on the CPU (`ieee`), and
+rounded to integers half to even as `jnp.round` does.
 """
 
 from __future__ import annotations
@@ -62,14 +62,19 @@ def num_programs(f: int, *, block_f: int = BLOCK_F) -> int:
     return pl.cdiv(f, block_f)
 
 
-def div_exact(a: jnp.ndarray, b: jnp.ndarray, interpret: bool) -> jnp.ndarray:
-    """float32 a / b rounded as IEEE division (`jnp`'s), in a kernel: `div.rn.f32` on a GPU."""
+def ieee(op: str, a: jnp.ndarray, b: jnp.ndarray, interpret: bool) -> jnp.ndarray:
+    """float32 a / b ("div") or a * b ("mul") rounded once, as `jnp` on the CPU does, in a kernel.
+
+    On a GPU through inline PTX (`div.rn.f32`, `mul.rn.f32`): Triton's `/` is `div.full`
+    (within 2 ulp), and a plain product feeding an add may be fused into an `fma`, which skips
+    the product's rounding; an explicitly rounded PTX op is neither.
+    """
     if interpret:
-        return a / b
-    (q,) = plgpu.elementwise_inline_asm(
-        "div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
+        return a / b if op == "div" else a * b
+    (out,) = plgpu.elementwise_inline_asm(
+        f"{op}.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])
-    return q
+    return out
 
 
 def round_half_even(v: jnp.ndarray) -> jnp.ndarray:
@@ -128,13 +133,16 @@ def _vote(x_ref, bits_ref, alpha_ref, rows, row_ok, bs, b_ok, *, vote: str, bloc
 
         top = lax.fori_loop(0, pl.cdiv(d, block_d), top_body, jnp.zeros((bp,), jnp.float32))
         levels = jnp.full((bp,), 2.0**PLANES - 1, jnp.float32)
-        scale = jnp.where(top > 0, div_exact(levels, jnp.where(top > 0, top, 1.0), interpret), 0.0)
+        scale = jnp.where(top > 0, ieee("div", levels, jnp.where(top > 0, top, 1.0), interpret),
+                          0.0)
 
         def body(j, carry):
             n_neg, total = carry
             words = j * block_w + words0
             xv = _x_tile(x_ref, words, bs, b_ok)
-            q = round_half_even(jnp.abs(xv) * scale[:, None, None]).astype(jnp.int32)
+            a = jnp.abs(xv)
+            q = round_half_even(ieee("mul", a, jnp.broadcast_to(scale[:, None, None], a.shape),
+                                     interpret)).astype(jnp.int32)
             differ = weight_words(words)[None] ^ _pack(xv < 0)[:, None]
             for p in range(PLANES):
                 plane = _pack(((q >> p) & 1) == 1)
