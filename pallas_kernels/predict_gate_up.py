@@ -44,13 +44,15 @@ VOTES = ("sign", "signmag", "mask")
 # 8 neurons a program: 1376 programs at the 7b shape (F = 11008), all of which vote: 7.3 per SM
 # on the 188 SMs of an RTX PRO 6000, the most of the GPUs the compile report knows.
 BLOCK_F = 8
-# One active neuron's rows at a time, each a whole-D gather at batch 1 (8 KiB of a 7b bf16 row in
-# flight per program): at 10 % active a block holds 0.8 active neurons on average.
+# One active neuron's rows at a time, each read in `TILE`-column gathers (4 KiB of a 7b bf16 row in
+# flight per program at batch 1): at 10 % active a block holds 0.8 active neurons on average.
 SLOTS = 1
-# Elements of x in a vote step (`[B padded, words, 32]`) and of a gate/up step's product tile
-# (`[B padded, slots, block_d]`). With 4 warps that is 72-80 registers at batch 1 to 16 (the
-# compile report, H100); 2 warps took 124-165.
-TILE = 4096
+# Elements of a gate/up step's product tile (`[B padded, slots, block_d]`: half a 7b row at batch
+# 1) and of x in a vote step (`[B padded, words, 32]`: all of a 7b x at batch 1). With 4 warps
+# that is 48-96 registers at batch 1 to 16 on every shipped spec; 2 warps took 124-165, and a
+# 4096-element gate/up tile spilled 8-16 bytes on sm_86 and sm_100 (the compile report).
+TILE = 2048
+VOTE_TILE = 4096
 MIN_BLOCK_D = 128
 NUM_WARPS = 4
 # Columns of the `[B, D]` accumulator a program zeroes (`zero_out`): the first programs do it all.
@@ -240,22 +242,25 @@ def predict_gate_up_kernel(*refs, vote: str, activation: str, threshold: float, 
     plgpu.store(predicted_ref.at[i + jnp.arange(1)], jnp.full((1,), predicted, jnp.int32))
 
 
-def block_sizes(b: int, d: int, *, slots: int = SLOTS, tile: int = TILE) -> tuple[int, int]:
+def block_sizes(b: int, d: int, *, slots: int = SLOTS, tile: int = TILE,
+                vote_tile: int = VOTE_TILE) -> tuple[int, int]:
     """(block_d, block_w) at batch b: a gate/up step's columns and a vote step's words."""
     bp = pl.next_power_of_2(b)
     block_d = min(max(MIN_BLOCK_D, tile // (bp * slots)), pl.next_power_of_2(d))
-    block_w = min(max(1, tile // (bp * WORD_BITS)), pl.next_power_of_2(pl.cdiv(d, WORD_BITS)))
+    block_w = min(max(1, vote_tile // (bp * WORD_BITS)),
+                  pl.next_power_of_2(pl.cdiv(d, WORD_BITS)))
     return block_d, block_w
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=["vote", "activation", "threshold", "block_f", "slots", "tile", "num_warps",
-                     "zero_out", "interpret"])
+    static_argnames=["vote", "activation", "threshold", "block_f", "slots", "tile", "vote_tile",
+                     "num_warps", "zero_out", "interpret"])
 def predict_gate_up_pallas(x, gate, up, *, alpha=None, bits=None, mask=None, vote: str = "sign",
                            activation: str = "relu", threshold: float = 0.0,
                            block_f: int = BLOCK_F, slots: int = SLOTS, tile: int = TILE,
-                           num_warps: int = NUM_WARPS, zero_out: bool = False,
+                           vote_tile: int = VOTE_TILE, num_warps: int = NUM_WARPS,
+                           zero_out: bool = False,
                            interpret: bool = False):
     """Pallas (Triton) predict + gate + up over blocks of `block_f` neurons.
 
@@ -276,7 +281,7 @@ def predict_gate_up_pallas(x, gate, up, *, alpha=None, bits=None, mask=None, vot
     b, d = x.shape
     f = gate.shape[0]
     grid = num_programs(f, block_f=block_f)
-    block_d, block_w = block_sizes(b, d, slots=slots, tile=tile)
+    block_d, block_w = block_sizes(b, d, slots=slots, tile=tile, vote_tile=vote_tile)
     zero_block = max(ZERO_BLOCK, pl.next_power_of_2(pl.cdiv(d, grid))) if zero_out else 0
     kernel = functools.partial(
         predict_gate_up_kernel, vote=vote, activation=activation, threshold=threshold,
