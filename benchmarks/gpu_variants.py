@@ -40,8 +40,8 @@ from sparseinfer_jax.bench.timing import time_in_a_loop
 
 DTYPE, ITEM = jnp.bfloat16, 2
 # Launch shapes tried beside the defaults: `layer_pallas` keyword arguments.
-UP_CANDIDATES = (dict(up_num_warps=2, up_tile=2048), dict(up_slots=2), dict(up_block_f=16),
-                 dict(up_block_f=16, up_slots=4), dict(up_block_f=4))
+UP_CANDIDATES = (dict(up_tile=4096, up_num_warps=8), dict(up_num_warps=2), dict(up_slots=2),
+                 dict(up_block_f=16), dict(up_block_f=16, up_slots=4), dict(up_block_f=4))
 DOWN_CANDIDATES = (dict(down_block_r=256, down_slots=32, down_num_warps=4),
                    dict(down_block_r=64, down_slots=8), dict(down_block_d=256, down_num_warps=4),
                    dict(down_block_d=64), dict(down_slots=32, down_num_warps=4))

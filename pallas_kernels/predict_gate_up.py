@@ -21,8 +21,8 @@ buffer: the accumulator that `masked_down`'s atomic variant adds into, cleared h
 variant needs no launch of its own.
 
 The vote is exact against `predict.sign_predict_reference` and `signmag.signmag_reference`:
-signmag's scale 7 / max|x| is an IEEE division (Triton's `/` is `div.full`, within 2 ulp, so the
-kernel divides with `div.rn` in inline PTX) and rounds half to even as `jnp.round` does.
+signmag's scale 7 / max|x| and each |x| * scale are rounded once as on the CPU (`ieee`), and
+rounded to integers half to even as `jnp.round` does.
 """
 
 from __future__ import annotations
@@ -44,13 +44,15 @@ VOTES = ("sign", "signmag", "mask")
 # 8 neurons a program: 1376 programs at the 7b shape (F = 11008), all of which vote: 7.3 per SM
 # on the 188 SMs of an RTX PRO 6000, the most of the GPUs the compile report knows.
 BLOCK_F = 8
-# One active neuron's rows at a time, each a whole-D gather at batch 1 (8 KiB of a 7b bf16 row in
-# flight per program): at 10 % active a block holds 0.8 active neurons on average.
+# One active neuron's rows at a time, each read in `TILE`-column gathers (4 KiB of a 7b bf16 row in
+# flight per program at batch 1): at 10 % active a block holds 0.8 active neurons on average.
 SLOTS = 1
-# Elements of x in a vote step (`[B padded, words, 32]`) and of a gate/up step's product tile
-# (`[B padded, slots, block_d]`). With 4 warps that is 72-80 registers at batch 1 to 16 (the
-# compile report, H100); 2 warps took 124-165.
-TILE = 4096
+# Elements of a gate/up step's product tile (`[B padded, slots, block_d]`: half a 7b row at batch
+# 1) and of x in a vote step (`[B padded, words, 32]`: all of a 7b x at batch 1). With 4 warps
+# that is 48-96 registers at batch 1 to 16 on every shipped spec; 2 warps took 124-165, and a
+# 4096-element gate/up tile spilled 8-16 bytes on sm_86 and sm_100 (the compile report).
+TILE = 2048
+VOTE_TILE = 4096
 MIN_BLOCK_D = 128
 NUM_WARPS = 4
 # Columns of the `[B, D]` accumulator a program zeroes (`zero_out`): the first programs do it all.
@@ -62,14 +64,19 @@ def num_programs(f: int, *, block_f: int = BLOCK_F) -> int:
     return pl.cdiv(f, block_f)
 
 
-def div_exact(a: jnp.ndarray, b: jnp.ndarray, interpret: bool) -> jnp.ndarray:
-    """float32 a / b rounded as IEEE division (`jnp`'s), in a kernel: `div.rn.f32` on a GPU."""
+def ieee(op: str, a: jnp.ndarray, b: jnp.ndarray, interpret: bool) -> jnp.ndarray:
+    """float32 a / b ("div") or a * b ("mul") rounded once, as `jnp` on the CPU does, in a kernel.
+
+    On a GPU through inline PTX (`div.rn.f32`, `mul.rn.f32`): Triton's `/` is `div.full`
+    (within 2 ulp), and a plain product feeding an add may be fused into an `fma`, which skips
+    the product's rounding; an explicitly rounded PTX op is neither.
+    """
     if interpret:
-        return a / b
-    (q,) = plgpu.elementwise_inline_asm(
-        "div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
+        return a / b if op == "div" else a * b
+    (out,) = plgpu.elementwise_inline_asm(
+        f"{op}.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])
-    return q
+    return out
 
 
 def round_half_even(v: jnp.ndarray) -> jnp.ndarray:
@@ -128,13 +135,16 @@ def _vote(x_ref, bits_ref, alpha_ref, rows, row_ok, bs, b_ok, *, vote: str, bloc
 
         top = lax.fori_loop(0, pl.cdiv(d, block_d), top_body, jnp.zeros((bp,), jnp.float32))
         levels = jnp.full((bp,), 2.0**PLANES - 1, jnp.float32)
-        scale = jnp.where(top > 0, div_exact(levels, jnp.where(top > 0, top, 1.0), interpret), 0.0)
+        scale = jnp.where(top > 0, ieee("div", levels, jnp.where(top > 0, top, 1.0), interpret),
+                          0.0)
 
         def body(j, carry):
             n_neg, total = carry
             words = j * block_w + words0
             xv = _x_tile(x_ref, words, bs, b_ok)
-            q = round_half_even(jnp.abs(xv) * scale[:, None, None]).astype(jnp.int32)
+            a = jnp.abs(xv)
+            q = round_half_even(ieee("mul", a, jnp.broadcast_to(scale[:, None, None], a.shape),
+                                     interpret)).astype(jnp.int32)
             differ = weight_words(words)[None] ^ _pack(xv < 0)[:, None]
             for p in range(PLANES):
                 plane = _pack(((q >> p) & 1) == 1)
@@ -214,9 +224,11 @@ def predict_gate_up_kernel(*refs, vote: str, activation: str, threshold: float, 
     else:
         per_row = _vote(x_ref, bits_ref, alpha_ref, rows, row_ok, bs, b_ok, vote=vote,
                         block_w=block_w, block_d=block_d, interpret=interpret)
-        predicted = jnp.sum(per_row.astype(jnp.int32))
-        # A sum, not jnp.any: Pallas Triton has no reduce_or.
-        active = jnp.sum(per_row.astype(jnp.int32), axis=0) > 0
+        # A sum, not jnp.any: Pallas Triton has no reduce_or. One axis at a time: jax 0.12's
+        # Triton lowering of a two-axis reduction fails under an abstract mesh.
+        per_neuron = jnp.sum(per_row.astype(jnp.int32), axis=0)
+        predicted = jnp.sum(per_neuron)
+        active = per_neuron > 0
 
     matvecs = functools.partial(gathered_matvecs, x_ref, rows=rows, bs=bs, b_ok=b_ok, slots=slots,
                                 block_d=block_d)
@@ -230,22 +242,25 @@ def predict_gate_up_kernel(*refs, vote: str, activation: str, threshold: float, 
     plgpu.store(predicted_ref.at[i + jnp.arange(1)], jnp.full((1,), predicted, jnp.int32))
 
 
-def block_sizes(b: int, d: int, *, slots: int = SLOTS, tile: int = TILE) -> tuple[int, int]:
+def block_sizes(b: int, d: int, *, slots: int = SLOTS, tile: int = TILE,
+                vote_tile: int = VOTE_TILE) -> tuple[int, int]:
     """(block_d, block_w) at batch b: a gate/up step's columns and a vote step's words."""
     bp = pl.next_power_of_2(b)
     block_d = min(max(MIN_BLOCK_D, tile // (bp * slots)), pl.next_power_of_2(d))
-    block_w = min(max(1, tile // (bp * WORD_BITS)), pl.next_power_of_2(pl.cdiv(d, WORD_BITS)))
+    block_w = min(max(1, vote_tile // (bp * WORD_BITS)),
+                  pl.next_power_of_2(pl.cdiv(d, WORD_BITS)))
     return block_d, block_w
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=["vote", "activation", "threshold", "block_f", "slots", "tile", "num_warps",
-                     "zero_out", "interpret"])
+    static_argnames=["vote", "activation", "threshold", "block_f", "slots", "tile", "vote_tile",
+                     "num_warps", "zero_out", "interpret"])
 def predict_gate_up_pallas(x, gate, up, *, alpha=None, bits=None, mask=None, vote: str = "sign",
                            activation: str = "relu", threshold: float = 0.0,
                            block_f: int = BLOCK_F, slots: int = SLOTS, tile: int = TILE,
-                           num_warps: int = NUM_WARPS, zero_out: bool = False,
+                           vote_tile: int = VOTE_TILE, num_warps: int = NUM_WARPS,
+                           zero_out: bool = False,
                            interpret: bool = False):
     """Pallas (Triton) predict + gate + up over blocks of `block_f` neurons.
 
@@ -266,7 +281,7 @@ def predict_gate_up_pallas(x, gate, up, *, alpha=None, bits=None, mask=None, vot
     b, d = x.shape
     f = gate.shape[0]
     grid = num_programs(f, block_f=block_f)
-    block_d, block_w = block_sizes(b, d, slots=slots, tile=tile)
+    block_d, block_w = block_sizes(b, d, slots=slots, tile=tile, vote_tile=vote_tile)
     zero_block = max(ZERO_BLOCK, pl.next_power_of_2(pl.cdiv(d, grid))) if zero_out else 0
     kernel = functools.partial(
         predict_gate_up_kernel, vote=vote, activation=activation, threshold=threshold,

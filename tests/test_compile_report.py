@@ -53,7 +53,7 @@ def check(records: list[dict], shape: str, programs: bool) -> None:
     assert {r["batch"] for r in records} == {1, 16}
     for r in records:
         assert r["compiled"] and r["error"] is None, r
-        assert r["spill_bytes"] == 0 and r["registers"] <= 255, r
+        assert r["pressure_spill_bytes"] == 0 and r["registers"] <= 255, r
         if r["kind"] == "kernel":
             assert r["threads"] % 32 == 0 and len(r["grid"]) == 3, r
             assert r["resident_per_sm"] >= 1, r

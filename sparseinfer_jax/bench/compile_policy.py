@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sparseinfer_jax.bench.toolchain import PRESSURE_OPTION
+
 MAX_REGISTERS = 128
 MIN_LIVE_PER_SM = 4
 # A sparse decode step may launch at most this many more kernels a layer than the dense one.
@@ -11,7 +13,8 @@ TARGET_SHAPES = ("7b", "13b")
 
 
 def failures(records: list[dict]) -> list[str]:
-    """What makes the report fail, per Pallas kernel: a compile error, a spilled byte, more than
+    """What makes the report fail, per Pallas kernel: a compile error, a spilled byte (at
+    `PRESSURE_OPTION`: a spill the registers force, not one ptxas chooses for occupancy), more than
     MAX_REGISTERS registers, or (at the shapes of real models, `TARGET_SHAPES`) fewer than
     MIN_LIVE_PER_SM programs with work per SM at 10% active; per `generate` program, a sparse
     decode step launching more than MAX_EXTRA_LAUNCHES kernels a layer beyond the dense one's. XLA's
@@ -22,8 +25,8 @@ def failures(records: list[dict]) -> list[str]:
         if not r["compiled"]:
             out.append(what + str(r["error"]))
             continue
-        if r["spill_bytes"]:
-            out.append(what + f"{r['spill_bytes']} spill bytes")
+        if r["pressure_spill_bytes"]:
+            out.append(what + f"{r['pressure_spill_bytes']} spill bytes ({PRESSURE_OPTION})")
         if r["kind"] == "kernel" and (r["registers"] or 0) > MAX_REGISTERS:
             out.append(what + f"{r['registers']} registers (at most {MAX_REGISTERS})")
         live = r.get("live_per_sm_10")
