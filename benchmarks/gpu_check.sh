@@ -111,7 +111,7 @@ for m in ('jax', 'jaxlib', 'flax', 'chex', 'numpy', 'pytest', 'triton'):
 import jax
 print(jax.devices(), jax.default_backend())
 \"; command -v nvidia-smi >/dev/null && nvidia-smi || true"
-step gpu_tests 90 "$PY" -m pytest -p no:cacheprovider -q -rs -m gpu \
+step gpu_tests 90 "$PY" -m pytest -p no:cacheprovider -o addopts="" -q -rs -m gpu \
   tests/test_kernels_sparse_layer.py
 step bench_7b 210 "$PY" -m sparseinfer_jax.cli bench --shape "$SHAPE" --layers "$LAYERS" \
   --dtype bfloat16 --tokens "$TOKENS" --repeats "$REPEATS" --backend "$BACKEND" \

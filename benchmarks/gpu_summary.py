@@ -108,8 +108,7 @@ def compile_lines(path: pathlib.Path) -> list[str]:
             lines.append(f"  {r['gpu']} B={r['batch']} {r['name']}: FAILED {r['error']}")
         elif r["kind"] == "kernel":
             lines.append(f"  {r['gpu']} B={r['batch']} {r['name']:<23} {r['registers']:>3} regs "
-                         f"{r['spill_bytes']} spill ({r.get('pressure_spill_bytes')} at level "
-                         f"10), grid {r['grid']}, "
+                         f"{r['spill_bytes']} spill, grid {r['grid']}, "
                          f"{r.get('live_per_sm_10')} live/SM at 10 %")
         else:
             lines.append(f"  {r['gpu']} B={r['batch']} {r['name']:<23} {r['kernels']} launches, "

@@ -163,7 +163,8 @@ for gpu, size in COLAB_GPUS.items():
 The converter downloads the model (hub ids; progress bars from `huggingface_hub`), then streams one
 tensor at a time into the checkpoint layout, an orbax checkpoint (`params/`) beside `config.json`
 and the tokenizer: bf16 weights with each neuron's rows contiguous and the sign bits of `W_gate`
-packed 32 to a uint32. It writes into a temporary folder renamed at the end. An existing checkpoint is reused, never overwritten: delete the folder to convert again.
+packed 32 to a uint32. It writes into a temporary folder renamed at the end. An existing
+checkpoint is reused, never overwritten: delete the folder to convert again.
 To keep the checkpoint across Colab sessions, set `SPARSEINFER_OUT` to a folder on Google Drive.
 
 Both 7B repos ship only a sentencepiece `tokenizer.model`; the cell saves the equivalent

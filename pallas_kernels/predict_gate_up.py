@@ -44,14 +44,16 @@ VOTES = ("sign", "signmag", "mask")
 # 8 neurons a program: 1376 programs at the 7b shape (F = 11008), all of which vote: 7.3 per SM
 # on the 188 SMs of an RTX PRO 6000, the most of the GPUs the compile report knows.
 BLOCK_F = 8
-# One active neuron's rows at a time, each read in `TILE`-column gathers (4 KiB of a 7b bf16 row in
+# One active neuron's rows at a time, each read in `TILE`-column gathers (2 KiB of a 7b bf16 row in
 # flight per program at batch 1): at 10 % active a block holds 0.8 active neurons on average.
 SLOTS = 1
-# Elements of a gate/up step's product tile (`[B padded, slots, block_d]`: half a 7b row at batch
-# 1) and of x in a vote step (`[B padded, words, 32]`: all of a 7b x at batch 1). With 4 warps
-# that is 48-96 registers at batch 1 to 16 on every shipped spec; 2 warps took 124-165, and a
-# 4096-element gate/up tile spilled 8-16 bytes on sm_86 and sm_100 (the compile report).
-TILE = 2048
+# Elements of a gate/up step's product tile (`[B padded, slots, block_d]`: a quarter of a 7b row
+# at batch 1, 8 elements a thread) and of x in a vote step (`[B padded, words, 32]`: all of a 7b x
+# at batch 1). With 4 warps that is 40-96 registers at batch 1 to 16 on the shipped specs, no
+# spill with jax 0.10.2 and 8-16 bytes at some batch sizes with 0.12, where ptxas caps registers
+# for occupancy (the compile report); 2 warps took 124-165 registers, and with 0.10.2 a
+# 4096-element tile spilled 8-16 bytes on sm_86 and sm_100, a 2048-element one 8 on sm_86.
+TILE = 1024
 VOTE_TILE = 4096
 MIN_BLOCK_D = 128
 NUM_WARPS = 4

@@ -16,6 +16,7 @@ import pytest
 from sparseinfer_jax.bench.compile_policy import (
     MAX_EXTRA_LAUNCHES,
     MAX_REGISTERS,
+    MAX_SPILL_BYTES,
     MIN_LIVE_PER_SM,
 )
 from sparseinfer_jax.bench.gpu_spec import SPECS_DIR
@@ -53,7 +54,7 @@ def check(records: list[dict], shape: str, programs: bool) -> None:
     assert {r["batch"] for r in records} == {1, 16}
     for r in records:
         assert r["compiled"] and r["error"] is None, r
-        assert r["pressure_spill_bytes"] == 0 and r["registers"] <= 255, r
+        assert r["spill_bytes"] <= MAX_SPILL_BYTES and r["registers"] <= 255, r
         if r["kind"] == "kernel":
             assert r["threads"] % 32 == 0 and len(r["grid"]) == 3, r
             assert r["resident_per_sm"] >= 1, r

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from sparseinfer_jax.bench.toolchain import PRESSURE_OPTION
-
 MAX_REGISTERS = 128
+# Spill bytes per thread a kernel may have. ptxas (at its default level, as XLA runs it) caps
+# registers at an occupancy step and spills a few bytes to reach it: 8-16 bytes at 32-56 registers
+# for some batch sizes with jax 0.12's Triton (none with 0.10.2), moving as ptxas changes, and
+# kept in L1. Tiles too big for the registers spill more.
+MAX_SPILL_BYTES = 32
 MIN_LIVE_PER_SM = 4
 # A sparse decode step may launch at most this many more kernels a layer than the dense one.
 MAX_EXTRA_LAUNCHES = 2
@@ -13,8 +16,8 @@ TARGET_SHAPES = ("7b", "13b")
 
 
 def failures(records: list[dict]) -> list[str]:
-    """What makes the report fail, per Pallas kernel: a compile error, a spilled byte (at
-    `PRESSURE_OPTION`: a spill the registers force, not one ptxas chooses for occupancy), more than
+    """What makes the report fail, per Pallas kernel: a compile error, more than MAX_SPILL_BYTES
+    spilled, more than
     MAX_REGISTERS registers, or (at the shapes of real models, `TARGET_SHAPES`) fewer than
     MIN_LIVE_PER_SM programs with work per SM at 10% active; per `generate` program, a sparse
     decode step launching more than MAX_EXTRA_LAUNCHES kernels a layer beyond the dense one's. XLA's
@@ -25,8 +28,8 @@ def failures(records: list[dict]) -> list[str]:
         if not r["compiled"]:
             out.append(what + str(r["error"]))
             continue
-        if r["pressure_spill_bytes"]:
-            out.append(what + f"{r['pressure_spill_bytes']} spill bytes ({PRESSURE_OPTION})")
+        if (r["spill_bytes"] or 0) > MAX_SPILL_BYTES:
+            out.append(what + f"{r['spill_bytes']} spill bytes (at most {MAX_SPILL_BYTES})")
         if r["kind"] == "kernel" and (r["registers"] or 0) > MAX_REGISTERS:
             out.append(what + f"{r['registers']} registers (at most {MAX_REGISTERS})")
         live = r.get("live_per_sm_10")

@@ -8,11 +8,10 @@ a GPU spec (XLA's `GpuTargetConfigProto`, in `gpu_specs/`), and `jit(fn).trace(.
 ever allocated): Pallas -> Triton -> PTX, and ptxas -> cubin. The compile dumps its PTX and its
 thunk sequence (`xla_dump_to`); the launch shapes (grid, threads, shared memory) come from the
 thunk sequence, and registers and spills from `ptxas -v` run again on the dumped PTX for its
-target (spills twice: at ptxas's default register-usage level, and at level 10, where only
-register pressure spills). A Pallas kernel that fails to compile, spills at level 10, uses over
-128 registers or (at the 7b and 13b shapes) has under 4 programs with work per SM at 10% active
-makes the report fail; a program's record holds its Pallas kernels' figures, and XLA's own
-fusions apart (`xla_registers`, `xla_spills`).
+target. A Pallas kernel that fails to compile, spills over 32 bytes, uses over 128 registers or
+(at the 7b and 13b shapes) has under 4 programs with work per SM at 10% active makes the report
+fail; a program's record holds its Pallas kernels' figures, and XLA's own fusions apart
+(`xla_registers`, `xla_spills`).
 
 What is compiled for each GPU, inside `backend.targeting_gpu` with the spec's compute capability,
 so "auto" picks what that GPU can run (`backend.choose`, said in the report's first line per GPU):
@@ -87,8 +86,7 @@ def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
     """Compiles one case for `spec`'s GPU; the record's launch and usage fields (None when the
     compile failed)."""
     rec: dict[str, Any] = dict(name=case.name, kind=case.kind, compiled=False, error=None,
-                               registers=None, spill_bytes=None, pressure_spill_bytes=None,
-                               grid=None, threads=None,
+                               registers=None, spill_bytes=None, grid=None, threads=None,
                                shared_bytes=None, kernels=None, triton_calls=None)
     with tempfile.TemporaryDirectory() as dump:
         try:
@@ -108,15 +106,13 @@ def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
     if case.kind == "kernel":
         (run,) = [r for r in runs if r["name"] == case.kernel]
         rec.update(grid=run["grid"], threads=run["threads"], shared_bytes=run["shared_bytes"],
-                   **usage.get(run["name"], dict(registers=None, spill_bytes=None,
-                                                 pressure_spill_bytes=None)))
+                   **usage.get(run["name"], dict(registers=None, spill_bytes=None)))
         rec["resident_per_sm"] = resident_programs(spec, rec["threads"], rec["registers"],
                                                    rec["shared_bytes"])
     else:
         ours = {k: u for k, u in usage.items() if k in PALLAS_KERNELS}
         rec["registers"] = max((u["registers"] for u in ours.values()), default=0)
         rec["spill_bytes"] = sum(u["spill_bytes"] for u in ours.values())
-        rec["pressure_spill_bytes"] = sum(u["pressure_spill_bytes"] for u in ours.values())
         rec["pallas_kernels"] = sorted(ours)
         rec["xla_registers"] = max((u["registers"] for k, u in usage.items() if k not in ours),
                                    default=0)
@@ -206,12 +202,8 @@ def format_row(r: dict) -> str:
     grid = "x".join(map(str, r["grid"])) if r["grid"] else f"{r['kernels']} kernels"
     if r.get("launches_per_layer") is not None:
         grid = f"{r['kernels']}k {r['launches_per_layer']:g}/layer"
-    # default level / level 10, when ptxas's occupancy heuristic spilled what pressure does not
-    spill = cell(r["spill_bytes"])
-    if r.get("pressure_spill_bytes") not in (None, r["spill_bytes"]):
-        spill = f"{r['spill_bytes']}/{r['pressure_spill_bytes']}"
     return (f"{r['gpu']:<13}{r['batch']:>5}  {r['name']:<24}{'yes':>3}{cell(r['registers']):>6}"
-            f"{spill:>6}{grid:>16}{cell(r['threads']):>5}"
+            f"{cell(r['spill_bytes']):>6}{grid:>16}{cell(r['threads']):>5}"
             f"{cell(r['shared_bytes']):>7}{cell(r.get('resident_per_sm')):>7}"
             f"{cell(r.get('live_per_sm_5')):>11}{cell(r.get('live_per_sm_10')):>7}"
             f"{cell(r.get('live_per_sm_20')):>7}")

@@ -100,16 +100,8 @@ def loop_launches(text: str) -> int | None:
     return best
 
 
-# ptxas's default register-usage level may cap a kernel's registers at an occupancy step and
-# spill a few bytes to reach it (seen offline: 8-40 bytes at 40-48 registers, on kernels that
-# need 48-64 without spilling). At level 10 it spills only when registers run out: that is the
-# report's spill failure; the default level's figure is kept beside it (`spill_bytes`).
-PRESSURE_OPTION = "--register-usage-level=10"
-
-
-def _ptxas(ptxas: str, path: str, *options: str) -> str | None:
-    """`ptxas -v` on a PTX file for its own target; its report (stderr), or None when this ptxas
-    does not know one of `options`.
+def _ptxas(ptxas: str, path: str) -> str:
+    """`ptxas -v` on a PTX file for its own target; its report (stderr).
 
     XLA compiles PTX in-process with its own (possibly newer) PTX compiler; when this ptxas is
     older than the PTX's ISA version, the file is assembled again as the newest version it reads
@@ -118,44 +110,31 @@ def _ptxas(ptxas: str, path: str, *options: str) -> str | None:
     with open(path) as f:
         ptx = f.read()
     target = re.search(r"^\.target (\w+)", ptx, re.M).group(1)
-    cmd = [ptxas, "-v", *options, f"-arch={target}", "-o", os.devnull]
+    cmd = [ptxas, "-v", f"-arch={target}", "-o", os.devnull]
     run = subprocess.run([*cmd, path], capture_output=True, text=True)
     older = re.search(r"Unsupported \.version [\d.]+; current version is '([\d.]+)'", run.stderr)
     if older:
         ptx = re.sub(r"^\.version [\d.]+", f".version {older.group(1)}", ptx, count=1, flags=re.M)
         run = subprocess.run([*cmd, "-"], input=ptx, capture_output=True, text=True)
-    if run.returncode and options and "Unknown option" in run.stderr:
-        return None
     if run.returncode:
         raise RuntimeError(f"ptxas failed on {os.path.basename(path)}: {run.stderr.strip()}")
     return run.stderr
 
 
-def _usage(report: str) -> dict[str, dict]:
-    """{"registers", "spill_bytes"} per entry function of a `ptxas -v` report."""
-    usage: dict[str, dict] = {}
-    name = None
-    for line in report.splitlines():
-        if m := re.search(r"Compiling entry function '(\S+)'", line):
-            name = m.group(1)
-            usage[name] = dict(registers=0, spill_bytes=0)
-        elif name and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
-            usage[name]["spill_bytes"] = int(m.group(1)) + int(m.group(2))
-        elif name and (m := re.search(r"Used (\d+) registers", line)):
-            usage[name]["registers"] = int(m.group(1))
-    return usage
-
-
 def ptxas_usage(dump: str, ptxas: str) -> dict[str, dict]:
-    """Per entry function of the dumped PTX: {"registers", "spill_bytes"} from `ptxas -v`, and
-    "pressure_spill_bytes" at `PRESSURE_OPTION` (the default's figure where ptxas lacks it)."""
+    """Per entry function of the dumped PTX: {"registers", "spill_bytes"} from `ptxas -v`."""
     usage: dict[str, dict] = {}
     for path in glob.glob(os.path.join(dump, "*.ptx")):
         if os.path.getsize(path) == 0:
             continue
-        default = _usage(_ptxas(ptxas, path))
-        report = _ptxas(ptxas, path, PRESSURE_OPTION)
-        pressure = default if report is None else _usage(report)
-        for name, u in default.items():
-            usage[name] = dict(u, pressure_spill_bytes=pressure.get(name, u)["spill_bytes"])
+        name = None
+        for line in _ptxas(ptxas, path).splitlines():
+            if m := re.search(r"Compiling entry function '(\S+)'", line):
+                name = m.group(1)
+                usage[name] = dict(registers=0, spill_bytes=0)
+            elif name and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                                          line)):
+                usage[name]["spill_bytes"] = int(m.group(1)) + int(m.group(2))
+            elif name and (m := re.search(r"Used (\d+) registers", line)):
+                usage[name]["registers"] = int(m.group(1))
     return usage

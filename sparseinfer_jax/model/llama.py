@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model.config import LlamaConfig
 from sparseinfer_jax.model.matmul import dot
 from sparseinfer_jax.model.mlp import MLP, Sparsity
@@ -293,6 +294,7 @@ class Llama(nnx.Module):
         `attention_mask: [B, T]` (1 = token, 0 = left padding) as in transformers; mode and backend
         default to the model's.
         """
+        check_input_ids(input_ids, self.config.vocab_size, attention_mask)
         b, t = input_ids.shape
         pad = (jnp.zeros((b,), jnp.int32) if attention_mask is None
                else t - jnp.sum(attention_mask != 0, axis=1, dtype=jnp.int32))
@@ -301,3 +303,26 @@ class Llama(nnx.Module):
             input_ids, positions, mask, sparsity=self.with_sparsity(mode=mode, backend=backend)
         )
         return self.logits(x)
+
+
+def check_input_ids(input_ids, vocab_size: int, attention_mask=None) -> None:
+    """UserError unless `input_ids` is a `[B, T]` integer array (and `attention_mask`, if any, of
+    the same shape); when the ids are concrete (not traced), also unless each is in the
+    vocabulary: a gather clamps an id out of range, which would return logits silently."""
+    shape, dtype = getattr(input_ids, "shape", None), getattr(input_ids, "dtype", None)
+    if shape is None:
+        raise UserError("the model takes ids as an integer array of shape [batch, tokens], got "
+                        f"a {type(input_ids).__name__}: pass np.asarray(ids).")
+    if len(shape) != 2:
+        raise UserError(f"the model takes ids of shape [batch, tokens], got shape {shape}; "
+                        "for one sequence add a batch axis: ids[None].")
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise UserError(f"token ids must be integers, got an array of {dtype}.")
+    if attention_mask is not None and tuple(jnp.shape(attention_mask)) != tuple(shape):
+        raise UserError(f"attention_mask has shape {tuple(jnp.shape(attention_mask))}, the ids "
+                        f"{tuple(shape)}: give one 0/1 entry per token.")
+    if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
+        low, high = int(jnp.min(input_ids)), int(jnp.max(input_ids))
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise UserError(f"token id {bad} is outside the vocabulary [0, {vocab_size}).")
