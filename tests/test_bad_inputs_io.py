@@ -351,7 +351,9 @@ def test_real_write_failure_is_an_error_not_a_crash(hf, tmp_path):
 def test_ctrl_c_in_a_real_process(hf, tmp_path):
     """SIGINT while the converter writes: one line, exit 130, no temporary folder, no output."""
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        # Python's Ctrl-C handler, as in a terminal (a background job starts with SIGINT ignored)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from sparseinfer_jax.io import params
         params.GROUP_BYTES = 1  # each array its own save: one is written while the next comes
         add = params.Writer.add

@@ -302,6 +302,10 @@ FINALISER = """
 import os, signal, sys, time
 from sparseinfer_jax.errors import run_command
 
+# A job started in the background (`cmd &` in a script) inherits SIGINT ignored: Ctrl-C as a
+# terminal delivers it is what is tested here.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 class Slow:
     def __del__(self):  # busy in Python, so the Ctrl-C lands in here
         end = time.monotonic() + 0.3
