@@ -8,6 +8,7 @@ came before the work (no progress bar of eval or calibrate was started).
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import socket
@@ -376,3 +377,33 @@ def test_a_warning_is_the_tools_own_line(capsys):
 
     assert run_command(command) == 0
     assert capsys.readouterr().err == "warning: the checkpoint was never calibrated\n"
+
+
+def test_a_damaged_compile_cache_entry_is_replaced(tmp_path):
+    """An entry of the compile cache cut short (a run killed while JAX wrote it) is reported in
+    one line and written again, so the run after loads it instead of compiling again (JAX alone
+    keeps the damaged file and recompiles in every run)."""
+    env = {**os.environ, "SPARSEINFER_COMPILE_CACHE": str(tmp_path),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    argv = [sys.executable, "-m", "sparseinfer_jax.cli", "generate", "--prompt", "Return the",
+            "--max-new-tokens", "2", "--no-stream"]
+
+    def warnings_of_a_run() -> list[str]:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        return [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+
+    assert warnings_of_a_run() == []
+    entries = {path: os.path.getsize(path) for path in glob.glob(str(tmp_path / "*-cache"))}
+    assert entries
+    victim = max(entries, key=entries.get)
+    with open(victim, "r+b") as f:
+        f.truncate(entries[victim] // 2)
+    program = os.path.basename(victim).rsplit("-", 2)[0]
+    found = warnings_of_a_run()
+    assert len(found) == 1 and f"'{program}'" in found[0] and "could not be read" in found[0]
+    assert os.path.getsize(victim) > entries[victim] // 2  # written again
+    assert warnings_of_a_run() == []

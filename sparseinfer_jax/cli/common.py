@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import os
+import re
+import warnings
 
 from sparseinfer_jax.errors import (
     UserError,
@@ -181,3 +184,30 @@ def use_compile_cache(args: argparse.Namespace) -> None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", folder)
+    _replace_damaged_entries(folder)
+
+
+# JAX's warning for a cache entry it cannot read; it names the program or the entry's key, and
+# each entry is stored as `<program>-<hash>-cache` (with `-atime` beside it when evicting).
+_DAMAGED = re.compile(r"Error reading persistent compilation cache entry for '([^'/]+)'")
+
+
+def _replace_damaged_entries(folder: str) -> None:
+    """A run killed while JAX writes a cache entry leaves it truncated. JAX then warns, compiles
+    again and keeps the damaged file (it never replaces an existing key), so every later run
+    would compile again. When it warns, the program's entries are removed before this run's
+    compile writes them again, and the warning says so in one line."""
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+        found = _DAMAGED.search(str(message))
+        if found:
+            name = found.group(1)
+            for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "-*")):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            message = (f"the compile cache's entry for '{name}' in {folder} could not be read; "
+                       "it is compiled again and replaced")
+        show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
