@@ -69,7 +69,8 @@ def run_command(command: Callable[[], int]) -> int:
         os.close(devnull)
         return BROKEN_PIPE_EXIT
     finally:
-        sys.unraisablehook = default_hook
+        if sys.unraisablehook is deliver_again:  # else a filter set meanwhile wraps it: kept
+            sys.unraisablehook = default_hook
         warnings.showwarning = default_show
 
 

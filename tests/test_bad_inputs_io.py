@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import failing_save, make_hf_checkpoint
+from conftest import cli_lines, failing_save, make_hf_checkpoint
 from safetensors.numpy import load_file, save_file
 
 from convert import convert
@@ -327,6 +327,38 @@ def test_bad_input(case, hf, ckpt, tmp_path, monkeypatch, capsys):
     assert re.search(fragment, last.removeprefix("error: ")), last
     assert {d: snapshot(d) for d in (work, src, ck)} == before  # nothing written, nothing lost
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+# A damaged checkpoint read in a real process: orbax's failed reads leave tasks and tensorstore
+# callbacks behind that Python reports later (at collection, at exit) as tracebacks, after the
+# error line; the in-process table above ends before they arrive.
+DAMAGED_IN_A_PROCESS = {
+    "manifest deleted": lambda p: os.remove(f"{p}/state/manifest.ocdbt"),
+    "tree metadata deleted": lambda p: os.remove(f"{p}/state/_METADATA"),
+    "data files deleted": lambda p: [os.remove(f) for f in data_files(p)],
+    "data file truncated": lambda p: truncate(biggest_data_file(p)),
+}
+LATE = """
+import gc, sys, time
+from sparseinfer_jax.cli.main import main
+status = main(["generate", "--model", sys.argv[1], "--prompt", "x", "--max-new-tokens", "2"])
+time.sleep(1)  # orbax's threads finish what the failure left running
+gc.collect()
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_IN_A_PROCESS))
+def test_damaged_checkpoint_in_a_process_is_one_line(case, ckpt, tmp_path):
+    ck = str(tmp_path / "ckpt")
+    shutil.copytree(ckpt, ck)
+    DAMAGED_IN_A_PROCESS[case](f"{ck}/{checkpoint.PARAMS_DIR}")
+    done = subprocess.run([sys.executable, "-c", LATE, ck], capture_output=True, text=True,
+                          timeout=300)
+    err = cli_lines(done.stderr)
+    assert done.returncode == 2, err[-3000:]
+    assert len(err.strip().splitlines()) == 1, err[-3000:]
+    assert re.search(DAMAGED, err), err
 
 
 def test_real_write_failure_is_an_error_not_a_crash(hf, tmp_path):

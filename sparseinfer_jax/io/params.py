@@ -19,9 +19,10 @@ needs; orbax reads, for each device of this process, only the chunks of its slic
 `READ_BYTES` in flight, and places it on the device.
 
 Orbax reports its failures through absl.logging, with a traceback, before raising them, and a
-failed save leaves tensorstore callbacks that Python reports as unraisable errors; this module
-turns every failure into one `UserError` line (or the OSError a write got), so while orbax runs
-absl's verbosity is held at FATAL and those callbacks are dropped (`_orbax_quiet`). Ctrl-C is held
+failed save or read leaves tensorstore callbacks and failed tasks that Python reports later as
+tracebacks; this module turns every failure into one `UserError` line (or the OSError a write
+got), so while orbax runs absl's verbosity is held at FATAL, and those late reports are dropped
+(`_orbax_quiet`, `_drop_late_callbacks`). Ctrl-C is held
 back while orbax starts a save or commits (`_interrupt_after`), so the writer always has what to
 wait for before its staging folder is removed.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import math
 import os
 import re
@@ -102,18 +104,43 @@ def _closed_loop(unraisable) -> bool:
     return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
 
 
+def _drop_late_callbacks() -> None:
+    """Drops, for the rest of the process, what a failed orbax call leaves behind and Python would
+    print as tracebacks long after the failure was reported (even while it exits): tensorstore
+    callbacks that find orbax's event loop closed, and orbax's tasks and futures that failed on a
+    tensorstore error nobody retrieved (asyncio logs those when they are collected)."""
+    hook = sys.unraisablehook
+    if not getattr(hook, "drops_closed_loop", False):
+        def drop(unraisable) -> None:
+            if not _closed_loop(unraisable):
+                hook(unraisable)
+
+        drop.drops_closed_loop = True
+        sys.unraisablehook = drop
+    tasks_log = logging.getLogger("asyncio")
+    if _unretrieved_tensorstore_error not in tasks_log.filters:
+        tasks_log.addFilter(_unretrieved_tensorstore_error)
+
+
+def _unretrieved_tensorstore_error(record: logging.LogRecord) -> bool:
+    """False (drop) for asyncio's report of a task or future that failed on a tensorstore error
+    ("Task exception was never retrieved", "Future exception ...")."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not ("exception was never retrieved" in str(record.msg)
+                and "tensorstore" in str(error))
+
+
 @contextlib.contextmanager
 def _orbax_quiet() -> Iterator[None]:
-    """While orbax runs: absl (its log) at FATAL, and the late callbacks of a failed save dropped;
-    the caller reports every failure as one line."""
-    level, hook = absl_logging.get_verbosity(), sys.unraisablehook
+    """While orbax runs: absl (orbax's log) at FATAL, and what a failure leaves behind dropped
+    (`_drop_late_callbacks`); the caller reports every failure as one line."""
+    level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.FATAL)
-    sys.unraisablehook = lambda unraisable: _closed_loop(unraisable) or hook(unraisable)
+    _drop_late_callbacks()
     try:
         yield
     finally:
         absl_logging.set_verbosity(level)
-        sys.unraisablehook = hook
 
 
 @contextlib.contextmanager
@@ -262,7 +289,7 @@ class Writer:
                 response, self._in_flight = self._in_flight, None
                 self._settle(response)
         finally:
-            self._quiet.__exit__(None, None, None)
+            self._quiet.__exit__(kind, value, traceback)
 
 
 def _reason(e: BaseException) -> str:
@@ -279,17 +306,17 @@ def stored(folder: str, *, error: Callable[[str], UserError]
     """`{params path: (shape, dtype)}` of every array in the orbax checkpoint `folder`, from its
     metadata (no data read). A failure raises `error(reason)`."""
     folder = os.path.abspath(folder)
-    try:
-        with _orbax_quiet():
+    with _orbax_quiet():  # the checks inside: a failed read's leftovers are collected quietly
+        try:
             tree = ocp.metadata(folder).metadata
-    except Exception as e:  # orbax raises what its layers raise: ValueError, OSError, KeyError...
-        raise error(_reason(e)) from None
-    if not isinstance(tree, dict):
-        raise error("no array metadata")
-    found = flatten(tree)
-    unreadable = [path for path, m in found.items() if getattr(m, "shape", None) is None]
-    if unreadable:  # orbax's tree metadata lists it, but its array metadata is gone
-        raise error(f"no array metadata for '{'.'.join(orbax_key(unreadable[0]))}'")
+        except Exception as e:  # orbax raises what its layers raise: ValueError, KeyError...
+            raise error(_reason(e)) from None
+        if not isinstance(tree, dict):
+            raise error("no array metadata")
+        found = flatten(tree)
+        unreadable = [path for path, m in found.items() if getattr(m, "shape", None) is None]
+        if unreadable:  # orbax's tree metadata lists it, but its array metadata is gone
+            raise error(f"no array metadata for '{'.'.join(orbax_key(unreadable[0]))}'")
     return {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in found.items()}
 
 
@@ -307,12 +334,11 @@ def restore(folder: str, abstract: dict[Path, Any] | None, *,
                   default=0)
     context = ocp.Context()
     context.memory.read_concurrent_bytes = max(READ_BYTES, largest + 1)
-    try:
-        with context, _orbax_quiet():
+    with context, _orbax_quiet():
+        try:
             tree = ocp.load(folder, None if abstract is None else nest(abstract))
-    except Exception as e:  # as in `stored`
-        raise error(_reason(e)) from None
-    finally:
+        except Exception as e:  # as in `stored`
+            raise error(_reason(e)) from None
         # Orbax's restore leaves reference cycles that hold its read buffers (about 5 % of a
         # checkpoint's bytes, measured): free them now rather than at some later collection.
         gc.collect()
