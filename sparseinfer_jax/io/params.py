@@ -96,26 +96,31 @@ def flatten(tree: dict[str, Any]) -> dict[Path, Any]:
     return {params_path(tuple(k.key for k in keypath)): leaf for keypath, leaf in leaves}
 
 
-def _closed_loop(unraisable) -> bool:
-    """Whether an unraisable exception is a tensorstore callback finding orbax's event loop closed:
-    when a save fails, orbax closes its loop while other writes of the group are still running,
-    and each one's completion is then reported this way. The failure itself is raised."""
+def _left_by_orbax(unraisable) -> bool:
+    """Whether an unraisable exception is what a failed orbax call leaves behind (the failure
+    itself is raised): a tensorstore callback finding orbax's event loop closed (orbax closes it
+    while other reads or writes are still running), or one of orbax's read coroutines closed
+    unfinished, which wraps the GeneratorExit in its own error."""
     e = unraisable.exc_value
-    return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+        return True
+    code = getattr(unraisable.object, "cr_code", None)
+    return (isinstance(e.__cause__, GeneratorExit) and code is not None
+            and f"{os.sep}orbax{os.sep}" in code.co_filename)
 
 
 def _drop_late_callbacks() -> None:
     """Drops, for the rest of the process, what a failed orbax call leaves behind and Python would
     print as tracebacks long after the failure was reported (even while it exits): tensorstore
-    callbacks that find orbax's event loop closed, and orbax's tasks and futures that failed on a
-    tensorstore error nobody retrieved (asyncio logs those when they are collected)."""
+    callbacks and read coroutines left running (`_left_by_orbax`), and orbax's tasks and futures
+    that failed on a tensorstore error nobody retrieved (asyncio logs those when collected)."""
     hook = sys.unraisablehook
-    if not getattr(hook, "drops_closed_loop", False):
+    if not getattr(hook, "drops_orbax_leftovers", False):
         def drop(unraisable) -> None:
-            if not _closed_loop(unraisable):
+            if not _left_by_orbax(unraisable):
                 hook(unraisable)
 
-        drop.drops_closed_loop = True
+        drop.drops_orbax_leftovers = True
         sys.unraisablehook = drop
     tasks_log = logging.getLogger("asyncio")
     if _unretrieved_tensorstore_error not in tasks_log.filters:
