@@ -294,7 +294,7 @@ class Writer:
                 response, self._in_flight = self._in_flight, None
                 self._settle(response)
         finally:
-            self._quiet.__exit__(kind, value, traceback)
+            self._quiet.__exit__(None, None, None)
 
 
 def _reason(e: BaseException) -> str:
@@ -311,17 +311,17 @@ def stored(folder: str, *, error: Callable[[str], UserError]
     """`{params path: (shape, dtype)}` of every array in the orbax checkpoint `folder`, from its
     metadata (no data read). A failure raises `error(reason)`."""
     folder = os.path.abspath(folder)
-    with _orbax_quiet():  # the checks inside: a failed read's leftovers are collected quietly
-        try:
+    try:
+        with _orbax_quiet():
             tree = ocp.metadata(folder).metadata
-        except Exception as e:  # orbax raises what its layers raise: ValueError, KeyError...
-            raise error(_reason(e)) from None
-        if not isinstance(tree, dict):
-            raise error("no array metadata")
-        found = flatten(tree)
-        unreadable = [path for path, m in found.items() if getattr(m, "shape", None) is None]
-        if unreadable:  # orbax's tree metadata lists it, but its array metadata is gone
-            raise error(f"no array metadata for '{'.'.join(orbax_key(unreadable[0]))}'")
+    except Exception as e:  # orbax raises what its layers raise: ValueError, OSError, KeyError...
+        raise error(_reason(e)) from None
+    if not isinstance(tree, dict):
+        raise error("no array metadata")
+    found = flatten(tree)
+    unreadable = [path for path, m in found.items() if getattr(m, "shape", None) is None]
+    if unreadable:  # orbax's tree metadata lists it, but its array metadata is gone
+        raise error(f"no array metadata for '{'.'.join(orbax_key(unreadable[0]))}'")
     return {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in found.items()}
 
 
@@ -339,11 +339,12 @@ def restore(folder: str, abstract: dict[Path, Any] | None, *,
                   default=0)
     context = ocp.Context()
     context.memory.read_concurrent_bytes = max(READ_BYTES, largest + 1)
-    with context, _orbax_quiet():
-        try:
+    try:
+        with context, _orbax_quiet():
             tree = ocp.load(folder, None if abstract is None else nest(abstract))
-        except Exception as e:  # as in `stored`
-            raise error(_reason(e)) from None
+    except Exception as e:  # as in `stored`
+        raise error(_reason(e)) from None
+    finally:
         # Orbax's restore leaves reference cycles that hold its read buffers (about 5 % of a
         # checkpoint's bytes, measured): free them now rather than at some later collection.
         gc.collect()
