@@ -96,6 +96,33 @@ def flatten(tree: dict[str, Any]) -> dict[Path, Any]:
     return {params_path(tuple(k.key for k in keypath)): leaf for keypath, leaf in leaves}
 
 
+# The text of an absl::Status, as tensorstore's errors begin: "DATA_LOSS: Error reading ...".
+ABSL_STATUS = re.compile(r"(CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|"
+                         r"ALREADY_EXISTS|PERMISSION_DENIED|RESOURCE_EXHAUSTED|"
+                         r"FAILED_PRECONDITION|ABORTED|OUT_OF_RANGE|UNIMPLEMENTED|INTERNAL|"
+                         r"UNAVAILABLE|DATA_LOSS|UNAUTHENTICATED): ")
+
+
+def _raised_in_orbax(e: BaseException | None) -> bool:
+    """Whether `e`, or an error it was raised from, came out of orbax or tensorstore: a frame of
+    orbax's in its traceback, tensorstore's name in its message, or (tensorstore's errors set
+    from C++ on a future, with no Python frame) an absl status as its message."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if "tensorstore" in str(e).lower():
+            return True
+        if e.__traceback__ is None and ABSL_STATUS.match(str(e)):
+            return True
+        tb = e.__traceback__
+        while tb is not None:
+            if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+                return True
+            tb = tb.tb_next
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _left_by_orbax(unraisable) -> bool:
     """Whether an unraisable exception is what a failed orbax call leaves behind (the failure
     itself is raised): a tensorstore callback finding orbax's event loop closed (orbax closes it
@@ -104,16 +131,14 @@ def _left_by_orbax(unraisable) -> bool:
     e = unraisable.exc_value
     if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
         return True
-    code = getattr(unraisable.object, "cr_code", None)
-    return (isinstance(e.__cause__, GeneratorExit) and code is not None
-            and f"{os.sep}orbax{os.sep}" in code.co_filename)
+    return isinstance(e.__cause__, GeneratorExit) and _raised_in_orbax(e)
 
 
 def _drop_late_callbacks() -> None:
     """Drops, for the rest of the process, what a failed orbax call leaves behind and Python would
     print as tracebacks long after the failure was reported (even while it exits): tensorstore
     callbacks and read coroutines left running (`_left_by_orbax`), and orbax's tasks and futures
-    that failed on a tensorstore error nobody retrieved (asyncio logs those when collected)."""
+    whose error nobody retrieved (asyncio logs those when collected)."""
     hook = sys.unraisablehook
     if not getattr(hook, "drops_orbax_leftovers", False):
         def drop(unraisable) -> None:
@@ -123,16 +148,15 @@ def _drop_late_callbacks() -> None:
         drop.drops_orbax_leftovers = True
         sys.unraisablehook = drop
     tasks_log = logging.getLogger("asyncio")
-    if _unretrieved_tensorstore_error not in tasks_log.filters:
-        tasks_log.addFilter(_unretrieved_tensorstore_error)
+    if _unretrieved_orbax_error not in tasks_log.filters:
+        tasks_log.addFilter(_unretrieved_orbax_error)
 
 
-def _unretrieved_tensorstore_error(record: logging.LogRecord) -> bool:
-    """False (drop) for asyncio's report of a task or future that failed on a tensorstore error
-    ("Task exception was never retrieved", "Future exception ...")."""
+def _unretrieved_orbax_error(record: logging.LogRecord) -> bool:
+    """False (drop) for asyncio's report of a task or future that failed inside orbax or
+    tensorstore ("Task exception was never retrieved", "_GatheringFuture exception ...")."""
     error = record.exc_info[1] if record.exc_info else None
-    return not ("exception was never retrieved" in str(record.msg)
-                and "tensorstore" in str(error))
+    return not ("exception was never retrieved" in str(record.msg) and _raised_in_orbax(error))
 
 
 @contextlib.contextmanager
