@@ -15,6 +15,13 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # must run on the CPU, in this process and in the CLIs the tests start.
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Each pytest-xdist worker keeps its own compile cache: JAX writes an entry in place, so a worker
+# reading one that another is still writing finds it cut short and warns (a line more in a CLI's
+# output).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("SPARSEINFER_COMPILE_CACHE", os.path.join(
+        os.path.expanduser("~"), ".cache", "sparseinfer",
+        f"jax-tests-{os.environ['PYTEST_XDIST_WORKER']}"))
 
 # What jax's CUDA plugin's C++ code logs to stderr when it loads on a machine without a driver
 # (absl's "before InitializeLog" notice and its own INFO lines): not the CLIs' output.

@@ -55,7 +55,7 @@ def test_first_run_prints_text_and_what_sparse_did_against_dense(monkeypatch, ca
     assert float(mlp[3]) == pytest.approx(4 * 3 * 1024 * 256 * 2 / 2**20, abs=0.01)
     speed = re.search(r"decode +sparse (\d+) tokens/s, dense (\d+) tokens/s \(([\d.]+)x\)", err)
     assert speed and int(speed[1]) > 0 and int(speed[2]) > 0, err
-    assert len(lines) <= 6
+    assert len(lines) <= 6, err
 
 
 @pytest.mark.parametrize(
