@@ -55,7 +55,13 @@ def test_first_run_prints_text_and_what_sparse_did_against_dense(monkeypatch, ca
     assert float(mlp[3]) == pytest.approx(4 * 3 * 1024 * 256 * 2 / 2**20, abs=0.01)
     speed = re.search(r"decode +sparse (\d+) tokens/s, dense (\d+) tokens/s \(([\d.]+)x\)", err)
     assert speed and int(speed[1]) > 0 and int(speed[2]) > 0, err
-    assert len(lines) <= 6, err
+    # Each line names what it says; the note on where skipping pays off comes only when sparse
+    # decoded slower than dense here (a small model on a CPU often does).
+    labels = [line.split()[0] for line in lines[1:]]
+    noted = labels[-1:] == ["note"]
+    assert labels == ["tokens", "MLP", "decode", "compile", "path"] + ["note"] * noted, err
+    ratio = float(speed[3])  # printed to two places, so 1.00 can go either way
+    assert ratio <= 1.0 if noted else ratio >= 1.0, err
 
 
 @pytest.mark.parametrize(
