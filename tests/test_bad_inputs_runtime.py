@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import time
+import warnings
 from unittest import mock
 
 import numpy as np
@@ -379,6 +380,40 @@ def test_a_warning_is_the_tools_own_line(capsys):
     assert capsys.readouterr().err == "warning: the checkpoint was never calibrated\n"
 
 
+# Entries of one program in the compile cache, each (name, intact, minutes since written), when
+# JAX warns that it could not read that program's entry: which are removed, and what is said.
+READ_FAILURES = {
+    "killed while writing, an hour ago": (
+        [("a", False, 60), ("b", True, 60)], {"a"}, "could not be read; it is compiled again"),
+    "another run writing it now": ([("a", False, 0), ("b", True, 60)], set(), None),
+    "every entry intact": ([("a", True, 60)], set(), "Error reading persistent compilation"),
+}
+
+
+@pytest.mark.parametrize("entries, removed, said", READ_FAILURES.values(), ids=READ_FAILURES)
+def test_compile_cache_read_failure(tmp_path, monkeypatch, entries, removed, said):
+    """Only an entry that fails to decompress and that no run can still be writing is removed
+    (JAX's warning names the program, not the entry, and JAX writes entries in place)."""
+    from jax._src.compilation_cache import compress_executable
+
+    from sparseinfer_jax.cli import common
+
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *rest: shown.append(message))
+    data = compress_executable(os.urandom(4096))
+    for key, intact, minutes in entries:
+        path = tmp_path / f"jit_f-{key}-cache"
+        path.write_bytes(data if intact else data[: len(data) // 2])
+        os.utime(path, (time.time() - 60 * minutes,) * 2)
+    common._replace_damaged_entries(str(tmp_path))
+    warnings.showwarning(
+        "Error reading persistent compilation cache entry for 'jit_f': ValueError: x",
+        UserWarning, "compiler.py", 1)
+    left = {path.name.split("-")[1] for path in tmp_path.iterdir()}
+    assert left == {key for key, _, _ in entries} - removed
+    assert [said in str(message) for message in shown] == ([True] if said else [])
+
+
 def test_a_damaged_compile_cache_entry_is_replaced(tmp_path):
     """An entry of the compile cache cut short (a run killed while JAX wrote it) is reported in
     one line and written again, so the run after loads it instead of compiling again (JAX alone
@@ -402,6 +437,7 @@ def test_a_damaged_compile_cache_entry_is_replaced(tmp_path):
     victim = max(entries, key=entries.get)
     with open(victim, "r+b") as f:
         f.truncate(entries[victim] // 2)
+    os.utime(victim, (time.time() - 3600,) * 2)  # a run killed an hour ago, not one writing now
     program = os.path.basename(victim).rsplit("-", 2)[0]
     found = warnings_of_a_run()
     assert len(found) == 1 and f"'{program}'" in found[0] and "could not be read" in found[0]

@@ -7,6 +7,7 @@ import contextlib
 import glob
 import os
 import re
+import time
 import warnings
 
 from sparseinfer_jax.errors import (
@@ -187,27 +188,66 @@ def use_compile_cache(args: argparse.Namespace) -> None:
     _replace_damaged_entries(folder)
 
 
-# JAX's warning for a cache entry it cannot read; it names the program or the entry's key, and
-# each entry is stored as `<program>-<hash>-cache` (with `-atime` beside it when evicting).
+# JAX's warning for a cache entry it cannot read names the program (`jit__decode`), not the
+# entry; each entry is stored as `<program>-<key>-cache` (with `-atime` beside it when evicting).
 _DAMAGED = re.compile(r"Error reading persistent compilation cache entry for '([^'/]+)'")
+
+# Seconds within which a cache entry may still be being written by another run.
+_WRITING_S = 60.0
+
+
+def _written_before(path: str, now: float) -> bool:
+    """Whether no run can still be writing the entry: last modified `_WRITING_S` before `now`."""
+    try:
+        return os.path.getmtime(path) <= now - _WRITING_S
+    except OSError:  # removed meanwhile
+        return True
+
+
+def _unreadable(path: str, now: float) -> bool:
+    """Whether a cache entry no run is still writing fails to decompress as JAX reads it."""
+    try:  # JAX's own reader (private); a JAX without it leaves the entries and its warning be
+        from jax._src.compilation_cache import decompress_executable
+    except ImportError:
+        return False
+    if not _written_before(path, now):
+        return False
+    try:
+        with open(path, "rb") as f:
+            decompress_executable(f.read())
+    except OSError:  # removed meanwhile
+        return False
+    except Exception:
+        return True
+    return False
 
 
 def _replace_damaged_entries(folder: str) -> None:
     """A run killed while JAX writes a cache entry leaves it truncated. JAX then warns, compiles
     again and keeps the damaged file (it never replaces an existing key), so every later run
-    would compile again. When it warns, the program's entries are removed before this run's
-    compile writes them again, and the warning says so in one line."""
+    would compile again. When it warns, the program's entries that no longer decompress are
+    removed before this run's compile writes them again, and the warning says so in one line.
+
+    JAX writes an entry in place, so one that another run is writing now reads as damaged too:
+    entries younger than `_WRITING_S` are left to that run, and with one of those about, JAX's
+    warning is dropped (this run compiles as it would on a miss). Otherwise it shows as it is."""
     show = warnings.showwarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
         found = _DAMAGED.search(str(message))
         if found:
-            name = found.group(1)
-            for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "-*")):
-                with contextlib.suppress(OSError):
-                    os.remove(path)
-            message = (f"the compile cache's entry for '{name}' in {folder} could not be read; "
-                       "it is compiled again and replaced")
+            name, now = found.group(1), time.time()
+            entries = glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "-*-cache"))
+            damaged = [path for path in entries if _unreadable(path, now)]
+            for path in damaged:
+                for stale in (path, path[: -len("cache")] + "atime"):
+                    with contextlib.suppress(OSError):
+                        os.remove(stale)
+            if damaged:
+                message = (f"the compile cache's entry for '{name}' in {folder} could not be "
+                           "read; it is compiled again and replaced")
+            elif any(not _written_before(path, now) for path in entries):
+                return  # another run is writing it
         show(message, category, filename, lineno, file, line)
 
     warnings.showwarning = showwarning
