@@ -220,6 +220,32 @@ def abstract_gpu_mesh(device_kind: str):
                                      abstract_device=device)
 
 
+def _named_for_pallas(mesh, compute_capability: tuple[int, int] | None):
+    """`mesh` with a device kind Pallas can look up. Pallas Triton (jax >= 0.11) finds an abstract
+    GPU's compute capability by its name in a table (`gpu_info`), and fails for a name not in it
+    (an "NVIDIA RTX A6000" spec, or a user's own); such a target is renamed to a listed GPU of the
+    same compute capability, the only thing Pallas reads from it. Unchanged otherwise."""
+    device = getattr(mesh, "abstract_device", None)
+    try:  # private to jax; a jax without it looks up nothing
+        from jax._src.pallas.triton import gpu_info
+    except ImportError:
+        return mesh
+    if device is None or compute_capability is None or gpu_info.gpu_version_from_device_kind(
+            device.device_kind) is not None:
+        return mesh
+    want = compute_capability[0] * 10 + compute_capability[1]
+    for version in gpu_info.GpuVersion:
+        try:
+            found = gpu_info.get_gpu_info_from_version(version).compute_capability
+        except ValueError:
+            continue
+        if found == want:
+            alias = dataclasses.replace(device, device_kind=version.value)
+            return jax.sharding.AbstractMesh(mesh.axis_sizes, mesh.axis_names,
+                                             axis_types=mesh.axis_types, abstract_device=alias)
+    return mesh
+
+
 @contextlib.contextmanager
 def targeting_gpu(mesh=None, *, compute_capability: tuple[int, int] | None = None,
                   device_kind: str | None = None) -> Iterator[None]:
@@ -238,12 +264,12 @@ def targeting_gpu(mesh=None, *, compute_capability: tuple[int, int] | None = Non
     Clears JAX's trace caches on entry and exit, so no trace made for the other target is reused.
     """
     global _TARGET
-    use_mesh = contextlib.nullcontext()
-    if mesh is not None and hasattr(jax.sharding, "AbstractDevice"):
-        use_mesh = jax.sharding.use_abstract_mesh(mesh)
     if device_kind is None:
         abstract = getattr(mesh, "abstract_device", None)
         device_kind = abstract.device_kind if abstract is not None else "CUDA GPU"
+    use_mesh = contextlib.nullcontext()
+    if mesh is not None and hasattr(jax.sharding, "AbstractDevice"):
+        use_mesh = jax.sharding.use_abstract_mesh(_named_for_pallas(mesh, compute_capability))
     jax.clear_caches()
     _TARGET = Device("cuda", device_kind, compute_capability)
     try:

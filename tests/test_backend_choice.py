@@ -109,6 +109,24 @@ def test_offline_target_compute_capability_decides(fake, cc, path):
     assert bk.choose("auto").path == bk.CPU_PATH and bk.target() == CPU
 
 
+# (device kind of an offline target, its compute capability, what Pallas Triton reads)
+PALLAS_NAMES = [
+    ("NVIDIA H100 80GB HBM3", (9, 0), 90),  # in Pallas' table: as it is
+    ("NVIDIA RTX A6000", (8, 6), 86),  # not in it: read by its compute capability
+    ("Our Own GPU", (8, 0), 80),
+]
+
+
+@pytest.mark.parametrize("kind, cc, read", PALLAS_NAMES, ids=[k for k, _, _ in PALLAS_NAMES])
+def test_offline_target_pallas_does_not_list_is_read_by_its_compute_capability(kind, cc, read):
+    """Pallas Triton (jax >= 0.11) looks an abstract GPU up by name and failed for a spec's name
+    it does not list, so `compile-report --gpu a6000` compiled no kernel."""
+    gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
+    with bk.targeting_gpu(bk.abstract_gpu_mesh(kind), compute_capability=cc):
+        assert gpu_info.get_gpu_info().compute_capability == read
+        assert bk.target() == Device("cuda", kind, cc)
+
+
 def test_local_device_reads_the_compute_capability(monkeypatch):
     class Fake:
         platform, device_kind, compute_capability = "gpu", "Tesla T4", "7.5"
