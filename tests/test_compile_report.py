@@ -28,13 +28,14 @@ GPU = "h100"
 PALLAS_IN_SPARSE_PROGRAM = {"predict_gate_up", "masked_down"}  # the per-layer op on a GPU
 
 
-def report(tmp_path, *flags: str, gpu: str = GPU) -> tuple[list[dict], list[str]]:
+def report(tmp_path, *flags: str, gpu: str = GPU, batches: str = "1,16"
+           ) -> tuple[list[dict], list[str]]:
     """Runs the report in a fresh process (it sets JAX's platform and target); its --json records
     and its FAILED lines."""
     out = tmp_path / "report.json"
     run = subprocess.run(
         [sys.executable, "-m", "sparseinfer_jax.cli", "compile-report", "--gpu", gpu,
-         "--batches", "1,16", "--json", str(out), *flags],
+         "--batches", batches, "--json", str(out), *flags],
         capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=1800)
     failed = [ln for ln in run.stderr.splitlines() if ln.startswith("FAILED: ")]
     assert run.returncode == (1 if failed else 0), (
@@ -142,16 +143,20 @@ def t4_written_apart(path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("spec", ["t4", "written apart"])
-def test_t4_layer_that_auto_runs_holds_no_triton_kernel(tmp_path, spec):
+@pytest.mark.parametrize("spec,shape,programs",
+                         [("t4", "7b", False), ("written apart", "tiny", True)])
+def test_t4_compiles_with_no_triton_kernel(tmp_path, spec, shape, programs):
     """Below compute capability 8.0 auto takes the portable path: no Pallas Triton kernel is
-    compiled, and the sparse MLP layer compiles for the T4 with no Triton call in it. (The
-    generate programs are the model's: `sparse_mlp_layer` is the part the kernels own.)"""
+    compiled, and the sparse MLP layer and the generate programs compile for a T4 (the shipped
+    spec, and one written apart from the A100's) with no Triton call in them."""
     gpu = t4_written_apart(tmp_path / "my-t4.txtpb") if spec != "t4" else spec
-    records, _ = report(tmp_path, "--shape", "7b", "--no-programs", gpu=gpu)
-    assert {r["name"] for r in records} == {"sparse_mlp_layer"}
+    batches = "16" if programs else "1,16"  # the programs take most of the time
+    records, _ = report(tmp_path, "--shape", shape, *([] if programs else ["--no-programs"]),
+                        gpu=gpu, batches=batches)
+    assert {r["name"] for r in records} == {"sparse_mlp_layer"} | (
+        {"generate_dense", "generate_sparse"} if programs else set())
     assert {r["gpu"] for r in records} == {"t4" if spec == "t4" else "my-t4"}
-    assert {r["batch"] for r in records} == {1, 16}
+    assert {r["batch"] for r in records} == {int(b) for b in batches.split(",")}
     for r in records:
         assert r["compiled"] and r["path"] == "portable", r
         assert r["triton_calls"] == 0 and r["pallas_kernels"] == [], r
