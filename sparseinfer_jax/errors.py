@@ -110,17 +110,52 @@ def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
     os.remove(probe)
 
 
-def check_output_file(path: str | os.PathLike, flag: str) -> None:
-    """Raises UserError unless `path` can be written as a (new or replaced) file: not a folder,
-    in an existing, writable folder. Call it before the work that produces the file."""
+# What an output file of ours holds, so that a later run may replace it: the JSON reports carry
+# `written_by` ("sparseinfer <command>"), matplotlib stamps the plots it writes with its name.
+_OUR_MARKS = (b"sparseinfer", b"Matplotlib")
+
+
+def check_output_file(path: str | os.PathLike, flag: str, *, inputs=()) -> None:
+    """Raises UserError unless `path` can be written as a new file, or replaces a report or plot
+    this tool wrote before: not a folder, not one of `inputs` (files, or folders whose files are
+    inputs), in an existing, writable folder. Call it before the work that produces the file."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder; give a file name.")
+    real = os.path.realpath(path)
+    for given in inputs:
+        inside = os.path.realpath(given)
+        if real == inside or real.startswith(inside.rstrip(os.sep) + os.sep):
+            raise UserError(f"{flag} {path} would overwrite the input {given}; "
+                            "choose another path.")
+    if os.path.isfile(path) and not _written_here(path):
+        raise UserError(f"{flag} {path} exists and was not written by sparseinfer; choose "
+                        "another path, or remove it first.")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         state = "is a file, not a folder" if os.path.exists(parent) else "does not exist"
         raise UserError(f"{flag} {path}: {parent} {state}; create the folder or choose another.")
     check_writable_folder(parent, f"{flag} {os.path.basename(path)}")
+
+
+def _written_here(path: str) -> bool:
+    """Whether the file looks like a report or plot of ours (`_OUR_MARKS`), read up to 64 MiB."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64 * 2**20)
+    except OSError:
+        return False
+    return any(mark in head for mark in _OUR_MARKS)
+
+
+def check_distinct_outputs(**paths: str | None) -> None:
+    """Raises UserError when two output flags name one file (`check_distinct_outputs(json=...,
+    plot=...)`): the second would replace the first."""
+    given = [(flag, os.path.realpath(p)) for flag, p in paths.items() if p]
+    for i, (flag, real) in enumerate(given):
+        for other, real2 in given[i + 1:]:
+            if real == real2:
+                raise UserError(f"--{flag} and --{other} name the same file; give each its own.")
 
 
 @contextlib.contextmanager

@@ -294,6 +294,17 @@ CASES = {
                  r".* convert the model again", 2),
     "checkpoint alpha string": (checkpoint_field("alpha", "x"),
                                 "'sparseinfer.alpha' must be a number", 2),
+    # Values a config.json field cannot hold: named with the field, not as a flag's error.
+    "rms_norm_eps negative": (config_edit(rms_norm_eps=-1),
+                              "'rms_norm_eps' must be a positive number, got -1.0", 2),
+    "rope_theta negative": (config_edit(rope_parameters={"rope_type": "default",
+                                                         "rope_theta": -5}),
+                            "'rope_parameters.rope_theta' must be a positive number", 2),
+    "checkpoint alpha one of two layers": (checkpoint_field("alpha", [1.0]),
+                                           r"config\.json field 'sparseinfer\.alpha' must be a "
+                                           r"positive number or \d+ of them", 2),
+    "checkpoint alpha negative": (checkpoint_field("alpha", [-1.0, 0.0]),
+                                  r"config\.json field 'sparseinfer\.alpha' must be", 2),
     "checkpoint predictor unknown": (checkpoint_field("predictor", "magic"),
                                      "'sparseinfer.predictor' is 'magic'; use one of sign", 2),
     "checkpoint calibration number": (checkpoint_field("calibration", 3),

@@ -143,6 +143,28 @@ CASES = [
      lambda m, t, tmp: evaluate(m, [np.asarray([_ids(8)], np.int32)], modes=("fast",)),
      "modes must name one or more of dense", None),
     ("eval --modes unknown", [*EV, "--modes", "dense,fast"], "--modes must name", 2),
+    # A second QA pass: outputs that would replace an input or a user's file, flags checked late.
+    ("eval --json onto its --text", ["eval", "--text", "{tmp}/text.txt", "--json",
+                                     "{tmp}/text.txt"], "would overwrite the input", 2),
+    ("eval --json into its checkpoint", ["eval", "{tmp}/ckpt", "--text", TEXT, "--json",
+                                         "{tmp}/ckpt/config.json"],
+     "would overwrite the input", 2),
+    ("bench --json onto a file it did not write", ["bench", "--json", "{tmp}/one.txt"],
+     "was not written by sparseinfer", 2),
+    ("eval --plot onto a file it did not write", [*EV, "--plot", "{tmp}/text.txt"],
+     "was not written by sparseinfer", 2),
+    ("--json and --plot one file", [*EV, "--json", "{tmp}/r.png", "--plot", "{tmp}/r.png"],
+     "name the same file", 2),
+    ("eval --plot .txt", [*EV, "--plot", "{tmp}/p.txt"], "matplotlib cannot write .txt", 2),
+    ("bench --plot .txt", ["bench", "--plot", "{tmp}/p.txt"], "matplotlib cannot write .txt", 2),
+    ("eval --plot without dense", [*EV, "--modes", "sparse", "--plot", "{tmp}/p.png"],
+     "--plot draws sparse against dense", 2),
+    ("bench --seed -5", ["bench", "--seed", "-5"], "--seed must be a whole number", 2),
+    ("bench --layers beyond the shape", ["bench", "--layers", "100"],
+     "--layers cuts tiny's depth: give 1 to 4", 2),
+    ("MODEL and --model differ", ["eval", "{tmp}", "--model", SHIPPED_MODEL, "--text", TEXT],
+     "name two models", 2),
+    ("--model empty", ["generate", "--prompt", "x", "--model", ""], "model path is empty", 2),
     ("API calibrate on 20 tokens",
      lambda m, t, tmp: calibrate(m, [np.asarray([_ids(20)], np.int32)], target_recall=0.9),
      "at least 64 tokens", None),
@@ -165,6 +187,7 @@ def folder(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café au lait, crème brûlée\n".encode("latin-1") * 20)
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
     (tmp_path / "one.txt").write_text("a")
+    (tmp_path / "text.txt").write_text(open(TEXT).read())
     return tmp_path
 
 
@@ -443,3 +466,26 @@ def test_a_damaged_compile_cache_entry_is_replaced(tmp_path):
     assert len(found) == 1 and f"'{program}'" in found[0] and "could not be read" in found[0]
     assert os.path.getsize(victim) > entries[victim] // 2  # written again
     assert warnings_of_a_run() == []
+
+
+@pytest.mark.parametrize("kind", ["json report", "matplotlib plot"])
+def test_a_report_or_plot_written_before_may_be_replaced(tmp_path, kind):
+    """Outputs are refused over a user's file but not over this tool's own earlier output, so a
+    command can be run again with the same --json / --plot."""
+    from sparseinfer_jax.errors import check_output_file
+
+    if kind == "json report":
+        path = tmp_path / "r.json"
+        path.write_text('{"written_by": "sparseinfer eval", "tokens": 3}\n')
+    else:
+        matplotlib = pytest.importorskip("matplotlib")
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+
+        path = tmp_path / "p.png"
+        Figure().savefig(path)
+    check_output_file(path, "--json")
+    path.write_bytes(path.read_bytes().replace(b"sparseinfer", b"someone").replace(
+        b"Matplotlib", b"someone"))
+    with pytest.raises(UserError, match="was not written by sparseinfer"):
+        check_output_file(path, "--json")

@@ -486,3 +486,19 @@ def test_cli_calibration_says_how_to_skip_it_and_shows_progress(tied, tmp_path, 
     assert "calibrated for recall >= 0.99" in captured.out
     block = checkpoint.read_checkpoint_config(tmp_path / "out")[1]
     assert block.calibration.startswith("sparseinfer-convert default")
+
+
+def test_a_dense_only_source_is_converted_and_not_calibrated(tmp_path, capsys):
+    """A SiLU Llama runs dense only: convert says so and skips the calibration, which would fit
+    alphas no run uses."""
+    from conftest import make_hf_checkpoint
+
+    from convert.cli import main as convert_main
+    from sparseinfer_jax.io import checkpoint
+
+    src = make_hf_checkpoint(str(tmp_path / "hf"), hidden_act="silu")
+    assert convert_main([src, str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "hidden_act is 'silu': this model runs dense only, so it was not calibrated" in out
+    assert "calibrated for" not in out
+    assert not checkpoint.read_checkpoint_config(str(tmp_path / "out"))[1].is_calibrated

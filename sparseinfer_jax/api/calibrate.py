@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from sparseinfer_jax.model.config import PREDICTORS
+from sparseinfer_jax.model.config import PREDICTORS, config_from_hf_dict
 from sparseinfer_jax.tuning.calibration import DEFAULT_RECALL, calibrate_default
 
 
@@ -31,6 +31,9 @@ def calibrate_checkpoint(
         return None
     if block.is_calibrated or not calibrate:
         return None
+    if not config_from_hf_dict(hf).is_relu_family:
+        return (f"hidden_act is '{hf.get('hidden_act')}': this model runs dense only, so it was "
+                "not calibrated")
     if progress:
         print("calibrating alpha per layer on the built-in text (recall >= "
               f"{DEFAULT_RECALL}, predictors {' and '.join(PREDICTORS)}); pass --no-calibrate to "
@@ -38,8 +41,8 @@ def calibrate_checkpoint(
     model, tokenizer = load(path, mode="dense", mesh=None)
     if tokenizer is None:
         return (
-            f"{path} has no tokenizer, so it was not calibrated; sparse mode warns until you run "
-            "`sparseinfer calibrate` with a text."
+            f"{path} has no tokenizer, so it was not calibrated: copy the source's "
+            "tokenizer.json into it, then run `sparseinfer calibrate` (text commands need it too)"
         )
     cal, note, seconds = calibrate_default(model, tokenizer, progress=progress)
     checkpoint.write_calibration(path, cal.config_alphas(), cal.predictor,

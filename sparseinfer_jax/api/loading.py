@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -88,10 +89,8 @@ def assemble(
     if mesh is not None:
         sharding.check_config(cfg, mesh)
     if not cfg.is_relu_family:
-        log.warning(
-            "hidden_act is '%s': SparseInfer needs relu or fatrelu, so this model runs dense only.",
-            cfg.hidden_act,
-        )
+        warnings.warn(f"hidden_act is '{cfg.hidden_act}': SparseInfer needs relu or fatrelu, so "
+                      "this model runs dense only.", RuntimeWarning, stacklevel=2)
     abstract = nnx.eval_shape(
         lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode, backend=backend)
     )
@@ -196,6 +195,19 @@ PACKAGE_DIR = os.path.dirname(os.path.dirname(__file__))
 SHIPPED_MODEL = os.path.join(PACKAGE_DIR, "models", "tiny-relu-llama")
 
 
+def _stored_alpha(block, cfg, where: str):
+    """The block's alpha, checked as `alpha_per_layer` checks one given; errors name the file."""
+    if block.alpha is not None:
+        try:
+            alpha_per_layer(block.alpha, cfg.num_hidden_layers)
+        except UserError:
+            raise UserError(
+                f"{where} field 'sparseinfer.alpha' must be a positive number or "
+                f"{cfg.num_hidden_layers} of them, one per layer, got {list(block.alpha)}; "
+                "calibrate again (sparseinfer calibrate) or fix it.") from None
+    return block.alpha
+
+
 def load(
     path: str | os.PathLike = SHIPPED_MODEL,
     *,
@@ -235,7 +247,7 @@ def load(
         cfg = config_from_hf_dict(hf)
         check_mode(cfg, mode, backend)
         tokenizer = load_tokenizer(path)  # a broken tokenizer fails before the weights load
-        alpha = block.alpha if alpha is None else alpha
+        alpha = _stored_alpha(block, cfg, f"{path}/config.json") if alpha is None else alpha
         dtype = _dtype(dtype) or dtypes.DTYPES[block.dtype]
         if isinstance(mesh, str):
             mesh = _auto(mesh, cfg, dtype)
@@ -254,7 +266,7 @@ def load(
         # An HF folder may carry a calibration (alphas, predictor) in the same block.
         block = checkpoint.SparseInferBlock.from_json(hf.get(checkpoint.BLOCK_KEY),
                                                       f"{folder}/config.json")
-        alpha = block.alpha if alpha is None else alpha
+        alpha = _stored_alpha(block, cfg, f"{folder}/config.json") if alpha is None else alpha
         source, remedy = folder, "the checkpoint and its config.json disagree"
     if isinstance(mesh, str):
         mesh = _auto(mesh, cfg, dtype)

@@ -122,6 +122,8 @@ class Settings:
             raise UserError(f"--repeats must be at least 1, got {self.repeats}.")
         if any(b < 1 for b in self.batches):
             raise UserError("--batches must be positive batch sizes.")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed must be a whole number in [0, 2**63), got {self.seed}.")
         if self.peer not in (None, "hf"):
             raise UserError(f"--peer must be 'hf', got '{self.peer}'.")
         missing = [m for m in ("torch", "transformers") if self.peer == "hf" and not _has(m)]

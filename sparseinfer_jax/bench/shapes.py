@@ -47,9 +47,10 @@ def shape_config(shape: str, layers: int | None = None) -> LlamaConfig:
         raise UserError(f"--shape must be one of {', '.join(SHAPES)}, got '{shape}'.")
     fields = dict(SHAPES[shape])
     if layers is not None:
-        if layers < 1:
-            raise UserError(f"--layers must be at least 1, got {layers}.")
-        fields["num_hidden_layers"] = min(layers, fields["num_hidden_layers"])
+        if not 1 <= layers <= fields["num_hidden_layers"]:
+            raise UserError(f"--layers cuts {shape}'s depth: give 1 to "
+                            f"{fields['num_hidden_layers']}, got {layers}.")
+        fields["num_hidden_layers"] = layers
     return LlamaConfig(**fields, rms_norm_eps=1e-5, max_position_embeddings=4096,
                        hidden_act="relu", bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
 

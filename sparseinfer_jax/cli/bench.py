@@ -32,7 +32,7 @@ def _bench(args: argparse.Namespace) -> int:
     check_report_outputs(args)
     def save(records: list[dict]) -> None:
         with atomic_file(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(records, f, indent=1)
+            json.dump([{"written_by": "sparseinfer bench", **r} for r in records], f, indent=1)
             f.write("\n")
 
     records = bench.run(settings, log=lambda line: print(line, flush=True),

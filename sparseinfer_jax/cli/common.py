@@ -12,6 +12,7 @@ import warnings
 
 from sparseinfer_jax.errors import (
     UserError,
+    check_distinct_outputs,
     check_output_file,
 )
 from sparseinfer_jax.model.mlp import BACKENDS, MODES
@@ -115,22 +116,38 @@ def peek_config(path: str):
 
 
 def model_path(args: argparse.Namespace) -> str:
+    """The model the command runs: MODEL or --model (one of them), else the shipped model."""
     from sparseinfer_jax.api.loading import SHIPPED_MODEL
 
-    return args.model or args.model_path or SHIPPED_MODEL
+    given = [p for p in (getattr(args, "model_path", None), args.model) if p is not None]
+    if any(not p.strip() for p in given):
+        raise UserError("the model path is empty; name a checkpoint folder, or leave the flag "
+                        "out for the shipped model.")
+    if len(given) == 2 and os.path.realpath(given[0]) != os.path.realpath(given[1]):
+        raise UserError(f"MODEL {given[0]} and --model {given[1]} name two models; give one.")
+    return given[0] if given else SHIPPED_MODEL
 
 
-def check_report_outputs(args: argparse.Namespace) -> None:
-    """Fails before measuring (not after) on a `--json` / `--plot` path that cannot be written, or
-    `--plot` without matplotlib."""
+def check_report_outputs(args: argparse.Namespace, inputs=()) -> None:
+    """Fails before measuring (not after) on a `--json` / `--plot` path that cannot be written,
+    would replace one of `inputs` or a file this tool did not write, or names the other's file;
+    on `--plot` without matplotlib or in a format it cannot write."""
+    check_distinct_outputs(json=args.json, plot=args.plot)
     for flag, out in (("--json", args.json), ("--plot", args.plot)):
         if out:
-            check_output_file(out, flag)
+            check_output_file(out, flag, inputs=inputs)
     if args.plot:
         import importlib.util
 
         if importlib.util.find_spec("matplotlib") is None:
             raise UserError("--plot needs matplotlib; pip install matplotlib.")
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        ext = os.path.splitext(args.plot)[1].lstrip(".").lower()
+        if ext and ext not in formats:
+            raise UserError(f"--plot {args.plot}: matplotlib cannot write .{ext} files; use one "
+                            f"of .{', .'.join(sorted(formats))}.")
 
 
 def check_text_args(args: argparse.Namespace) -> None:
@@ -146,7 +163,8 @@ def encode_windows(args: argparse.Namespace, tokenizer, model_path: str):
 
     text = read_text(args.text)
     if tokenizer is None:
-        raise UserError(f"{model_path} has no tokenizer.json, so the text cannot be encoded.")
+        raise UserError(f"{model_path} has no tokenizer.json, so the text cannot be encoded; "
+                        "copy the model's tokenizer.json into it.")
     return token_windows(tokenizer.encode(text), args.window, args.max_tokens)
 
 

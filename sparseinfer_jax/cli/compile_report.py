@@ -53,7 +53,8 @@ def command(args: argparse.Namespace) -> int:
         bad += compile_report_tpu.failures(tpu_records)
     if args.json:
         with atomic_file(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(records, f, indent=1)
+            json.dump([{"written_by": "sparseinfer compile-report", **r} for r in records], f,
+                      indent=1)
     for line in bad:
         print(f"FAILED: {line}", file=sys.stderr)
     return 1 if bad else 0

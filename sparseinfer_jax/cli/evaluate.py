@@ -45,8 +45,11 @@ def _eval(args: argparse.Namespace) -> int:
     check_modes(modes, "--modes")
     check_text_args(args)
     scales = _sweep(args.sweep) if args.plot else None
-    check_report_outputs(args)
+    if args.plot and not {"dense", "sparse"} <= set(modes):
+        raise UserError("--plot draws sparse against dense: give --modes with both, such as "
+                        "dense,sparse.")
     path = model_path(args)
+    check_report_outputs(args, inputs=[path, args.text] if args.text else [path])
     model, tokenizer = load(
         path, dtype=args.dtype, backend=args.backend, alpha=args.alpha, mesh=mesh_arg(args)
     )
@@ -65,7 +68,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"wrote {args.plot}")
     if args.json:
         with atomic_file(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump({"written_by": "sparseinfer eval", **result}, f, indent=2)
             f.write("\n")
     return 0
 

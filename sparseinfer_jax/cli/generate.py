@@ -8,7 +8,13 @@ import sys
 
 import numpy as np
 
-from sparseinfer_jax.cli.common import add_mesh_args, add_model_args, mesh_arg, peek_config
+from sparseinfer_jax.cli.common import (
+    add_mesh_args,
+    add_model_args,
+    mesh_arg,
+    model_path,
+    peek_config,
+)
 from sparseinfer_jax.errors import (
     UserError,
 )
@@ -39,11 +45,11 @@ def _check_generate_args(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from sparseinfer_jax.api.loading import SHIPPED_MODEL, load
+    from sparseinfer_jax.api.loading import load
     from sparseinfer_jax.runtime.generation import generate
     from sparseinfer_jax.runtime.streaming import TextStream
 
-    args.model = args.model or SHIPPED_MODEL
+    args.model = model_path(args)
     _check_generate_args(args)
     model, tokenizer = load(
         args.model,
@@ -54,7 +60,8 @@ def _generate(args: argparse.Namespace) -> int:
         mesh=mesh_arg(args),
     )
     if tokenizer is None:
-        raise UserError(f"{args.model} has no tokenizer.json, so text prompts cannot be encoded.")
+        raise UserError(f"{args.model} has no tokenizer.json, so text prompts cannot be encoded; "
+                        "copy the model's tokenizer.json into it.")
     stream = sys.stdout.isatty() if args.stream is None else args.stream
     stream = stream and len(args.prompt) == 1  # a batch is printed when it is done
     run = functools.partial(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -128,6 +129,16 @@ def _field(hf: dict[str, Any], name: str, kind: type, default: Any = _MISSING, *
     return float(value) if kind is float else value
 
 
+def _positive_number(hf: dict[str, Any], name: str, default: float, *, where: str = ""
+                     ) -> float:
+    """A float field that must be finite and above 0 (an epsilon, a RoPE base)."""
+    value = _field(hf, name, float, default, where=where)
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"config.json field '{where}{name}' must be a positive number, got "
+                        f"{value}; fix config.json.")
+    return value
+
+
 def _positive(hf: dict[str, Any], name: str, default: Any = _MISSING) -> int:
     value = _field(hf, name, int, default)
     if value is not None and value < 1:
@@ -179,7 +190,7 @@ def _rope_config(hf: dict[str, Any], max_positions: int) -> RopeConfig:
         )
     return RopeConfig(
         rope_type=rope_type,
-        theta=_field(params, "rope_theta", float, 10000.0, where=at),
+        theta=_positive_number(params, "rope_theta", 10000.0, where=at),
         factor=factor,
         low_freq_factor=_field(params, "low_freq_factor", float, 1.0, where=at),
         high_freq_factor=_field(params, "high_freq_factor", float, 4.0, where=at),
@@ -261,7 +272,7 @@ def config_from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=int(head_dim),
-        rms_norm_eps=_field(hf, "rms_norm_eps", float, 1e-6),
+        rms_norm_eps=_positive_number(hf, "rms_norm_eps", 1e-6),
         tie_word_embeddings=_field(hf, "tie_word_embeddings", bool, False),
         max_position_embeddings=max_positions,
         rope=_rope_config(hf, max_positions),
