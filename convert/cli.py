@@ -45,13 +45,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, alpha=args.alpha)
-    print(f"converted {args.src} -> {out} ({args.dtype}, {_folder_size(out) / 2**20:.1f} MiB) in "
-          f"{time.perf_counter() - start:.1f} s")
-    note = calibrate_checkpoint(out, alpha_given=args.alpha is not None,
-                                calibrate=not args.no_calibrate, progress=True)
-    if note:
-        print(note)
+    out = os.path.abspath(args.out)
+    notes = []
+
+    def finish(tmp: str) -> None:
+        """Says the conversion is done, then calibrates the checkpoint before it becomes OUT."""
+        print(f"converted {args.src} -> {out} ({args.dtype}, {_folder_size(tmp) / 2**20:.1f} MiB) "
+              f"in {time.perf_counter() - start:.1f} s", flush=True)
+        notes.append(calibrate_checkpoint(tmp, alpha_given=args.alpha is not None,
+                                          calibrate=not args.no_calibrate, progress=True,
+                                          shown_as=out))
+
+    convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, alpha=args.alpha,
+            finish=finish)
+    if notes[0]:
+        print(notes[0])
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -66,7 +66,8 @@ def _write_params(folder: str, count: int, leaves: Iterator[Leaf]) -> None:
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
-            overwrite: bool = False, alpha: float | Sequence[float] | None = None) -> str:
+            overwrite: bool = False, alpha: float | Sequence[float] | None = None,
+            finish: Callable[[str], None] | None = None) -> str:
     """Converts a Hugging Face Llama folder (or hub id) into a checkpoint folder at `out`.
 
     Everything is checked before any work: the output path (an existing `out` is replaced only
@@ -82,6 +83,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
       overwrite: replace an existing checkpoint at `out` (only once the new one is complete).
       alpha: the predictor's alpha, one number or one per layer; default: the source's calibrated
         `sparseinfer.alpha` when its config.json has one, else 1.0 per layer.
+      finish: called with the temporary folder once the checkpoint is written there, before it
+        becomes `out` (the CLI calibrates there, so an interrupted calibration keeps the old
+        checkpoint).
 
     The rest of the source's `sparseinfer` block (its predictor, its calibration marker) is kept,
     so the checkpoint decodes as the source does; a calibration marker is dropped when `alpha`
@@ -121,4 +125,6 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
             alphas, dtype, source, base=source_block))
         for file in copies:
             shutil.copy2(os.path.join(folder, file), os.path.join(tmp, file))
+        if finish is not None:
+            finish(tmp)
     return out

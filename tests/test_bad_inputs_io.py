@@ -28,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 
 from convert import convert
 from convert.cli import main as convert_main
+from sparseinfer_jax.api import calibrate as api_calibrate
 from sparseinfer_jax.errors import run_command
 from sparseinfer_jax.io import checkpoint, params
 
@@ -184,6 +185,14 @@ def ctrl_c_while_writing(work, src, ckpt):
     return "convert", [src, ckpt, "--overwrite"]
 
 
+def ctrl_c_while_calibrating(work, src, ckpt):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    api_calibrate.calibrate_default = interrupted
+    return "convert", [src, ckpt, "--overwrite"]
+
+
 def damaged(edit):
     def prepare(work, src, ckpt):
         edit(f"{ckpt}/{checkpoint.PARAMS_DIR}")
@@ -242,6 +251,8 @@ CASES = {
     "disk full": (disk_full_while_writing, r"failed \(the disk is full\); nothing was written", 2),
     # Ctrl-C.
     "ctrl-c": (ctrl_c_while_writing, "^interrupted$", 130),
+    # The default calibration runs before the new checkpoint replaces the old one.
+    "ctrl-c while calibrating, overwrite": (ctrl_c_while_calibrating, "^interrupted$", 130),
     # 11.8: config values of the wrong type name the field.
     "hidden_size string": (config_edit(hidden_size="48"),
                            "'hidden_size' must be an integer, got '48'", 2),
@@ -324,7 +335,7 @@ def test_bad_input(case, hf, ckpt, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     # Whatever `prepare` patches (os.mkdir, Writer.write, ...) is undone after the test.
     for owner, name in ((os, "mkdir"), (shutil, "disk_usage"), (params.ocp.partial, "save_async"),
-                        (params, "restore")):
+                        (params, "restore"), (api_calibrate, "calibrate_default")):
         monkeypatch.setattr(owner, name, getattr(owner, name))
     command, args = prepare(work, src, ck)
     before = {d: snapshot(d) for d in (work, src, ck)}

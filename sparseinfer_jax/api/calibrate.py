@@ -10,7 +10,8 @@ from sparseinfer_jax.tuning.calibration import DEFAULT_RECALL, calibrate_default
 
 
 def calibrate_checkpoint(
-    path: str | os.PathLike, *, alpha_given: bool, calibrate: bool, progress: bool = False
+    path: str | os.PathLike, *, alpha_given: bool, calibrate: bool, progress: bool = False,
+    shown_as: str | None = None,
 ) -> str | None:
     """`sparseinfer-convert`'s last step on the checkpoint it wrote at `path`.
 
@@ -19,7 +20,8 @@ def calibrate_checkpoint(
     unless `calibrate` is False (`--no-calibrate`: no marker, so sparse mode calibrates in memory
     at load), `calibrate_default` runs and its alphas, predictor and marker are written into
     config.json; `progress` says so first on stderr (and how to skip it), then shows a progress bar
-    with the time left. Returns one line saying what happened, or None.
+    with the time left. Returns one line saying what happened, or None; it names the checkpoint
+    `shown_as` (default `path`: the converter calibrates in its temporary folder).
     """
     from sparseinfer_jax.api.loading import load
     from sparseinfer_jax.io import checkpoint
@@ -41,7 +43,7 @@ def calibrate_checkpoint(
     model, tokenizer = load(path, mode="dense", mesh=None)
     if tokenizer is None:
         return (
-            f"{path} has no tokenizer, so it was not calibrated: copy the source's "
+            f"{shown_as or path} has no tokenizer, so it was not calibrated: copy the source's "
             "tokenizer.json into it, then run `sparseinfer calibrate` (text commands need it too)"
         )
     cal, note, seconds = calibrate_default(model, tokenizer, progress=progress)
