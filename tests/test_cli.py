@@ -80,3 +80,15 @@ def test_generate_keeps_its_compiled_program_unless_told_not_to(tmp_path):
     names = os.listdir(kept)
     assert any("_prefill" in n for n in names) and any("_decode" in n for n in names), names
     assert not off.exists() or not os.listdir(off)
+
+
+@pytest.mark.parametrize("argv, off", [
+    (["generate", "--prompt", "x"], False),
+    (["--no-compile-cache", "generate", "--prompt", "x"], True),
+    (["generate", "--prompt", "x", "--no-compile-cache"], True),  # as the README writes it
+    (["eval", "--text", "t.txt", "--no-compile-cache"], True),
+])
+def test_no_compile_cache_before_or_after_the_command(argv, off):
+    from sparseinfer_jax.cli.main import build_parser
+
+    assert build_parser().parse_args(argv).no_compile_cache is off

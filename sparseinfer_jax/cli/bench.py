@@ -53,7 +53,8 @@ def _bench(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     """Adds `sparseinfer bench` to the subcommands `sub`."""
     be = sub.add_parser("bench", help="decode speed vs active fraction on a random-weight model")
-    be.add_argument("--shape", default="tiny", help="tiny, 1b (TinyLlama-1.1B) or 7b (Llama-2-7B)")
+    be.add_argument("--shape", default="tiny",
+                    help="tiny, 1b (TinyLlama-1.1B), 7b (Llama-2-7B) or 13b (Llama-2-13B)")
     be.add_argument("--layers", type=int, default=None, help="cut the depth to N layers")
     be.add_argument("--dtype", default="float32", help="bfloat16 or float32")
     be.add_argument("--modes", default="dense,sparse", help="comma list of dense,sparse")

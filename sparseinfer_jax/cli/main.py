@@ -13,15 +13,17 @@ from sparseinfer_jax.errors import (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseinfer", description=__doc__)
-    parser.add_argument(
-        "--no-compile-cache",
-        action="store_true",
-        help="do not keep compiled programs between runs (default folder: ~/.cache/sparseinfer/"
-        "jax; SPARSEINFER_COMPILE_CACHE=DIR or off sets it)",
-    )
+    no_cache = dict(action="store_true", help="do not keep compiled programs between runs "
+                    "(default folder: ~/.cache/sparseinfer/jax; SPARSEINFER_COMPILE_CACHE=DIR or "
+                    "off sets it)")
+    parser.add_argument("--no-compile-cache", **no_cache)
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (generate, calibrate, evaluate, bench, compile_report):
         command.add_parser(sub)
+    # Also after the command (`sparseinfer generate --no-compile-cache`); SUPPRESS keeps a flag
+    # given before the command when none comes after it.
+    for command_parser in sub.choices.values():
+        command_parser.add_argument("--no-compile-cache", default=argparse.SUPPRESS, **no_cache)
     return parser
 
 
