@@ -29,7 +29,7 @@ from safetensors.numpy import load_file, save_file
 from convert import convert
 from convert.cli import main as convert_main
 from sparseinfer_jax.api import calibrate as api_calibrate
-from sparseinfer_jax.errors import run_command
+from sparseinfer_jax.errors import UserError, run_command
 from sparseinfer_jax.io import checkpoint, params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -433,3 +433,48 @@ def test_ctrl_c_in_a_real_process(hf, tmp_path):
     assert err.strip().splitlines()[-1].split("\r")[-1] == "interrupted"
     assert "Traceback" not in err
     assert os.listdir(tmp_path) == []
+
+
+def _another_run_made_it(out: str) -> None:
+    os.makedirs(out)
+    with open(os.path.join(out, "theirs"), "w") as f:
+        f.write("kept")
+
+
+# (what happens while a checkpoint is written to OUT, overwrite, error or warning, what OUT holds)
+WHILE_WRITING = {
+    "another run makes OUT meanwhile": (_another_run_made_it, False,
+                                        "created by another run meanwhile", "theirs"),
+    "old checkpoint cannot be removed": (None, True, "could not be removed", "new"),
+}
+
+
+@pytest.mark.parametrize("case", list(WHILE_WRITING))
+def test_what_happens_to_out_while_writing(case, tmp_path, monkeypatch):
+    """The swap at the end of a write: OUT made meanwhile by another run is not replaced without
+    --overwrite (both runs had reported success); an old checkpoint that cannot be removed is
+    left and named in a warning, not reported as a failed write."""
+    meanwhile, overwrite, said, holds = WHILE_WRITING[case]
+    out = str(tmp_path / "out")
+    if meanwhile is None:
+        os.makedirs(os.path.join(out, checkpoint.PARAMS_DIR))
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump({"sparseinfer": {"format_version": 4}}, f)
+        rmtree = shutil.rmtree
+
+        def refuse_old(path, *args, **kwargs):
+            if ".old" in os.path.basename(path):
+                raise PermissionError(errno.EPERM, "Operation not permitted")
+            rmtree(path, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint.shutil, "rmtree", refuse_old)
+    with (pytest.warns(RuntimeWarning, match=said) if meanwhile is None
+          else pytest.raises(UserError, match=said)):
+        with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
+            with open(os.path.join(tmp, "new"), "w") as f:
+                f.write("new")
+            if meanwhile is not None:
+                meanwhile(out)
+    assert holds in os.listdir(out)
+    hidden = [p for p in os.listdir(tmp_path) if p.startswith(".")]
+    assert len(hidden) == (0 if meanwhile is not None else 1), hidden  # the old one, named

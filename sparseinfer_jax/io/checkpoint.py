@@ -27,6 +27,7 @@ import numbers
 import os
 import secrets
 import shutil
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -336,6 +337,16 @@ def _write_error(out: str, e: OSError) -> UserError:
                      "choose an output folder you can write to.")
 
 
+def _remove_replaced(old: str, out: str) -> None:
+    """Removes the checkpoint `out` replaced (moved to `old`); one that cannot be removed is left
+    where it is, and a warning says where (the new checkpoint is complete either way)."""
+    try:
+        shutil.rmtree(old)
+    except OSError as e:
+        warnings.warn(f"{out} is the new checkpoint, but the one it replaced could not be removed "
+                      f"({e.strerror or e}); it is left at {old}.", RuntimeWarning, stacklevel=2)
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
                      size: int = 0) -> Iterator[str]:
@@ -369,6 +380,9 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
         try:
             yield tmp
             if os.path.isdir(out) and os.listdir(out):
+                if not overwrite:  # made meanwhile, by another run
+                    raise UserError(f"{out} was created by another run meanwhile; pass "
+                                    "--overwrite to replace it, or choose another output.")
                 old = _sibling(out, "old")
                 os.replace(out, old)
                 try:
@@ -376,7 +390,7 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False,
                 except BaseException:
                     os.replace(old, out)
                     raise
-                shutil.rmtree(old)
+                _remove_replaced(old, out)
             else:
                 os.replace(tmp, out)
         except OSError as e:
