@@ -194,6 +194,8 @@ def choose(backend: str = "auto") -> Choice:
         why = "chosen by auto"
     else:
         path, why = backend, "asked for"
+        if path in ("pallas", "mosaic") and device.platform == "cpu":
+            why = "asked for; interpreted on the CPU, slow, for tests"
     problem = unavailable(path, device)
     if problem is None:
         return Choice(path, device, why)

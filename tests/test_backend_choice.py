@@ -91,6 +91,10 @@ def test_describe_says_device_path_and_why(fake, device, words):
     fake(device)
     assert bk.describe() == f"{words} (chosen by auto)"
     assert bk.describe("portable").endswith("the portable XLA path (asked for)")
+    interpreted = device == CPU  # Pallas asked for on the CPU runs, in interpret mode: say so
+    with warnings.catch_warnings():  # a TPU falls back from pallas, and warns
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert ("interpreted on the CPU" in bk.describe("pallas")) is interpreted
 
 
 def test_unknown_backend():
