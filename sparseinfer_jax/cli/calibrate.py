@@ -12,6 +12,7 @@ from sparseinfer_jax.cli.common import (
     encode_windows,
     model_path,
 )
+from sparseinfer_jax.errors import UserError
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -20,6 +21,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     from sparseinfer_jax.model.config import PREDICTORS
     from sparseinfer_jax.tuning.calibration import calibrate_predictors, check_targets, format_table
 
+    if args.alpha is not None:
+        raise UserError("calibrate chooses alpha itself; drop --alpha (or set it at load with "
+                        "`generate --alpha`).")
+    if args.mode != "dense":
+        raise UserError("calibrate replays the model densely and fits each predictor; drop "
+                        "--mode.")
     check_targets(args.target_recall, args.target_sparsity, args.max_ppl_increase)
     check_text_args(args)
     path = model_path(args)

@@ -22,6 +22,8 @@ from sparseinfer_jax.errors import (
 )
 from sparseinfer_jax.model.mlp import MODES
 
+DEFAULT_SWEEP = "0.9,0.95,1,1.05,1.1,1.2"
+
 
 def _sweep(text: str) -> list[float]:
     """`--sweep` as a list of alpha scale factors: finite numbers > 0."""
@@ -43,8 +45,14 @@ def _eval(args: argparse.Namespace) -> int:
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     check_modes(modes, "--modes")
+    if args.mode != "dense":
+        raise UserError("eval runs each mode of --modes; give --modes instead of --mode.")
+    if args.alpha is not None and "sparse" not in modes:
+        raise UserError("--alpha sets the sparse predictor; add sparse to --modes or drop --alpha.")
+    if args.sweep is not None and not args.plot:
+        raise UserError("--sweep sets the alphas --plot draws; add --plot FILE or drop --sweep.")
     check_text_args(args)
-    scales = _sweep(args.sweep) if args.plot else None
+    scales = _sweep(args.sweep or DEFAULT_SWEEP) if args.plot else None
     if args.plot and not {"dense", "sparse"} <= set(modes):
         raise UserError("--plot draws sparse against dense: give --modes with both, such as "
                         "dense,sparse.")
@@ -82,6 +90,7 @@ def add_parser(sub) -> None:
     ev.add_argument("--modes", default="dense,sparse", help="comma list of " + ",".join(MODES))
     ev.add_argument("--json", default=None, help="also write the results to this JSON file")
     ev.add_argument("--plot", default=None, help="write a PNG: per-layer figures and a sweep")
-    ev.add_argument("--sweep", default="0.9,0.95,1,1.05,1.1,1.2",
-                    help="alpha scale factors swept for --plot (perplexity vs sparsity)")
+    ev.add_argument("--sweep", default=None,
+                    help=f"alpha scale factors swept for --plot (perplexity vs sparsity; default "
+                         f"{DEFAULT_SWEEP})")
     ev.set_defaults(run=_eval)

@@ -36,6 +36,10 @@ def _check_generate_args(args: argparse.Namespace) -> None:
     if args.alpha is not None and args.mode == "dense":
         raise UserError("--alpha sets the sparse predictor, which --mode dense does not use; add "
                         "--mode sparse or drop --alpha.")
+    if args.mode == "dense" and (args.stats or args.backend != "auto"):
+        flag = "--stats" if args.stats else f"--backend {args.backend}"
+        raise UserError(f"{flag} is about the sparse MLP, which --mode dense does not run; add "
+                        f"--mode sparse or drop {flag.split()[0]}.")
     if args.compare and args.mode == "dense":
         raise UserError("--compare compares a sparse mode with dense; add --mode sparse.")
     if args.compare and args.max_new_tokens < 2:
