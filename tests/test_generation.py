@@ -31,9 +31,10 @@ def test_left_padding_gives_the_same_tokens_as_each_prompt_alone(tiny):
 def test_same_bucket_reuses_the_compiled_program(tiny):
     model, _ = tiny
     generate(model, [[5, 6, 7]], max_new_tokens=10)
+    generate(model, [[5, 6, 7]], max_new_tokens=10, mode="sparse")
     before = compilation_count()
     generate(model, [[8, 9, 10, 11, 12]], max_new_tokens=13, temperature=0.7, top_p=0.9, seed=3)
-    generate(model, [[5, 6]], max_new_tokens=4, alpha=2.0, repetition_penalty=1.3)
+    generate(model, [[5, 6]], max_new_tokens=4, mode="sparse", alpha=2.0, repetition_penalty=1.3)
     assert compilation_count() == before
     # A longer prompt bucket: one new prefill and one new decode program.
     generate(model, [list(range(3, 3 + bucket(16) + 1))], max_new_tokens=4)

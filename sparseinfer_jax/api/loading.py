@@ -240,6 +240,8 @@ def load(
     """
     from sparseinfer_jax.io import checkpoint
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise UserError(f"load takes a folder path or a hub id, got {path!r}.")
     path = os.fspath(path)
     override = alpha is not None
     if checkpoint.claims_converted(path):

@@ -182,8 +182,8 @@ def decode_record(model: Llama, prompt: np.ndarray, settings: Settings, mode: st
     whose speed drifts during the run (a shared CPU) moves both sides of each ratio alike.
     `limit_ms` is the step's bytes over the faster of the copy and matvec read bandwidths."""
     cfg = model.config
-    kw = dict(max_new_tokens=settings.tokens, mode=mode, backend=backend, alpha=alphas,
-              stop_at_eos=False)
+    kw = dict(max_new_tokens=settings.tokens, mode=mode, backend=backend,
+              alpha=None if mode == "dense" else alphas, stop_at_eos=False)
     first = generate(model, prompt, **kw)
     paired = mode != "dense"
     dense_kw = dict(kw, mode="dense", backend="xla", alpha=None)

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model import sharding
 from sparseinfer_jax.model.config import LlamaConfig, alpha_per_layer
 from sparseinfer_jax.model.llama import KVCache, Llama
@@ -33,6 +34,7 @@ from sparseinfer_jax.model.mlp import STAT_FIELDS, Sparsity
 from sparseinfer_jax.model.positions import causal_inputs
 from sparseinfer_jax.runtime.requests import (
     bucket,
+    check_argument_types,
     check_request,
     check_sampling,
     check_seed,
@@ -231,7 +233,13 @@ def generate(
     Returns:
       A GenerationResult.
     """
+    check_argument_types(model, Llama, tokenizer, stream, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p,
+                         repetition_penalty=repetition_penalty, stream_chunk=stream_chunk)
     sparsity = model.with_sparsity(mode=mode, backend=backend)
+    if alpha is not None and sparsity.mode == "dense":
+        raise UserError("alpha sets the sparse predictor, which dense mode does not use; pass "
+                        "mode='sparse' or drop alpha.")
     check_sampling(temperature, top_p, top_k, repetition_penalty)
     check_seed(seed)
     ids = encode_prompts(prompts, tokenizer)

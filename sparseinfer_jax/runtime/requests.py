@@ -8,6 +8,7 @@ model.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -103,6 +104,35 @@ def encode_prompts(prompts, tokenizer) -> list[list[int]]:
     ):
         return [list(map(int, p)) for p in prompts]
     raise UserError("prompts must be a string, a list of strings, or a list of token id lists.")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_argument_types(model, model_type: type, tokenizer, stream, **values) -> None:
+    """Raises UserError for arguments of `generate` of the wrong kind, before any of them is
+    used: the model not a loaded one, counts that are not whole numbers, sampling values that are
+    not numbers, a stream that cannot be called, a tokenizer without encode/decode."""
+    if not isinstance(model, model_type):
+        raise UserError(f"generate takes a model from sparseinfer_jax.load, got "
+                        f"{type(model).__name__}; load it first: model, tokenizer = load(path).")
+    for name, value in values.items():
+        whole = name in ("max_new_tokens", "top_k", "stream_chunk")
+        if value is None and name in ("top_k", "top_p", "stream_chunk"):
+            continue
+        if not (_whole(value) if whole else _number(value)):
+            kind = "a whole number" if whole else "a number"
+            raise UserError(f"{name} must be {kind}, got {value!r}.")
+    if stream is not None and not callable(stream):
+        raise UserError(f"stream must be a function of the new tokens, got {stream!r}.")
+    if tokenizer is not None and not all(hasattr(tokenizer, a) for a in ("encode", "decode")):
+        raise UserError(f"tokenizer must be the one load returns (with encode and decode), got "
+                        f"{type(tokenizer).__name__}.")
 
 
 def check_sampling(temperature: float, top_p: float | None, top_k: int | None,
