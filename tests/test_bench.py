@@ -144,3 +144,16 @@ def test_bad_flags_exit_2_with_one_line(argv, match, capsys):
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err and err.count("\n") == 1
+
+
+def test_bytes_table_without_a_dense_record_says_dash_not_nan():
+    from sparseinfer_jax.bench.report import MLP_PARTS, format_bytes
+
+    def record(mode, scale):
+        return dict(kind="decode", mode=mode, backend="xla", active_fraction=0.5,
+                    bytes_per_step={p: scale * 1e6 for p in MLP_PARTS})
+
+    both = format_bytes([record("dense", 2.0), record("sparse", 1.0)]).splitlines()
+    assert both[-1].split()[-1] == f"{1 / 2:.3f}"
+    alone = format_bytes([record("sparse", 1.0)]).splitlines()
+    assert alone[-1].split()[-1] == "-" and "nan" not in alone[-1]

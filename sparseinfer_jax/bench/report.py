@@ -68,10 +68,11 @@ def format_bytes(records: list[dict]) -> str:
     for r in rows:
         b = r["bytes_per_step"]
         mlp = sum(b[p] for p in MLP_PARTS)
-        ratio = mlp / sum(dense["bytes_per_step"][p] for p in MLP_PARTS) if dense else float("nan")
+        ratio = (f"{mlp / sum(dense['bytes_per_step'][p] for p in MLP_PARTS):>8.3f}" if dense
+                 else f"{'-':>8}")  # no dense record (--modes sparse): nothing to divide by
         lines.append(f"{r['mode']:<9} {r['backend'][:8]:<8} {r.get('batch', 1):>2} "
                      f"{r['active_fraction']:>6.3f} {r.get('fired_fraction', 1.0):>6.3f} "
-                     + " ".join(f"{b[p] / 1e6:>12.3f}" for p in MLP_PARTS) + f" {ratio:>8.3f}")
+                     + " ".join(f"{b[p] / 1e6:>12.3f}" for p in MLP_PARTS) + f" {ratio}")
     return "\n".join(lines)
 
 

@@ -241,7 +241,8 @@ def _calibrate_kinds(
     if tokens < MIN_TOKENS:
         raise UserError(
             f"calibrating on {tokens} tokens would choose alphas from noise; give a text of at "
-            f"least {MIN_TOKENS} tokens (thousands are better), or a larger --max-tokens."
+            f"least {MIN_TOKENS} tokens (thousands are better; a --max-tokens, if given, no "
+            "smaller)."
         )
     if tokens < FEW_TOKENS:
         log.warning(
