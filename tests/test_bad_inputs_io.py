@@ -107,6 +107,11 @@ def out_is_a_file_overwrite(work, src, ckpt):
     return "convert", [src, f"{work}/out", "--overwrite"]
 
 
+def out_is_a_link_to_a_checkpoint(work, src, ckpt):
+    os.symlink(ckpt, f"{work}/link")
+    return "convert", [src, f"{work}/link", "--overwrite"]
+
+
 def out_parent_is_a_file(work, src, ckpt):
     open(f"{work}/file", "w").write("a file")
     return "convert", [src, f"{work}/file/sub/out"]
@@ -243,6 +248,8 @@ CASES = {
     # 11.10 and 11.6: what works is suggested; path problems found before any work.
     "out is a file": (out_is_a_file, "is a file, not a checkpoint folder; choose a new output", 2),
     "out is a file, overwrite": (out_is_a_file_overwrite, "is a file, not a checkpoint folder", 2),
+    "out is a link to a checkpoint": (out_is_a_link_to_a_checkpoint,
+                                      "is a link .*give the folder itself", 2),
     "parent is a file": (out_parent_is_a_file, "is a file, so .* cannot be created", 2),
     "unwritable output": (unwritable_output_folder, r"cannot create .*\(Permission denied\)", 2),
     # 11.2: disk space checked up front, write failures are errors.

@@ -309,7 +309,10 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False) -> None:
     write.
     """
     out = os.path.abspath(out)
-    if os.path.islink(out) or (os.path.lexists(out) and not os.path.isdir(out)):
+    if os.path.islink(out):
+        raise UserError(f"{out} is a link (to {os.readlink(out)}); a checkpoint is written and "
+                        "replaced as a folder: give the folder itself, or a new output folder.")
+    if os.path.lexists(out) and not os.path.isdir(out):
         raise UserError(f"{out} is a file, not a checkpoint folder; choose a new output folder "
                         "(or remove the file yourself).")
     if os.path.isdir(out):
