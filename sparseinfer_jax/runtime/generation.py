@@ -233,7 +233,7 @@ def generate(
     Returns:
       A GenerationResult.
     """
-    check_argument_types(model, Llama, tokenizer, stream, max_new_tokens=max_new_tokens,
+    check_argument_types(model, tokenizer, stream, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, stream_chunk=stream_chunk)
     sparsity = model.with_sparsity(mode=mode, backend=backend)

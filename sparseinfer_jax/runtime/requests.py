@@ -20,6 +20,7 @@ from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io.text import position_limit
 from sparseinfer_jax.model.config import LlamaConfig
 from sparseinfer_jax.model.dtypes import DTYPES
+from sparseinfer_jax.model.llama import Llama
 from sparseinfer_jax.model.memory import estimate_memory
 
 MIN_BUCKET = 16
@@ -114,11 +115,11 @@ def _number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_argument_types(model, model_type: type, tokenizer, stream, **values) -> None:
+def check_argument_types(model, tokenizer, stream, **values) -> None:
     """Raises UserError for arguments of `generate` of the wrong kind, before any of them is
     used: the model not a loaded one, counts that are not whole numbers, sampling values that are
     not numbers, a stream that cannot be called, a tokenizer without encode/decode."""
-    if not isinstance(model, model_type):
+    if not isinstance(model, Llama):
         raise UserError(f"generate takes a model from sparseinfer_jax.load, got "
                         f"{type(model).__name__}; load it first: model, tokenizer = load(path).")
     for name, value in values.items():
