@@ -5,6 +5,7 @@ one-line errors, Ctrl-C, and output files checked before the work and written wh
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -111,7 +112,7 @@ def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
 
 
 # What an output file of ours holds, so that a later run may replace it: the JSON reports carry
-# `written_by` ("sparseinfer <command>"), matplotlib stamps the plots it writes with its name.
+# `written_by` ("sparseinfer <command>", `write_report`), matplotlib stamps its plots.
 _OUR_MARKS = (b"sparseinfer", b"Matplotlib")
 
 
@@ -174,3 +175,15 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def write_report(path: str | os.PathLike, report: dict | list[dict], command: str, *,
+                 indent: int = 1) -> None:
+    """Writes a command's JSON report to `path` whole (`atomic_file`), marked as written by
+    `sparseinfer <command>` (a dict at its top, a list of records in each) so that a later run
+    may replace it (`check_output_file`)."""
+    mark = {"written_by": f"sparseinfer {command}"}
+    marked = {**mark, **report} if isinstance(report, dict) else [{**mark, **r} for r in report]
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(marked, f, indent=indent)
+        f.write("\n")

@@ -495,11 +495,11 @@ def test_a_damaged_compile_cache_entry_is_replaced(tmp_path):
 def test_a_report_or_plot_written_before_may_be_replaced(tmp_path, kind):
     """Outputs are refused over a user's file but not over this tool's own earlier output, so a
     command can be run again with the same --json / --plot."""
-    from sparseinfer_jax.errors import check_output_file
+    from sparseinfer_jax.errors import check_output_file, write_report
 
     if kind == "json report":
         path = tmp_path / "r.json"
-        path.write_text('{"written_by": "sparseinfer eval", "tokens": 3}\n')
+        write_report(path, {"tokens": 3}, "eval")
     else:
         matplotlib = pytest.importorskip("matplotlib")
         matplotlib.use("Agg")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from sparseinfer_jax.cli.common import check_report_outputs
 from sparseinfer_jax.errors import (
     UserError,
     atomic_file,
+    write_report,
 )
 
 
@@ -31,9 +31,7 @@ def _bench(args: argparse.Namespace) -> int:
     settings.check()
     check_report_outputs(args)
     def save(records: list[dict]) -> None:
-        with atomic_file(args.json) as tmp, open(tmp, "w") as f:
-            json.dump([{"written_by": "sparseinfer bench", **r} for r in records], f, indent=1)
-            f.write("\n")
+        write_report(args.json, records, "bench")
 
     records = bench.run(settings, log=lambda line: print(line, flush=True),
                         save=save if args.json else None)

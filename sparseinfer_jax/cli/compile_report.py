@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import jax
@@ -13,7 +12,7 @@ from sparseinfer_jax.bench.compile_policy import failures
 from sparseinfer_jax.bench.compile_report import HEADER, check, run
 from sparseinfer_jax.bench.gpu_spec import DEFAULT_GPUS, GPUS
 from sparseinfer_jax.bench.shapes import DTYPES, SHAPES
-from sparseinfer_jax.errors import UserError, atomic_file, check_output_file
+from sparseinfer_jax.errors import UserError, check_output_file, write_report
 
 
 def command(args: argparse.Namespace) -> int:
@@ -52,9 +51,7 @@ def command(args: argparse.Namespace) -> int:
         records += tpu_records
         bad += compile_report_tpu.failures(tpu_records)
     if args.json:
-        with atomic_file(args.json) as tmp, open(tmp, "w") as f:
-            json.dump([{"written_by": "sparseinfer compile-report", **r} for r in records], f,
-                      indent=1)
+        write_report(args.json, records, "compile-report")
     for line in bad:
         print(f"FAILED: {line}", file=sys.stderr)
     return 1 if bad else 0

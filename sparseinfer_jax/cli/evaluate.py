@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 from sparseinfer_jax.cli.common import (
@@ -19,6 +18,7 @@ from sparseinfer_jax.cli.common import (
 from sparseinfer_jax.errors import (
     UserError,
     atomic_file,
+    write_report,
 )
 from sparseinfer_jax.model.mlp import MODES
 
@@ -75,9 +75,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"wrote {args.plot}")
     if args.json:
-        with atomic_file(args.json) as tmp, open(tmp, "w") as f:
-            json.dump({"written_by": "sparseinfer eval", **result}, f, indent=2)
-            f.write("\n")
+        write_report(args.json, result, "eval", indent=2)
     return 0
 
 
