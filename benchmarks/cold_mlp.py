@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from pallas_kernels.sparse_down import matmul
-from pallas_kernels.sparse_gate_up import activate, matmul_t
+from pallas_kernels.contract import activate, matmul, matmul_t
 from sparseinfer_jax.bench.alphas import alpha_keeping
 from sparseinfer_jax.bench.shapes import shape_config
 from sparseinfer_jax.bench.timing import time_calls
@@ -33,7 +32,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=STORED)
     p.add_argument("--active", type=float, default=0.1)
-    p.add_argument("--backend", default="xla")
+    p.add_argument("--backend", default="auto")
     p.add_argument("--repeats", type=int, default=9)
     a = p.parse_args()
     cfg = shape_config(a.shape)
@@ -49,19 +48,9 @@ def main() -> None:
         h = activate(matmul_t(x, w["gate"]), "relu", 0.0) * matmul_t(x, w["up"])
         return matmul(h.astype(x.dtype), w["down_t"])
 
-    def candidates(x, w):
-        act, _ = pk.sign_predict(x, w["bits"], alpha, backend=a.backend)
-        return pk.compact(act, backend=a.backend)
-
-    def two_stage(x, w):
-        idx, count = candidates(x, w)
-        return pk.sparse_mlp(x, w["gate"], w["up"], w["down_t"], idx, count,
-                             backend=a.backend)[0]
-
-    def one_stage(x, w):
-        idx, count = candidates(x, w)
-        h = pk.sparse_gate_up(x, w["gate"], w["up"], idx, count, backend=a.backend)
-        return pk.sparse_down(h, w["down_t"], idx, count, backend=a.backend)
+    def sparse(x, w):  # the op the model calls
+        return pk.sparse_mlp_layer(x, w["gate"], w["up"], w["down_t"], w["bits"], alpha,
+                                   backend=a.backend)[0]
 
     def chained(mlp):
         def run(x, layers):
@@ -73,7 +62,7 @@ def main() -> None:
     print(f"{jax.devices()[0]}, {a.shape} MLP (D={d}, F={f}, {a.dtype}) x {a.layers} layers, "
           f"about {a.active:.0%} predicted active, {a.backend}")
     ms = {}
-    for name, mlp in (("dense", dense), ("two-stage", two_stage), ("one-stage", one_stage)):
+    for name, mlp in (("dense", dense), ("sparse", sparse)):
         t = statistics.median(time_calls(chained(mlp), x0, layers, repeats=a.repeats))
         ms[name] = t / a.layers * 1e3
         ratio = f"  {ms[name] / ms['dense']:.3f} of dense" if name != "dense" else ""

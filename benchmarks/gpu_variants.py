@@ -30,11 +30,11 @@ import numpy as np
 
 import pallas_kernels as pk
 from pallas_kernels import backend as bk
-from pallas_kernels.masked_down import masked_down_pallas
-from pallas_kernels.predict_gate_up import predict_gate_up_pallas
-from pallas_kernels.sparse_down import matmul
-from pallas_kernels.sparse_gate_up import activate, matmul_t
-from pallas_kernels.sparse_layer import layer_pallas
+from pallas_kernels.contract import activate, matmul, matmul_t
+from pallas_kernels.gpu.chain import chain_mlp
+from pallas_kernels.gpu.layer import layer_pallas
+from pallas_kernels.gpu.masked_down import masked_down_pallas
+from pallas_kernels.gpu.predict_gate_up import predict_gate_up_pallas
 from sparseinfer_jax.bench.alphas import alpha_grid, fit_alphas
 from sparseinfer_jax.bench.timing import time_in_a_loop
 
@@ -120,7 +120,7 @@ def main() -> None:
     def old_chain(x, w, alpha):
         active, _ = pk.sign_predict(x, w["bits"], alpha, backend="pallas")
         idx, count = pk.compact(active)
-        return pk.sparse_mlp(x, w["gate"], w["up"], w["down_t"], idx, count, backend="pallas")[0]
+        return chain_mlp(x, w["gate"], w["up"], w["down_t"], idx, count, interpret=interpret)[0]
 
     def fused(x, w, alpha, vote="sign"):
         return predict_gate_up_pallas(x, w["gate"], w["up"], alpha=alpha, bits=w["bits"],

@@ -4,9 +4,9 @@ Each path is one jitted function that chains the MLP through `--layers` differen
 the next one, as in `cold_mlp.py`), so every weight row comes from memory as in a decode step.
 The paths run in turn within each repeat (the order rotates), and each repeat gives one ratio per
 pair, so a shared machine's drift between repeats cancels; the medians of those ratios are what to
-read. Paths (`--paths`): dense, the model's dense MLP (its `matmul.dot`); xla = sign_predict +
-compact + sparse_mlp on the "xla" backend (the chunk loop); portable =
-`portable.sparse_mlp_layer_portable`; pallas = the xla chain's ops on "pallas" (a GPU only).
+read. Paths (`--paths`): dense, the model's dense MLP (its `matmul.dot`); xla, portable and
+pallas = `sparse_mlp_layer` on that backend (the chunk loop, the bucketed XLA path, the Triton
+kernels: a GPU only).
 
     python benchmarks/portable_paired.py --shape 1b --layers 8 --dtype float32 --active 0.1
 """
@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from pallas_kernels.portable import sparse_mlp_layer_portable
-from pallas_kernels.sparse_gate_up import activate
+from pallas_kernels.contract import activate
 from sparseinfer_jax.bench.alphas import alpha_keeping
 from sparseinfer_jax.bench.shapes import DTYPES, shape_config
 from sparseinfer_jax.bench.timing import time_calls
@@ -32,14 +31,13 @@ from sparseinfer_jax.model.matmul import dot
 DTYPES = {**DTYPES, "float16": jnp.float16}
 
 
-def chain_op(backend: str):
-    """The per-op chain on `backend`: (out, computed) for one layer."""
+def layer_op(backend: str):
+    """`sparse_mlp_layer` on `backend`: (out, computed) for one layer."""
 
     def mlp(x, w, alpha):
-        active, _ = pk.sign_predict(x, w["bits"], alpha, backend=backend)
-        idx, count = pk.compact(active, backend=backend)
-        out, _ = pk.sparse_mlp(x, w["gate"], w["up"], w["down_t"], idx, count, backend=backend)
-        return out, count
+        out, counts = pk.sparse_mlp_layer(x, w["gate"], w["up"], w["down_t"], w["bits"], alpha,
+                                          backend=backend)
+        return out, counts[1]
 
     return mlp
 
@@ -49,13 +47,8 @@ def dense(x, w, alpha):
     return dot(h.astype(x.dtype), w["down_t"], 0).astype(x.dtype), jnp.int32(w["gate"].shape[0])
 
 
-def portable(x, w, alpha):
-    out, counts = sparse_mlp_layer_portable(x, w["gate"], w["up"], w["down_t"], w["bits"], alpha)
-    return out, counts[1]
-
-
-PATHS = {"dense": dense, "xla": chain_op("xla"), "portable": portable,
-         "pallas": chain_op("pallas")}
+PATHS = {"dense": dense, "xla": layer_op("xla"), "portable": layer_op("portable"),
+         "pallas": layer_op("pallas")}
 
 
 def chained(mlp):

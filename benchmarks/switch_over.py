@@ -1,9 +1,10 @@
 """Where the XLA path's gathered MLP stops beating the dense one: sets the dense-fallback point.
 
 For one layer of a named shape, times (median and min of `--repeats` calls after warm-up) the XLA
-path's chunk loop (`sparse_gate_up_xla` + `sparse_down_xla` with the dense fallback switched off)
-for K = F/16, 2F/16, ..., F active neurons, against the dense MLP matvec of the same layer.
-`backend.DENSE_ABOVE` should sit at the first K where the loop costs as much as dense.
+path's chunk loop (`chunk_loop.gate_xla` + `up_down_xla` with the dense fallback switched off,
+every candidate taken as fired) for K = F/16, 2F/16, ..., F active neurons, against the dense MLP
+matvec of the same layer. `chunk_loop.DENSE_ABOVE` should sit at the first K where the loop costs
+as much as dense.
 
     python benchmarks/switch_over.py --shape 1b --dtype float32 --json switch.json
 """
@@ -18,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.sparse_down import matmul, sparse_down_xla
-from pallas_kernels.sparse_gate_up import activate, matmul_t, sparse_gate_up_xla
+from pallas_kernels.contract import activate, matmul, matmul_t
+from pallas_kernels.xla.chunk_loop import gate_xla, up_down_xla
 from sparseinfer_jax.bench.shapes import shape_config
 from sparseinfer_jax.bench.timing import time_calls
 from sparseinfer_jax.model.dtypes import DTYPES, STORED
@@ -43,9 +44,9 @@ def main() -> None:
         return matmul(h, down_t)
 
     def chunked(x, idx, count):
-        h = sparse_gate_up_xla(x, gate, up, idx, count, activation="relu", threshold=0.0,
-                               dense_above=1.0)
-        return sparse_down_xla(h, down_t, idx, count, dense_above=1.0)
+        a = activate(gate_xla(x, gate, idx, count, dense_above=1.0), "relu", 0.0)
+        a = jnp.where(jnp.arange(f) < count, a, 0.0)
+        return up_down_xla(x, a, up, down_t, idx, count, dense_above=1.0)
 
     def stats(fn, *a):
         t = time_calls(jax.jit(fn), *a, repeats=args.repeats)

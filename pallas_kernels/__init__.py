@@ -1,38 +1,34 @@
-"""SparseInfer kernels: sign-bit prediction and sparse MLP ops, each with a jnp reference, an XLA
-path and a Pallas Triton kernel (`backend=` among "auto", "pallas", "xla", "reference", see
-`backend.py`).
+"""SparseInfer kernels: sign-bit prediction and the sparse MLP layer, for every device.
 
-The op a model calls per layer and decode step (sparse_layer.py):
+The op a model calls per layer and decode step (`layer.py`):
 
     out, counts = sparse_mlp_layer(x, gate, up, down_t, gate_sign_bits, alpha, predictor="sign")
 
-On a GPU it is two kernels, `predict_gate_up` (the vote, gate and up, h in natural order) and
-`masked_down` (down over the rows where h != 0); on the CPU the XLA chain below it. The pieces,
-still callable one by one:
+Each backend keeps its own representation of the active set inside it (`backend.choose` picks
+one by device, "auto" by default):
+- `gpu/`: Pallas Triton kernels (`predict_gate_up` then `masked_down`), and the older chain they
+  replace (`gpu/chain.py`), kept as a benchmark comparison;
+- `tpu/`: Pallas TPU (Mosaic) kernels;
+- `xla/`: plain XLA, the CPU's chunk loop (`chunk_loop.py`) and the portable bucketed path for any
+  XLA device (`portable.py`);
+- the jnp reference (`layer.layer_reference`), the truth the tests compare against.
 
-    active, n_neg = sign_predict(x, gate_sign_bits, alpha)   # predictor (predict.py)
-    # or signmag_predict: votes weighted by quantised |x| (signmag.py)
-    idx, count = compact(active)                             # compact.py
-    out, fired = sparse_mlp(x, gate, up, down_t, idx, count) # sparse_mlp.py: gate over the
-    # candidates, up and down over the fired (or sparse_gate_up then sparse_down, one stage)
+What every backend shares, written once: `contract.py` (argument checks, predictor and activation
+names, the union over a mesh axis, the per-row masks, compaction). The predictors' rule and
+faces: `predict.py` (sign), `signmag.py`; bit packing: `pack.py`. The predictors alone:
 
-The whole layer in plain XLA at static bucketed shapes, for any XLA device (portable.py):
-
-    out, counts = sparse_mlp_layer_portable(x, gate, up, down_t, gate_sign_bits, alpha)
+    active, n_neg = sign_predict(x, gate_sign_bits, alpha)            # or signmag_predict
+    idx, count = compact(active)
 
 Kernels know nothing of models.
 """
 
 from pallas_kernels.backend import BACKENDS, choose, describe
-from pallas_kernels.compact import compact
+from pallas_kernels.contract import ACTIVATIONS, PREDICTORS, compact
+from pallas_kernels.layer import sign_predict, signmag_predict, sparse_mlp_layer
 from pallas_kernels.pack import num_words, pack_sign_bits, pack_sign_bits_numpy
-from pallas_kernels.portable import sparse_mlp_layer_portable
-from pallas_kernels.predict import sign_predict, threshold
-from pallas_kernels.signmag import signmag_predict
-from pallas_kernels.sparse_down import sparse_down
-from pallas_kernels.sparse_gate_up import ACTIVATIONS, sparse_gate_up
-from pallas_kernels.sparse_layer import PREDICTORS, sparse_mlp_layer
-from pallas_kernels.sparse_mlp import sparse_mlp
+from pallas_kernels.predict import threshold
+from pallas_kernels.xla.portable import sparse_mlp_layer_portable
 
 __all__ = [
     "ACTIVATIONS",
@@ -46,9 +42,6 @@ __all__ = [
     "pack_sign_bits_numpy",
     "sign_predict",
     "signmag_predict",
-    "sparse_down",
-    "sparse_gate_up",
-    "sparse_mlp",
     "sparse_mlp_layer",
     "sparse_mlp_layer_portable",
     "threshold",

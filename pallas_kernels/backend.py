@@ -1,15 +1,15 @@
-"""Which implementation runs: the device-aware `auto` choice, and how the XLA path walks the rows.
+"""Which implementation runs: the device-aware `auto` choice, and what this jax can lower.
 
 Paths, the values of `backend` besides "auto" (BACKENDS):
 - "pallas": Pallas Triton kernels. A CUDA GPU of compute capability >= 8.0 (XLA compiles Triton
   for Ampere and newer only) with a jax that still has Pallas' Triton backend; off GPU they run in
   interpret mode (slow, for tests).
-- "mosaic": Pallas TPU (Mosaic) kernels, on a TPU (`tpu_*.py`).
-- "portable": plain XLA at static bucketed shapes (`portable.py`), fast on any XLA device: a GPU
-  that Pallas Triton cannot serve, or a TPU without Pallas' TPU backend.
-- "xla": plain XLA, a loop over chunks of the active rows or dense (see `use_dense`): the CPU's
-  path (`CPU_PATH`).
-- "reference": pure jnp, the truth the tests compare against (gathers all F rows).
+- "mosaic": Pallas TPU (Mosaic) kernels, on a TPU (`tpu/`).
+- "portable": plain XLA at static bucketed shapes (`xla/portable.py`), fast on any XLA device: a
+  GPU that Pallas Triton cannot serve, or a TPU without Pallas' TPU backend.
+- "xla": plain XLA, a loop over chunks of the active rows or dense (`xla/chunk_loop.py`): the
+  CPU's path (`CPU_PATH`).
+- "reference": pure jnp, the truth the tests compare against.
 
 "auto" picks by device (`choose`): pallas on a GPU, mosaic on a TPU, `CPU_PATH` on the CPU, and
 portable where the faster path cannot run there; an explicit "pallas" or "mosaic" on a device
@@ -17,8 +17,13 @@ that cannot run it falls back the same way. Never a crash where a faster path is
 fallback is said once (a RuntimeWarning). `describe` is the one-line account for users.
 Compiling offline for a GPU (`targeting_gpu`), the target's compute capability decides.
 
-The per-op functions (`sign_predict`, `compact`, `sparse_mlp`, ...) have "pallas", "xla" and
+The predictors alone (`layer.sign_predict`, `layer.signmag_predict`) have "pallas", "xla" and
 "reference" faces: `resolve` maps the choice onto them (every other path runs their XLA face).
+
+What this jax has: Pallas' Triton and TPU backends are found through their public modules
+(`jax.experimental.pallas.triton`, `.tpu`: `plgpu`, `pltpu` here, None where they do not import).
+The few private jax modules the package reads (to verify Triton IR, to name an offline GPU) are
+looked up here alone, by `private_module`, so a jax release that moves one breaks one place.
 """
 
 from __future__ import annotations
@@ -31,12 +36,22 @@ import warnings
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 
 try:  # Pallas' Triton backend: a jax without it still imports the kernels, and never runs them
     from jax.experimental.pallas import triton as plgpu
 except ImportError:
     plgpu = None
+try:  # Pallas' TPU (Mosaic) backend, likewise
+    from jax.experimental.pallas import tpu as pltpu
+except ImportError:
+    pltpu = None
+
+# The private jax modules the package reads, each where it is used: Triton IR for
+# `gpu/triton_check.py`, the MLIR bindings that parse it, and Pallas' table of GPU names (jax >=
+# 0.11) for `_named_for_pallas`.
+TRITON_LOWERING = "jax._src.pallas.triton.lowering"
+MLIR = "jax._src.lib.mlir"
+GPU_INFO = "jax._src.pallas.triton.gpu_info"
 
 BACKENDS = ("auto", "pallas", "mosaic", "portable", "xla", "reference")
 # XLA compiles Triton kernels for compute capability 8.0 and up only ("Triton support is only
@@ -46,13 +61,6 @@ TRITON_MIN_CC = (8, 0)
 # (float32; 2.0x bfloat16), paired, cold caches, 1b shape, 10 % active (benchmarks/RESULTS.md,
 # benchmarks/portable_paired.py): a gather of a whole bucket leaves the cache, 64 rows do not.
 CPU_PATH = "xla"
-# The XLA path walks the active rows in chunks of CHUNK (a loop whose trip count is the real
-# count / CHUNK, so work follows the count and no capacity can drop a neuron), and computes densely
-# when more than DENSE_ABOVE of the neurons are active. Both measured on the 2-core CPU with
-# benchmarks/switch_over.py (1b shape, float32, see benchmarks/RESULTS.md): small chunks keep each
-# gathered tile in cache; above about half of F the loop costs more than the dense matvec.
-CHUNK = 64
-DENSE_ABOVE = 0.5
 _PATH_WORDS = {
     "pallas": "the Pallas Triton kernels",
     "mosaic": "the Pallas TPU (Mosaic) kernels",
@@ -112,21 +120,22 @@ if (not jax.config.jax_platforms and not nvidia_driver_present()
     jax.config.update("jax_platforms", "cpu")
 
 
-def _has_module(name: str) -> bool:
+def private_module(name: str):
+    """The private jax module `name` (one of the names above), or None where this jax has none."""
     try:
-        return importlib.util.find_spec(name) is not None
-    except ImportError:  # a parent package is missing
-        return False
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def has_triton() -> bool:
     """Whether the installed jax has Pallas' Triton backend (the lowering "pallas" needs)."""
-    return _has_module("jax._src.pallas.triton.pallas_call_registration")
+    return plgpu is not None
 
 
 def has_mosaic_tpu() -> bool:
     """Whether the installed jax has Pallas' TPU (Mosaic) backend (the lowering "mosaic" needs)."""
-    return _has_module("jax._src.pallas.mosaic.pallas_call_registration")
+    return pltpu is not None
 
 
 def parse_compute_capability(value) -> tuple[int, int] | None:
@@ -228,9 +237,8 @@ def _named_for_pallas(mesh, compute_capability: tuple[int, int] | None):
     (an "NVIDIA RTX A6000" spec, or a user's own); such a target is renamed to a listed GPU of the
     same compute capability, the only thing Pallas reads from it. Unchanged otherwise."""
     device = getattr(mesh, "abstract_device", None)
-    try:  # private to jax; a jax without it looks up nothing
-        from jax._src.pallas.triton import gpu_info
-    except ImportError:
+    gpu_info = private_module(GPU_INFO)
+    if gpu_info is None:  # jax < 0.11 looks up nothing
         return mesh
     if device is None or compute_capability is None or gpu_info.gpu_version_from_device_kind(
             device.device_kind) is not None:
@@ -292,16 +300,3 @@ def resolve(backend: str) -> str:
 def interpret() -> bool:
     """Pallas kernels run in interpret mode (on the CPU) unless a GPU is there to compile them."""
     return not on_gpu()
-
-
-def use_dense(count: jnp.ndarray, f: int, dense_above: float = DENSE_ABOVE) -> jnp.ndarray:
-    """Whether the XLA path computes all `f` neurons densely for `count` active ones.
-
-    Chosen from `count` alone, so `sparse_gate_up` and `sparse_down` always take matching paths.
-    """
-    return count > int(dense_above * f)
-
-
-def num_chunks(count: jnp.ndarray, chunk: int = CHUNK) -> jnp.ndarray:
-    """Chunks of `chunk` compact positions that hold the first `count` (the loop's trip count)."""
-    return (count + (chunk - 1)) // chunk

@@ -16,25 +16,22 @@ Kernels never evaluate the ratio: `threshold(alpha, n_nz)` returns the integer t
 `N_neg > tau  <=>  N_neg > alpha * (n_nz - N_neg)` for every 0 <= N_neg <= n_nz, and every backend
 compares `n_neg > tau`. Predicted active = not predicted zero; for a batch, `sign_predict` returns
 the union over rows. alpha is data (an array), so changing it never recompiles.
+
+Here: the rule's threshold, and the vote in plain XLA (packed XOR + popcount) and as the reference
+(unpacked bits, integer matmuls). The Triton kernel is `gpu/predict.py`, the TPU one
+`tpu/predict.py`; `layer.sign_predict` dispatches by backend.
 """
 
 from __future__ import annotations
 
-import functools
-
-import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 
-from pallas_kernels import backend as bk
-from pallas_kernels.backend import plgpu
 from pallas_kernels.pack import (
     WORD_BITS,
-    num_words,
-    pack_nonzero_bits_reference,
-    pack_sign_bits_reference,
+    pack_nonzero_bits,
+    pack_sign_bits,
 )
 
 # tau is found by checking the float32 ratio rule on a window around the estimate
@@ -83,86 +80,15 @@ def threshold_rule(alpha: jnp.ndarray, n_nonzero: jnp.ndarray) -> jnp.ndarray:
     return jnp.clip(tau, 0, n)
 
 
-def _x_words(x: jnp.ndarray, alpha: jnp.ndarray):
+def x_words(x: jnp.ndarray, alpha: jnp.ndarray):
     """Packed sign and non-zero words `[B, W]` of x, and each row's tau `[B]`."""
     n_nz = jnp.sum(x != 0, axis=-1, dtype=jnp.int32)
-    return pack_sign_bits_reference(x), pack_nonzero_bits_reference(x), threshold(alpha, n_nz)
-
-
-# 8 neurons a program: 1376 programs at the 7b shape (F = 11008), 7.3 per SM on the 188 SMs of
-# an RTX PRO 6000 (the compile report checks it).
-BLOCK_F = 8
-BLOCK_W = 32
-
-
-def num_programs(f: int, *, block_f: int = BLOCK_F) -> int:
-    """Programs `sign_predict_pallas` launches for F neurons (all of them have work)."""
-    return pl.cdiv(f, block_f)
-
-
-def sign_predict_kernel(xs_ref, xnz_ref, w_ref, tau_ref, active_ref, n_neg_ref, *,
-                        block_f: int, block_w: int):
-    """One program: neurons [i * block_f, (i + 1) * block_f), looping over the words in chunks.
-
-    Refs (whole arrays): xs_ref, xnz_ref `[B, W]` uint32 sign / non-zero words of x; w_ref `[F, W]`
-    uint32; tau_ref `[B]` int32. Outputs active_ref `[F]` int32 (0/1), n_neg_ref `[B, F]` int32.
-    """
-    b, w = xs_ref.shape
-    f = w_ref.shape[0]
-    rows = pl.program_id(0) * block_f + jnp.arange(block_f)
-    row_ok = rows < f
-
-    def body(j, acc):
-        cols = j * block_w + jnp.arange(block_w)
-        col_ok = cols < w
-        # Masked words read as 0, so rows past F and words past W add nothing.
-        wb = plgpu.load(w_ref.at[rows[:, None], cols[None, :]],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0)
-        out = []
-        for r in range(b):
-            xs = plgpu.load(xs_ref.at[r, cols], mask=col_ok, other=0)
-            xnz = plgpu.load(xnz_ref.at[r, cols], mask=col_ok, other=0)
-            neg = (wb ^ xs[None, :]) & xnz[None, :]
-            pop = lax.population_count(lax.bitcast_convert_type(neg, jnp.int32))
-            out.append(acc[r] + jnp.sum(pop, axis=1))
-        return tuple(out)
-
-    init = tuple(jnp.zeros((block_f,), jnp.int32) for _ in range(b))
-    acc = lax.fori_loop(0, pl.cdiv(w, block_w), body, init)
-    active = jnp.zeros((block_f,), jnp.bool_)
-    for r in range(b):
-        plgpu.store(n_neg_ref.at[r, rows], acc[r], mask=row_ok)
-        active = active | ~(acc[r] > tau_ref[r])
-    plgpu.store(active_ref.at[rows], active.astype(jnp.int32), mask=row_ok)
-
-
-@functools.partial(jax.jit, static_argnames=["block_f", "block_w", "num_warps", "interpret"])
-def sign_predict_pallas(x, w_bits, alpha, *, block_f: int = BLOCK_F, block_w: int = BLOCK_W,
-                        num_warps: int = 4, interpret: bool = False):
-    """Pallas (Triton) `sign_predict`: grid over blocks of `block_f` neurons.
-
-    Returns (active `[F]` int32 0/1, n_neg `[B, F]` int32); the dispatcher makes the mask bool.
-    """
-    assert block_f & (block_f - 1) == 0 and block_w & (block_w - 1) == 0, "powers of 2 only"
-    b = x.shape[0]
-    f, w = w_bits.shape
-    xs, xnz, tau = _x_words(x, alpha)
-    block_w = min(block_w, pl.next_power_of_2(w))
-    kernel = functools.partial(sign_predict_kernel, block_f=block_f, block_w=block_w)
-    return pl.pallas_call(
-        kernel,
-        grid=(pl.cdiv(f, block_f),),
-        out_shape=[jax.ShapeDtypeStruct((f,), jnp.int32),
-                   jax.ShapeDtypeStruct((b, f), jnp.int32)],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps),
-        interpret=interpret,
-        name="sign_predict",
-    )(xs, xnz, w_bits, tau)
+    return pack_sign_bits(x), pack_nonzero_bits(x), threshold(alpha, n_nz)
 
 
 def sign_predict_xla(x, w_bits, alpha):
     """Packed XOR + popcount in plain XLA: (active `[F]` bool, n_neg `[B, F]` int32)."""
-    xs, xnz, tau = _x_words(x, alpha)
+    xs, xnz, tau = x_words(x, alpha)
     neg = (w_bits[None] ^ xs[:, None]) & xnz[:, None]
     n_neg = jnp.sum(lax.population_count(neg), axis=-1, dtype=jnp.int32)
     return jnp.any(~(n_neg > tau[:, None]), axis=0), n_neg
@@ -179,32 +105,3 @@ def sign_predict_reference(x, w_bits, alpha):
     n_neg = x_pos @ w_neg.T + x_neg @ (1 - w_neg).T
     tau = threshold(alpha, jnp.sum(x != 0, axis=-1, dtype=jnp.int32))
     return jnp.any(~(n_neg > tau[:, None]), axis=0), n_neg
-
-
-@functools.partial(jax.jit, static_argnames=["backend"])
-def sign_predict(x: jnp.ndarray, w_bits: jnp.ndarray, alpha: jnp.ndarray, *,
-                 backend: str = "auto") -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Predicts the active neurons of a ReLU MLP from sign bits (see the module docstring).
-
-    Args:
-      x: `[B, D]` float MLP input.
-      w_bits: `[F, ceil(D/32)]` uint32 packed sign bits of W_gate (`pack.py`).
-      alpha: `[]` float32 conservativeness (data: changing it does not recompile).
-      backend: one of `backend.BACKENDS`.
-
-    Returns:
-      active: `[F]` bool, predicted active for at least one row (the union over B).
-      n_neg: `[B, F]` int32 negative-product counts N_neg.
-    """
-    alpha = jnp.asarray(alpha, jnp.float32)
-    chex.assert_rank([x, alpha], [2, 0])
-    chex.assert_shape(w_bits, (None, num_words(x.shape[-1])))
-    chex.assert_type(w_bits, jnp.uint32)
-    match bk.resolve(backend):
-        case "pallas":
-            active, n_neg = sign_predict_pallas(x, w_bits, alpha, interpret=bk.interpret())
-            return active == 1, n_neg
-        case "xla":
-            return sign_predict_xla(x, w_bits, alpha)
-        case _:
-            return sign_predict_reference(x, w_bits, alpha)

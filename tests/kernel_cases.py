@@ -5,9 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import backend as bk
+from pallas_kernels.xla.chunk_loop import CHUNK, DENSE_ABOVE
 
-BACKENDS = ("pallas", "xla", "reference")
 # Relative tolerances by input dtype, applied against max|expected| (sums of D products cancel):
 # float32 kernels accumulate in a different order than numpy's float64 (~1e-6 observed);
 # bfloat16 outputs (sparse_down) carry bf16 rounding, 2^-8 relative; float16 outputs carry
@@ -65,6 +64,6 @@ def down_numpy(h, down_t, idx, count):
 
 def counts_for(f: int) -> list[int]:
     """0, 1, F, both sides of the XLA path's chunk edges and of its dense switch point."""
-    chunk, dense = bk.CHUNK, int(bk.DENSE_ABOVE * f)
+    chunk, dense = CHUNK, int(DENSE_ABOVE * f)
     edges = {chunk - 1, chunk, chunk + 1, 2 * chunk + 1, dense, dense + 1}
     return sorted({0, 1, f, *(c for c in edges if 0 <= c <= f)})

@@ -4,6 +4,7 @@ and offline GPU targets whose compute capability decides."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -152,7 +153,7 @@ sys.meta_path.insert(0, Gone())
 import warnings
 import jax.numpy as jnp, numpy as np
 from pallas_kernels import backend as bk, pack_sign_bits_numpy
-from pallas_kernels.portable import sparse_mlp_layer_portable
+from pallas_kernels.xla.portable import sparse_mlp_layer_portable
 bk.local_device = lambda: bk.Device("cuda", "NVIDIA H100 80GB HBM3", (9, 0))
 with warnings.catch_warnings(record=True) as said:
     warnings.simplefilter("always")
@@ -170,3 +171,27 @@ def test_jax_without_triton_imports_and_falls_back():
                          env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.splitlines() == ["portable xla 1", "(1, 32) True"], run.stdout
+
+
+# Each Pallas backend's public module and the private lowering registration behind it.
+LOWERINGS = [
+    ("Triton", bk.has_triton, "jax.experimental.pallas.triton",
+     "jax._src.pallas.triton.pallas_call_registration"),
+    ("TPU", bk.has_mosaic_tpu, "jax.experimental.pallas.tpu",
+     "jax._src.pallas.mosaic.pallas_call_registration"),
+]
+
+
+@pytest.mark.parametrize("name,detect,public,private", LOWERINGS, ids=[r[0] for r in LOWERINGS])
+def test_detection_finds_every_backend_that_imports(name, detect, public, private):
+    """A backend whose modules import must be detected: a false 'missing' would send every GPU
+    (or TPU) to the portable path with only a warning."""
+    imported = []
+    for module in (public, private):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        imported.append(module)
+    assert imported, f"this jax has no Pallas {name} backend at all"
+    assert detect(), f"{imported} import, but detection says there is no Pallas {name} backend"

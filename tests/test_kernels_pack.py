@@ -1,4 +1,4 @@
-"""Sign-bit packing: the convention, every backend of `pack_sign_bits`, Triton lowering."""
+"""Sign-bit packing: the convention, the jnp op `pack_sign_bits`, its Triton kernel, lowering."""
 
 from __future__ import annotations
 
@@ -9,16 +9,25 @@ import pytest
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend as bk
+from pallas_kernels.gpu.pack import pack_sign_bits_pallas
+from pallas_kernels.gpu.triton_check import triton_modules
 from pallas_kernels.pack import (
     num_words,
-    pack_nonzero_bits_reference,
+    pack_nonzero_bits,
     pack_sign_bits,
     pack_sign_bits_numpy,
-    pack_sign_bits_pallas,
 )
-from pallas_kernels.triton_check import triton_modules
 
-BACKENDS = ("pallas", "xla", "reference")
+# The jnp op, and the Triton kernel on rows (interpret mode off a GPU).
+FACES = ("pallas", "jnp")
+
+
+def pack(x, face):
+    if face == "jnp" or x.size == 0:
+        return pack_sign_bits(x)
+    *lead, d = x.shape
+    out = pack_sign_bits_pallas(x.reshape(-1, d), interpret=bk.interpret())
+    return out.reshape(*lead, num_words(d))
 
 
 def pack_loop(x: np.ndarray, predicate) -> np.ndarray:
@@ -45,27 +54,27 @@ def signed_input(shape, seed: int, dtype=np.float32) -> np.ndarray:
 def test_numpy_packer_follows_convention(d):
     x = signed_input((3, d), seed=d)
     np.testing.assert_array_equal(pack_sign_bits_numpy(x), pack_loop(x, lambda v: v < 0))
-    np.testing.assert_array_equal(np.asarray(pack_nonzero_bits_reference(jnp.asarray(x))),
+    np.testing.assert_array_equal(np.asarray(pack_nonzero_bits(jnp.asarray(x))),
                                   pack_loop(x, lambda v: v != 0))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize("shape,dtype", [((3, 70), jnp.float32), ((2, 3, 96), jnp.bfloat16),
                                          ((45,), jnp.float32)])
-def test_pack_sign_bits_backends(backend, shape, dtype):
+def test_pack_sign_bits_faces(face, shape, dtype):
     # Random words are non-zero with overwhelming probability, so a word the kernel never wrote
     # (Pallas interpret mode leaves unsigned outputs at 0) would show as a mismatch.
     x = signed_input(shape, seed=len(shape), dtype=dtype)
-    got = pack_sign_bits(jnp.asarray(x, dtype), backend=backend)
+    got = pack(jnp.asarray(x, dtype), face)
     assert got.dtype == jnp.uint32 and got.shape == (*shape[:-1], num_words(shape[-1]))
     np.testing.assert_array_equal(np.asarray(got), pack_sign_bits_numpy(x))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_padding_bits_are_zero(backend):
+@pytest.mark.parametrize("face", FACES)
+def test_padding_bits_are_zero(face):
     # All negative: every real bit is 1 (so no word can be left unwritten unseen), padding 0.
     d = 70
-    got = np.asarray(pack_sign_bits(-jnp.ones((5, d)), backend=backend))
+    got = np.asarray(pack(-jnp.ones((5, d)), face))
     np.testing.assert_array_equal(got[:, :2], np.uint32(0xFFFFFFFF))
     np.testing.assert_array_equal(got[:, 2], np.uint32((1 << (d - 64)) - 1))
 
@@ -101,5 +110,5 @@ def test_pack_lowers_to_triton():
 @pytest.mark.skipif(not bk.on_gpu(), reason="needs a GPU")
 def test_pack_compiled_on_gpu():
     x = signed_input((300, 4100), seed=0)
-    got = pack_sign_bits(jnp.asarray(x), backend="pallas")
+    got = pack(jnp.asarray(x), "pallas")
     np.testing.assert_array_equal(np.asarray(got), pack_sign_bits_numpy(x))

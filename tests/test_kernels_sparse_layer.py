@@ -18,10 +18,10 @@ from kernel_cases import FATRELU_THRESHOLD, act_numpy, as_dtype, assert_close
 
 from pallas_kernels import backend as bk
 from pallas_kernels import pack_sign_bits_numpy, sparse_mlp_layer
-from pallas_kernels.masked_down import masked_down_pallas
-from pallas_kernels.predict_gate_up import predict_gate_up_pallas, round_half_even
-from pallas_kernels.sparse_layer import layer_pallas
-from pallas_kernels.triton_check import triton_modules
+from pallas_kernels.gpu.layer import layer_pallas
+from pallas_kernels.gpu.masked_down import masked_down_pallas
+from pallas_kernels.gpu.predict_gate_up import predict_gate_up_pallas, round_half_even
+from pallas_kernels.gpu.triton_check import triton_modules
 
 BACKENDS = ("pallas", "xla", "reference")
 PREDICTORS = ("sign", "signmag", "oracle")

@@ -21,15 +21,14 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from kernel_cases import FATRELU_THRESHOLD, act_numpy, as_dtype, assert_close, index_list
 
-from pallas_kernels.compact import compact_xla
-from pallas_kernels.pack import pack_sign_bits_reference
+from pallas_kernels.contract import activate, compact, matmul_t
+from pallas_kernels.pack import pack_sign_bits
 from pallas_kernels.predict import sign_predict_reference, threshold
 from pallas_kernels.signmag import signmag_reference
-from pallas_kernels.sparse_gate_up import activate, matmul_t
-from pallas_kernels.sparse_mlp import sparse_mlp_reference
-from pallas_kernels.tpu_gather import tpu_gate, tpu_rows, tpu_up_down, unpack
-from pallas_kernels.tpu_layer import sparse_mlp_layer_mosaic
-from pallas_kernels.tpu_predict import tpu_votes
+from pallas_kernels.tpu.gather import tpu_gate, tpu_rows, tpu_up_down, unpack
+from pallas_kernels.tpu.layer import sparse_mlp_layer_mosaic
+from pallas_kernels.tpu.predict import tpu_votes
+from pallas_kernels.xla.chunk_loop import two_stage_reference
 
 INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
 # A partial candidate set and every neuron (alpha = +inf keeps all).
@@ -60,7 +59,7 @@ def kept_reference(x, bits, alpha, predictor):
 @pytest.mark.parametrize("b,d,f,block_f", [(1, 70, 45, 128), (16, 300, 700, 128)])
 def test_votes_match_the_references(predictor, b, d, f, block_f):
     x, gate, _, _ = inputs(b, d, f, jnp.float32)
-    x, bits = jnp.asarray(x, jnp.float32), pack_sign_bits_reference(jnp.asarray(gate))
+    x, bits = jnp.asarray(x, jnp.float32), pack_sign_bits(jnp.asarray(gate))
     for alpha in ALPHAS:
         alpha = jnp.float32(alpha)
         kept = tpu_votes(x, bits, alpha, predictor=predictor, block_f=block_f,
@@ -122,7 +121,7 @@ def test_double_buffered_copies_do_not_race():
     tpu_up_down(x, a, tpu_rows(up), tpu_rows(down_t), idx, jnp.int32(count), block=block,
                 interpret=params).block_until_ready()
     assert not state.races.races_found
-    tpu_votes(x, pack_sign_bits_reference(gate), jnp.float32(1.0), block_f=128,
+    tpu_votes(x, pack_sign_bits(gate), jnp.float32(1.0), block_f=128,
               interpret=params).block_until_ready()
     assert not state.races.races_found
 
@@ -135,8 +134,8 @@ def layer_reference(x, gate, up, down_t, bits, alpha, predictor, activation):
         kept = jnp.sum(keep, axis=0, dtype=jnp.int32)
     else:
         kept = kept_reference(x, bits, alpha, predictor)
-    idx, count = compact_xla(kept > 0)
-    out, fired = sparse_mlp_reference(x.astype(jnp.float32), gate, up, down_t, idx, count,
+    idx, count = compact(kept > 0)
+    out, fired = two_stage_reference(x.astype(jnp.float32), gate, up, down_t, idx, count,
                                       activation=activation, threshold=FATRELU_THRESHOLD)
     return (np.asarray(out, np.float64),
             [int(jnp.sum(kept)), int(count), int(jnp.sum(fired))])
@@ -154,7 +153,7 @@ LAYER_CASES = [  # (B, D, F, dtype, activation, predictor); the op's BLOCK is 64
 @pytest.mark.parametrize("b,d,f,dtype,activation,predictor", LAYER_CASES)
 def test_layer_matches_the_reference_with_exact_counts(b, d, f, dtype, activation, predictor):
     x, gate, up, down_t = (jnp.asarray(a, dtype) for a in inputs(b, d, f, dtype))
-    bits = pack_sign_bits_reference(gate)
+    bits = pack_sign_bits(gate)
     packed = [tpu_rows(w) for w in (gate, up, down_t)]
     for alpha in ALPHAS:
         alpha = jnp.float32(alpha)
@@ -177,7 +176,7 @@ def test_layer_matches_the_reference_with_exact_counts(b, d, f, dtype, activatio
 def test_layer_refuses_what_the_kernels_cannot_take():
     x = jnp.ones((1, 64), jnp.float32)
     w = jnp.ones((8, 64), jnp.float16)
-    bits = pack_sign_bits_reference(w)
+    bits = pack_sign_bits(w)
     with pytest.raises(ValueError, match="bfloat16 or float32"):
         sparse_mlp_layer_mosaic(x, w, w, w, bits, 1.0)
     w32 = w.astype(jnp.float32)
@@ -192,18 +191,17 @@ def test_layer_refuses_what_the_kernels_cannot_take():
 _SPLIT_BATCH = """
 import json, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import PartitionSpec as P
-from pallas_kernels.pack import pack_sign_bits_reference
-from pallas_kernels.tpu_layer import sparse_mlp_layer_mosaic
+from pallas_kernels.pack import pack_sign_bits
+from pallas_kernels.tpu.layer import sparse_mlp_layer_mosaic
 rng = np.random.default_rng(0)
 x, gate, up, down_t = (jnp.asarray(rng.standard_normal(s), jnp.float32)
                        for s in [(4, 40), (96, 40), (96, 40), (96, 40)])
-bits, alpha = pack_sign_bits_reference(gate), jnp.float32(0.7)
+bits, alpha = pack_sign_bits(gate), jnp.float32(0.7)
 whole, counts = sparse_mlp_layer_mosaic(x, gate, up, down_t, bits, alpha)
 mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
 x = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data")))
 def local(x):
-    out, c = sparse_mlp_layer_mosaic(x, gate, up, down_t, bits, alpha, union_axis="data")
-    return out, jnp.concatenate([jax.lax.psum(c[:1], "data"), c[1:]])
+    return sparse_mlp_layer_mosaic(x, gate, up, down_t, bits, alpha, union_axis="data")
 split, split_counts = jax.shard_map(local, mesh=mesh, in_specs=P("data"),
                                     out_specs=(P("data"), P()), check_vma=False)(x)
 print(json.dumps(dict(counts=counts.tolist(), split_counts=split_counts.tolist(),

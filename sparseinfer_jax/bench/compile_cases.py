@@ -12,11 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels as pk
-from pallas_kernels import masked_down, pack, predict, predict_gate_up, signmag
-from pallas_kernels.sparse_down import num_live_programs as down_live
-from pallas_kernels.sparse_down import sparse_down_pallas
-from pallas_kernels.sparse_gate_up import num_live_programs as gate_up_live
-from pallas_kernels.sparse_gate_up import sparse_gate_up_pallas
+from pallas_kernels import pack
+from pallas_kernels.gpu import chain, masked_down, predict, predict_gate_up, signmag
+from pallas_kernels.gpu import pack as gpu_pack
 from sparseinfer_jax.bench.shapes import PROMPT_TOKENS
 from sparseinfer_jax.model.config import LlamaConfig
 from sparseinfer_jax.model.llama import Llama
@@ -47,9 +45,9 @@ def kernel_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable, *,
     idx, count = sds((f,), jnp.int32), sds((), jnp.int32)
     bits = sds((f, pack.num_words(d)), jnp.uint32)
     gate_up = lambda act: functools.partial(  # noqa: E731
-        sparse_gate_up_pallas, activation=act,
+        chain.sparse_gate_up_pallas, activation=act,
         threshold=0.0 if act == "relu" else 0.1)
-    # The sparse MLP op's two kernels (`sparse_layer.sparse_mlp_layer` on a GPU): each vote, the
+    # The sparse MLP op's two kernels (`gpu/layer.py`): each vote, the
     # mask input (oracle, or a union over a mesh axis), and both ways of adding the down blocks.
     fused = lambda vote, act, zero: functools.partial(  # noqa: E731
         predict_gate_up.predict_gate_up_pallas, vote=vote, activation=act,
@@ -77,17 +75,18 @@ def kernel_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable, *,
              lambda c: predict.num_programs(f), "sign_predict"),
         Case("signmag_predict", "kernel", signmag.signmag_pallas, (x, bits),
              lambda c: signmag.num_programs(f), "signmag_predict"),
-        Case("sparse_gate_up_relu", "kernel", gate_up("relu"), (x, w, w, idx, count),
-             lambda c: gate_up_live(c, d), "sparse_gate_up"),
-        Case("sparse_gate_up_fatrelu", "kernel", gate_up("fatrelu"), (x, w, w, idx, count),
-             lambda c: gate_up_live(c, d), "sparse_gate_up"),
-        Case("sparse_down", "kernel", sparse_down_pallas,
-             (sds((batch, f), jnp.float32), w, idx, count), lambda c: down_live(c, d),
-             "sparse_down"),
+        # The older chain (`gpu/chain.py`), compiled as the comparison it is.
+        Case("chain_sparse_gate_up_relu", "kernel", gate_up("relu"), (x, w, w, idx, count),
+             lambda c: chain.gate_up_live_programs(c, d), "sparse_gate_up"),
+        Case("chain_sparse_gate_up_fatrelu", "kernel", gate_up("fatrelu"), (x, w, w, idx, count),
+             lambda c: chain.gate_up_live_programs(c, d), "sparse_gate_up"),
+        Case("chain_sparse_down", "kernel", chain.sparse_down_pallas,
+             (sds((batch, f), jnp.float32), w, idx, count),
+             lambda c: chain.down_live_programs(c, d), "sparse_down"),
     ]
     if pack_weights:  # the batch-independent kernel, at the first batch only
-        cases.insert(0, Case("pack_sign_bits", "kernel", pack.pack_sign_bits_pallas, (w,),
-                             lambda c: pack.num_programs(f, d), "pack_sign_bits"))
+        cases.insert(0, Case("pack_sign_bits", "kernel", gpu_pack.pack_sign_bits_pallas, (w,),
+                             lambda c: gpu_pack.num_programs(f, d), "pack_sign_bits"))
     return cases
 
 

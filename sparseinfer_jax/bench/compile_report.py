@@ -51,7 +51,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import backend as bk
-from pallas_kernels.triton_check import TRITON_CALL_TARGET
+from pallas_kernels.gpu.triton_check import TRITON_CALL_TARGET
 from sparseinfer_jax.bench.compile_cases import Case, kernel_cases, layer_case, program_cases
 from sparseinfer_jax.bench.gpu_spec import GpuSpec, gpu_spec
 from sparseinfer_jax.bench.occupancy import live_per_sm, resident_programs

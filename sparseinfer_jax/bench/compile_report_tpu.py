@@ -38,10 +38,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import pack
-from pallas_kernels.tpu_common import targeting_tpu
-from pallas_kernels.tpu_gather import tpu_gate, tpu_up_down
-from pallas_kernels.tpu_layer import sparse_mlp_layer_mosaic
-from pallas_kernels.tpu_predict import tpu_votes
+from pallas_kernels.tpu.common import targeting_tpu
+from pallas_kernels.tpu.gather import tpu_gate, tpu_up_down
+from pallas_kernels.tpu.layer import sparse_mlp_layer_mosaic
+from pallas_kernels.tpu.predict import tpu_votes
 from sparseinfer_jax.bench.compile_cases import program_cases
 from sparseinfer_jax.bench.shapes import shape_config
 from sparseinfer_jax.errors import UserError

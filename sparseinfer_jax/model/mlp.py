@@ -13,9 +13,10 @@ Modes:
   each input weighted by its quantised magnitude (pallas_kernels.signmag_predict), same knob.
 - `oracle`: the true activation mask from the full gate, the accuracy ceiling of any predictor.
 
-With one token per row (decoding) `sparse` and `oracle` run the two-stage kernel
-(`pallas_kernels.sparse_mlp`) over the union of the rows' active sets: the gate rows of every
-candidate, then the up and down rows of the candidates whose gate fires (act != 0 for some row).
+With one token per row (decoding) `sparse` and `oracle` call one op per layer,
+`pallas_kernels.sparse_mlp_layer`, over the union of the rows' active sets: the gate rows of every
+candidate, then the up and down rows of the candidates whose gate fires (act != 0 for some row),
+on the path the backend picks for the device.
 Bytes read per token and layer are therefore predictor + gate(candidates) + up and down(fired),
 reported over the dense MLP's as `bytes_fraction`.
 
@@ -35,8 +36,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
-from pallas_kernels.pack import pack_sign_bits_reference
-from pallas_kernels.sparse_gate_up import activate
+from pallas_kernels.contract import activate
+from pallas_kernels.pack import pack_sign_bits
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model import sharding
 from sparseinfer_jax.model.config import PREDICTORS, LlamaConfig
@@ -107,7 +108,7 @@ class MLP(nnx.Module):
         self.gate = nnx.Param(init(rngs.params(), (f, d), dtype))
         self.up = nnx.Param(init(rngs.params(), (f, d), dtype))
         self.down_t = nnx.Param(init(rngs.params(), (f, d), dtype))
-        self.gate_sign_bits = SignBits(pack_sign_bits_reference(self.gate[...]))
+        self.gate_sign_bits = SignBits(pack_sign_bits(self.gate[...]))
         self.alpha = Alpha(jnp.float32(1.0))
         self.activation = (
             "relu" if cfg.hidden_act == "fatrelu" and cfg.act_threshold == 0 else cfg.hidden_act

@@ -2,10 +2,10 @@
 natural order, with no id list between them.
 
 One program takes neurons [i * block_f, (i + 1) * block_f) and
-1. votes each neuron from the packed sign bits of W_gate (`predict.py`'s rule for "sign",
-   `signmag.py`'s for "signmag"), packing x's sign, non-zero and magnitude words itself, so no
+1. votes each neuron from the packed sign bits of W_gate (`pallas_kernels.predict`'s rule for
+   "sign", `signmag`'s for "signmag"), packing x's sign, non-zero and magnitude words itself, so no
    XLA op runs before it; or, for "mask", reads a given active mask (an oracle's, or a union
-   over a mesh axis: `sparse_layer.py`);
+   over a mesh axis: `gpu/layer.py`);
 2. reads the gate rows of the neurons some row predicts active, only those: the block's active
    neurons are compacted in registers (a cumsum gives each its slot, a compare picks the ids of
    `slots` of them at a time), and each group of `slots` rows is one gather over D in chunks;
@@ -35,10 +35,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.backend import plgpu
+from pallas_kernels.contract import activate, matmul_t
 from pallas_kernels.pack import WORD_BITS
 from pallas_kernels.predict import threshold_rule
 from pallas_kernels.signmag import PLANES
-from pallas_kernels.sparse_gate_up import activate, matmul_t
 
 VOTES = ("sign", "signmag", "mask")
 # 8 neurons a program: 1376 programs at the 7b shape (F = 11008), all of which vote: 7.3 per SM

@@ -6,7 +6,7 @@ and embeds the Triton module as bytecode in the custom call; this parses it back
 verifier. What it cannot check is Triton's own compilation to PTX: `sparseinfer compile-report`
 does that (with the CUDA plugin). jax >= 0.11 lowers Pallas for a GPU only for an abstract GPU
 device (`backend.abstract_gpu_mesh`). It reads the custom call's backend config as jaxlib 0.10
-to 0.12 write it (private JAX modules).
+to 0.12 write it (private JAX modules, looked up by `backend.private_module`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import jax
-from jax._src.lib.mlir import ir
 
 from pallas_kernels import backend as bk
 
@@ -36,8 +35,9 @@ def triton_modules(fn: Callable, *args, device_kind: str = DEVICE_KIND,
                    compute_capability: tuple[int, int] = COMPUTE_CAPABILITY) -> list[str]:
     """Cross-lowers `fn(*args)` for a CUDA GPU of `device_kind` and returns the verified Triton
     module of each kernel."""
-    # Imported here: a jax without Pallas' Triton backend can still import this module.
-    from jax._src.pallas.triton import lowering as triton_lowering
+    # Looked up here: a jax without Pallas' Triton backend can still import this module.
+    triton_lowering = bk.private_module(bk.TRITON_LOWERING)
+    ir = bk.private_module(bk.MLIR).ir
 
     with bk.targeting_gpu(bk.abstract_gpu_mesh(device_kind),
                           compute_capability=compute_capability, device_kind=device_kind):

@@ -2,7 +2,7 @@
 
 Stage 1 (`tpu_gate`): the activated gate act(gate[idx[k]] . x) of the candidates k < count.
 Stage 2 (`tpu_up_down`): sum over fired k < n of a[:, k] * (up[rows[k]] . x) * down_t[rows[k]].
-Between them the caller finds the fired candidates and compacts them (`tpu_layer.py`).
+Between them the caller finds the fired candidates and compacts them (`layer.py`).
 
 How a kernel reads rows. The ids and the count are scalar-prefetched into SMEM; the weights stay
 in HBM (pinned there, so XLA does not copy them into VMEM first). One program walks the live ids
@@ -21,6 +21,9 @@ the even column): made once per weight, where the model keeps it. In VMEM the ha
 float32 arrays by a shift and a mask (a bf16 value is the top half of its float32), so x is
 split the same way: even columns against even, odd against odd. float32 weights are taken as
 they are. Passing `[F, D]` bfloat16 to the op is correct but re-lays the whole weight every call.
+
+Reference the tests compare both stages against: `pallas_kernels.xla.chunk_loop.two_stage_reference`
+(all F rows gathered through the ids, masked).
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.sparse_gate_up import activate
-from pallas_kernels.tpu_common import interpret_mode
+from pallas_kernels.backend import pltpu
+from pallas_kernels.contract import activate
+from pallas_kernels.tpu.common import interpret_mode
 
 # Neurons a block: their copies are in flight together (64 x 8 KiB rows = 512 KiB at the 7b
 # shape in bfloat16, twice that double-buffered), and one MXU product covers them.

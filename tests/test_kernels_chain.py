@@ -1,4 +1,5 @@
-"""Gathered sparse MLP ops: `sparse_gate_up`, `sparse_down`, the XLA capacities, the whole chain."""
+"""The older GPU chain (`gpu/chain.py`): `sparse_gate_up` and `sparse_down` against their
+references, in interpret mode here and compiled on a GPU, and the whole chain."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from kernel_cases import (
-    BACKENDS,
     CASES,
     FATRELU_THRESHOLD,
     as_dtype,
@@ -22,19 +22,39 @@ from kernel_cases import (
 )
 
 from pallas_kernels import backend as bk
-from pallas_kernels import compact, pack_sign_bits_numpy, sign_predict, sparse_down, sparse_gate_up
-from pallas_kernels.sparse_down import sparse_down_pallas, sparse_down_xla
-from pallas_kernels.sparse_gate_up import sparse_gate_up_pallas, sparse_gate_up_xla
-from pallas_kernels.triton_check import triton_modules
+from pallas_kernels import compact, pack_sign_bits_numpy, sign_predict
+from pallas_kernels.gpu.chain import (
+    chain_mlp,
+    sparse_down_pallas,
+    sparse_down_reference,
+    sparse_gate_up_pallas,
+    sparse_gate_up_reference,
+)
+from pallas_kernels.gpu.triton_check import triton_modules
+
+# Each kernel and its reference: both must equal numpy. Off a GPU the kernels run in interpret
+# mode, which fills unwritten float outputs with NaN, so a skipped store fails here.
+FACES = ("pallas", "reference")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def gate_up(face, *args, **kw):
+    if face == "pallas":
+        return sparse_gate_up_pallas(*args, **kw, interpret=bk.interpret())
+    return sparse_gate_up_reference(*args, **kw)
+
+
+def down(face, *args):
+    if face == "pallas":
+        return sparse_down_pallas(*args, interpret=bk.interpret())
+    return sparse_down_reference(*args)
+
+
+@pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize("b,d,f,dtype,activation", CASES)
-def test_sparse_gate_up(backend, b, d, f, dtype, activation):
-    # Pallas interpret mode fills unwritten float outputs with NaN, so a skipped store fails here.
+def test_sparse_gate_up(face, b, d, f, dtype, activation):
     x, gate, up, _ = weights(b, d, f, dtype, seed=f)
-    run = jax.jit(functools.partial(sparse_gate_up, activation=activation,
-                                    threshold=FATRELU_THRESHOLD, backend=backend))
+    run = jax.jit(functools.partial(gate_up, face, activation=activation,
+                                    threshold=FATRELU_THRESHOLD))
     args = [jnp.asarray(a, dtype) for a in (x, gate, up)]
     for count in counts_for(f):
         idx = index_list(f, count, seed=count)
@@ -45,13 +65,13 @@ def test_sparse_gate_up(backend, b, d, f, dtype, activation):
         assert (np.asarray(h)[:, count:] == 0).all(), f"count={count}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize("b,d,f,dtype,activation", CASES)
-def test_sparse_down(backend, b, d, f, dtype, activation):
+def test_sparse_down(face, b, d, f, dtype, activation):
     del activation
     x, _, _, down_t = weights(b, d, f, dtype, seed=d)
     h = np.random.default_rng(1).standard_normal((b, f)).astype(np.float32)
-    run = jax.jit(functools.partial(sparse_down, backend=backend))
+    run = jax.jit(functools.partial(down, face))
     for count in counts_for(f):
         idx = index_list(f, count, seed=count)
         hc = h.copy()
@@ -87,8 +107,8 @@ def test_down_block_sizes(block_n, block_d, num_splits):
         assert_close(out, down_numpy(hc, down_t, idx, count), jnp.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fatrelu_is_strict(backend):
+@pytest.mark.parametrize("face", FACES)
+def test_fatrelu_is_strict(face):
     # x = e_0, so each pre-activation is exactly gate[i, 0]: z == threshold must give 0.
     d, f = 40, 8
     x = jnp.zeros((1, d)).at[0, 0].set(1.0)
@@ -96,45 +116,12 @@ def test_fatrelu_is_strict(backend):
                      0.5, 1.0], jnp.float32)
     gate = jnp.zeros((f, d)).at[:, 0].set(z)
     up = jnp.ones((f, d))
-    h = sparse_gate_up(x, gate, up, jnp.arange(f, dtype=jnp.int32), jnp.int32(f),
-                       activation="fatrelu", threshold=0.5, backend=backend)
+    h = gate_up(face, x, gate, up, jnp.arange(f, dtype=jnp.int32), jnp.int32(f),
+                activation="fatrelu", threshold=0.5)
     np.testing.assert_array_equal(np.asarray(h)[0], np.where(z > 0.5, z, 0.0))
 
 
-def test_xla_path_choice():
-    assert [bool(bk.use_dense(jnp.int32(c), 200)) for c in (0, 100, 101, 200)] == [
-        False, False, True, True]
-    assert [int(bk.num_chunks(jnp.int32(c), 64)) for c in (0, 1, 64, 65)] == [0, 1, 1, 2]
-
-
-@pytest.mark.parametrize("dense_above", [0.0, 1.0])
-@pytest.mark.parametrize("count", [0, 5, 64, 130, 200])
-def test_xla_chunked_and_dense_paths_agree(dense_above, count):
-    """Forcing either path (dense for every count, or the chunk loop up to F) is exact."""
-    b, d, f = 2, 40, 200
-    x, gate, up, down_t = weights(b, d, f, np.float32, seed=3)
-    idx = index_list(f, count, seed=count)
-    h = sparse_gate_up_xla(jnp.asarray(x), jnp.asarray(gate), jnp.asarray(up), jnp.asarray(idx),
-                           jnp.int32(count), activation="relu", threshold=0.0,
-                           dense_above=dense_above)
-    want = gate_up_numpy(x, gate, up, idx, count, "relu")
-    assert_close(h, want, np.float32)
-    out = sparse_down_xla(h, jnp.asarray(down_t), jnp.asarray(idx), jnp.int32(count),
-                          dense_above=dense_above)
-    assert_close(out, down_numpy(np.asarray(h, np.float64), down_t, idx, count), np.float32)
-
-
-def test_unknown_activation_and_backend_raise():
-    x, w = jnp.ones((1, 4)), jnp.ones((2, 4))
-    idx, count = jnp.zeros(2, jnp.int32), jnp.int32(0)
-    with pytest.raises(ValueError, match="ReLU-family"):
-        sparse_gate_up(x, w, w, idx, count, activation="silu")
-    with pytest.raises(ValueError, match="Unknown backend"):
-        sparse_down(jnp.ones((1, 2)), w, idx, count, backend="cuda")
-
-
-@pytest.mark.parametrize("backend", ["pallas", "xla"])
-def test_chain_matches_masked_dense_mlp(backend):
+def test_chain_matches_masked_dense_mlp():
     """predict -> compact -> gate_up -> down equals the dense MLP over the predicted neurons."""
     b, d, f = 2, 96, 200
     x, gate, up, down_t = weights(b, d, f, jnp.float32, seed=7)
@@ -142,11 +129,11 @@ def test_chain_matches_masked_dense_mlp(backend):
 
     @jax.jit
     def chain(x, alpha):
-        active, _ = sign_predict(x, w_bits, alpha, backend=backend)
-        idx, count = compact(active, backend=backend)
-        h = sparse_gate_up(x, jnp.asarray(gate, jnp.float32), jnp.asarray(up, jnp.float32), idx,
-                           count, backend=backend)
-        return sparse_down(h, jnp.asarray(down_t, jnp.float32), idx, count, backend=backend), active
+        active, _ = sign_predict(x, w_bits, alpha, backend="pallas")
+        idx, count = compact(active)
+        out, _ = chain_mlp(x, jnp.asarray(gate, jnp.float32), jnp.asarray(up, jnp.float32),
+                           jnp.asarray(down_t, jnp.float32), idx, count, interpret=True)
+        return out, active
 
     for alpha in (1.0, np.inf):
         out, active = chain(jnp.asarray(x, jnp.float32), jnp.float32(alpha))
@@ -162,8 +149,8 @@ def test_sparse_kernels_lower_to_triton():
     idx, count = jnp.zeros(f, jnp.int32), jnp.int32(3)
     for b, dtype, activation in [(1, jnp.float32, "relu"), (4, jnp.bfloat16, "fatrelu")]:
         w = jnp.ones((f, d), dtype)
-        gate_up = functools.partial(sparse_gate_up_pallas, activation=activation, threshold=0.1)
-        assert len(triton_modules(gate_up, jnp.ones((b, d), dtype), w, w, idx, count)) == 1
+        kernel = functools.partial(sparse_gate_up_pallas, activation=activation, threshold=0.1)
+        assert len(triton_modules(kernel, jnp.ones((b, d), dtype), w, w, idx, count)) == 1
         assert len(triton_modules(sparse_down_pallas, jnp.ones((b, f)), w, idx, count)) == 1
 
 
@@ -177,19 +164,18 @@ def test_sparse_compiled_on_gpu(b, d, f, dtype, activation):
     args = [jnp.asarray(a, dtype) for a in (x, gate, up)]
     for count in (0, 1, f // 7, f):
         idx, n = jnp.asarray(index_list(f, count, seed=count)), jnp.int32(count)
-        h, h_ref = (sparse_gate_up(*args, idx, n, activation=activation,
-                                   threshold=FATRELU_THRESHOLD, backend=be)
-                    for be in ("pallas", "reference"))
+        h, h_ref = (gate_up(face, *args, idx, n, activation=activation,
+                            threshold=FATRELU_THRESHOLD) for face in FACES)
         assert_close(h, np.asarray(h_ref, np.float64), dtype)
         w = jnp.asarray(down_t, dtype)
-        out, out_ref = (sparse_down(h_ref, w, idx, n, backend=be) for be in ("pallas", "reference"))
+        out, out_ref = (down(face, h_ref, w, idx, n) for face in FACES)
         assert_close(out, np.asarray(out_ref.astype(jnp.float32), np.float64), dtype)
 
 
 @pytest.mark.parametrize("b,dtype,activation", [(1, jnp.float32, "relu"),
                                                 (3, jnp.float32, "fatrelu"),
                                                 (4, jnp.bfloat16, "relu")])
-def test_two_stage_kernels_match_references_with_unfired_blocks(b, dtype, activation):
+def test_kernels_match_references_with_unfired_blocks(b, dtype, activation):
     # Neurons 0..23 never fire (gate rows anti-aligned with a positive x), neurons 24.. are
     # random: whole blocks of the compact order are unfired, others mixed. gate_up must still
     # give act(g) * u (0 where unfired), and down must skip exactly the zero rows of h.

@@ -19,6 +19,9 @@ slice broadcast along the lanes; the batch is unrolled (decoding batches are sma
 
 Output: `kept: [F] int32`, the number of rows that predict each neuron active. The union over
 the batch is `kept > 0`; the op's "predicted" count is `sum(kept)`.
+
+References the tests compare against: `pallas_kernels.predict.sign_predict_reference` and
+`pallas_kernels.signmag.signmag_reference` (unpacked bits, integer matmuls).
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.pack import pack_nonzero_bits_reference, pack_sign_bits_reference
+from pallas_kernels.backend import pltpu
+from pallas_kernels.pack import pack_nonzero_bits, pack_sign_bits
 from pallas_kernels.predict import threshold
 from pallas_kernels.signmag import PLANES, x_words
-from pallas_kernels.tpu_common import interpret_mode
+from pallas_kernels.tpu.common import interpret_mode
 
 PREDICTORS = ("sign", "signmag")
 # 512 neurons a program: a 256 KiB block of sign bits at W = 128 (the 7b shape), 22 programs at
@@ -68,7 +71,7 @@ def vote_inputs(x: jnp.ndarray, alpha: jnp.ndarray, predictor: str):
         xs, masks, total = x_words(x, PLANES)
         return xs, masks, threshold(alpha, total)
     n_nz = jnp.sum(x != 0, axis=-1, dtype=jnp.int32)
-    return (pack_sign_bits_reference(x), pack_nonzero_bits_reference(x)[:, None],
+    return (pack_sign_bits(x), pack_nonzero_bits(x)[:, None],
             threshold(alpha, n_nz))
 
 

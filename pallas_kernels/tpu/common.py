@@ -11,7 +11,8 @@ import contextlib
 from collections.abc import Iterator
 
 import jax
-from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.backend import pltpu
 
 _TARGET_TPU = False
 

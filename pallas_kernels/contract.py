@@ -1,0 +1,171 @@
+"""The sparse MLP layer's contract, written once and called by every backend.
+
+What every path of `layer.sparse_mlp_layer` shares (`gpu/`, `tpu/`, `xla/` and the reference):
+- the names it accepts (`PREDICTORS`, `ACTIVATIONS`) and its argument checks (`check_layer_args`);
+- the activation and the float32 products (`activate`, `matmul_t`, `matmul`);
+- each row's predicted-active mask from a backend's votes (`row_masks`; the XLA and reference
+  votes, `xla_votes` and `reference_votes`);
+- the union over a mesh axis the batch is split over (`union`, `total`) and the counts the op
+  returns (`counts`);
+- compaction: a neuron mask into an ascending id list (`compact`), and the second compaction of
+  the candidates that fired (`compact_fired`).
+
+Compaction is a cumsum that gives each active neuron its slot and one scatter that writes the ids:
+a few microseconds on the CPU. On an H200 XLA made several kernels of it, 24 us at F = 11008
+(benchmarks/gpu_variants.py, 2026-11-29): the GPU path's kernels need no id list (each compacts
+its own block in registers, `gpu/layer.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import chex
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.pack import num_words
+from pallas_kernels.predict import sign_predict_reference, sign_predict_xla, threshold
+from pallas_kernels.signmag import signmag_reference, signmag_xla
+
+PREDICTORS = ("sign", "signmag", "oracle")
+ACTIVATIONS = ("relu", "fatrelu")
+
+
+def activate(z: jnp.ndarray, activation: str, threshold: float) -> jnp.ndarray:
+    """The ReLU-family activation on float32 pre-activations: "relu" = max(z, 0); "fatrelu" = z
+    if z > threshold else 0 (ProSparse's FATReLU, strict >)."""
+    if activation == "fatrelu":
+        return jnp.where(z > threshold, z, 0.0)
+    return jnp.maximum(z, 0.0)
+
+
+def matmul_t(x: jnp.ndarray, w: jnp.ndarray, precision=None) -> jnp.ndarray:
+    """`x: [B, D]` times `w: [K, D]` transposed -> `[B, K]` float32 (mixed dtypes promoted)."""
+    dt = jnp.promote_types(x.dtype, w.dtype)
+    return lax.dot_general(x.astype(dt), w.astype(dt), (((1,), (1,)), ((), ())),
+                           precision=precision, preferred_element_type=jnp.float32)
+
+
+def matmul(h: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """`h: [B, K]` float32 times `w: [K, D]` -> `[B, D]` float32, contracting w's leading axis.
+
+    w's rows stay contiguous: a contraction over its last axis (`w.T`) made XLA CPU read the
+    matrix in a transposed, cache-hostile order (10-30x slower at 1B shapes, measured).
+    """
+    dt = jnp.promote_types(h.dtype, w.dtype)
+    return lax.dot_general(h.astype(dt), w.astype(dt), (((1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+
+def check_layer_args(x, gate, up, down_t, gate_sign_bits, alpha, *, predictor: str,
+                     activation: str, row_width: int | None = None) -> jnp.ndarray:
+    """ValueError for an unknown predictor or activation, or `x` not `[B, D]` with B >= 1; chex
+    errors for shapes and dtypes. Returns alpha as a float32 scalar.
+
+    `row_width`: the weights' stored row width when it is not D (`tpu/gather.py`'s packed pairs).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"Sparse MLP activation {activation!r} is not ReLU-family: use one of "
+                         f"{', '.join(ACTIVATIONS)}.")
+    if predictor not in PREDICTORS:
+        raise ValueError(f"Unknown predictor {predictor!r}: use one of {', '.join(PREDICTORS)}.")
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"x must be [B, D] with B >= 1 (one token per row), got {x.shape}.")
+    d = x.shape[1]
+    f = gate.shape[0]
+    width = d if row_width is None else row_width
+    alpha = jnp.asarray(alpha, jnp.float32)
+    chex.assert_rank(alpha, 0)
+    chex.assert_shape([gate, up, down_t, gate_sign_bits],
+                      [(f, width), (f, width), (f, width), (f, num_words(d))])
+    chex.assert_type(gate_sign_bits, jnp.uint32)
+    return alpha
+
+
+def row_masks(x, gate, gate_sign_bits, alpha, *, predictor: str, activation: str,
+              threshold_value: float, votes: Callable, precision=None) -> jnp.ndarray:
+    """Each row's predicted-active neurons `[B, F]` bool.
+
+    `votes(x, gate_sign_bits, predictor) -> (n_neg [B, F], total [B])` is the backend's vote
+    ("sign" or "signmag"); a row keeps a neuron iff `n_neg <= threshold(alpha, total)`. "oracle"
+    is the true mask act(gate . x) != 0 (at `precision`).
+    """
+    if predictor == "oracle":
+        return activate(matmul_t(x, gate, precision), activation, threshold_value) != 0
+    n_neg, total = votes(x, gate_sign_bits, predictor)
+    return n_neg <= threshold(alpha, total)[:, None]
+
+
+def xla_votes(x, gate_sign_bits, predictor: str):
+    """The votes in plain XLA, packed XOR + popcount: (n_neg `[B, F]`, total `[B]`) int32."""
+    if predictor == "signmag":
+        return signmag_xla(x, gate_sign_bits)
+    _, n_neg = sign_predict_xla(x, gate_sign_bits, jnp.float32(1.0))
+    return n_neg, jnp.sum(x != 0, axis=-1, dtype=jnp.int32)
+
+
+def reference_votes(x, gate_sign_bits, predictor: str):
+    """The votes on unpacked bits (the truth): (n_neg `[B, F]`, total `[B]`) int32."""
+    if predictor == "signmag":
+        return signmag_reference(x, gate_sign_bits)
+    _, n_neg = sign_predict_reference(x, gate_sign_bits, jnp.float32(1.0))
+    return n_neg, jnp.sum(x != 0, axis=-1, dtype=jnp.int32)
+
+
+def union(mask: jnp.ndarray, axis: str | None) -> jnp.ndarray:
+    """`[F]` bool OR-ed over the mesh axis `axis` the batch is split over (None: as is)."""
+    if axis is None:
+        return mask
+    return lax.psum(mask.astype(jnp.int32), axis) > 0
+
+
+def total(n: jnp.ndarray, axis: str | None) -> jnp.ndarray:
+    """A count summed over the mesh axis `axis` (None: as is)."""
+    return n if axis is None else lax.psum(n, axis)
+
+
+def counts(predicted, computed, fired) -> jnp.ndarray:
+    """The op's int32 `[3]` counts; each argument a count or a mask to count."""
+    return jnp.stack([jnp.sum(jnp.asarray(v), dtype=jnp.int32)
+                      for v in (predicted, computed, fired)])
+
+
+def compact(active: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Active neuron ids in ascending order, padded with 0, and their count.
+
+    Args:
+      active: `[F]` bool mask.
+
+    Returns:
+      idx: `[F]` int32, the active ids in idx[:count] ascending, 0 after (a valid row, so
+        gathers through idx never go out of bounds).
+      count: `[]` int32 number of active neurons.
+    """
+    chex.assert_rank(active, 1)
+    chex.assert_type(active, bool)
+    f = active.shape[0]
+    slot = jnp.cumsum(active, dtype=jnp.int32) - 1
+    # Inactive neurons aim past the end and are dropped; untouched slots keep their 0.
+    slot = jnp.where(active, slot, f)
+    idx = jnp.zeros((f,), jnp.int32).at[slot].set(jnp.arange(f, dtype=jnp.int32), mode="drop")
+    return idx, jnp.sum(active, dtype=jnp.int32)
+
+
+def compact_fired(a: jnp.ndarray, idx: jnp.ndarray, axis: str | None
+                  ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """The second compaction: the candidates that fire, for the up and down stage.
+
+    Args:
+      a: `[B, F]` float32 activated gates of the candidates in compact order (0 past the count).
+      idx: `[F]` int32 the candidates' neuron ids (from `compact`).
+      axis: the mesh axis the batch is split over, or None. Every shard holds the same candidates
+        in the same order, so the fired masks are OR-ed position by position.
+
+    Returns:
+      a: `[B, F]` the fired candidates' gates, compacted (0 at positions >= fired);
+      rows: `[F]` int32 their neuron ids; fired: `[]` int32 how many fired.
+    """
+    pos, fired = compact(union(jnp.any(a != 0, axis=0), axis))
+    a = jnp.where(jnp.arange(a.shape[1]) < fired, jnp.take(a, pos, axis=1), 0.0)
+    return a, idx[pos], fired

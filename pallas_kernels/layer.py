@@ -1,0 +1,172 @@
+"""The ops a model calls, each dispatched to a backend: the per-layer sparse MLP and the votes.
+
+    out, counts = sparse_mlp_layer(x, gate, up, down_t, gate_sign_bits, alpha, predictor="sign")
+
+The layer predicts which neurons are active (the union over the batch's rows), reads the gate
+rows of those, and the up and down rows of the ones whose activated gate is non-zero for some row
+(they fire): out = sum over fired i of act(gate_i . x) * (up_i . x) * down_t_i, in float32, cast
+to down_t's dtype. A neuron that is predicted but does not fire contributes act(g) * u = 0, so
+the output is the dense MLP restricted to the predicted neurons, exactly.
+
+counts, int32 [3]:
+- predicted: sum over rows of that row's predicted-active neurons;
+- computed: neurons whose gate row was read (the union of the rows' predictions);
+- fired: neurons whose up and down rows were read (act(gate . x) != 0 for some row).
+
+`union_axis` names a mesh axis the batch is split over (inside `shard_map`): the union of the
+predictions and the fired mask are OR-ed over it (psum > 0) and `predicted` is summed over it,
+so the output and all three counts do not depend on how the batch is split.
+
+Paths (`backend.choose` picks one for "auto"; the contract they share is `contract.py`):
+- "pallas": `gpu/layer.py`, two Triton kernels (CUDA GPUs of compute capability >= 8.0);
+- "mosaic": `tpu/layer.py`, the Pallas TPU kernels;
+- "portable": `xla/portable.py`, plain XLA at bucketed static shapes (any XLA device);
+- "xla": `xla/chunk_loop.py`, loops over 64-row chunks (the CPU's path);
+- "reference": `layer_reference` below, every neuron in plain jnp, masked: the truth.
+
+`sign_predict` and `signmag_predict` are the predictors alone, for a full forward (T > 1) and for
+statistics: the Triton kernel on "pallas", the jnp reference on "reference", XLA elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import backend as bk
+from pallas_kernels import contract
+from pallas_kernels.gpu.layer import layer_pallas
+from pallas_kernels.gpu.masked_down import masked_down_reference
+from pallas_kernels.gpu.predict import sign_predict_pallas
+from pallas_kernels.gpu.predict_gate_up import predict_gate_up_reference
+from pallas_kernels.gpu.signmag import signmag_pallas
+from pallas_kernels.pack import num_words
+from pallas_kernels.predict import sign_predict_reference, sign_predict_xla, threshold
+from pallas_kernels.signmag import PLANES, signmag_reference, signmag_xla
+from pallas_kernels.tpu.layer import sparse_mlp_layer_mosaic
+from pallas_kernels.xla.chunk_loop import layer_xla
+from pallas_kernels.xla.portable import sparse_mlp_layer_portable
+
+
+def layer_reference(x, gate, up, down_t, gate_sign_bits, alpha, *, predictor: str,
+                    activation: str, threshold: float, union_axis=None):
+    """Every neuron computed in plain jnp, masked to the union: (out float32, counts)."""
+    per_row = contract.row_masks(x, gate, gate_sign_bits, alpha, predictor=predictor,
+                                 activation=activation, threshold_value=threshold,
+                                 votes=contract.reference_votes, precision=lax.Precision.HIGHEST)
+    active = contract.union(jnp.any(per_row, axis=0), union_axis)
+    h, fired = predict_gate_up_reference(x, gate, up, active, activation=activation,
+                                         threshold=threshold)
+    predicted = contract.total(jnp.sum(per_row, dtype=jnp.int32), union_axis)
+    return (masked_down_reference(h, down_t),
+            contract.counts(predicted, active, contract.union(fired, union_axis)))
+
+
+@functools.partial(jax.jit,
+                   static_argnames=["predictor", "activation", "threshold", "backend",
+                                    "union_axis"])
+def sparse_mlp_layer(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray, down_t: jnp.ndarray,
+                     gate_sign_bits: jnp.ndarray, alpha: jnp.ndarray, *, predictor: str = "sign",
+                     activation: str = "relu", threshold: float = 0.0, backend: str = "auto",
+                     union_axis=None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """One layer's sparse MLP for one token per row (decoding); see the module docstring.
+
+    Args:
+      x: `[B, D]` bfloat16, float16 or float32 MLP input (B >= 1).
+      gate, up, down_t: `[F, D]` weights, one row per neuron (down_t is W_down transposed).
+      gate_sign_bits: `[F, ceil(D/32)]` uint32 packed sign bits of gate (`pack.py`).
+      alpha: `[]` float32 conservativeness (data: changing it does not recompile).
+      predictor: "sign", "signmag" or "oracle" (the true mask from the full gate).
+      activation: "relu" or "fatrelu"; threshold: FATReLU's (ignored by "relu").
+      backend: one of `backend.BACKENDS`.
+      union_axis: None, or the mesh axis name the batch is split over (inside `shard_map`).
+
+    Returns:
+      out: `[B, D]` in down_t's dtype, accumulated in float32.
+      counts: int32 `[3]`: predicted, computed, fired.
+    """
+    alpha = contract.check_layer_args(x, gate, up, down_t, gate_sign_bits, alpha,
+                                      predictor=predictor, activation=activation)
+    kind = dict(predictor=predictor, activation=activation, threshold=float(threshold),
+                union_axis=union_axis)
+    args = (x, gate, up, down_t, gate_sign_bits, alpha)
+    match bk.choose(backend).path:
+        case "pallas":
+            out, counts = layer_pallas(*args, **kind)
+        case "mosaic":
+            out, counts = sparse_mlp_layer_mosaic(*args, **kind)
+        case "portable":
+            out, counts = sparse_mlp_layer_portable(*args, **kind)
+        case "xla":
+            out, counts = layer_xla(*args, **kind)
+        case _:
+            out, counts = layer_reference(*args, **kind)
+    return out.astype(down_t.dtype), counts
+
+
+def _check_votes(x, w_bits, alpha) -> jnp.ndarray:
+    alpha = jnp.asarray(alpha, jnp.float32)
+    chex.assert_rank([x, alpha], [2, 0])
+    chex.assert_shape(w_bits, (None, num_words(x.shape[-1])))
+    chex.assert_type(w_bits, jnp.uint32)
+    return alpha
+
+
+@functools.partial(jax.jit, static_argnames=["backend"])
+def sign_predict(x: jnp.ndarray, w_bits: jnp.ndarray, alpha: jnp.ndarray, *,
+                 backend: str = "auto") -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Predicts the active neurons of a ReLU MLP from sign bits (`predict.py`'s rule).
+
+    Args:
+      x: `[B, D]` float MLP input.
+      w_bits: `[F, ceil(D/32)]` uint32 packed sign bits of W_gate (`pack.py`).
+      alpha: `[]` float32 conservativeness (data: changing it does not recompile).
+      backend: one of `backend.BACKENDS`.
+
+    Returns:
+      active: `[F]` bool, predicted active for at least one row (the union over B).
+      n_neg: `[B, F]` int32 negative-product counts N_neg.
+    """
+    alpha = _check_votes(x, w_bits, alpha)
+    match bk.resolve(backend):
+        case "pallas":
+            active, n_neg = sign_predict_pallas(x, w_bits, alpha, interpret=bk.interpret())
+            return active == 1, n_neg
+        case "xla":
+            return sign_predict_xla(x, w_bits, alpha)
+        case _:
+            return sign_predict_reference(x, w_bits, alpha)
+
+
+@functools.partial(jax.jit, static_argnames=["backend", "planes"])
+def signmag_predict(x: jnp.ndarray, w_bits: jnp.ndarray, alpha: jnp.ndarray, *,
+                    backend: str = "auto", planes: int = PLANES
+                    ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Predicts the active neurons from sign bits and quantised input magnitudes (`signmag.py`).
+
+    Args:
+      x: `[B, D]` float MLP input.
+      w_bits: `[F, ceil(D/32)]` uint32 packed sign bits of W_gate (`pack.py`).
+      alpha: `[]` float32 conservativeness (data: changing it does not recompile).
+      backend: one of `backend.BACKENDS`.
+      planes: bits of each input's quantised magnitude (static).
+
+    Returns:
+      active: `[F]` bool, predicted active for at least one row (the union over B).
+      n_neg: `[B, F]` int32 weighted negative votes.
+      total: `[B]` int32 total weight of each row's votes (the rule's "n" for `threshold`).
+    """
+    alpha = _check_votes(x, w_bits, alpha)
+    match bk.resolve(backend):
+        case "pallas":
+            n_neg, total = signmag_pallas(x, w_bits, planes=planes, interpret=bk.interpret())
+        case "xla":
+            n_neg, total = signmag_xla(x, w_bits, planes=planes)
+        case _:
+            n_neg, total = signmag_reference(x, w_bits, planes=planes)
+    tau = threshold(alpha, total)
+    return jnp.any(n_neg <= tau[:, None], axis=0), n_neg, total
