@@ -80,22 +80,26 @@ def test_sparse_at_full_activity_decodes_like_dense(tiny):
     np.testing.assert_array_equal(dense.tokens, sparse.tokens)
 
 
-def test_kernel_records_time_each_op_against_dense(tiny):
+def test_kernel_records_time_the_layer_op_against_dense(tiny):
     cfg = tiny.config
     f, d = cfg.intermediate_size, cfg.hidden_size
-    records = bench.kernel_records(tiny, bench.Settings(repeats=1), "xla", 0.25, copy_gb_s=10.0)
+    records = bench.kernel_records(tiny, bench.Settings(repeats=1), "auto", 0.25, copy_gb_s=10.0)
     got = [(r["op"], r["mode"]) for r in records]
-    ops = ("gate_up", "down", "mlp")
     assert got == [("gate_matvec", "dense"), ("predictor", "sparse"), ("signmag", "sparse"),
-                   *((op, mode) for op in ops for mode in ("dense", "sparse")),
-                   ("mlp_1stage", "sparse")]
+                   ("mlp", "dense"), ("sparse_mlp_layer", "sparse")]
     by = {(r["op"], r["mode"]): r for r in records}
-    count = round(0.25 * f)
     assert by["gate_matvec", "dense"]["bytes"] == f * d * 4
-    assert by["gate_up", "sparse"]["bytes"] == 2 * count * d * 4
-    assert by["down", "sparse"]["bytes"] == count * d * 4
-    # Two-stage: up and down rows of fired candidates only, fewer bytes than the one-stage chain.
-    assert by["mlp", "sparse"]["bytes"] < by["mlp_1stage", "sparse"]["bytes"]
+    assert by["mlp", "dense"]["bytes"] == 3 * f * d * 4
+    # The op's own counts: sign bits, the candidates' gate rows, the fired ones' up and down rows.
+    mlp = tiny.layers[0].mlp
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, d)), jnp.float32)
+    alpha = bench.alpha_keeping(x, mlp.gate_sign_bits[...], 0.25)
+    _, (_, computed, fired) = pk.sparse_mlp_layer(x, mlp.gate[...], mlp.up[...], mlp.down_t[...],
+                                                  mlp.gate_sign_bits[...], alpha)
+    bits = f * cfg.sign_words * 4
+    want = (int(computed) + 2 * int(fired)) * d * 4 + bits
+    assert by["sparse_mlp_layer", "sparse"]["bytes"] == want
+    assert by["sparse_mlp_layer", "sparse"]["bytes"] < by["mlp", "dense"]["bytes"]
     for r in records:
         assert r["ms"]["median"] > 0 and r["achieved_gb_s"] > 0
     assert "speed-up" in bench.format_kernels(records)

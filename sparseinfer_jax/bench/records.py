@@ -14,9 +14,9 @@ Every figure comes from `block_until_ready` timings of compiled programs after a
 - bytes per decode step: the weights the step must read (attention, the computed MLP rows, sign
   bits, final norm and LM head, one embedding row) plus the live KV cache; / latency = achieved
   GB/s, compared with the copy bandwidth measured in the same run (`copy_bandwidth`);
-- kernels: one layer's predictors (sign, signmag), gate/up, down and the whole MLP alone (the
-  two-stage `sparse_mlp`, and the one-stage gate_up + down chain as "mlp_1stage"), against the
-  dense op of the same shape.
+- kernels: one layer's sparse MLP alone, `sparse_mlp_layer` on the path the model takes, against
+  the dense MLP of the same shape; its predictors (sign, signmag) against the gate matvec; on the
+  Pallas path also the older chain (`chain_mlp`) as a comparison.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ import numpy as np
 from flax import nnx
 
 import pallas_kernels as pk
-from pallas_kernels.sparse_down import matmul
-from pallas_kernels.sparse_gate_up import activate, matmul_t
+from pallas_kernels import backend as bk
+from pallas_kernels.contract import activate, matmul, matmul_t
+from pallas_kernels.gpu.chain import chain_mlp
 from sparseinfer_jax.bench.alphas import alpha_keeping, decode_inputs_fraction, fit_alphas
 from sparseinfer_jax.bench.report import HEADER, format_row
 from sparseinfer_jax.bench.shapes import DTYPES, MODES, PROMPT_TOKENS, random_model, shape_config
@@ -62,7 +63,7 @@ def step_bytes(cfg: LlamaConfig, itemsize: int, computed: float, context: float,
         sparse).
       context: KV cache slots the step attends to (the live context length).
       fired: neurons whose up and down rows are read per layer (the candidates whose gate fires,
-        `pallas_kernels.sparse_mlp`); default: `computed`.
+        `pallas_kernels.sparse_mlp_layer`); default: `computed`.
 
     Returns:
       {"attention", "predictor", "gate", "up", "down", "kv_cache", "other", "total"} in bytes,
@@ -94,7 +95,7 @@ class Settings:
     layers: int | None = None
     dtype: str = "float32"
     modes: tuple[str, ...] = MODES
-    backends: tuple[str, ...] = ("xla",)
+    backends: tuple[str, ...] = ("auto",)
     active: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)
     tokens: int = 64
     repeats: int = 5
@@ -226,11 +227,13 @@ KERNEL_CALLS = 20  # calls per timed loop in the kernel table
 
 def kernel_records(model: Llama, settings: Settings, backend: str, fraction: float,
                    copy_gb_s: float) -> list[dict]:
-    """Layer 0's predictor, gate/up, down and whole MLP alone, each against the dense matvec.
+    """Layer 0's sparse MLP alone, `sparse_mlp_layer` as the model calls it on `backend`'s path,
+    against the dense MLP; its predictors alone beside the gate matvec, to find a slow piece; on
+    the Pallas path also the older chain it replaced (`gpu/chain.py`), as a comparison.
 
-    The gathered kernels get `round(fraction * F)` random active neurons; the sparse MLP (the
-    two-stage `pk.sparse_mlp`, whose bytes count the up and down rows of the fired candidates
-    only) gets an alpha fitted to keep `fraction` of the neurons for its random input.
+    alpha is fitted to keep `fraction` of the neurons for a random input; the layer's bytes count
+    the sign bits, the gate rows of the candidates and the up and down rows of the fired ones,
+    as the op itself counts them.
     """
     mlp = model.layers[0].mlp
     gate, up, down_t = (a[...] for a in (mlp.gate, mlp.up, mlp.down_t))
@@ -239,11 +242,6 @@ def kernel_records(model: Llama, settings: Settings, backend: str, fraction: flo
     dt, item = gate.dtype, gate.dtype.itemsize
     rng = np.random.default_rng(settings.seed)
     x = jnp.asarray(rng.standard_normal((1, d)), dt)
-    count = max(1, round(fraction * f))
-    active = np.zeros((f,), bool)
-    active[rng.choice(f, count, replace=False)] = True
-    idx, cnt = pk.compact(jnp.asarray(active))
-    h = jnp.asarray(rng.standard_normal((1, f)) * (np.arange(f) < count), jnp.float32)
     alpha = alpha_keeping(x, bits, fraction)
 
     # The weights are arguments, never closed over: jit would embed a closed-over array in the
@@ -252,41 +250,28 @@ def kernel_records(model: Llama, settings: Settings, backend: str, fraction: flo
         hh = activate(matmul_t(x, gate), "relu", 0.0) * matmul_t(x, up)
         return matmul(hh.astype(dt), down_t).astype(dt)
 
-    def sparse_mlp(x, alpha, bits, gate, up, down_t):
-        act, _ = pk.sign_predict(x, bits, alpha, backend=backend)
-        i, c = pk.compact(act)
-        return pk.sparse_mlp(x, gate, up, down_t, i, c, backend=backend)
-
-    def one_stage_mlp(x, alpha, bits, gate, up, down_t):  # the chain before the two-stage op
-        act, _ = pk.sign_predict(x, bits, alpha, backend=backend)
-        i, c = pk.compact(act)
-        hh = pk.sparse_gate_up(x, gate, up, i, c, backend=backend)
-        return pk.sparse_down(hh, down_t, i, c, backend=backend)
-
-    weights = (bits, gate, up, down_t)
-    candidates = int(pk.sign_predict(x, bits, alpha, backend="xla")[0].sum())
-    fired = int(jax.jit(sparse_mlp)(x, alpha, *weights)[1].sum())
+    layer = functools.partial(pk.sparse_mlp_layer, backend=backend)
+    weights = (gate, up, down_t, bits)
+    _, candidates, fired = (int(c) for c in layer(x, *weights, alpha)[1])
     read_bits = f * bits.shape[1] * 4
-    signmag = functools.partial(pk.signmag_predict, backend=backend)
-    predict = functools.partial(pk.sign_predict, backend=backend)
-    gate_up = functools.partial(pk.sparse_gate_up, backend=backend)
-    down = functools.partial(pk.sparse_down, backend=backend)
     # (op, mode, function, arguments, bytes it must read)
     cases = [
         ("gate_matvec", "dense", matmul_t, (x, gate), f * d * item),
-        ("predictor", "sparse", predict, (x, bits, alpha), read_bits),
-        ("signmag", "sparse", signmag, (x, bits, alpha), read_bits),
-        ("gate_up", "dense", lambda x, g, u: activate(matmul_t(x, g), "relu", 0.0) * matmul_t(x, u),
-         (x, gate, up), 2 * f * d * item),
-        ("gate_up", "sparse", gate_up, (x, gate, up, idx, cnt), 2 * count * d * item),
-        ("down", "dense", lambda h, w: matmul(h.astype(dt), w), (h, down_t), f * d * item),
-        ("down", "sparse", down, (h, down_t, idx, cnt), count * d * item),
+        ("predictor", "sparse", functools.partial(pk.sign_predict, backend=backend),
+         (x, bits, alpha), read_bits),
+        ("signmag", "sparse", functools.partial(pk.signmag_predict, backend=backend),
+         (x, bits, alpha), read_bits),
         ("mlp", "dense", dense_mlp, (x, gate, up, down_t), 3 * f * d * item),
-        ("mlp", "sparse", sparse_mlp, (x, alpha, *weights),
+        ("sparse_mlp_layer", "sparse", layer, (x, *weights, alpha),
          (candidates + 2 * fired) * d * item + read_bits),
-        ("mlp_1stage", "sparse", one_stage_mlp, (x, alpha, *weights),
-         3 * candidates * d * item + read_bits),
     ]
+    if pk.choose(backend).path == "pallas":
+        def chain(x, alpha, bits, gate, up, down_t):
+            idx, count = pk.compact(pk.sign_predict(x, bits, alpha, backend="pallas")[0])
+            return chain_mlp(x, gate, up, down_t, idx, count, interpret=bk.interpret())[0]
+
+        cases.append(("chain_mlp", "sparse", chain, (x, alpha, bits, gate, up, down_t),
+                      3 * candidates * d * item + read_bits))
     out = []
     for op, mode, fn, args, nbytes in cases:
         ms = spread([s * 1e3 for s in time_in_a_loop(fn, args, calls=KERNEL_CALLS,

@@ -30,7 +30,8 @@ def _paired(x: dict) -> str:
 
 
 # The dense op each sparse-only op is compared with in the kernel table.
-KERNEL_BASE = {"predictor": "gate_matvec", "signmag": "gate_matvec", "mlp_1stage": "mlp"}
+KERNEL_BASE = {"predictor": "gate_matvec", "signmag": "gate_matvec", "sparse_mlp_layer": "mlp",
+               "chain_mlp": "mlp"}
 
 
 def format_kernels(records: list[dict]) -> str:
@@ -42,12 +43,12 @@ def format_kernels(records: list[dict]) -> str:
     if not rows:
         return ""
     dense: dict[str, float] = {}
-    lines = [f"{'op':<12} {'backend':<8} {'active':>6} {'ms':>8} {'speed-up':>8} {'GB/s':>6}"]
+    lines = [f"{'op':<16} {'backend':<8} {'active':>6} {'ms':>8} {'speed-up':>8} {'GB/s':>6}"]
     for r in rows:
         if r["mode"] == "dense":
             dense[r["op"]] = r["ms"]["median"]
         base = dense[KERNEL_BASE.get(r["op"], r["op"])]
-        lines.append(f"{r['op']:<12} {r['backend']:<8} {r['active_fraction']:>6.3f} "
+        lines.append(f"{r['op']:<16} {r['backend']:<8} {r['active_fraction']:>6.3f} "
                      f"{r['ms']['median']:>8.3f} {base / r['ms']['median']:>7.2f}x "
                      f"{r['achieved_gb_s']:>6.1f}")
     return "\n".join(lines)

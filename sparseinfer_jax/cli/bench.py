@@ -56,7 +56,8 @@ def add_parser(sub) -> None:
     be.add_argument("--layers", type=int, default=None, help="cut the depth to N layers")
     be.add_argument("--dtype", default="float32", help="bfloat16 or float32")
     be.add_argument("--modes", default="dense,sparse", help="comma list of dense,sparse")
-    be.add_argument("--backend", default="xla", help="comma list of sparse kernel backends")
+    be.add_argument("--backend", default="auto",
+                    help="comma list of sparse MLP backends (auto: the path the model takes here)")
     be.add_argument("--active", default="0.05,0.1,0.2,0.5,1.0",
                     help="predicted active fractions to set alpha for, in (0, 1]")
     be.add_argument("--tokens", type=int, default=64, help="decode steps per timed loop")
