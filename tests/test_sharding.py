@@ -82,19 +82,22 @@ def _random_checks(folder: str, bad_folder: str, out_dir: str) -> dict:
     split = jax.tree.map(lambda a: NamedSharding(mesh, P("model") if a.ndim else P()), state)
     placed = jax.device_put(state, split)
     mlps = {None: nnx.merge(graphdef, state), mesh: nnx.merge(graphdef, placed)}
-    cases = [(t, mode) for t in (1, 3) for mode in ("dense", "sparse", "oracle")]
-    xs = [np.asarray(jax.random.normal(jax.random.key(t), (2, t, 48))) for t, _ in cases]
+    # Both kinds of stats: "predicted" takes the decode op's own count, summed over the batch
+    # split inside it, "diagnostic" counts the masks outside it.
+    cases = [(t, mode, stats) for t in (1, 3) for mode in ("dense", "sparse", "oracle")
+             for stats in ("diagnostic", "predicted")]
+    xs = [np.asarray(jax.random.normal(jax.random.key(t), (2, t, 48))) for t, _, _ in cases]
 
     def run_all(xs, m):
         return [
-            mlps[m](x, sparsity=Sparsity(mode), stats="diagnostic", mesh=m)
-            for x, (_, mode) in zip(xs, cases, strict=True)
+            mlps[m](x, sparsity=Sparsity(mode), stats=stats, mesh=m)
+            for x, (_, mode, stats) in zip(xs, cases, strict=True)
         ]
 
     single, sharded = (jax.jit(run_all, static_argnums=1)(xs, m) for m in (None, mesh))
     found["mlp"] = {
-        f"t{t}/{mode}": [np.asarray(v).tolist() for v in (*a, *b)]
-        for (t, mode), a, b in zip(cases, single, sharded, strict=True)
+        f"t{t}/{mode}/{stats}": [np.asarray(v).tolist() for v in (*a, *b)]
+        for (t, mode, stats), a, b in zip(cases, single, sharded, strict=True)
     }
     model, _ = load(folder, dtype="float32")
     found["tokens"] = _tokens(model)
@@ -234,7 +237,7 @@ def test_sharded_mlp_psum_equals_the_single_device_mlp(found):
     for key, (y1, s1, yn, sn) in found["random"]["mlp"].items():
         np.testing.assert_allclose(np.asarray(yn), np.asarray(y1), err_msg=key, **MLP_TOL)
         assert sn == s1, key
-    assert found["random"]["mlp"]["t1/sparse"][1][4] < 120  # decode computed a subset
+    assert found["random"]["mlp"]["t1/sparse/diagnostic"][1][4] < 120  # decode computed a subset
 
 
 def test_indivisible_heads_and_oversized_meshes_are_user_errors(found):

@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
+from pallas_kernels import contract
 from pallas_kernels.contract import activate
 from pallas_kernels.pack import pack_sign_bits
 from sparseinfer_jax.errors import UserError
@@ -230,7 +231,9 @@ class MLP(nnx.Module):
             true_mask = jnp.zeros((), bool)
         elif true_mask is None:
             true_mask = self.hidden(rows) != 0
-        count = lambda m: jnp.sum(m, dtype=jnp.int32)  # noqa: E731
+        # Row counts of this call's rows, summed over the batch split (`data_axis`) like the op's
+        # own, so every count is of the whole batch; computed and fired are of the one union.
+        count = lambda m: contract.total(jnp.sum(m, dtype=jnp.int32), data_axis)  # noqa: E731
         if predicted is None:  # the predictor's per-row masks, whatever the mode
             predicted = self.predict(rows, predictor, backend)[1]
         # A count from the op (decoding, "predicted" stats: no true mask, so none both) or a mask.
@@ -259,17 +262,14 @@ class MLP(nnx.Module):
         graphdef, state = nnx.split(self)
         specs = jax.tree.map(lambda a: P("model") if a.ndim else P(), state)
         data = sharding.batch_axis(mesh, x.shape[0])
-        row_axes = ("model",) if data is None else ("model", data)
 
         def local(state, x):
             y, counts = nnx.merge(graphdef, state).apply(x, sparsity, stats, data)
             y = jax.lax.psum(y.astype(jnp.float32), "model")
             if counts is not None:
-                # Row counts add up over data shards; the computed count (of the one union over
-                # the batch) is the same on each of them.
-                counts = jnp.concatenate(
-                    [jax.lax.psum(counts[:3], row_axes), jax.lax.psum(counts[3:], "model")]
-                )
+                # Each count is of the whole batch already (`apply`); the model shards hold
+                # different neurons, so their counts add up.
+                counts = jax.lax.psum(counts, "model")
             return y, counts
 
         # check_vma=False: the kernels know nothing of meshes (their loop carries start out
