@@ -209,10 +209,16 @@ def choose(backend: str = "auto") -> Choice:
     if problem is None:
         return Choice(path, device, why)
     choice = Choice("portable", device, problem, fallback=True)
-    if choice.line() not in _SAID:
-        _SAID.add(choice.line())
-        warnings.warn(choice.line(), RuntimeWarning, stacklevel=2)
+    say_once(choice.line())
     return choice
+
+
+def say_once(line: str) -> None:
+    """A RuntimeWarning of `line`, the first time this process meets it: how every fallback is
+    said."""
+    if line not in _SAID:
+        _SAID.add(line)
+        warnings.warn(line, RuntimeWarning, stacklevel=3)
 
 
 def describe(backend: str = "auto") -> str:

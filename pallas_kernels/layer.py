@@ -48,6 +48,7 @@ from pallas_kernels.pack import num_words
 from pallas_kernels.predict import sign_predict_reference, sign_predict_xla, threshold
 from pallas_kernels.signmag import PLANES, signmag_reference, signmag_xla
 from pallas_kernels.tpu.layer import sparse_mlp_layer_mosaic
+from pallas_kernels.tpu.layout import from_tpu_rows, weight_dtype
 from pallas_kernels.xla.chunk_loop import layer_xla
 from pallas_kernels.xla.portable import sparse_mlp_layer_portable
 
@@ -77,7 +78,9 @@ def sparse_mlp_layer(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray, down_t:
 
     Args:
       x: `[B, D]` bfloat16, float16 or float32 MLP input (B >= 1).
-      gate, up, down_t: `[F, D]` weights, one row per neuron (down_t is W_down transposed).
+      gate, up, down_t: `[F, D]` weights, one row per neuron (down_t is W_down transposed), or
+        all three in the TPU kernels' layout (`tpu.layout.tpu_rows`, bfloat16 as uint32 pairs):
+        the "mosaic" path reads it as it is, any other re-lays it every call (said once).
       gate_sign_bits: `[F, ceil(D/32)]` uint32 packed sign bits of gate (`pack.py`).
       alpha: `[]` float32 conservativeness (data: changing it does not recompile).
       predictor: "sign", "signmag" or "oracle" (the true mask from the full gate).
@@ -86,19 +89,25 @@ def sparse_mlp_layer(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray, down_t:
       union_axis: None, or the mesh axis name the batch is split over (inside `shard_map`).
 
     Returns:
-      out: `[B, D]` in down_t's dtype, accumulated in float32.
+      out: `[B, D]` in the weights' dtype (bfloat16 for the TPU layout), accumulated in float32.
       counts: int32 `[3]`: predicted, computed, fired.
     """
-    alpha = contract.check_layer_args(x, gate, up, down_t, gate_sign_bits, alpha,
-                                      predictor=predictor, activation=activation)
     kind = dict(predictor=predictor, activation=activation, threshold=float(threshold),
                 union_axis=union_axis)
+    path = bk.choose(backend).path
+    if path == "mosaic":  # it takes `[F, D]` weights and their TPU layout, and checks them
+        out, counts = sparse_mlp_layer_mosaic(x, gate, up, down_t, gate_sign_bits, alpha, **kind)
+        return out.astype(weight_dtype(down_t)), counts
+    if any(w.dtype == jnp.uint32 for w in (gate, up, down_t)):
+        bk.say_once(f"The MLP weights are laid out for the TPU kernels; the {path} path re-lays "
+                    "them on every call (slow): use backend 'auto' or 'mosaic' on a TPU.")
+        gate, up, down_t = (from_tpu_rows(w, x.shape[-1]) for w in (gate, up, down_t))
+    alpha = contract.check_layer_args(x, gate, up, down_t, gate_sign_bits, alpha,
+                                      predictor=predictor, activation=activation)
     args = (x, gate, up, down_t, gate_sign_bits, alpha)
-    match bk.choose(backend).path:
+    match path:
         case "pallas":
             out, counts = layer_pallas(*args, **kind)
-        case "mosaic":
-            out, counts = sparse_mlp_layer_mosaic(*args, **kind)
         case "portable":
             out, counts = sparse_mlp_layer_portable(*args, **kind)
         case "xla":

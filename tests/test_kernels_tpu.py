@@ -25,8 +25,15 @@ from pallas_kernels.contract import activate, compact, matmul_t
 from pallas_kernels.pack import pack_sign_bits
 from pallas_kernels.predict import sign_predict_reference, threshold
 from pallas_kernels.signmag import signmag_reference
-from pallas_kernels.tpu.gather import tpu_gate, tpu_rows, tpu_up_down, unpack
+from pallas_kernels.tpu.gather import tpu_gate, tpu_up_down
 from pallas_kernels.tpu.layer import sparse_mlp_layer_mosaic
+from pallas_kernels.tpu.layout import (
+    from_tpu_rows,
+    rows_matmul,
+    rows_matmul_t,
+    tpu_rows,
+    unpack,
+)
 from pallas_kernels.tpu.predict import tpu_votes
 from pallas_kernels.xla.chunk_loop import two_stage_reference
 
@@ -75,6 +82,32 @@ def test_tpu_rows_pairs_hold_the_bf16_row_exactly(d):
     even, odd = unpack(tpu_rows(w), jnp.float32)
     back = jnp.stack([even, odd], axis=-1).reshape(5, -1)[:, :d]
     np.testing.assert_array_equal(np.asarray(back), np.asarray(w.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("d", [1, 2, 33, 70])
+def test_from_tpu_rows_undoes_the_layout(d):
+    w = jnp.asarray(np.random.default_rng(d).standard_normal((5, d)), jnp.bfloat16)
+    back = from_tpu_rows(tpu_rows(w), d)
+    assert back.dtype == jnp.bfloat16 and back.shape == (5, d)
+    np.testing.assert_array_equal(np.asarray(back, np.float32), np.asarray(w, np.float32))
+    f32 = w.astype(jnp.float32)
+    assert from_tpu_rows(f32, d) is f32
+
+
+@pytest.mark.parametrize("b,d,f", [(1, 70, 45), (3, 33, 8), (16, 64, 40)])
+def test_dense_products_read_the_pairs_as_the_weight(b, d, f):
+    """Dense mode on TPU-laid weights: the products equal those of the bf16 weight itself."""
+    rng = np.random.default_rng(b)
+    w = jnp.asarray(rng.standard_normal((f, d)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((b, d)), jnp.bfloat16)
+    h = jnp.asarray(rng.standard_normal((b, f)), jnp.float32)
+    w64, x64 = np.asarray(w, np.float64), np.asarray(x, np.float64)
+    h16 = np.asarray(h.astype(jnp.bfloat16), np.float64)  # the product's bf16 operand
+    got_t = rows_matmul_t(x, tpu_rows(w))
+    got = rows_matmul(h, tpu_rows(w), d)
+    assert got_t.shape == (b, f) and got.shape == (b, d) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got_t), x64 @ w64.T, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got), h16 @ w64, rtol=1e-5, atol=1e-4)
 
 
 STAGE_CASES = [  # (B, D, F, dtype, activation)
@@ -219,3 +252,23 @@ def test_union_axis_makes_a_split_batch_read_what_the_whole_batch_reads():
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["split_counts"] == got["counts"], got
     assert got["err"] < 1e-4, got
+
+
+def test_other_paths_read_tpu_laid_weights_by_relaying_them_and_say_so_once(monkeypatch):
+    from pallas_kernels import backend as bk
+    from pallas_kernels import sparse_mlp_layer
+
+    monkeypatch.setattr(bk, "_SAID", set())
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 70)), jnp.bfloat16)
+    gate, up, down_t = (jnp.asarray(rng.standard_normal((45, 70)), jnp.bfloat16) for _ in "gud")
+    bits = pack_sign_bits(gate)
+    want, want_counts = sparse_mlp_layer(x, gate, up, down_t, bits, 1.0, backend="xla")
+    with pytest.warns(RuntimeWarning, match="laid out for the TPU kernels") as said:
+        for _ in range(2):
+            got, counts = sparse_mlp_layer(x, *map(tpu_rows, (gate, up, down_t)), bits, 1.0,
+                                           backend="xla")
+    assert len(said) == 1
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    np.testing.assert_array_equal(np.asarray(counts), np.asarray(want_counts))

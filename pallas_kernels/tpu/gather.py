@@ -13,17 +13,11 @@ neighbours too. Two buffers: while block j is computed, block j + 1's copies are
 past the count are never copied. Products go to the MXU (`[B, D] x [block, D]^T`), sums are
 float32 in VMEM.
 
-Row layout (`tpu_rows`). XLA stores a 16-bit `[F, D]` array in HBM with two neighbouring ROWS
-packed in each 32-bit word (tiles `(8, 128)(2, 1)`), and Mosaic refuses to copy one row of such
-a pair: a bf16 neuron row cannot be fetched alone. The kernels therefore take bfloat16 weights
-as `[F, ceil(D/2)]` uint32, each word holding two neighbouring COLUMNS of the same row (low half
-the even column): made once per weight, where the model keeps it. In VMEM the halves become two
-float32 arrays by a shift and a mask (a bf16 value is the top half of its float32), so x is
-split the same way: even columns against even, odd against odd. float32 weights are taken as
-they are. Passing `[F, D]` bfloat16 to the op is correct but re-lays the whole weight every call.
+Row layout: `layout.py` (bfloat16 rows as uint32 column pairs, made once where the model keeps
+the weights).
 
-Reference the tests compare both stages against: `pallas_kernels.xla.chunk_loop.two_stage_reference`
-(all F rows gathered through the ids, masked).
+Reference the tests compare both stages against: `xla.chunk_loop.two_stage_reference` (all F rows
+gathered through the ids, masked).
 """
 
 from __future__ import annotations
@@ -38,47 +32,11 @@ from jax.experimental import pallas as pl
 from pallas_kernels.backend import pltpu
 from pallas_kernels.contract import activate
 from pallas_kernels.tpu.common import interpret_mode
+from pallas_kernels.tpu.layout import unpack, x_parts
 
 # Neurons a block: their copies are in flight together (64 x 8 KiB rows = 512 KiB at the 7b
 # shape in bfloat16, twice that double-buffered), and one MXU product covers them.
 BLOCK = 64
-_HIGH = 0xFFFF0000
-
-
-def tpu_rows(w: jnp.ndarray) -> jnp.ndarray:
-    """`w: [F, D]` as the kernels gather it: float32 as is, bfloat16 as `[F, ceil(D/2)]` uint32
-    column pairs (see the module docstring). Already-packed uint32 passes through."""
-    if w.dtype in (jnp.float32, jnp.uint32):
-        return w
-    assert w.dtype == jnp.bfloat16, w.dtype
-    f, d = w.shape
-    pairs = jnp.pad(w, ((0, 0), (0, d % 2))).reshape(f, -1, 2)
-    return lax.bitcast_convert_type(pairs, jnp.uint32)
-
-
-def weight_dtype(rows: jnp.ndarray):
-    """The dtype the weight rows hold: bfloat16 for packed pairs."""
-    return jnp.bfloat16 if rows.dtype == jnp.uint32 else rows.dtype
-
-
-def x_parts(x: jnp.ndarray, rows: jnp.ndarray) -> jnp.ndarray:
-    """`x: [B, D]` split as the rows are: `[1, B, D]` for float32 rows, `[2, B, ceil(D/2)]` (even
-    then odd columns, zero-padded) for pairs; bfloat16 if x and the weights both are, else
-    float32 (the MXU multiplies bf16 natively; other mixes run in float32)."""
-    dt = jnp.bfloat16 if x.dtype == jnp.bfloat16 and rows.dtype == jnp.uint32 else jnp.float32
-    x = x.astype(dt)
-    if rows.dtype != jnp.uint32:
-        return x[None]
-    x = jnp.pad(x, ((0, 0), (0, x.shape[1] % 2)))
-    return jnp.stack([x[:, 0::2], x[:, 1::2]])
-
-
-def unpack(rows: jnp.ndarray, dtype) -> list[jnp.ndarray]:
-    """VMEM rows `[n, N]` -> the parts x_parts pairs them with, in `dtype` (exact)."""
-    if rows.dtype != jnp.uint32:
-        return [rows.astype(dtype)]
-    as_f32 = lambda a: lax.bitcast_convert_type(a, jnp.float32).astype(dtype)  # noqa: E731
-    return [as_f32(rows << 16), as_f32(rows & jnp.uint32(_HIGH))]
 
 
 def _dot(a, b, contract: int):

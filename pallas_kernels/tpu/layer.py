@@ -30,14 +30,8 @@ from jax import lax
 from pallas_kernels import contract
 from pallas_kernels.contract import activate
 from pallas_kernels.tpu.common import on_tpu
-from pallas_kernels.tpu.gather import (
-    tpu_gate,
-    tpu_rows,
-    tpu_up_down,
-    unpack,
-    weight_dtype,
-    x_parts,
-)
+from pallas_kernels.tpu.gather import tpu_gate, tpu_up_down
+from pallas_kernels.tpu.layout import tpu_rows, unpack, weight_dtype, x_parts
 from pallas_kernels.tpu.predict import tpu_votes
 
 WEIGHT_DTYPES = (jnp.bfloat16, jnp.float32)
@@ -81,7 +75,7 @@ def sparse_mlp_layer_mosaic(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray,
     Args:
       x: `[B, D]` bfloat16, float16 or float32 MLP input (one token per row).
       gate, up, down_t: `[F, D]` bfloat16 or float32 (down_t is W_down transposed), or the
-        same as `gather.tpu_rows` pairs `[F, ceil(D/2)]` uint32, the layout a model should
+        same as `layout.tpu_rows` pairs `[F, ceil(D/2)]` uint32, the layout a model should
         keep on TPU: `[F, D]` bfloat16 is re-laid every call (correct, but a full pass over
         each weight).
       gate_sign_bits: `[F, ceil(D/32)]` uint32 packed sign bits of gate (`pack.py`).
@@ -99,7 +93,7 @@ def sparse_mlp_layer_mosaic(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray,
     """
     alpha = contract.check_layer_args(
         x, gate, up, down_t, gate_sign_bits, alpha, predictor=predictor, activation=activation,
-        row_width=_row_width(x.shape[1], gate, up, down_t))
+        row_width=_row_width(x.shape[-1], gate, up, down_t))
     interpret = not on_tpu()
     out_dtype = weight_dtype(down_t)
     gate, up, down_t = tpu_rows(gate), tpu_rows(up), tpu_rows(down_t)

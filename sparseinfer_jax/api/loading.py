@@ -26,7 +26,7 @@ from pallas_kernels.pack import pack_sign_bits_numpy
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io import names
 from sparseinfer_jax.io.tokenizer import Tokenizer, load_tokenizer
-from sparseinfer_jax.model import dtypes, sharding
+from sparseinfer_jax.model import dtypes, layout, sharding
 from sparseinfer_jax.model.config import (
     LlamaConfig,
     alpha_per_layer,
@@ -82,8 +82,9 @@ def assemble(
 
     Each array is checked against the model's shape, cast to `dtype` (floats only; the packed
     sign bits stay uint32; no copy when already in `dtype`) and placed before the next is taken,
-    with `mesh` per `sharding.model_shardings`, else on the default device. Errors name `source`
-    and end with `remedy`.
+    with `mesh` per `sharding.model_shardings`, else on the default device. Where the sparse MLP
+    runs on the TPU kernels, its weights are then laid out for them (`layout.lay_out`). Errors
+    name `source` and end with `remedy`.
     """
     check_mode(cfg, mode, backend)
     if mesh is not None:
@@ -127,6 +128,7 @@ def assemble(
     nnx.replace_by_pure_dict(state, tree)
     model = nnx.merge(graphdef, state)
     model.mesh = mesh
+    layout.lay_out(model)  # the TPU kernels' layout, where they run the sparse MLP
     return model
 
 

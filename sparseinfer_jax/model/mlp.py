@@ -39,6 +39,7 @@ import pallas_kernels as pk
 from pallas_kernels import contract
 from pallas_kernels.contract import activate
 from pallas_kernels.pack import pack_sign_bits
+from pallas_kernels.tpu import layout as tpu_layout
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model import sharding
 from sparseinfer_jax.model.config import PREDICTORS, LlamaConfig
@@ -105,6 +106,7 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         f, d = cfg.intermediate_size, cfg.hidden_size
+        self.hidden_size = d
         init = nnx.initializers.normal(0.02)
         self.gate = nnx.Param(init(rngs.params(), (f, d), dtype))
         self.up = nnx.Param(init(rngs.params(), (f, d), dtype))
@@ -124,12 +126,16 @@ class MLP(nnx.Module):
 
     def hidden(self, x: jnp.ndarray) -> jnp.ndarray:
         """act(gate x) * (up x) for every neuron: `x: [N, D]` -> `[N, F]` float32."""
-        g, u = dot(x, self.gate[...], 1), dot(x, self.up[...], 1)
-        return self.act(g) * u
+        gate, up = self.gate[...], self.up[...]
+        if gate.dtype == jnp.uint32:  # the TPU kernels' layout (`model.layout`), read as it is
+            return self.act(tpu_layout.rows_matmul_t(x, gate)) * tpu_layout.rows_matmul_t(x, up)
+        return self.act(dot(x, gate, 1)) * dot(x, up, 1)
 
     def down(self, h: jnp.ndarray) -> jnp.ndarray:
         """`h: [N, F]` float32 -> `[N, D]` in the weights' dtype."""
         w = self.down_t[...]
+        if w.dtype == jnp.uint32:
+            return tpu_layout.rows_matmul(h, w, self.hidden_size).astype(jnp.bfloat16)
         return dot(h.astype(w.dtype), w, 0).astype(w.dtype)
 
     def votes(
