@@ -35,22 +35,37 @@ sparsity, sweeps the `alpha` knob, and shows how to use the Flax module from you
 Use a GPU runtime (*Runtime > Change runtime type*): an **L4** or **A100** for the 7B models; the
 small shipped model runs anywhere, CPU included."""),
     ("md", """\
-## 1. Install and check the GPU
+## 1. Install, find the runtime, and check the model fits it
 
-Colab already has jax (with its CUDA plugin), flax, numpy and matplotlib: the cell installs only
-this package and what is missing (`huggingface_hub` comes with the `[colab]` extra). jax is
-upgraded, together with its CUDA plugin, only when Colab's is older than the package needs; if
-that happens, *Runtime > Restart session* and run the notebook again.
+Runs on a CPU, GPU (T4, L4, A100, H100) or TPU (v5e, v6e) runtime with no edits. Colab already
+has jax, flax, numpy and matplotlib: the cell installs only this package and what is missing
+(`huggingface_hub` comes with the `[colab]` extra). jax is upgraded only when Colab's is older
+than the package needs, and then together with what runs it on this runtime (its CUDA plugin, or
+on a TPU `jax[tpu]`, which brings the matching libtpu: a newer jax beside an older libtpu fails);
+if that happens, *Runtime > Restart session* and run the notebook again.
 `XLA_PYTHON_CLIENT_MEM_FRACTION` lets JAX use 95% of the GPU instead of its default 75%, which a
-7B model needs on a 24 GB card; it must be set before jax is imported."""),
+7B model needs on a 24 GB card; it must be set before jax is imported.
+
+The cell then says which runtime it found, which path and dtype sparse mode takes there, and
+whether the chosen model fits this runtime's memory at the chosen context, before anything is
+downloaded: where it does not (a 7B model on a CPU runtime's 12.7 GB of RAM would download 27 GB,
+convert, then crash the VM at load), it says so and runs the shipped small model instead.
+`MODEL` is a Hugging Face hub id or a local folder; `SPARSEINFER_MODEL` overrides it (the tests
+point it at the shipped model). Choices: `SparseLLM/prosparse-llama-2-7b` (default, FATReLU, ~89%
+MLP sparsity), `SparseLLM/ReluLLaMA-7B` (ReLU), `"shipped"` (the 5M-parameter ReLU-Llama inside
+the package: no download; on a CPU it shows the mechanics, not the speed-up)."""),
     ("code", """\
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 REPO = "https://github.com/sparseinfer/sparseinfer-jax"
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+ON_TPU_VM = os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0") or bool(
+    os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("COLAB_TPU_ADDR"))
 
 
 def pip(*args):
@@ -63,28 +78,63 @@ if os.environ.get("SPARSEINFER_SKIP_INSTALL") != "1":
     from packaging.version import Version
 
     if Version(version("jax")) < Version("0.10.2"):
-        pip("-U", "jax[cuda12]>=0.10.2" if shutil.which("nvidia-smi") else "jax>=0.10.2")
+        # jax, jaxlib and what runs them here, upgraded together.
+        extra = "[tpu]" if ON_TPU_VM else "[cuda12]" if shutil.which("nvidia-smi") else ""
+        pip("-U", f"jax{extra}>=0.10.2")
     pip(f"sparseinfer-jax[colab] @ git+{REPO}")
-
-if shutil.which("nvidia-smi"):
-    subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv"], check=False)
 
 import jax  # noqa: E402
 
-ON_GPU = jax.default_backend() == "gpu"
-DEVICE_KIND = jax.devices()[0].device_kind
-print(f"jax {jax.__version__}, backend {jax.default_backend()}: {jax.devices()}")
-if not ON_GPU:
-    print("No GPU: fine for the shipped small model; a 7B model needs a GPU runtime.")"""),
-    ("md", """\
-## 2. Choose a model, and see the memory it needs
+import pallas_kernels  # noqa: E402
+import sparseinfer_jax as si  # noqa: E402
+from sparseinfer_jax.api.loading import SHIPPED_MODEL  # noqa: E402
+from sparseinfer_jax.model.memory import GiB, estimate_memory, fits  # noqa: E402
 
-`MODEL` is a Hugging Face hub id or a local folder; the environment variable `SPARSEINFER_MODEL`
-overrides it (the tests point it at the shipped model). Choices:
-- `SparseLLM/prosparse-llama-2-7b` (default): Llama-2-7B with FATReLU, ~89% MLP sparsity;
-- `SparseLLM/ReluLLaMA-7B`: Llama-2-7B with ReLU;
-- `"shipped"`: the 5M-parameter ReLU-Llama inside the package (no download; it writes
-  English-like text about Python, and on CPU it shows the mechanics, not the speed-up).
+ACCELERATED = jax.default_backend() != "cpu"
+DEVICE_KIND = jax.devices()[0].device_kind
+# T4s have no bfloat16 tensor cores: float16 is their 16-bit dtype; TPUs have no float16.
+DTYPE = "float16" if "T4" in DEVICE_KIND else "bfloat16"
+CONTEXT = 2048 if ACCELERATED else 256
+print(f"runtime: {jax.default_backend()} {DEVICE_KIND} x {jax.device_count()}, "
+      f"jax {jax.__version__}")
+print(f"sparse mode: {pallas_kernels.describe()}; weights in {DTYPE}")
+
+
+def memory_bytes() -> int:
+    \"\"\"What the model must fit: the accelerator's memory, or the host's RAM on a CPU.\"\"\"
+    stats = jax.devices()[0].memory_stats() or {}
+    if ACCELERATED and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+MODEL = os.environ.get("SPARSEINFER_MODEL", "SparseLLM/prosparse-llama-2-7b")
+# MODEL = "SparseLLM/ReluLLaMA-7B"
+# MODEL = "shipped"
+if MODEL == "shipped":
+    MODEL = SHIPPED_MODEL
+if os.path.isdir(MODEL):
+    config_file = Path(MODEL) / "config.json"
+else:  # config.json alone: a few KB, before any weights
+    from huggingface_hub import hf_hub_download
+
+    config_file = Path(hf_hub_download(MODEL, "config.json"))
+config = si.config_from_hf_dict(json.loads(config_file.read_text()))
+estimate = estimate_memory(config, context=CONTEXT, dtype=DTYPE)
+available = memory_bytes()
+# The host also holds Python, jax and the tokenizer: a CPU runtime keeps a quarter free.
+share = 0.95 if ACCELERATED else 0.75
+if fits(estimate, available, memory_fraction=share):
+    print(f"{MODEL} needs {estimate.total_bytes / GiB:.1f} GiB at {CONTEXT} tokens in {DTYPE}: "
+          f"fits the {available / GiB:.1f} GiB here.")
+else:
+    print(f"{MODEL} needs {estimate.total_bytes / GiB:.1f} GiB at {CONTEXT} tokens in {DTYPE}, "
+          f"more than this runtime's {available / GiB:.1f} GiB: running the shipped small model "
+          "instead (choose an L4, A100 or TPU runtime for a 7B model).")
+    MODEL, config_file = SHIPPED_MODEL, Path(SHIPPED_MODEL) / "config.json"
+    config = si.config_from_hf_dict(json.loads(config_file.read_text()))"""),
+    ("md", """\
+## 2. The memory the model needs, on each of Colab's accelerators
 
 What a 7B Llama-2 needs on the GPU in a 16-bit dtype (6.74 B parameters, 32 layers, no GQA):
 
@@ -111,44 +161,12 @@ Host side, for the conversion: the download is 27 GB of float32 safetensors for 
 each byte written once (~41 GB of Colab's ~100 GB). The cell below computes the GPU figures from
 the model's own `config.json`."""),
     ("code", """\
-import json
-from pathlib import Path
+from sparseinfer_jax.model.memory import COLAB_GPUS, NO_BF16, format_estimate, max_context
 
-import sparseinfer_jax as si
-from sparseinfer_jax.api.loading import SHIPPED_MODEL
-from sparseinfer_jax.model.memory import (
-    COLAB_GPUS,
-    NO_BF16,
-    GiB,
-    estimate_memory,
-    fits,
-    format_estimate,
-    max_context,
-)
-
-MODEL = os.environ.get("SPARSEINFER_MODEL", "SparseLLM/prosparse-llama-2-7b")
-# MODEL = "SparseLLM/ReluLLaMA-7B"
-# MODEL = "shipped"
-if MODEL == "shipped":
-    MODEL = SHIPPED_MODEL
-OUT = Path(os.environ.get("SPARSEINFER_OUT", "sparseinfer_out")).resolve()
-OUT.mkdir(parents=True, exist_ok=True)
-CONTEXT = 2048 if ON_GPU else 256
-# T4s have no bfloat16 tensor cores: run them in float16.
-DTYPE = "float16" if "T4" in DEVICE_KIND else "bfloat16"
-
-if os.path.isdir(MODEL):
-    config_file = Path(MODEL) / "config.json"
-else:
-    from huggingface_hub import hf_hub_download
-
-    config_file = Path(hf_hub_download(MODEL, "config.json"))
-hf_config = json.loads(config_file.read_text())
-config = si.config_from_hf_dict(hf_config)
 print(f"{MODEL}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
       f"MLP {config.intermediate_size}, activation {config.hidden_act}")
 estimate = estimate_memory(config, context=CONTEXT, dtype=DTYPE)
-print(f"\\nGPU memory for one sequence of {CONTEXT} tokens in {DTYPE}:")
+print(f"\\nMemory for one sequence of {CONTEXT} tokens in {DTYPE}:")
 print(format_estimate(estimate, CONTEXT))
 print("\\nColab GPUs (JAX given 95% of the card):")
 for gpu, size in COLAB_GPUS.items():
@@ -156,7 +174,9 @@ for gpu, size in COLAB_GPUS.items():
     est = estimate_memory(config, context=CONTEXT, dtype=dtype)
     verdict = "fits" if fits(est, size) else "does not fit"
     print(f"  {gpu:<10} {size / GiB:5.1f} GiB, {dtype:<8}: {verdict} at {CONTEXT} tokens; "
-          f"longest context that fits: {max_context(config, size, dtype=dtype)}")"""),
+          f"longest context that fits: {max_context(config, size, dtype=dtype)}")
+OUT = Path(os.environ.get("SPARSEINFER_OUT", "sparseinfer_out")).resolve()
+OUT.mkdir(parents=True, exist_ok=True)"""),
     ("md", """\
 ## 3. Convert to a SparseInfer checkpoint
 
@@ -177,7 +197,7 @@ if CHECKPOINT.exists():
     print(f"{CHECKPOINT} exists: using it (delete the folder to convert again).")
 else:
     # A source that carries calibrated alphas (the shipped model does) keeps them; otherwise 1.0.
-    alpha = (hf_config.get("sparseinfer") or {}).get("alpha")
+    alpha = (json.loads(config_file.read_text()).get("sparseinfer") or {}).get("alpha")
     convert(MODEL, CHECKPOINT, dtype="bfloat16", alpha=alpha)
 if not (CHECKPOINT / "tokenizer.json").exists() and (CHECKPOINT / "tokenizer.model").exists():
     from transformers import LlamaTokenizerFast
@@ -200,7 +220,7 @@ from IPython.display import HTML, display
 model, tokenizer = si.load(CHECKPOINT, mode="sparse", dtype=DTYPE)
 PROMPT = ("If the file does not exist," if config.hidden_size < 1024
           else "The key idea behind activation sparsity in large language models is")
-NEW_TOKENS = 128 if ON_GPU else 32
+NEW_TOKENS = 128 if ACCELERATED else 32
 
 
 
@@ -272,8 +292,8 @@ a GPU it uses more scales and tokens."""),
 from sparseinfer_jax.io.text import read_text, token_windows
 from sparseinfer_jax.tuning.evaluation import alpha_sweep, evaluate
 
-SCALES = [0.8, 0.9, 1.0, 1.1, 1.25, 1.5] if ON_GPU else [0.9, 1.0, 1.2]
-EVAL_TOKENS = 4096 if ON_GPU else 256
+SCALES = [0.8, 0.9, 1.0, 1.1, 1.25, 1.5] if ACCELERATED else [0.9, 1.0, 1.2]
+EVAL_TOKENS = 4096 if ACCELERATED else 256
 text = read_text(Path(SHIPPED_MODEL) / "validation.txt")
 windows = token_windows(tokenizer.encode(text), max_tokens=EVAL_TOKENS)
 base_alpha = np.asarray(model.alphas())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -74,3 +75,30 @@ def test_notebook_runs_on_the_shipped_model(tmp_path, monkeypatch):
     )
     assert "sparse/dense decode speed" in text and "greedy next token" in text
     assert (out / "checkpoints" / "tiny-relu-llama" / "config.json").is_file()
+
+
+def test_first_cell_says_where_sparse_runs_and_refuses_a_model_too_big_before_downloading(
+        tmp_path):
+    """The first code cell alone, on this CPU, with a 13B-shaped folder (config.json only: a
+    download would fail): it names the runtime, the path and dtype sparse mode takes, and that
+    the model does not fit, then falls back to the shipped model."""
+    from sparseinfer_jax.bench.shapes import shape_config
+
+    big = tmp_path / "llama-13b"
+    big.mkdir()
+    cfg = shape_config("13b").to_hf_dict()
+    (big / "config.json").write_text(json.dumps(cfg))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    first = next(c for c in nb.cells if c.cell_type == "code").source
+    env = {**os.environ, "SPARSEINFER_MODEL": str(big), "SPARSEINFER_SKIP_INSTALL": "1",
+           "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-c", first], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=CELL_TIMEOUT_S)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("runtime: cpu"), lines
+    assert lines[1].startswith("sparse mode: CPU: sparse MLP runs the XLA chunk loop"), lines
+    assert "weights in bfloat16" in lines[1]
+    assert "running the shipped small model instead" in lines[2], lines
+    assert not (tmp_path / "sparseinfer_out").exists()  # nothing converted, nothing written
