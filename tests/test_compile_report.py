@@ -105,7 +105,8 @@ def test_7b_kernels_compile_without_spills_within_register_and_occupancy_targets
 
 
 def test_loop_launches_counts_the_biggest_loop_body():
-    """Leaf thunks under `body:`, branches included, containers and the condition not."""
+    """Leaf thunks under `body:`, a conditional's biggest branch (one runs a step), containers
+    and the condition not."""
     text = """001: kCustomKernel  [source] prologue grid: [1, 1, 1] threads: [32, 1, 1]
 002: kWhile [prev=001 (1)]
 condition:
@@ -120,7 +121,10 @@ condition:
     008: kGemm [prev=007 (1)] gemm
 009: kCustomKernel [prev=002 (1)] epilogue grid: [1, 1, 1] threads: [32, 1, 1]
 """
-    assert loop_launches(text) == 4
+    assert loop_launches(text) == 3  # a, one branch's thunk, gemm
+    extra = "        010: kCustomKernel [source] c grid: [1, 1, 1]\n"
+    longer = text.replace("kCopy\n", "kCopy\n" + extra)
+    assert loop_launches(longer) == 4  # a, the two thunks of the longer branch, gemm
     assert loop_launches("001: kCustomKernel [source] a grid: [1, 1, 1]\n") is None
 
 

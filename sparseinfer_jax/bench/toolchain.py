@@ -82,21 +82,40 @@ _CONTAINERS = {"kWhile", "kConditional", "kSequential", "kCommandBuffer", "kDyna
 _THUNK_LINE = re.compile(r"^(\s*)(?:\d+: (k\w+)|(\w+):\s*$)")
 
 
+def _block_launches(lines: list, start: int, depth: int) -> tuple[int, int]:
+    """(launches, next index) of the thunks indented deeper than `depth` from `lines[start]`:
+    each thunk that does work counts 1, a conditional its biggest branch (one branch runs per
+    step), any other container what it holds."""
+    count, i = 0, start
+    while i < len(lines) and len(lines[i].group(1)) > depth:
+        m = lines[i]
+        inner_depth = len(m.group(1))
+        if m.group(2) == "kConditional":
+            i, branches = i + 1, []
+            while i < len(lines) and len(lines[i].group(1)) > inner_depth:
+                n, i = _block_launches(lines, i + 1, len(lines[i].group(1)))  # a `branch:` label
+                branches.append(n)
+            count += max(branches, default=0)
+        elif m.group(2):
+            count += m.group(2) not in _CONTAINERS
+            i += 1
+        else:  # a label (`body:`, `condition:`) of a container already counted
+            n, i = _block_launches(lines, i + 1, inner_depth)
+            count += n
+    return count, i
+
+
 def loop_launches(text: str) -> int | None:
     """Launches in one run of the biggest loop body of a thunk sequence (`*thunk_sequence.txt`):
-    every thunk that does work (a kernel, a library call, a copy), both sides of each branch
-    included; None when there is no loop. In a `generate` program that loop is the decode step."""
+    every thunk that does work (a kernel, a library call, a copy), of each conditional the branch
+    that launches most (one runs); None when there is no loop. In a `generate` program that loop
+    is the decode step."""
     best = None
     lines = [m for m in map(_THUNK_LINE.match, text.splitlines()) if m]
     for i, m in enumerate(lines):
-        if m.group(3) != "body":
-            continue
-        depth, count = len(m.group(1)), 0
-        for inner in lines[i + 1:]:
-            if len(inner.group(1)) <= depth:
-                break
-            count += bool(inner.group(2)) and inner.group(2) not in _CONTAINERS
-        best = count if best is None else max(best, count)
+        if m.group(3) == "body":
+            count, _ = _block_launches(lines, i + 1, len(m.group(1)))
+            best = count if best is None else max(best, count)
     return best
 
 
