@@ -31,6 +31,7 @@ statistics: the Triton kernel on "pallas", the jnp reference on "reference", XLA
 from __future__ import annotations
 
 import functools
+import warnings
 
 import chex
 import jax
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import backend as bk
-from pallas_kernels import contract
+from pallas_kernels import contract, quant
 from pallas_kernels.gpu.layer import layer_pallas
 from pallas_kernels.gpu.masked_down import masked_down_reference
 from pallas_kernels.gpu.predict import sign_predict_pallas
@@ -53,8 +54,12 @@ from pallas_kernels.xla.portable import sparse_mlp_layer_portable
 
 
 def layer_reference(x, gate, up, down_t, gate_sign_bits, alpha, *, predictor: str,
-                    activation: str, threshold: float, union_axis=None):
-    """Every neuron computed in plain jnp, masked to the union: (out float32, counts)."""
+                    activation: str, threshold: float, union_axis=None, scales=None):
+    """Every neuron computed in plain jnp, masked to the union: (out float32, counts). int8
+    weights (`scales` given) are dequantised first: the truth the int8 paths are held to."""
+    if scales is not None:
+        gate, up, down_t = (quant.dequantize(w, s)
+                            for w, s in zip((gate, up, down_t), scales, strict=True))
     per_row = contract.row_masks(x, gate, gate_sign_bits, alpha, predictor=predictor,
                                  activation=activation, threshold_value=threshold,
                                  votes=contract.reference_votes, precision=lax.Precision.HIGHEST)
@@ -66,13 +71,30 @@ def layer_reference(x, gate, up, down_t, gate_sign_bits, alpha, *, predictor: st
             contract.counts(predicted, active, contract.union(fired, union_axis)))
 
 
+# The paths that read int8 rows; the others fall back to the portable path for int8, said once.
+INT8_PATHS = ("portable", "xla", "reference")
+_SAID: set[str] = set()
+
+
+def int8_path(path: str) -> str:
+    """The path an int8 layer runs where `path` was chosen: `path` itself when it reads int8
+    rows (INT8_PATHS), else "portable", with a RuntimeWarning the first time."""
+    if path in INT8_PATHS:
+        return path
+    if path not in _SAID:
+        _SAID.add(path)
+        warnings.warn(f"the {path} sparse MLP kernels do not read int8 weights yet: int8 layers "
+                      "run the portable XLA path", RuntimeWarning, stacklevel=3)
+    return "portable"
+
+
 @functools.partial(jax.jit,
                    static_argnames=["predictor", "activation", "threshold", "backend",
                                     "union_axis"])
 def sparse_mlp_layer(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray, down_t: jnp.ndarray,
                      gate_sign_bits: jnp.ndarray, alpha: jnp.ndarray, *, predictor: str = "sign",
                      activation: str = "relu", threshold: float = 0.0, backend: str = "auto",
-                     union_axis=None) -> tuple[jnp.ndarray, jnp.ndarray]:
+                     union_axis=None, scales=None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """One layer's sparse MLP for one token per row (decoding); see the module docstring.
 
     Args:
@@ -84,17 +106,23 @@ def sparse_mlp_layer(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray, down_t:
       activation: "relu" or "fatrelu"; threshold: FATReLU's (ignored by "relu").
       backend: one of `backend.BACKENDS`.
       union_axis: None, or the mesh axis name the batch is split over (inside `shard_map`).
+      scales: None for float weights; for int8 gate, up and down_t (`quant.py`), their `[F]`
+        float32 row scales `(gate_scale, up_scale, down_scale)`.
 
     Returns:
-      out: `[B, D]` in down_t's dtype, accumulated in float32.
+      out: `[B, D]` in down_t's dtype (x's for int8 weights), accumulated in float32.
       counts: int32 `[3]`: predicted, computed, fired.
     """
     alpha = contract.check_layer_args(x, gate, up, down_t, gate_sign_bits, alpha,
-                                      predictor=predictor, activation=activation)
+                                      predictor=predictor, activation=activation, scales=scales)
     kind = dict(predictor=predictor, activation=activation, threshold=float(threshold),
                 union_axis=union_axis)
     args = (x, gate, up, down_t, gate_sign_bits, alpha)
-    match bk.choose(backend).path:
+    path = bk.choose(backend).path
+    if scales is not None:
+        path = int8_path(path)
+        kind["scales"] = tuple(scales)
+    match path:
         case "pallas":
             out, counts = layer_pallas(*args, **kind)
         case "mosaic":
@@ -105,7 +133,7 @@ def sparse_mlp_layer(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray, down_t:
             out, counts = layer_xla(*args, **kind)
         case _:
             out, counts = layer_reference(*args, **kind)
-    return out.astype(down_t.dtype), counts
+    return out.astype(contract.out_dtype(x, down_t)), counts
 
 
 def _check_votes(x, w_bits, alpha) -> jnp.ndarray:
