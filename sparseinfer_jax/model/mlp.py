@@ -41,7 +41,7 @@ from pallas_kernels.pack import pack_sign_bits
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model import sharding
 from sparseinfer_jax.model.config import PREDICTORS, LlamaConfig
-from sparseinfer_jax.model.matmul import dot
+from sparseinfer_jax.model.quant import dot, quantized_param
 
 MODES = ("dense", "sparse", "oracle")
 BACKENDS = pk.BACKENDS
@@ -102,13 +102,17 @@ class Alpha(nnx.Variable):
 class MLP(nnx.Module):
     """Gated MLP `[N, D] -> [N, D]` with a ReLU-family activation and the SparseInfer predictor."""
 
-    def __init__(self, cfg: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 quantize: str | None = None):
         f, d = cfg.intermediate_size, cfg.hidden_size
         init = nnx.initializers.normal(0.02)
-        self.gate = nnx.Param(init(rngs.params(), (f, d), dtype))
-        self.up = nnx.Param(init(rngs.params(), (f, d), dtype))
-        self.down_t = nnx.Param(init(rngs.params(), (f, d), dtype))
-        self.gate_sign_bits = SignBits(pack_sign_bits(self.gate[...]))
+        gate = init(rngs.params(), (f, d), dtype)
+        self.gate_sign_bits = SignBits(pack_sign_bits(gate))  # from the unquantised gate
+        self.gate, self.gate_scale = quantized_param(gate, quantize)
+        self.up, self.up_scale = quantized_param(init(rngs.params(), (f, d), dtype), quantize)
+        self.down_t, self.down_t_scale = quantized_param(init(rngs.params(), (f, d), dtype),
+                                                         quantize)
+        self.dtype = dtype  # the compute dtype (the weights' unless quantised)
         self.alpha = Alpha(jnp.float32(1.0))
         self.activation = (
             "relu" if cfg.hidden_act == "fatrelu" and cfg.act_threshold == 0 else cfg.hidden_act
@@ -121,15 +125,24 @@ class MLP(nnx.Module):
             return jax.nn.silu(z)
         return activate(z, self.activation, self.threshold)
 
+    def scales(self) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray] | None:
+        """The `[F]` row scales of int8 (gate, up, down_t), or None when not quantised."""
+        if self.gate_scale is None:
+            return None
+        return self.gate_scale[...], self.up_scale[...], self.down_t_scale[...]
+
     def hidden(self, x: jnp.ndarray) -> jnp.ndarray:
         """act(gate x) * (up x) for every neuron: `x: [N, D]` -> `[N, F]` float32."""
-        g, u = dot(x, self.gate[...], 1), dot(x, self.up[...], 1)
+        gs, us, _ = self.scales() or (None, None, None)
+        g, u = dot(x, self.gate[...], gs, 1), dot(x, self.up[...], us, 1)
         return self.act(g) * u
 
     def down(self, h: jnp.ndarray) -> jnp.ndarray:
-        """`h: [N, F]` float32 -> `[N, D]` in the weights' dtype."""
-        w = self.down_t[...]
-        return dot(h.astype(w.dtype), w, 0).astype(w.dtype)
+        """`h: [N, F]` float32 -> `[N, D]` in the compute dtype."""
+        w, scales = self.down_t[...], self.scales()
+        if scales is None:
+            return dot(h.astype(w.dtype), w, None, 0).astype(w.dtype)
+        return dot(h, w, scales[2], 0).astype(self.dtype)
 
     def votes(
         self, x: jnp.ndarray, predictor: str, backend: str
@@ -220,6 +233,7 @@ class MLP(nnx.Module):
                 threshold=self.threshold,
                 backend=backend,
                 union_axis=data_axis,
+                scales=self.scales(),
             )
             if stats == "predicted" and mode == "sparse":
                 predicted = n_predicted
@@ -281,4 +295,4 @@ class MLP(nnx.Module):
             out_specs=(P(data), P()),
             check_vma=False,
         )(state, x)
-        return y.astype(self.down_t.dtype), counts
+        return y.astype(self.dtype), counts
