@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 import pytest
+from flax import nnx
 from quant_accuracy import check_int8_accuracy
 
 from convert import convert
@@ -56,3 +57,30 @@ def test_shipped_model_int8_accuracy(int8_checkpoint):
              for f in ("calibration.txt", "validation.txt")]
     cal, val = (token_windows(tok.encode(t), 128, 1024) for t in texts)
     check_int8_accuracy(SHIPPED_MODEL, cal, val)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_no_weight_sized_convert_in_the_int8_generate_programs(int8_checkpoint, monkeypatch,
+                                                                mode):
+    """The compiled prefill and decode programs of an int8 model convert no int8 weight whole
+    (inside the decode loop or hoisted out of it): blocks of 16 rows here, below every
+    weight of the shipped model."""
+    import jax
+
+    from pallas_kernels import quant
+    from sparseinfer_jax import generate
+    from sparseinfer_jax.runtime import generation
+
+    model, tok = load(int8_checkpoint, mode=mode)
+    d = model.config.hidden_size
+    monkeypatch.setattr(quant, "BLOCK_BYTES", 4 * 16 * max(d, model.config.intermediate_size))
+    monkeypatch.setattr(generation, "_COMPILED", {})
+    jax.clear_caches()
+    generate(model, "Once upon a time", tokenizer=tok, max_new_tokens=4)
+    shapes = {tuple(a.shape) for a in jax.tree.leaves(nnx.state(model)) if a.dtype == jnp.int8}
+    texts = [c.as_text() for c in generation._COMPILED.values()]
+    assert texts
+    for text in texts:
+        for line in text.splitlines():
+            if " convert(" in line:
+                assert not any(f"[{r},{c}]" in line for r, c in shapes), line
