@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out", metavar="OUT", help="checkpoint folder to create")
     parser.add_argument("--dtype", choices=STORED, default="bfloat16",
                         help="dtype of every weight (default: bfloat16)")
+    parser.add_argument("--quantize", default=None, metavar="int8",
+                        help="store every linear weight as int8 with one float32 scale per row "
+                        "(embeddings and norms stay in --dtype, the compute dtype)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT when it is a checkpoint written by this tool (only once "
                              "the new checkpoint is complete); anything else is never replaced")
@@ -50,14 +53,15 @@ def _convert(args: argparse.Namespace) -> int:
 
     def finish(tmp: str) -> None:
         """Says the conversion is done, then calibrates the checkpoint before it becomes OUT."""
-        print(f"converted {args.src} -> {out} ({args.dtype}, {_folder_size(tmp) / 2**20:.1f} MiB) "
+        kind = args.dtype if args.quantize is None else f"{args.quantize} weights, {args.dtype}"
+        print(f"converted {args.src} -> {out} ({kind}, {_folder_size(tmp) / 2**20:.1f} MiB) "
               f"in {time.perf_counter() - start:.1f} s", flush=True)
         notes.append(calibrate_checkpoint(tmp, alpha_given=args.alpha is not None,
                                           calibrate=not args.no_calibrate, progress=True,
                                           shown_as=out))
 
     convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, alpha=args.alpha,
-            finish=finish)
+            finish=finish, quantize=args.quantize)
     if notes[0]:
         print(notes[0])
     return 0

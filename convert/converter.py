@@ -21,6 +21,7 @@ from sparseinfer_jax.io import checkpoint, names, params
 from sparseinfer_jax.io.hf import Leaf, leaves, numpy_dtype, open_source
 from sparseinfer_jax.io.source import TOKENIZER_FILES, resolve_source
 from sparseinfer_jax.io.tokenizer import load_tokenizer
+from sparseinfer_jax.model import quant
 from sparseinfer_jax.model.config import LlamaConfig, default_alpha
 
 # The `sparseinfer` keys the converter writes itself; every other key the source's block holds
@@ -49,10 +50,27 @@ def _alpha(alpha: float | Sequence[float] | None, layers: int) -> list[float]:
     return values
 
 
-def _specs(cfg: LlamaConfig, dtype: np.dtype) -> dict[names.Path, tuple]:
+def _specs(cfg: LlamaConfig, dtype: np.dtype, quantize: str | None = None
+           ) -> dict[names.Path, tuple]:
     """Every array the checkpoint holds, in write order: `{params path: (shape, dtype)}`."""
-    return {path: (shape, np.dtype(np.uint32) if target is None else dtype)
-            for path, shape, target in names.out_order(cfg)}
+    if quantize is None:
+        return {path: (shape, np.dtype(np.uint32) if target is None else dtype)
+                for path, shape, target in names.out_order(cfg)}
+    kinds = {}
+    for path, shape, target in quant.layout(names.out_order(cfg)):
+        kind = (np.int8 if quant.is_quantized(path) else np.float32 if quant.is_scale(path)
+                else np.uint32 if target is None else dtype)
+        kinds[path] = (shape, np.dtype(kind))
+    return kinds
+
+
+def _quantized(leaves: Iterator[Leaf], dtype: np.dtype) -> Iterator[Leaf]:
+    """float32 `leaves` with the linear weights as int8 rows plus scales (`quant.quantize_leaves`:
+    rounded once, from float32) and every other float array cast to `dtype`."""
+    for path, x in quant.quantize_leaves(leaves):
+        if x.dtype == np.float32 and not quant.is_scale(path):
+            x = x.astype(dtype, copy=False)
+        yield path, x
 
 
 def _write_params(folder: str, count: int, leaves: Iterator[Leaf]) -> None:
@@ -67,7 +85,7 @@ def _write_params(folder: str, count: int, leaves: Iterator[Leaf]) -> None:
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
             overwrite: bool = False, alpha: float | Sequence[float] | None = None,
-            finish: Callable[[str], None] | None = None) -> str:
+            finish: Callable[[str], None] | None = None, quantize: str | None = None) -> str:
     """Converts a Hugging Face Llama folder (or hub id) into a checkpoint folder at `out`.
 
     Everything is checked before any work: the output path (an existing `out` is replaced only
@@ -86,6 +104,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
       finish: called with the temporary folder once the checkpoint is written there, before it
         becomes `out` (the CLI calibrates there, so an interrupted calibration keeps the old
         checkpoint).
+      quantize: None, or "int8": every linear weight stored as int8 with one float32 scale per
+        row (`model/quant.py`), quantised from the source's values read as float32; the sign
+        bits from the unquantised gate; embeddings and norms in `dtype`.
 
     The rest of the source's `sparseinfer` block (its predictor, its calibration marker) is kept,
     so the checkpoint decodes as the source does; a calibration marker is dropped when `alpha`
@@ -95,6 +116,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
       The absolute path of `out`.
     """
     np_dtype = numpy_dtype(dtype)
+    quant.check(quantize)
     out = os.path.abspath(out)
     checkpoint.check_output(out, overwrite=overwrite)
     folder = resolve_source(src)
@@ -114,15 +136,16 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
         source_block = source_block.replace(calibration=None)
     alphas = _alpha(alpha, cfg.num_hidden_layers)
     source = os.path.abspath(folder) if os.path.isdir(os.fspath(src)) else os.fspath(src)
-    specs = _specs(cfg, np_dtype)
+    specs = _specs(cfg, np_dtype, quantize)
     copies = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))]
     size = (params.size_on_disk(specs)
             + sum(os.path.getsize(os.path.join(folder, f)) for f in copies))
     with checkpoint.atomic_directory(out, overwrite=overwrite, size=size) as tmp:
-        _write_params(os.path.join(tmp, checkpoint.PARAMS_DIR), len(specs),
-                      leaves(reader, cfg, np_dtype))
+        arrays = (leaves(reader, cfg, np_dtype) if quantize is None
+                  else _quantized(leaves(reader, cfg, np.dtype(np.float32)), np_dtype))
+        _write_params(os.path.join(tmp, checkpoint.PARAMS_DIR), len(specs), arrays)
         checkpoint.write_checkpoint_config(tmp, hf, checkpoint.new_block(
-            alphas, dtype, source, base=source_block))
+            alphas, dtype, source, base=source_block, quantize=quantize))
         for file in copies:
             shutil.copy2(os.path.join(folder, file), os.path.join(tmp, file))
         if finish is not None:

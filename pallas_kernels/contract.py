@@ -24,6 +24,7 @@ import chex
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import quant
 from pallas_kernels.pack import num_words
 from pallas_kernels.predict import sign_predict_reference, sign_predict_xla, threshold
 from pallas_kernels.signmag import signmag_reference, signmag_xla
@@ -58,12 +59,19 @@ def matmul(h: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
                            preferred_element_type=jnp.float32)
 
 
+def out_dtype(x: jnp.ndarray, down_t: jnp.ndarray) -> jnp.dtype:
+    """The layer's output dtype: down_t's, or x's (the compute dtype) when down_t is int8."""
+    return x.dtype if down_t.dtype == jnp.int8 else down_t.dtype
+
+
 def check_layer_args(x, gate, up, down_t, gate_sign_bits, alpha, *, predictor: str,
-                     activation: str, row_width: int | None = None) -> jnp.ndarray:
+                     activation: str, row_width: int | None = None,
+                     scales=None) -> jnp.ndarray:
     """ValueError for an unknown predictor or activation, or `x` not `[B, D]` with B >= 1; chex
     errors for shapes and dtypes. Returns alpha as a float32 scalar.
 
     `row_width`: the weights' stored row width when it is not D (`tpu/gather.py`'s packed pairs).
+    `scales`: None with float weights, or three `[F]` float32 row scales with int8 ones.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"Sparse MLP activation {activation!r} is not ReLU-family: use one of "
@@ -80,19 +88,35 @@ def check_layer_args(x, gate, up, down_t, gate_sign_bits, alpha, *, predictor: s
     chex.assert_shape([gate, up, down_t, gate_sign_bits],
                       [(f, width), (f, width), (f, width), (f, num_words(d))])
     chex.assert_type(gate_sign_bits, jnp.uint32)
+    quantized = [w.dtype == jnp.int8 for w in (gate, up, down_t)]
+    if scales is None:
+        if any(quantized):
+            raise ValueError("int8 weights need their row scales: pass scales=(gate, up, down).")
+    else:
+        if not all(quantized):
+            raise ValueError("scales are for int8 weights; gate, up and down_t are "
+                             f"{gate.dtype}, {up.dtype}, {down_t.dtype}.")
+        chex.assert_shape(list(scales), [(f,)] * 3)
+        chex.assert_type(list(scales), [jnp.float32] * 3)
     return alpha
 
 
 def row_masks(x, gate, gate_sign_bits, alpha, *, predictor: str, activation: str,
-              threshold_value: float, votes: Callable, precision=None) -> jnp.ndarray:
+              threshold_value: float, votes: Callable, precision=None,
+              gate_scale=None) -> jnp.ndarray:
     """Each row's predicted-active neurons `[B, F]` bool.
 
     `votes(x, gate_sign_bits, predictor) -> (n_neg [B, F], total [B])` is the backend's vote
     ("sign" or "signmag"); a row keeps a neuron iff `n_neg <= threshold(alpha, total)`. "oracle"
-    is the true mask act(gate . x) != 0 (at `precision`).
+    is the true mask act(gate . x) != 0 (at `precision`; an int8 gate with its `[F]`
+    `gate_scale` through `quant.dot`).
     """
     if predictor == "oracle":
-        return activate(matmul_t(x, gate, precision), activation, threshold_value) != 0
+        if gate_scale is not None:
+            g = quant.dot(x, gate, gate_scale, 1)
+        else:
+            g = matmul_t(x, gate, precision)
+        return activate(g, activation, threshold_value) != 0
     n_neg, total = votes(x, gate_sign_bits, predictor)
     return n_neg <= threshold(alpha, total)[:, None]
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import backend as bk
-from pallas_kernels import contract
+from pallas_kernels import contract, quant
 from pallas_kernels.gpu.layer import layer_pallas
 from pallas_kernels.gpu.masked_down import masked_down_reference
 from pallas_kernels.gpu.predict import sign_predict_pallas
@@ -54,8 +54,12 @@ from pallas_kernels.xla.portable import sparse_mlp_layer_portable
 
 
 def layer_reference(x, gate, up, down_t, gate_sign_bits, alpha, *, predictor: str,
-                    activation: str, threshold: float, union_axis=None):
-    """Every neuron computed in plain jnp, masked to the union: (out float32, counts)."""
+                    activation: str, threshold: float, union_axis=None, scales=None):
+    """Every neuron computed in plain jnp, masked to the union: (out float32, counts). int8
+    weights (`scales` given) are dequantised first: the truth the int8 paths are held to."""
+    if scales is not None:
+        gate, up, down_t = (quant.dequantize(w, s)
+                            for w, s in zip((gate, up, down_t), scales, strict=True))
     per_row = contract.row_masks(x, gate, gate_sign_bits, alpha, predictor=predictor,
                                  activation=activation, threshold_value=threshold,
                                  votes=contract.reference_votes, precision=lax.Precision.HIGHEST)
@@ -67,13 +71,27 @@ def layer_reference(x, gate, up, down_t, gate_sign_bits, alpha, *, predictor: st
             contract.counts(predicted, active, contract.union(fired, union_axis)))
 
 
+# The paths that read int8 rows; the others fall back to the portable path for int8, said once.
+INT8_PATHS = ("portable", "xla", "reference")
+
+
+def int8_path(path: str) -> str:
+    """The path an int8 layer runs where `path` was chosen: `path` itself when it reads int8
+    rows (INT8_PATHS), else "portable", with a RuntimeWarning the first time."""
+    if path in INT8_PATHS:
+        return path
+    bk.say_once(f"the {path} sparse MLP kernels do not read int8 weights yet: int8 layers run "
+                "the portable XLA path")
+    return "portable"
+
+
 @functools.partial(jax.jit,
                    static_argnames=["predictor", "activation", "threshold", "backend",
                                     "union_axis"])
 def sparse_mlp_layer(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray, down_t: jnp.ndarray,
                      gate_sign_bits: jnp.ndarray, alpha: jnp.ndarray, *, predictor: str = "sign",
                      activation: str = "relu", threshold: float = 0.0, backend: str = "auto",
-                     union_axis=None) -> tuple[jnp.ndarray, jnp.ndarray]:
+                     union_axis=None, scales=None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """One layer's sparse MLP for one token per row (decoding); see the module docstring.
 
     Args:
@@ -87,14 +105,20 @@ def sparse_mlp_layer(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray, down_t:
       activation: "relu" or "fatrelu"; threshold: FATReLU's (ignored by "relu").
       backend: one of `backend.BACKENDS`.
       union_axis: None, or the mesh axis name the batch is split over (inside `shard_map`).
+      scales: None for float weights; for int8 gate, up and down_t (`quant.py`), their `[F]`
+        float32 row scales `(gate_scale, up_scale, down_scale)`.
 
     Returns:
-      out: `[B, D]` in the weights' dtype (bfloat16 for the TPU layout), accumulated in float32.
+      out: `[B, D]` in the weights' dtype (bfloat16 for the TPU layout, x's for int8 weights),
+        accumulated in float32.
       counts: int32 `[3]`: predicted, computed, fired.
     """
     kind = dict(predictor=predictor, activation=activation, threshold=float(threshold),
                 union_axis=union_axis)
     path = bk.choose(backend).path
+    if scales is not None:
+        path = int8_path(path)
+        kind["scales"] = tuple(scales)
     if path == "mosaic":  # it takes `[F, D]` weights and their TPU layout, and checks them
         out, counts = sparse_mlp_layer_mosaic(x, gate, up, down_t, gate_sign_bits, alpha, **kind)
         return out.astype(weight_dtype(down_t)), counts
@@ -103,7 +127,7 @@ def sparse_mlp_layer(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray, down_t:
                     "them on every call (slow): use backend 'auto' or 'mosaic' on a TPU.")
         gate, up, down_t = (from_tpu_rows(w, x.shape[-1]) for w in (gate, up, down_t))
     alpha = contract.check_layer_args(x, gate, up, down_t, gate_sign_bits, alpha,
-                                      predictor=predictor, activation=activation)
+                                      predictor=predictor, activation=activation, scales=scales)
     args = (x, gate, up, down_t, gate_sign_bits, alpha)
     match path:
         case "pallas":
@@ -114,7 +138,7 @@ def sparse_mlp_layer(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray, down_t:
             out, counts = layer_xla(*args, **kind)
         case _:
             out, counts = layer_reference(*args, **kind)
-    return out.astype(down_t.dtype), counts
+    return out.astype(contract.out_dtype(x, down_t)), counts
 
 
 def _check_votes(x, w_bits, alpha) -> jnp.ndarray:

@@ -45,6 +45,17 @@ def _ids(n: int) -> list[int]:
 #  message fragment, exit code)
 CASES = [
     ("temperature nan", ["generate", "--prompt", "x", "--temperature", "nan"], "temperature", 2),
+    ("--quantize a bad value", [*EV, "--quantize", "int4"], "--quantize must be one of", 2),
+    ("bench --quantize a bad value", ["bench", "--quantize", "fp8"], "--quantize must be", 2),
+    ("bench --quantize with --peer hf", ["bench", "--quantize", "int8", "--peer", "hf"],
+     "drop --peer or --quantize", 2),
+    ("API load quantize a bad value", lambda m, t, tmp: load(quantize="int4"),
+     "--quantize must be one of", None),
+    ("API quantise a quantised checkpoint",
+     lambda m, t, tmp: load(_quantized_checkpoint(tmp), quantize="int8"), "quantised already",
+     None),
+    ("API int8 over several devices",
+     lambda m, t, tmp: load(quantize="int8", mesh=_two_devices()), "do not shard", None),
     ("temperature inf", ["generate", "--prompt", "x", "--temperature", "inf"], "temperature", 2),
     ("temperature < 0", ["generate", "--prompt", "x", "--temperature", "-1"], "temperature", 2),
     ("top-p nan", ["generate", "--prompt", "x", "--top-p", "nan"], "top_p", 2),
@@ -198,6 +209,20 @@ def _on_a_machine_of(gib: float, call) -> None:
     """`call()` as on a machine with `gib` GiB of memory."""
     with mock.patch.object(records, "memory_limit", lambda: int(gib * 2**30)):
         call()
+
+
+def _quantized_checkpoint(tmp: str) -> str:
+    from convert import convert
+
+    return convert(SHIPPED_MODEL, os.path.join(tmp, "int8"), quantize="int8")
+
+
+def _two_devices():
+    import jax
+
+    if jax.device_count() < 2:
+        pytest.skip("one device: no mesh to refuse")
+    return jax.make_mesh((1, 2), ("data", "model"))
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 from conftest import FIRST_RUN_PROMPTS, train_tool
 from flax import nnx
+from quant_accuracy import check_int8_accuracy
 
 from sparseinfer_jax import generate, load
 from sparseinfer_jax.io import checkpoint
+from sparseinfer_jax.io.text import token_windows
 
 # Half the shipped model's width and depth, its own seed; 200 stdlib modules (~320k tokens) and
 # 400 steps of 16 x 128 tokens fit in about a minute on two CPU cores.
@@ -138,3 +140,18 @@ def test_no_calibrate_conversion_calibrates_at_sparse_load(trained, tmp_path):
     assert np.all(skipped > 0.05)
     assert np.mean(same) >= NEW_TOKENS / 2, same
     assert np.mean(followed) >= NEW_TOKENS / 2, followed
+
+
+@pytest.mark.xfail(strict=True, reason="issue 29 target not met on this model: calibrated at the "
+                   "same budget, int8 keeps 0.03 points less predicted sparsity than float32 "
+                   "(both perplexity targets hold)")
+def test_int8_accuracy_on_the_second_model(trained):
+    """The int8 targets (tests/quant_accuracy.py) on this model: calibrated on the first half of
+    its validation modules, evaluated on the second half (stdlib code it never trained on)."""
+    folder = trained[0]
+    _, val = train_tool().load_corpus(int(TRAIN_FLAGS[TRAIN_FLAGS.index("--max-modules") + 1]))
+    _, tok = load(folder)
+    half = len(val) // 2
+    cal, ev = (token_windows(tok.encode("\n\n".join(texts)), 128, 1024)
+               for texts in (val[:half], val[half:]))
+    check_int8_accuracy(folder, cal, ev)

@@ -23,8 +23,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import contract
-from pallas_kernels.contract import activate, matmul, matmul_t
+from pallas_kernels import contract, quant
+from pallas_kernels.contract import activate, matmul_t
 
 CHUNK = 64
 DENSE_ABOVE = 0.5
@@ -45,9 +45,10 @@ def _live(values: jnp.ndarray, count: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(jnp.arange(values.shape[1]) < count, values, 0.0)
 
 
-def gate_xla(x, gate, idx, count, *, dense_above: float = DENSE_ABOVE):
+def gate_xla(x, gate, idx, count, *, dense_above: float = DENSE_ABOVE, scale=None):
     """Stage 1: `gate[idx[k]] . x` for k < count -> `[B, F]` float32 in compact order (garbage
-    at positions >= count: the caller masks)."""
+    at positions >= count: the caller masks). `scale`: `[F]` float32 per-row scales of an int8
+    gate (`quant.py`), or None."""
     b = x.shape[0]
     f = gate.shape[0]
     chunk = CHUNK
@@ -59,22 +60,26 @@ def gate_xla(x, gate, idx, count, *, dense_above: float = DENSE_ABOVE):
             # Tied to the rows, the weights are loop-variant: XLA CPU gathers bf16 from a float32
             # copy of the whole matrix, which it would otherwise hoist out of the loop.
             w, rows = lax.optimization_barrier((gate, rows))
-            return lax.dynamic_update_slice_in_dim(g, matmul_t(x, w[rows]), j * chunk, axis=1)
+            g_rows = quant.gathered_t(x, w, scale, rows)
+            return lax.dynamic_update_slice_in_dim(g, g_rows, j * chunk, axis=1)
 
         g = jnp.zeros((b, f + (-f % chunk)), jnp.float32)
         return lax.fori_loop(0, num_chunks(count), body, g)[:, :f]
 
     def dense(x, gate, count):
-        return jnp.take(matmul_t(x, gate), idx, axis=1)
+        return jnp.take(quant.matmul_t(x, gate, scale), idx, axis=1)
 
     return lax.cond(use_dense(count, f, dense_above), dense, chunked, x, gate, count)
 
 
-def up_down_xla(x, a, up, down_t, rows, fired, *, dense_above: float = DENSE_ABOVE):
+def up_down_xla(x, a, up, down_t, rows, fired, *, dense_above: float = DENSE_ABOVE,
+                scales=(None, None)):
     """Stage 2: sum_{k < fired} (a[:, k] * (up[rows[k]] . x)) * down_t[rows[k]] -> `[B, D]` float32.
 
-    `a: [B, F]` float32 activated gates in `rows` order, 0 at positions >= fired.
+    `a: [B, F]` float32 activated gates in `rows` order, 0 at positions >= fired. `scales`: the
+    `[F]` row scales of int8 up and down_t, or None each.
     """
+    up_scale, down_scale = scales
     b = x.shape[0]
     f, d = up.shape
     chunk = CHUNK
@@ -86,27 +91,31 @@ def up_down_xla(x, a, up, down_t, rows, fired, *, dense_above: float = DENSE_ABO
         def body(j, acc):
             r = lax.dynamic_slice_in_dim(rows_padded, j * chunk, chunk)
             u, w, r = lax.optimization_barrier((up, down_t, r))  # as in `gate_xla`
-            h = lax.dynamic_slice_in_dim(a_padded, j * chunk, chunk, axis=1) * matmul_t(x, u[r])
-            return acc + matmul(h, w[r])
+            h = lax.dynamic_slice_in_dim(a_padded, j * chunk, chunk, axis=1) * quant.gathered_t(
+                x, u, up_scale, r)
+            return acc + quant.gathered(h, w, down_scale, r)
 
         return lax.fori_loop(0, num_chunks(fired), body, jnp.zeros((b, d), jnp.float32))
 
     def dense(x, a, up, down_t):
         # Natural order; positions >= fired hold 0 and point at row idx[0], so add, not set.
         a_nat = jnp.zeros((b, f), jnp.float32).at[:, rows].add(a)
-        return matmul(a_nat * matmul_t(x, up), down_t)
+        return quant.matmul(a_nat * quant.matmul_t(x, up, up_scale), down_t, down_scale)
 
     return lax.cond(use_dense(fired, f, dense_above), dense, chunked, x, a, up, down_t)
 
 
 def sparse_mlp_xla(x, gate, up, down_t, idx, count, *, activation: str, threshold: float,
-                   union_axis=None, dense_above: float = DENSE_ABOVE):
+                   union_axis=None, dense_above: float = DENSE_ABOVE, scales=None):
     """Both stages over the candidates `idx[:count]`: (out `[B, D]` float32, fired `[]` int32,
-    the candidates whose up and down rows were read, OR-ed over `union_axis`)."""
-    a = _live(activate(gate_xla(x, gate, idx, count, dense_above=dense_above), activation,
-                       threshold), count)
+    the candidates whose up and down rows were read, OR-ed over `union_axis`). `scales`: None, or
+    the `[F]` row scales of int8 (gate, up, down_t)."""
+    gs, us, ds = (None, None, None) if scales is None else scales
+    a = _live(activate(gate_xla(x, gate, idx, count, dense_above=dense_above, scale=gs),
+                       activation, threshold), count)
     a, rows, fired = contract.compact_fired(a, idx, union_axis)
-    return up_down_xla(x, a, up, down_t, rows, fired, dense_above=dense_above), fired
+    return up_down_xla(x, a, up, down_t, rows, fired, dense_above=dense_above,
+                       scales=(us, ds)), fired
 
 
 def two_stage_reference(x, gate, up, down_t, idx, count, *, activation: str, threshold: float):
@@ -118,14 +127,16 @@ def two_stage_reference(x, gate, up, down_t, idx, count, *, activation: str, thr
 
 
 def layer_xla(x, gate, up, down_t, gate_sign_bits, alpha, *, predictor: str, activation: str,
-              threshold: float, union_axis=None):
-    """The layer op on this path: the XLA votes, `contract.compact`, then both chunk loops."""
+              threshold: float, union_axis=None, scales=None):
+    """The layer op on this path: the XLA votes, `contract.compact`, then both chunk loops (int8
+    rows gathered with their scales when `scales` is given)."""
     per_row = contract.row_masks(x, gate, gate_sign_bits, alpha, predictor=predictor,
                                  activation=activation, threshold_value=threshold,
-                                 votes=contract.xla_votes)
+                                 votes=contract.xla_votes,
+                                 gate_scale=None if scales is None else scales[0])
     active = contract.union(jnp.any(per_row, axis=0), union_axis)
     idx, count = contract.compact(active)
     out, fired = sparse_mlp_xla(x, gate, up, down_t, idx, count, activation=activation,
-                                threshold=threshold, union_axis=union_axis)
+                                threshold=threshold, union_axis=union_axis, scales=scales)
     predicted = contract.total(jnp.sum(per_row, dtype=jnp.int32), union_axis)
     return out, contract.counts(predicted, count, fired)

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import contract
-from pallas_kernels.contract import activate, matmul, matmul_t
+from pallas_kernels import contract, quant
+from pallas_kernels.contract import activate
 from pallas_kernels.xla.chunk_loop import DENSE_ABOVE
 
 # Buckets: SMALLEST rows, then each RATIO times the last, up to dense_above * F, then F (dense).
@@ -66,36 +66,38 @@ def _switch(count: jnp.ndarray, caps: tuple[int, ...], branch: Callable, *operan
                       *operands)
 
 
-def gate_stage(x, gate, idx, count, caps):
+def gate_stage(x, gate, idx, count, caps, scale=None):
     """`gate[idx[k]] . x` for k < count -> `[B, F]` float32 in compact order (garbage after
-    count: the caller masks)."""
+    count: the caller masks). `scale`: an int8 gate's `[F]` row scales, or None."""
     f = gate.shape[0]
 
     def branch(c, x, gate, idx):
         if c == f:
-            return jnp.take(matmul_t(x, gate), idx, axis=1)
+            return jnp.take(quant.matmul_t(x, gate, scale), idx, axis=1)
         # Weights and rows through one barrier: XLA CPU would gather bf16 rows from a float32 copy
         # of the whole matrix (as in `chunk_loop.gate_xla`); elsewhere it costs nothing.
         w, rows = lax.optimization_barrier((gate, idx[:c]))
-        return jnp.pad(matmul_t(x, w[rows]), ((0, 0), (0, f - c)))
+        return jnp.pad(quant.gathered_t(x, w, scale, rows), ((0, 0), (0, f - c)))
 
     return _switch(count, caps, branch, x, gate, idx)
 
 
-def up_down_stage(x, a, up, down_t, rows, fired, caps):
+def up_down_stage(x, a, up, down_t, rows, fired, caps, scales=(None, None)):
     """sum_{k < fired} (a[:, k] * (up[rows[k]] . x)) * down_t[rows[k]] -> `[B, D]` float32.
 
-    `a: [B, F]` float32 activated gates in `rows` order, 0 at positions >= fired.
+    `a: [B, F]` float32 activated gates in `rows` order, 0 at positions >= fired. `scales`: the
+    `[F]` row scales of int8 up and down_t, or None each.
     """
     f = up.shape[0]
+    up_scale, down_scale = scales
 
     def branch(c, x, a, up, down_t, rows):
         if c == f:
             # Natural order; positions >= fired hold 0 and point at a real row, so add, not set.
             a_nat = jnp.zeros_like(a).at[:, rows].add(a)
-            return matmul(a_nat * matmul_t(x, up), down_t)
+            return quant.matmul(a_nat * quant.matmul_t(x, up, up_scale), down_t, down_scale)
         u, w, r = lax.optimization_barrier((up, down_t, rows[:c]))  # as in `gate_stage`
-        return matmul(a[:, :c] * matmul_t(x, u[r]), w[r])
+        return quant.gathered(a[:, :c] * quant.gathered_t(x, u, up_scale, r), w, down_scale, r)
 
     return _switch(fired, caps, branch, x, a, up, down_t, rows)
 
@@ -107,8 +109,8 @@ def sparse_mlp_layer_portable(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray
                               alpha: jnp.ndarray, *, predictor: str = "sign",
                               activation: str = "relu", threshold: float = 0.0,
                               union_axis: str | None = None, smallest: int = SMALLEST,
-                              ratio: int = RATIO, dense_above: float = DENSE_ABOVE
-                              ) -> tuple[jnp.ndarray, jnp.ndarray]:
+                              ratio: int = RATIO, dense_above: float = DENSE_ABOVE,
+                              scales=None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """One decode step's sparse MLP: predict, then the two bucketed stages (module docstring).
 
     Args:
@@ -121,28 +123,31 @@ def sparse_mlp_layer_portable(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray
       union_axis: None, or a mesh axis name (inside `shard_map`) over which the candidate union
         and the fired mask are OR-ed, so results do not depend on how the batch is split.
       smallest, ratio, dense_above: the buckets (`capacities`; static).
+      scales: None, or the `[F]` float32 row scales of int8 (gate, up, down_t) (`quant.py`):
+        int8 rows are gathered and converted after the gather, with their scales.
 
     Returns:
-      out: `[B, D]` in down_t's dtype, accumulated in float32.
+      out: `[B, D]` in down_t's dtype (x's for int8 weights), accumulated in float32.
       counts: `[3]` int32 (predicted: the rows' predicted-active neurons summed over the rows and
         over `union_axis`; computed: candidates, whose gate rows were read; fired: candidates
         whose up and down rows were read; both of the union over `union_axis`).
     """
     alpha = contract.check_layer_args(x, gate, up, down_t, gate_sign_bits, alpha,
-                                      predictor=predictor, activation=activation)
+                                      predictor=predictor, activation=activation, scales=scales)
+    gs, us, ds = (None, None, None) if scales is None else scales
     f = gate.shape[0]
     kind = dict(activation=activation, threshold=float(threshold))
     caps = capacities(f, smallest=smallest, ratio=ratio, dense_above=dense_above)
 
     rows_active = contract.row_masks(x, gate, gate_sign_bits, alpha, predictor=predictor,
                                      activation=activation, threshold_value=kind["threshold"],
-                                     votes=contract.xla_votes)
+                                     votes=contract.xla_votes, gate_scale=gs)
     idx, count = contract.compact(contract.union(jnp.any(rows_active, axis=0), union_axis))
     live = jnp.arange(f) < count
-    a = jnp.where(live, activate(gate_stage(x, gate, idx, count, caps), activation,
+    a = jnp.where(live, activate(gate_stage(x, gate, idx, count, caps, gs), activation,
                                  kind["threshold"]), 0.0)
     a, rows, fired = contract.compact_fired(a, idx, union_axis)
-    out = up_down_stage(x, a, up, down_t, rows, fired, caps)
+    out = up_down_stage(x, a, up, down_t, rows, fired, caps, (us, ds))
     predicted = contract.total(jnp.sum(rows_active, dtype=jnp.int32), union_axis)
     counts = contract.counts(predicted, count, fired)
-    return out.astype(down_t.dtype), counts
+    return out.astype(contract.out_dtype(x, down_t)), counts

@@ -26,7 +26,7 @@ from pallas_kernels.pack import pack_sign_bits_numpy
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io import names
 from sparseinfer_jax.io.tokenizer import Tokenizer, load_tokenizer
-from sparseinfer_jax.model import dtypes, layout, sharding
+from sparseinfer_jax.model import dtypes, layout, quant, sharding
 from sparseinfer_jax.model.config import (
     LlamaConfig,
     alpha_per_layer,
@@ -77,23 +77,29 @@ def assemble(
     mesh: Mesh | None = None,
     source: str = "the parameters",
     remedy: str = "re-convert the model with sparseinfer-convert",
+    quantize: str | None = None,
 ) -> Llama:
     """Builds a `Llama` from `(params path, array)` pairs in the model's per-layer layout.
 
     Each array is checked against the model's shape, cast to `dtype` (floats only; the packed
     sign bits stay uint32; no copy when already in `dtype`) and placed before the next is taken,
-    with `mesh` per `sharding.model_shardings`, else on the default device. Where the sparse MLP
-    runs on the TPU kernels, its weights are then laid out for them (`layout.lay_out`). Errors
-    name `source` and end with `remedy`.
+    with `mesh` per `sharding.model_shardings`, else on the default device. With `quantize`
+    ("int8") the model's linear weights are int8 with per-row scales: float ones among the
+    leaves are quantised as they come (`quant.quantize_leaves`), int8 ones taken as they are.
+    Where the sparse MLP runs on the TPU kernels, bfloat16 MLP weights are then laid out for them
+    (`layout.lay_out`). Errors name `source` and end with `remedy`.
     """
     check_mode(cfg, mode, backend)
+    if quantize is not None:
+        leaves = quant.quantize_leaves(leaves)
     if mesh is not None:
         sharding.check_config(cfg, mesh)
     if not cfg.is_relu_family:
         warnings.warn(f"hidden_act is '{cfg.hidden_act}': SparseInfer needs relu or fatrelu, so "
                       "this model runs dense only.", RuntimeWarning, stacklevel=2)
     abstract = nnx.eval_shape(
-        lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode, backend=backend)
+        lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode, backend=backend,
+                      quantize=quantize)
     )
     graphdef, state = nnx.split(abstract)
     expected = {p: a for p, a in _flat(nnx.to_pure_dict(state)).items() if p[-1] != "alpha"}
@@ -153,23 +159,26 @@ def model_from_params(
     mode: str = "dense",
     backend: str = "auto",
     mesh: Mesh | None = None,
+    quantize: str | None = None,
 ) -> Llama:
     """Builds a `Llama` around a nested dict of arrays (numpy or jax).
 
     `params` is in the model's per-layer layout (`io.hf.convert_in_memory`,
     `{"layers": {i: ...}}`). Missing `gate_sign_bits` are computed here. With a `mesh`,
     every array is placed per `sharding.model_shardings` (each device receives only its slice);
-    else on the default device. `dtype`: default, the embedding's.
+    else on the default device. `dtype`: default, the embedding's. `quantize`: as `assemble`.
     """
     dtype = _dtype(dtype) or params["embed_tokens"]["embedding"].dtype
     return assemble(cfg, _with_sign_bits(params, cfg.num_hidden_layers), dtype=dtype, alpha=alpha,
-                    mode=mode, backend=backend, mesh=mesh)
+                    mode=mode, backend=backend, mesh=mesh, quantize=quantize)
 
 
-def _restore(path: str, cfg: LlamaConfig, block, dtype, mesh: Mesh | None
-             ) -> dict[Path, jax.Array]:
+def _restore(path: str, cfg: LlamaConfig, block, dtype, mesh: Mesh | None,
+             quantize: str | None = None) -> Iterable[tuple[Path, jax.Array]]:
     """The arrays of checkpoint `path` (its `SparseInferBlock` is `block`), each restored onto its
-    sharding on `mesh` (else on the default device), floats as `dtype`."""
+    sharding on `mesh` (else on the default device), floats as `dtype`. A quantised checkpoint's
+    int8 weights and scales as stored; with `quantize` (an unquantised checkpoint to quantise),
+    the weights to quantise in the stored dtype, one layer at a time."""
     from sparseinfer_jax.io import checkpoint
 
     if mesh is not None:
@@ -178,12 +187,28 @@ def _restore(path: str, cfg: LlamaConfig, block, dtype, mesh: Mesh | None
     else:
         targets = {}
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    order = names.out_order(cfg)
+    if block.quantize is not None:
+        order = quant.layout(order)
+
+    def stored_as(p, target):
+        if quant.is_scale(p):
+            return np.float32
+        if quant.is_quantized(p):
+            if block.quantize is not None:
+                return np.int8
+            if quantize is not None:
+                return dtypes.DTYPES[block.dtype]
+        return np.uint32 if target is None else dtype
+
     abstract = {
-        p: jax.ShapeDtypeStruct(shape, np.uint32 if target is None else dtype,
-                                sharding=targets.get(p, device))
-        for p, shape, target in names.out_order(cfg)
+        p: jax.ShapeDtypeStruct(shape, stored_as(p, target), sharding=targets.get(p, device))
+        for p, shape, target in order
     }
-    return checkpoint.restore_params(path, abstract, dtype=block.dtype)
+    if quantize is None:
+        return checkpoint.restore_params(path, abstract, dtype=block.dtype).items()
+    return checkpoint.restore_params(path, abstract, dtype=block.dtype,
+                                     groups=lambda p: p[:2] if p[0] == "layers" else p)
 
 
 def _auto(mesh: str, cfg: LlamaConfig, dtype) -> Mesh | None:
@@ -191,6 +216,19 @@ def _auto(mesh: str, cfg: LlamaConfig, dtype) -> Mesh | None:
         raise UserError(f"mesh must be a jax Mesh, None or 'auto', got '{mesh}'.")
     name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
     return sharding.auto_mesh(cfg, name if name in dtypes.DTYPES else "bfloat16")
+
+
+def _quantized_mesh(mesh, quantized: str | None):
+    """`mesh` for a model with `quantized` weights: int8 weights do not shard yet, so "auto" is
+    one device and a mesh of several devices is refused."""
+    if quantized is None or mesh is None:
+        return mesh
+    if isinstance(mesh, str):
+        return None if mesh == "auto" else mesh
+    if mesh.size > 1:
+        raise UserError(f"{quantized} weights do not shard over several devices yet: load on one "
+                        "device (mesh=None, --mesh none) or without --quantize.")
+    return mesh
 
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(__file__))
@@ -218,6 +256,7 @@ def load(
     backend: str = "auto",
     alpha=None,
     mesh: Mesh | str | None = "auto",
+    quantize: str | None = None,
 ) -> tuple[Llama, Tokenizer | None]:
     """Loads a model and its tokenizer.
 
@@ -236,7 +275,11 @@ def load(
         device receives only its slice (a checkpoint's read from disk by orbax, an HF folder's
         converted on the host one array at a time).
         None: one device. "auto" (default): one device when the model fits it, else every
-        local device on `model` (`sharding.auto_mesh`).
+        local device on `model` (`sharding.auto_mesh`); one device for int8 weights, which do
+        not shard yet.
+      quantize: None, or "int8": quantise an unquantised checkpoint or HF folder in memory as it
+        loads, one array at a time (every linear weight int8 with per-row scales,
+        `model/quant.py`). A checkpoint converted with `--quantize` loads as it is stored.
     Returns:
       (model, tokenizer); the tokenizer is None when the folder has no tokenizer files.
     """
@@ -246,16 +289,22 @@ def load(
         raise UserError(f"load takes a folder path or a hub id, got {path!r}.")
     path = os.fspath(path)
     override = alpha is not None
+    quant.check(quantize)
     if checkpoint.claims_converted(path):
         hf, block = checkpoint.read_checkpoint_config(path)
         cfg = config_from_hf_dict(hf)
         check_mode(cfg, mode, backend)
+        if quantize is not None and block.quantize is not None:
+            raise UserError(f"{path} is quantised already ({block.quantize}); load it without "
+                            "--quantize.")
         tokenizer = load_tokenizer(path)  # a broken tokenizer fails before the weights load
         alpha = _stored_alpha(block, cfg, f"{path}/config.json") if alpha is None else alpha
         dtype = _dtype(dtype) or dtypes.DTYPES[block.dtype]
+        quantized = quantize or block.quantize
+        mesh = _quantized_mesh(mesh, quantized)
         if isinstance(mesh, str):
             mesh = _auto(mesh, cfg, dtype)
-        leaves = _restore(path, cfg, block, dtype, mesh).items()
+        leaves = _restore(path, cfg, block, dtype, mesh, quantize)
         source = f"the checkpoint {path}"
         remedy = "convert the model again with sparseinfer-convert"
     else:
@@ -272,10 +321,12 @@ def load(
                                                       f"{folder}/config.json")
         alpha = _stored_alpha(block, cfg, f"{folder}/config.json") if alpha is None else alpha
         source, remedy = folder, "the checkpoint and its config.json disagree"
+        quantized = quantize
+        mesh = _quantized_mesh(mesh, quantized)
     if isinstance(mesh, str):
         mesh = _auto(mesh, cfg, dtype)
     model = assemble(cfg, leaves, dtype=dtype, alpha=alpha, mode=mode, backend=backend, mesh=mesh,
-                     source=source, remedy=remedy)
+                     source=source, remedy=remedy, quantize=quantized)
     set_predictor(model, block.predictor)
     if mode == "sparse" and not override and not block.is_calibrated:
         from sparseinfer_jax.tuning.calibration import calibrate_in_memory

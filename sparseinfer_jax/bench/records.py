@@ -44,26 +44,31 @@ from sparseinfer_jax.bench.shapes import DTYPES, MODES, PROMPT_TOKENS, random_mo
 from sparseinfer_jax.bench.timing import copy_bandwidth, read_bandwidth, spread, time_in_a_loop
 from sparseinfer_jax.errors import UserError, size_text
 from sparseinfer_jax.io import names
-from sparseinfer_jax.model import dtypes
+from sparseinfer_jax.model import dtypes, quant
 from sparseinfer_jax.model.config import LlamaConfig
 from sparseinfer_jax.model.llama import Llama
 from sparseinfer_jax.model.memory import estimate_memory, parameter_count
+from sparseinfer_jax.model.metrics import SCALE_BYTES, row_bytes
 from sparseinfer_jax.model.mlp import BACKENDS
 from sparseinfer_jax.runtime.generation import generate
 from sparseinfer_jax.runtime.requests import bucket, memory_limit
 
 
 def step_bytes(cfg: LlamaConfig, itemsize: int, computed: float, context: float,
-               fired: float | None = None) -> dict:
+               fired: float | None = None, quantized: bool = False) -> dict:
     """Bytes one batch-1 decode step must read.
 
     Args:
-      itemsize: bytes per weight (2 for bfloat16, 4 for float32); sign bits are uint32.
+      itemsize: bytes per value of the compute dtype (2 for bfloat16, 4 for float32): the KV
+        cache, the norms, the embeddings, and every weight unless `quantized`; sign bits are
+        uint32.
       computed: MLP neurons whose gate row is read per layer (F for dense; the candidates when
         sparse).
       context: KV cache slots the step attends to (the live context length).
       fired: neurons whose up and down rows are read per layer (the candidates whose gate fires,
         `pallas_kernels.sparse_mlp_layer`); default: `computed`.
+      quantized: the linear weights are int8, each row with a float32 scale
+        (`metrics.row_bytes`); an untied LM head too.
 
     Returns:
       {"attention", "predictor", "gate", "up", "down", "kv_cache", "other", "total"} in bytes,
@@ -73,15 +78,21 @@ def step_bytes(cfg: LlamaConfig, itemsize: int, computed: float, context: float,
     d, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     fired = computed if fired is None else fired
+    w = 1 if quantized else itemsize
+    scale = SCALE_BYTES if quantized else 0
+    row = row_bytes(cfg, w, quantized)
+    head = cfg.vocab_size * (d * itemsize if cfg.tie_word_embeddings else d * w + scale)
     out = {
-        "attention": layers * (2 * d * q + 2 * d * kv + 2 * d) * itemsize,
+        # q, k, v, o (with a scale per output row when int8) and the two norms.
+        "attention": layers * ((2 * d * q + 2 * d * kv) * w + (q + 2 * kv + d) * scale
+                               + 2 * d * itemsize),
         "predictor": 0 if computed >= f else layers * f * cfg.sign_words * 4,
-        "gate": layers * computed * d * itemsize,
-        "up": layers * fired * d * itemsize,
-        "down": layers * fired * d * itemsize,
+        "gate": layers * computed * row,
+        "up": layers * fired * row,
+        "down": layers * fired * row,
         "kv_cache": layers * 2 * context * kv * itemsize,
         # Final norm, LM head (the tied embedding when there is no head) and one embedding row.
-        "other": (d + cfg.vocab_size * d + d) * itemsize,
+        "other": (2 * d) * itemsize + head,
     }
     out["total"] = sum(out.values())
     return out
@@ -103,10 +114,14 @@ class Settings:
     batches: tuple[int, ...] = ()
     peer: str | None = None
     seed: int = 0
+    quantize: str | None = None
 
     def check(self) -> None:
         """Raises UserError for a bad setting (before anything is built)."""
         shape_config(self.shape, self.layers)
+        quant.check(self.quantize)
+        if self.quantize is not None and self.peer is not None:
+            raise UserError("--peer hf times the float weights: drop --peer or --quantize.")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'.")
         bad = [m for m in self.modes if m not in MODES]
@@ -210,7 +225,8 @@ def decode_record(model: Llama, prompt: np.ndarray, settings: Settings, mode: st
     batch, p = prompt.shape
     context = p + settings.tokens / 2  # mean live slots over the decode steps
     f = cfg.intermediate_size
-    nbytes = step_bytes(cfg, jnp.dtype(model.dtype).itemsize, computed * f, context, fired * f)
+    nbytes = step_bytes(cfg, jnp.dtype(model.dtype).itemsize, computed * f, context, fired * f,
+                        quantized=model.quantize is not None)
     gb_s = nbytes["total"] / (ms["median"] * 1e-3) / 1e9
     return _record(
         "decode", mode, backend if mode != "dense" else "-", round(computed, 4),
@@ -363,8 +379,10 @@ def run(settings: Settings, *, log: Callable[[str], None] = print,
     log(f"copy bandwidth {copy_gb_s:.1f} GB/s, matvec read bandwidth {read_gb_s:.1f} GB/s "
         f"({jax.devices()[0]})")
     start = time.perf_counter()
-    model = random_model(cfg, settings.dtype, seed=settings.seed)
-    log(f"built {settings.shape} x {cfg.num_hidden_layers} layers ({settings.dtype}) in "
+    model = random_model(cfg, settings.dtype, seed=settings.seed, quantize=settings.quantize)
+    weights = settings.dtype if settings.quantize is None else f"{settings.quantize} weights, "\
+        f"{settings.dtype} compute"
+    log(f"built {settings.shape} x {cfg.num_hidden_layers} layers ({weights}) in "
         f"{time.perf_counter() - start:.1f} s")
     rng = np.random.default_rng(settings.seed)
     prompt = rng.integers(3, cfg.vocab_size, (1, PROMPT_TOKENS)).astype(np.int32)
@@ -382,7 +400,7 @@ def run(settings: Settings, *, log: Callable[[str], None] = print,
                                 copy_gb_s, read_gb_s)
             add(dict(rec, requested_fraction=target, fitted_fraction=fit["fitted_fraction"],
                      alphas=[float(a) for a in fit["alphas"]]))
-        if settings.kernels:
+        if settings.kernels and settings.quantize is None:  # the kernel table times floats
             for target in settings.active:
                 add(*kernel_records(model, settings, backend, target, copy_gb_s), show=False)
         for b in settings.batches:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sparseinfer_jax.cli.common import check_report_outputs
+from sparseinfer_jax.cli.common import add_quantize_arg, check_report_outputs
 from sparseinfer_jax.errors import (
     UserError,
     atomic_file,
@@ -27,7 +27,7 @@ def _bench(args: argparse.Namespace) -> int:
         modes=split(args.modes, str, "--modes"), backends=split(args.backend, str, "--backend"),
         active=split(args.active, float, "--active"), tokens=args.tokens, repeats=args.repeats,
         kernels=not args.no_kernels, batches=split(args.batches, int, "--batches"),
-        peer=args.peer, seed=args.seed)
+        peer=args.peer, seed=args.seed, quantize=args.quantize)
     settings.check()
     check_report_outputs(args)
     def save(records: list[dict]) -> None:
@@ -67,6 +67,7 @@ def add_parser(sub) -> None:
     be.add_argument("--peer", choices=("hf",), default=None,
                     help="also time Hugging Face transformers (torch, CPU) on the same weights")
     be.add_argument("--seed", type=int, default=0)
+    add_quantize_arg(be)
     be.add_argument("--json", default=None, help="write the records to this JSON file")
     be.add_argument("--plot", default=None, help="write a PNG: latency vs active fraction")
     be.set_defaults(run=_bench)

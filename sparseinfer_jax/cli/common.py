@@ -52,6 +52,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    # Checked by `load` (one error line for a bad value, as for the Python API).
+    p.add_argument("--quantize", default=None, metavar="int8",
+                   help="quantise the linear weights as they load: int8 with one scale per row "
+                   "(a checkpoint converted with --quantize is quantised already)")
+
+
 def add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mesh",

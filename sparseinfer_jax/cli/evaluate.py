@@ -8,6 +8,7 @@ import math
 from sparseinfer_jax.cli.common import (
     add_mesh_args,
     add_model_args,
+    add_quantize_arg,
     add_text_args,
     check_report_outputs,
     check_text_args,
@@ -59,7 +60,8 @@ def _eval(args: argparse.Namespace) -> int:
     path = model_path(args)
     check_report_outputs(args, inputs=[path, args.text] if args.text else [path])
     model, tokenizer = load(
-        path, dtype=args.dtype, backend=args.backend, alpha=args.alpha, mesh=mesh_arg(args)
+        path, dtype=args.dtype, backend=args.backend, alpha=args.alpha, mesh=mesh_arg(args),
+        quantize=args.quantize,
     )
     windows = encode_windows(args, tokenizer, path)
     result = evaluate(model, windows, modes=modes, backend=args.backend, progress=True)
@@ -83,6 +85,7 @@ def add_parser(sub) -> None:
     """Adds `sparseinfer eval` to the subcommands `sub`."""
     ev = sub.add_parser("eval", help="perplexity and predictor quality per MLP mode")
     add_model_args(ev)
+    add_quantize_arg(ev)
     add_mesh_args(ev)
     add_text_args(ev)
     ev.add_argument("--modes", default="dense,sparse", help="comma list of " + ",".join(MODES))

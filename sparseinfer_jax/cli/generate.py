@@ -11,6 +11,7 @@ import numpy as np
 from sparseinfer_jax.cli.common import (
     add_mesh_args,
     add_model_args,
+    add_quantize_arg,
     mesh_arg,
     model_path,
     peek_config,
@@ -62,6 +63,7 @@ def _generate(args: argparse.Namespace) -> int:
         backend=args.backend,
         alpha=args.alpha,
         mesh=mesh_arg(args),
+        quantize=args.quantize,
     )
     if tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer.json, so text prompts cannot be encoded; "
@@ -129,10 +131,10 @@ def _agreement(sparse, dense) -> str:
 def _mlp_bytes(model, result) -> tuple[float, float]:
     """MLP bytes one decode step reads, (sparse, dense), summed over layers: the sign bits, the
     gate rows of the candidates and the up and down rows of the fired ones (`LayerStats`)."""
-    import jax.numpy as jnp
+    from sparseinfer_jax.model.metrics import mlp_weights, row_bytes
 
     cfg = model.config
-    dense = 3 * cfg.intermediate_size * cfg.hidden_size * jnp.dtype(model.dtype).itemsize
+    dense = 3 * cfg.intermediate_size * row_bytes(cfg, *mlp_weights(model))
     fractions = np.asarray(result.stats.mlp_bytes_fraction)
     return float(np.sum(fractions)) * dense, dense * cfg.num_hidden_layers
 
@@ -167,6 +169,7 @@ def add_parser(sub) -> None:
     """Adds `sparseinfer generate` to the subcommands `sub`."""
     gen = sub.add_parser("generate", help="generate text from a prompt")
     add_model_args(gen)
+    add_quantize_arg(gen)
     add_mesh_args(gen)
     gen.add_argument(
         "--prompt", action="append", required=True, help="prompt text (repeat for a batch)"

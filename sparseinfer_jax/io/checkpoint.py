@@ -28,7 +28,7 @@ import os
 import secrets
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax.numpy as jnp
@@ -37,6 +37,7 @@ from sparseinfer_jax.errors import UserError, check_writable_folder, size_text
 from sparseinfer_jax.io import params
 from sparseinfer_jax.io.jsonfile import read_json_object
 from sparseinfer_jax.io.params import Path
+from sparseinfer_jax.model import quant
 from sparseinfer_jax.model.config import PREDICTORS
 from sparseinfer_jax.model.dtypes import STORED
 
@@ -64,13 +65,24 @@ def _params_folder(path: str | os.PathLike) -> str:
     return folder
 
 
-def restore_params(path: str | os.PathLike, abstract: dict[Path, Any], *, dtype: str
-                   ) -> dict[Path, Any]:
+def _stored_as(p: Path, want: Any, dtype: str) -> str:
+    """The dtype a checkpoint stores the array `p` in: int8 weights and their float32 scales as
+    such (`model/quant.py`), other floats as `dtype` (the block's), the sign bits as uint32."""
+    if want.dtype == jnp.int8 or quant.is_scale(p):
+        return jnp.dtype(want.dtype).name
+    return dtype if jnp.issubdtype(want.dtype, jnp.floating) else "uint32"
+
+
+def restore_params(path: str | os.PathLike, abstract: dict[Path, Any], *, dtype: str,
+                   groups: Callable[[Path], Any] | None = None
+                   ) -> dict[Path, Any] | Iterator[tuple[Path, Any]]:
     """The arrays of `path/params/` restored into `abstract` (`{params path:
     jax.ShapeDtypeStruct}` with shardings: see `params.restore`).
 
     The stored tree is checked against `abstract` first, from orbax's metadata: the same paths
-    and shapes, floats stored as `dtype` (the block's) and the rest as uint32.
+    and shapes, floats stored as `dtype` (the block's), int8 weights and their scales as such
+    and the rest as uint32. With `groups` (a path -> group key), an iterator of `(path, array)`
+    restoring one group at a time (a load that quantises holds one layer in float at a time).
     """
     folder = _params_folder(path)
 
@@ -85,15 +97,24 @@ def restore_params(path: str | os.PathLike, abstract: dict[Path, Any], *, dtype:
             what = "an unexpected tensor" if want is None else f"tensor of shape {list(shape)}"
             raise UserError(f"the checkpoint {path} has {what} '{name}' that its config.json "
                             "does not imply; convert the model again with sparseinfer-convert.")
-        floating = jnp.issubdtype(want.dtype, jnp.floating)
-        if stored_dtype.name != (dtype if floating else "uint32"):
+        if stored_dtype.name != _stored_as(p, want, dtype):
             raise damaged(f"tensor '{name}' is stored as {stored_dtype}")
     missing = [p for p in abstract if p not in stored]
     if missing:
         name = ".".join(str(k) for k in missing[0])
         raise UserError(f"the checkpoint {path} has no tensor '{name}'; convert the model again "
                         "with sparseinfer-convert.")
-    return params.restore(folder, abstract, error=damaged, found=stored)
+    if groups is None:
+        return params.restore(folder, abstract, error=damaged, found=stored)
+    by_group: dict[Any, dict[Path, Any]] = {}
+    for p, want in abstract.items():
+        by_group.setdefault(groups(p), {})[p] = want
+
+    def each() -> Iterator[tuple[Path, Any]]:
+        for group in by_group.values():
+            yield from params.restore(folder, group, error=damaged, found=stored).items()
+
+    return each()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +125,9 @@ class SparseInferBlock:
     alpha: one number or one per layer (None: 1.0 per layer); dtype: the stored weights' dtype
     (a checkpoint's); source: where it was converted from; predictor: one of
     `config.PREDICTORS`; calibration: how the alphas were chosen (None: never calibrated, so
-    sparse mode calibrates in memory at load); extra: any other keys, kept as they are (a
-    converted copy carries everything its source's block chose).
+    sparse mode calibrates in memory at load); quantize: None, or "int8" when the linear
+    weights are stored as int8 with per-row scales (`model/quant.py`); extra: any other keys,
+    kept as they are (a converted copy carries everything its source's block chose).
     """
 
     format_version: int | None = None
@@ -114,6 +136,7 @@ class SparseInferBlock:
     source: str | None = None
     predictor: str = "sign"
     calibration: str | None = None
+    quantize: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -140,6 +163,9 @@ class SparseInferBlock:
         if predictor not in PREDICTORS:
             raise UserError(f"{where} field '{BLOCK_KEY}.predictor' is {predictor!r}; use one of "
                             f"{', '.join(PREDICTORS)}.")
+        if raw.get("quantize") is not None and raw["quantize"] not in quant.SCHEMES:
+            raise UserError(f"{where} field '{BLOCK_KEY}.quantize' is {raw['quantize']!r}; this "
+                            f"version reads {', '.join(quant.SCHEMES)}: convert the model again.")
         for key in ("dtype", "source", "calibration"):
             if raw.get(key) is not None and not isinstance(raw[key], str):
                 raise UserError(f"{where} field '{BLOCK_KEY}.{key}' must be a string, got "
@@ -151,6 +177,7 @@ class SparseInferBlock:
             source=raw.get("source"),
             predictor=predictor,
             calibration=raw.get("calibration"),
+            quantize=raw.get("quantize"),
             extra={k: v for k, v in raw.items() if k not in _FIELDS},
         )
 
@@ -172,14 +199,15 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(SparseInferBlock) if f.name !
 
 
 def new_block(alpha: list[float], dtype: str, source: str,
-              base: SparseInferBlock | None = None) -> SparseInferBlock:
+              base: SparseInferBlock | None = None,
+              quantize: str | None = None) -> SparseInferBlock:
     """The block of a freshly converted checkpoint: `base` (the source folder's block, whose
     choices it keeps: predictor, calibration marker, other keys) with this checkpoint's format,
-    alphas, dtype and source."""
+    alphas, dtype, source and quantisation."""
     assert dtype in STORED, dtype
     return (base or SparseInferBlock()).replace(
         format_version=FORMAT_VERSION, alpha=tuple(float(a) for a in alpha), dtype=dtype,
-        source=source)
+        source=source, quantize=quantize)
 
 
 def _sibling(path: str, tag: str) -> str:

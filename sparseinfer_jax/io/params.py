@@ -353,8 +353,9 @@ def restore(folder: str, abstract: dict[Path, Any] | None, *,
             error: Callable[[str], UserError],
             found: dict[Path, tuple[tuple[int, ...], np.dtype]] | None = None
             ) -> dict[Path, Any]:
-    """Reads the arrays of `abstract` (`{params path: jax.ShapeDtypeStruct}` with shardings) from
-    the orbax checkpoint `folder`, each straight into its sharding and cast to its dtype; with
+    """Reads the arrays of `abstract` (`{params path: jax.ShapeDtypeStruct}` with shardings, all
+    of them or some) from the orbax checkpoint `folder`, each straight into its sharding and cast
+    to its dtype; with
     `abstract` None, every array as saved, in host memory (numpy). `found`: `stored(folder)`,
     when the caller has it. A failure raises `error(reason)`."""
     folder = os.path.abspath(folder)
@@ -363,6 +364,8 @@ def restore(folder: str, abstract: dict[Path, Any] | None, *,
                   default=0)
     context = ocp.Context()
     context.memory.read_concurrent_bytes = max(READ_BYTES, largest + 1)
+    # Some of the arrays only (a load that quantises reads a layer at a time).
+    context.pytree.loading.partial_load = abstract is not None and len(abstract) < len(found)
     try:
         with context, _orbax_quiet():
             tree = ocp.load(folder, None if abstract is None else nest(abstract))

@@ -24,6 +24,8 @@ from sparseinfer_jax.model.config import LlamaConfig
 from sparseinfer_jax.model.matmul import dot
 from sparseinfer_jax.model.mlp import MLP, Sparsity
 from sparseinfer_jax.model.positions import causal_inputs
+from sparseinfer_jax.model.quant import dot as qdot
+from sparseinfer_jax.model.quant import quantized_param
 from sparseinfer_jax.model.rope import apply_rope, rope_tables
 from sparseinfer_jax.model.sharding import as_mesh
 
@@ -65,33 +67,36 @@ class Linear(nnx.Module):
     no weight copies (offline H100 compile, 7b x 2 layers).
     """
 
-    def __init__(self, din: int, dout: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, din: int, dout: int, *, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 quantize: str | None = None):
         # Drawn as `nnx.Linear` draws its kernel, then transposed: the same seed gives the same
         # initial weights as an `nnx.Linear`.
         kernel = nnx.initializers.normal(0.02)(rngs.params(), (din, dout), dtype)
-        self.weight = nnx.Param(kernel.T)
+        self.weight, self.weight_scale = quantized_param(kernel.T, quantize)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """`x: [..., in]` -> `[..., out]` in the weight's dtype, through `matmul.dot` (no float32
-        weight copies on the CPU)."""
-        w = self.weight[...]
-        return dot(x, w, 1).astype(w.dtype)
+        """`x: [..., in]` -> `[..., out]` in x's dtype (the weights' when not quantised), through
+        `quant.dot` (no float32 weight copies on the CPU)."""
+        scale = None if self.weight_scale is None else self.weight_scale[...]
+        return qdot(x, self.weight[...], scale, 1).astype(x.dtype)
 
 
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE, over a KV cache when one is given."""
 
-    def __init__(self, cfg: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 quantize: str | None = None):
         d, h, k, hd = (
             cfg.hidden_size,
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
             cfg.head_dim,
         )
-        self.q_proj = Linear(d, h * hd, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(d, k * hd, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(d, k * hd, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(h * hd, d, dtype=dtype, rngs=rngs)
+        q = dict(dtype=dtype, rngs=rngs, quantize=quantize)
+        self.q_proj = Linear(d, h * hd, **q)
+        self.k_proj = Linear(d, k * hd, **q)
+        self.v_proj = Linear(d, k * hd, **q)
+        self.o_proj = Linear(h * hd, d, **q)
         self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
@@ -125,11 +130,12 @@ class Attention(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 quantize: str | None = None):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs, quantize=quantize)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, quantize=quantize)
 
     def __call__(self, x, cos, sin, mask, cache, cache_index, *, sparsity, stats, mesh):
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
@@ -151,19 +157,25 @@ class Llama(nnx.Module):
         rngs: nnx.Rngs,
         mode: str = "dense",
         backend: str = "auto",
+        quantize: str | None = None,
     ):
+        """`quantize`: None, or "int8": every linear weight int8 with per-row scales
+        (`model/quant.py`); the embeddings stay in `dtype`, the compute dtype."""
         self.config = cfg
+        self.quantize = quantize
         self.sparsity = Sparsity(mode, backend)
         self.mesh = None
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
         )
         self.layers = nnx.List(
-            [DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+            [DecoderLayer(cfg, dtype=dtype, rngs=rngs, quantize=quantize)
+             for _ in range(cfg.num_hidden_layers)]
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs,
+                                  quantize=quantize)
 
     @property
     def mesh(self):
@@ -232,7 +244,9 @@ class Llama(nnx.Module):
         x = self.norm(x)
         if self.config.tie_word_embeddings:
             return dot(x, self.embed_tokens.embedding[...], 1)
-        return dot(x, self.lm_head.weight[...], 1)
+        head = self.lm_head
+        scale = None if head.weight_scale is None else head.weight_scale[...]
+        return qdot(x, head.weight[...], scale, 1)
 
     def forward(
         self,

@@ -19,11 +19,25 @@ import numpy as np
 
 from sparseinfer_jax.model.config import LlamaConfig
 
+SCALE_BYTES = 4  # an int8 row's float32 scale
 
-def predictor_share(cfg: LlamaConfig, itemsize: int) -> float:
-    """Bytes of the packed gate sign bits over the dense MLP's weights (gate, up, down) per layer:
-    F * W * 4 / (3 * F * D * itemsize)."""
-    return 4 * cfg.sign_words / (3 * cfg.hidden_size * itemsize)
+
+def row_bytes(cfg: LlamaConfig, itemsize: int, quantized: bool = False) -> int:
+    """Bytes of one neuron's row of gate, up or down_t: D weights of `itemsize` bytes, plus the
+    row's float32 scale when the weights are int8 (`model/quant.py`)."""
+    return cfg.hidden_size * itemsize + (SCALE_BYTES if quantized else 0)
+
+
+def mlp_weights(model) -> tuple[int, bool]:
+    """`(itemsize, quantized)` of a `Llama`'s MLP weights, for `row_bytes` and `predictor_share`."""
+    return (model.layers[0].mlp.gate[...].dtype.itemsize,
+            getattr(model, "quantize", None) is not None)
+
+
+def predictor_share(cfg: LlamaConfig, itemsize: int, quantized: bool = False) -> float:
+    """Bytes of the packed gate sign bits over the dense MLP's weights (gate, up, down, with
+    their scales when int8) per layer: F * W * 4 / (3 * F * row_bytes)."""
+    return 4 * cfg.sign_words / (3 * row_bytes(cfg, itemsize, quantized))
 
 
 def bytes_fraction(computed, fired, neurons, share: float):

@@ -43,7 +43,7 @@ from pallas_kernels.tpu import layout as tpu_layout
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model import sharding
 from sparseinfer_jax.model.config import PREDICTORS, LlamaConfig
-from sparseinfer_jax.model.matmul import dot
+from sparseinfer_jax.model.quant import dot, quantized_param
 
 MODES = ("dense", "sparse", "oracle")
 BACKENDS = pk.BACKENDS
@@ -104,14 +104,18 @@ class Alpha(nnx.Variable):
 class MLP(nnx.Module):
     """Gated MLP `[N, D] -> [N, D]` with a ReLU-family activation and the SparseInfer predictor."""
 
-    def __init__(self, cfg: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 quantize: str | None = None):
         f, d = cfg.intermediate_size, cfg.hidden_size
         self.hidden_size = d
         init = nnx.initializers.normal(0.02)
-        self.gate = nnx.Param(init(rngs.params(), (f, d), dtype))
-        self.up = nnx.Param(init(rngs.params(), (f, d), dtype))
-        self.down_t = nnx.Param(init(rngs.params(), (f, d), dtype))
-        self.gate_sign_bits = SignBits(pack_sign_bits(self.gate[...]))
+        gate = init(rngs.params(), (f, d), dtype)
+        self.gate_sign_bits = SignBits(pack_sign_bits(gate))  # from the unquantised gate
+        self.gate, self.gate_scale = quantized_param(gate, quantize)
+        self.up, self.up_scale = quantized_param(init(rngs.params(), (f, d), dtype), quantize)
+        self.down_t, self.down_t_scale = quantized_param(init(rngs.params(), (f, d), dtype),
+                                                         quantize)
+        self.dtype = dtype  # the compute dtype (the weights' unless quantised)
         self.alpha = Alpha(jnp.float32(1.0))
         self.activation = (
             "relu" if cfg.hidden_act == "fatrelu" and cfg.act_threshold == 0 else cfg.hidden_act
@@ -124,19 +128,28 @@ class MLP(nnx.Module):
             return jax.nn.silu(z)
         return activate(z, self.activation, self.threshold)
 
+    def scales(self) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray] | None:
+        """The `[F]` row scales of int8 (gate, up, down_t), or None when not quantised."""
+        if self.gate_scale is None:
+            return None
+        return self.gate_scale[...], self.up_scale[...], self.down_t_scale[...]
+
     def hidden(self, x: jnp.ndarray) -> jnp.ndarray:
         """act(gate x) * (up x) for every neuron: `x: [N, D]` -> `[N, F]` float32."""
         gate, up = self.gate[...], self.up[...]
         if gate.dtype == jnp.uint32:  # the TPU kernels' layout (`model.layout`), read as it is
             return self.act(tpu_layout.rows_matmul_t(x, gate)) * tpu_layout.rows_matmul_t(x, up)
-        return self.act(dot(x, gate, 1)) * dot(x, up, 1)
+        gs, us, _ = self.scales() or (None, None, None)
+        return self.act(dot(x, gate, gs, 1)) * dot(x, up, us, 1)
 
     def down(self, h: jnp.ndarray) -> jnp.ndarray:
-        """`h: [N, F]` float32 -> `[N, D]` in the weights' dtype."""
-        w = self.down_t[...]
+        """`h: [N, F]` float32 -> `[N, D]` in the compute dtype."""
+        w, scales = self.down_t[...], self.scales()
         if w.dtype == jnp.uint32:
             return tpu_layout.rows_matmul(h, w, self.hidden_size).astype(jnp.bfloat16)
-        return dot(h.astype(w.dtype), w, 0).astype(w.dtype)
+        if scales is None:
+            return dot(h.astype(w.dtype), w, None, 0).astype(w.dtype)
+        return dot(h, w, scales[2], 0).astype(self.dtype)
 
     def votes(
         self, x: jnp.ndarray, predictor: str, backend: str
@@ -227,6 +240,7 @@ class MLP(nnx.Module):
                 threshold=self.threshold,
                 backend=backend,
                 union_axis=data_axis,
+                scales=self.scales(),
             )
             if stats == "predicted" and mode == "sparse":
                 predicted = n_predicted
@@ -287,4 +301,4 @@ class MLP(nnx.Module):
             out_specs=(P(data), P()),
             check_vma=False,
         )(state, x)
-        return y.astype(self.down_t.dtype), counts
+        return y.astype(self.dtype), counts

@@ -29,7 +29,7 @@ from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model import sharding
 from sparseinfer_jax.model.config import LlamaConfig, alpha_per_layer
 from sparseinfer_jax.model.llama import KVCache, Llama
-from sparseinfer_jax.model.metrics import predictor_share
+from sparseinfer_jax.model.metrics import mlp_weights, predictor_share
 from sparseinfer_jax.model.mlp import STAT_FIELDS, Sparsity
 from sparseinfer_jax.model.positions import causal_inputs
 from sparseinfer_jax.runtime.requests import (
@@ -264,7 +264,7 @@ def generate(
     end, steps = time.perf_counter(), int(loop.step)
     decode_s = (end - decode_start) / (steps - 1) if prefill_s is not None and steps > 1 else None
     sparse = sparsity.mode == "sparse"
-    share = predictor_share(cfg, jnp.dtype(model.dtype).itemsize) if sparse else 0.0
+    share = predictor_share(cfg, *mlp_weights(model)) if sparse else 0.0
     return _result(loop, eos_ids, tokenizer, stats, cfg, share,
                    Timing(programs.compile_s, prefill_s, decode_s, end - programs.started, steps))
 

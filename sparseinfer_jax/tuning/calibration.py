@@ -52,7 +52,7 @@ from pallas_kernels.signmag import quantise
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io.text import check_windows, read_text, token_windows
 from sparseinfer_jax.model.config import PREDICTORS
-from sparseinfer_jax.model.metrics import layer_metrics, predictor_share
+from sparseinfer_jax.model.metrics import layer_metrics, mlp_weights, predictor_share
 from sparseinfer_jax.model.mlp import set_predictor
 from sparseinfer_jax.model.positions import full_causal_inputs
 from sparseinfer_jax.model.rope import rope_tables
@@ -281,7 +281,7 @@ def _choose(model, windows, kind, predicted, both, true, rows, target_recall, ta
             max_ppl_increase, backend, progress) -> Calibration:
     """The Calibration of predictor `kind` from its grid counts `[L, G]` over `windows`."""
     f = model.config.intermediate_size
-    share = predictor_share(model.config, jnp.dtype(model.dtype).itemsize)
+    share = predictor_share(model.config, *mlp_weights(model))
     metrics = layer_metrics(rows, predicted, true[:, None], both, neurons=f, share=share)
     grid_recall, grid_sparsity = metrics["recall"], metrics["predicted_sparsity"]
     dense_ppl = ppl = None

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io.text import check_windows
-from sparseinfer_jax.model.metrics import layer_metrics, predictor_share
+from sparseinfer_jax.model.metrics import layer_metrics, mlp_weights, predictor_share
 from sparseinfer_jax.model.mlp import MODES, STAT_FIELDS
 from sparseinfer_jax.model.positions import full_causal_inputs
 
@@ -138,7 +138,7 @@ def evaluate(
             a["positions"] += len(top1)
             if stats is not None:
                 a["stats"] += np.asarray(jax.device_get(stats), np.float64)
-    share = predictor_share(cfg, jnp.dtype(model.dtype).itemsize)
+    share = predictor_share(cfg, *mlp_weights(model))
     return {"tokens": tokens, "modes": {
         m: _mode_entry(m, **acc[m], neurons=cfg.intermediate_size, share=share) for m in modes}}
 
