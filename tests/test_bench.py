@@ -30,6 +30,19 @@ def tiny():
     return bench.random_model(bench.shape_config("tiny", LAYERS), "float32")
 
 
+def test_random_model_draws_every_matrix_and_sets_the_norms_to_one(tiny):
+    """Every weight matrix is N(0, 0.02) (the attention projections and the LM head were all ones
+    once: a path ending in "weight" was taken for a norm), the norms ones."""
+    params = nnx.to_pure_dict(nnx.state(tiny, nnx.Param))
+    for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        a = np.asarray(a, np.float32)
+        if a.ndim == 1:
+            assert (a == 1).all(), name
+        else:
+            assert 0.015 < a.std() < 0.025, name
+
+
 def test_alpha_grid_reaches_every_count():
     d = 64
     grid = bench.alpha_grid(d)

@@ -60,8 +60,10 @@ def _normal(key, shape, dtype):
     return (INIT_STD * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def random_model(cfg: LlamaConfig, dtype: str = "float32", *, seed: int = 0) -> Llama:
-    """A `Llama` with N(0, 0.02) weights and unit norms, one `jax.random` call per array."""
+def random_model(cfg: LlamaConfig, dtype: str = "float32", *, seed: int = 0,
+                 quantize: str | None = None) -> Llama:
+    """A `Llama` with N(0, 0.02) weights and unit norms, one `jax.random` call per array; with
+    `quantize` ("int8") its linear weights quantised as they are placed."""
     np_dtype = dtypes.lookup(dtype, allowed=DTYPES, flag="--dtype")
     params: dict[str, Any] = {}
     key = jax.random.key(seed)
@@ -72,7 +74,7 @@ def random_model(cfg: LlamaConfig, dtype: str = "float32", *, seed: int = 0) -> 
         node = params
         for k in path[:-1]:
             node = node.setdefault(k, {})
-        is_norm = path[-1] == "weight"
+        is_norm = len(shape) == 1  # the RMSNorm scales; every matrix is random
         node[path[-1]] = (jnp.ones(shape, np_dtype) if is_norm
                           else _normal(sub, shape, np_dtype))
-    return model_from_params(cfg, params, dtype=np_dtype)
+    return model_from_params(cfg, params, dtype=np_dtype, quantize=quantize)
