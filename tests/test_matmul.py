@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import backend as bk
+from sparseinfer_jax.bench.loop_ops import decode_loop_ops
 from sparseinfer_jax.model.matmul import dot
 
 # bf16 inputs, float32 accumulation: only the summation order differs from the reference.
@@ -39,3 +43,60 @@ def test_one_row_bf16_dot_keeps_weights_bf16(contract):
     w = jnp.ones(shape, jnp.bfloat16)
     text = jax.jit(dot, static_argnums=2).lower(x, w, contract).compile().as_text()
     assert f"f32[{shape[0]},{shape[1]}]" not in text
+
+
+# One float16 rounding of the float32 sum (2^-11 relative), and the order of summation.
+F16_ROUNDING = 2.0**-11
+
+
+@pytest.mark.parametrize("contract", [0, 1])
+def test_t4_one_row_float16_dot_is_the_float32_sum_rounded_once(contract):
+    """Built for a T4 (sm_75) the one-row float16 dot takes a float16 result (run here on the
+    CPU: the semantics, not cuBLAS): within one float16 rounding of the float32 sum."""
+    k, n = 512, 96
+    kx, kw = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (1, 1, k), jnp.float32).astype(jnp.float16)
+    w = jax.random.normal(kw, (k, n) if contract == 0 else (n, k), jnp.float32).astype(jnp.float16)
+    w32 = w.astype(jnp.float32) if contract == 0 else w.astype(jnp.float32).T
+    ref = jnp.einsum("...k,kn->...n", x.astype(jnp.float32), w32,
+                     precision=jax.lax.Precision.HIGHEST)
+    with bk.targeting_gpu(compute_capability=(7, 5)):
+        out = jax.jit(dot, static_argnums=2)(x, w, contract)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, rtol=F16_ROUNDING, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_array_equal(out, out.astype(jnp.float16).astype(jnp.float32))
+
+
+def gpu_loop(gpu: str, batch: int) -> str:
+    """The optimised HLO of a loop of `[batch, 4096] x [11008, 4096]^T` float16 dots (each
+    step's input the last output) compiled for `gpu`'s spec, at the default matmul precision a
+    user runs with (conftest sets "highest" for the CPU)."""
+    pytest.importorskip("jax_plugins", reason="the CUDA plugin compiles for GPUs")
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from sparseinfer_jax.bench.gpu_spec import gpu_spec
+    from sparseinfer_jax.bench.toolchain import mesh_for
+
+    def steps(x, w):
+        step = lambda i, x: dot(x, w, 1)[:, :4096].astype(x.dtype)  # noqa: E731
+        return jax.lax.fori_loop(0, 4, step, x)
+
+    spec = gpu_spec(gpu)
+    mesh = mesh_for(spec)
+    sds = lambda s: jax.ShapeDtypeStruct(s, jnp.float16,  # noqa: E731
+                                         sharding=NamedSharding(mesh, P()))
+    with (bk.targeting_gpu(mesh.abstract_mesh, compute_capability=spec.compute_capability),
+          jax.default_matmul_precision("default")):
+        return jax.jit(steps).trace(sds((batch, 4096)), sds((11008, 4096))).lower().compile(
+        ).as_text()
+
+
+@pytest.mark.parametrize("gpu, batch", [("t4", 1), ("t4", 16), ("l4", 1)])
+def test_gpu_float16_dot_reads_the_weight_as_float16(gpu, batch):
+    """No float32 copy of a float16 weight in a loop of dots compiled for a T4 (a one-row dot
+    with a float32 result made one) or an L4; on the T4 cuBLAS reads the float16 weight."""
+    text = gpu_loop(gpu, batch)
+    assert decode_loop_ops(text, weight_bytes=11008 * 4096 * 2, row_elems=4096) == []
+    if gpu == "t4":
+        assert re.search(r'custom-call\(%[\w.\-]+, %[\w.\-]+\), custom_call_target="__cublas', text)
