@@ -11,7 +11,7 @@ import pytest
 
 from pallas_kernels import backend as bk
 from sparseinfer_jax.bench.loop_ops import decode_loop_ops
-from sparseinfer_jax.model.matmul import dot
+from sparseinfer_jax.model.matmul import GPU_GEMV_MIN_ELEMS, dot
 
 # bf16 inputs, float32 accumulation: only the summation order differs from the reference.
 TOL = {jnp.bfloat16: 1e-5, jnp.float32: 1e-5}
@@ -51,9 +51,11 @@ F16_ROUNDING = 2.0**-11
 
 @pytest.mark.parametrize("contract", [0, 1])
 def test_t4_one_row_float16_dot_is_the_float32_sum_rounded_once(contract):
-    """Built for a T4 (sm_75) the one-row float16 dot takes a float16 result (run here on the
-    CPU: the semantics, not cuBLAS): within one float16 rounding of the float32 sum."""
-    k, n = 512, 96
+    """Built for a T4 (sm_75) a one-row float16 dot with a weight cuBLAS takes has a float16
+    result (run here on the CPU: the semantics, not cuBLAS): within one float16 rounding of the
+    float32 sum."""
+    k = 4096
+    n = -(-GPU_GEMV_MIN_ELEMS // k)  # a weight as large as cuBLAS takes
     kx, kw = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (1, 1, k), jnp.float32).astype(jnp.float16)
     w = jax.random.normal(kw, (k, n) if contract == 0 else (n, k), jnp.float32).astype(jnp.float16)
@@ -67,10 +69,11 @@ def test_t4_one_row_float16_dot_is_the_float32_sum_rounded_once(contract):
     np.testing.assert_array_equal(out, out.astype(jnp.float16).astype(jnp.float32))
 
 
-def gpu_loop(gpu: str, batch: int) -> str:
-    """The optimised HLO of a loop of `[batch, 4096] x [11008, 4096]^T` float16 dots (each
-    step's input the last output) compiled for `gpu`'s spec, at the default matmul precision a
-    user runs with (conftest sets "highest" for the CPU)."""
+def gpu_loop(gpu: str, batch: int, n: int, weights: int) -> str:
+    """The optimised HLO of a loop whose step multiplies `[batch, 4096]` float16 rows by
+    `weights` float16 weights `[n, 4096]^T` (each step's input taken from the last output),
+    compiled for `gpu`'s spec at the default matmul precision a user runs with (conftest sets
+    "highest" for the CPU)."""
     pytest.importorskip("jax_plugins", reason="the CUDA plugin compiles for GPUs")
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -78,8 +81,8 @@ def gpu_loop(gpu: str, batch: int) -> str:
     from sparseinfer_jax.bench.gpu_spec import gpu_spec
     from sparseinfer_jax.bench.toolchain import mesh_for
 
-    def steps(x, w):
-        step = lambda i, x: dot(x, w, 1)[:, :4096].astype(x.dtype)  # noqa: E731
+    def steps(x, *ws):
+        step = lambda i, x: sum(dot(x, w, 1)[:, :4096] for w in ws).astype(x.dtype)  # noqa: E731
         return jax.lax.fori_loop(0, 4, step, x)
 
     spec = gpu_spec(gpu)
@@ -88,15 +91,20 @@ def gpu_loop(gpu: str, batch: int) -> str:
                                          sharding=NamedSharding(mesh, P()))
     with (bk.targeting_gpu(mesh.abstract_mesh, compute_capability=spec.compute_capability),
           jax.default_matmul_precision("default")):
-        return jax.jit(steps).trace(sds((batch, 4096)), sds((11008, 4096))).lower().compile(
-        ).as_text()
+        return jax.jit(steps).trace(sds((batch, 4096)), *[sds((n, 4096))] * weights).lower(
+        ).compile().as_text()
 
 
-@pytest.mark.parametrize("gpu, batch", [("t4", 1), ("t4", 16), ("l4", 1)])
-def test_gpu_float16_dot_reads_the_weight_as_float16(gpu, batch):
-    """No float32 copy of a float16 weight in a loop of dots compiled for a T4 (a one-row dot
-    with a float32 result made one) or an L4; on the T4 cuBLAS reads the float16 weight."""
-    text = gpu_loop(gpu, batch)
-    assert decode_loop_ops(text, weight_bytes=11008 * 4096 * 2, row_elems=4096) == []
+@pytest.mark.parametrize("gpu, batch, n, weights", [
+    ("t4", 1, 11008, 1),  # a one-row float32 result made a float32 copy of the weight
+    ("t4", 16, 11008, 1),
+    ("t4", 16, 4096, 3),  # q, k and v: XLA's dot merger concatenated them every step
+    ("l4", 1, 11008, 1),
+])
+def test_gpu_float16_dots_read_the_weights_as_they_are(gpu, batch, n, weights):
+    """No op in the loop copies a float16 weight, compiled for a T4 or an L4; on the T4 cuBLAS
+    reads the float16 weights."""
+    text = gpu_loop(gpu, batch, n, weights)
+    assert decode_loop_ops(text, weight_bytes=n * 4096 * 2, row_elems=4096) == []
     if gpu == "t4":
         assert re.search(r'custom-call\(%[\w.\-]+, %[\w.\-]+\), custom_call_target="__cublas', text)

@@ -17,7 +17,11 @@ float32 (XLA's `GetBlasComputationType`: float16 and bf16 outputs compute in kF3
 result is the float32 sum rounded once; the callers that round the result to the weight's dtype
 anyway (attention projections, down) get the same numbers, the others (gate, up, the LM head) one
 float16 rounding more, as a float16 model in PyTorch has. So there the dot's result is float16,
-widened afterwards. Other GPUs (Triton GEMMs, no copy) and TPUs keep the plain dot.
+widened afterwards, for weights large enough for cuBLAS (`GPU_GEMV_MIN_ELEMS`: a 7b model's every
+projection). There too XLA's dot merger concatenated the weights of dots that share their input
+(q, k and v; gate and up) inside the decode loop, a copy every step: each float16 dot passes its
+rows and weight through an optimization barrier of their own, so no two share an input. Other
+GPUs (Triton GEMMs, no copy) and TPUs keep the plain dot.
 
 Which device decides is the one programs are built for (`pallas_kernels.backend.target`), so a GPU
 compiled offline on a CPU machine gets the GPU's rule.
@@ -32,6 +36,11 @@ from pallas_kernels import backend as bk
 
 # Below this compute capability XLA's GPU backend widens a one-row float16 dot's weight to float32.
 GPU_NATIVE_MIXED_CC = (8, 0)
+# XLA's GPU backend sends a vector-matrix dot to cuBLAS from this many operand elements on
+# (`IsMatrixMultiplicationTooSmallForRewriting(dot, 10000000)` in its algebraic simplifier); a
+# smaller one becomes a multiply-and-reduce fusion that reads float16 as it is with a float32
+# result, and with a float16 one materialised the products of a `[1024, 256]` down projection.
+GPU_GEMV_MIN_ELEMS = 10_000_000
 
 
 def dot(x: jnp.ndarray, w: jnp.ndarray, contract: int) -> jnp.ndarray:
@@ -40,16 +49,17 @@ def dot(x: jnp.ndarray, w: jnp.ndarray, contract: int) -> jnp.ndarray:
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
     device = bk.target()
+    cc = device.compute_capability if device.platform == "cuda" else None
     out = jnp.float32
     if n == 1 and w.dtype == jnp.bfloat16 and device.platform == "cpu":
         rows = jnp.pad(rows, ((0, 1), (0, 0)))
-    elif (n == 1 and w.dtype == x.dtype == jnp.float16 and device.platform == "cuda"
-          and device.compute_capability is not None
-          and device.compute_capability < GPU_NATIVE_MIXED_CC):
-        out = jnp.float16
+    elif cc is not None and cc < GPU_NATIVE_MIXED_CC and w.dtype == x.dtype == jnp.float16:
         # Each weight with its own copy of the rows: else XLA's dot merger concatenates the
-        # weights of dots that share an input (q, k, v: 96 MiB at 7b) inside the loop, per step.
+        # weights of dots that share an input (q, k and v: 96 MiB at 7b; gate and up) inside
+        # the loop, every step.
         rows, w = jax.lax.optimization_barrier((rows, w))
+        if n == 1 and w.size >= GPU_GEMV_MIN_ELEMS:
+            out = jnp.float16
     y = jax.lax.dot_general(
         rows, w, (((1,), (contract,)), ((), ())), preferred_element_type=out
     ).astype(jnp.float32)
