@@ -17,11 +17,13 @@ through ops that only select or move elements (slices, gathers, copies, fusions 
 weight's dtype) and through whole copies (an op as large as the weight it reads).
 The decode loop is the `while` with the most instructions under it. An op is listed when it is
 inside that loop (at any depth), or outside it and carried into it through tuples, bitcasts and
-copies (hoisted; through a `call` too, in which XLA's CPU backend wraps a small loop), and either
-- "weight copy": it reads a weight and writes an array at least as large as that weight, or
+copies of weight data (hoisted; through a `call` too, in which XLA's CPU backend wraps a small
+loop), and either
+- "weight copy": it reads a weight and writes an array at least `COPY_SHARE` (half) as large as
+  that weight: a whole copy, or half of one split in two, or
 - "float32 rows": it reads 16-bit weight data and converts at least `min_rows` rows of
   `row_elems` to a float32 array that it writes.
-Ops that multiply (dots, convolutions, custom calls such as cuBLAS or a Pallas kernel, and fusions
+Ops that multiply (dots, convolutions, custom calls of cuBLAS or a Pallas kernel, and fusions
 holding one) write sums, not weights, whatever their size: the step's real work, never listed.
 Ops outside the loop that it does not carry (the prefill's) are not listed either.
 """
@@ -47,13 +49,22 @@ _BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2"
           "u64": 8, "c64": 8, "c128": 16}
 _SIXTEEN_BIT_FLOATS = ("bf16", "f16")
 # Ops that write no buffer of their own (or whose callees are walked instead).
-_NO_BUFFER = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while",
-              "conditional", "call", "after-all", "copy-start", "async-start", "async-update",
-              "add-dependency", "opt-barrier", "domain"}
-_MULTIPLIES = {"dot", "convolution", "custom-call"}
+# An async op's "-start" holds its operand and a buffer its "-done" returns: the "-done" counts.
+# A bitcast-convert reinterprets bits in place (bf16 as u16).
+_NO_BUFFER = {"parameter", "get-tuple-element", "tuple", "bitcast", "bitcast-convert", "constant",
+              "while", "conditional", "call", "after-all", "add-dependency", "opt-barrier",
+              "domain"}
+_MULTIPLIES = {"dot", "convolution"}
+# Custom calls that compute (library matmuls, Triton and Mosaic kernels, the CPU's dot libraries);
+# the others move data (XLA TPU's `ConcatBitcast` assembling a weight in another memory space).
+_KERNEL_CALLS = re.compile(r"cublas|cudnn|triton|tpu_custom_call|mosaic|onednn|ynn|xnn", re.I)
 # Ops whose result holds the elements of their first operand, selected or moved, not computed.
-_MOVES = {"bitcast", "copy", "copy-done", "copy-start", "reshape", "transpose", "slice",
-          "dynamic-slice", "gather", "concatenate", "pad", "broadcast", "opt-barrier"}
+_MOVES = {"bitcast", "bitcast-convert", "copy", "reshape", "transpose", "slice", "dynamic-slice",
+          "gather", "concatenate", "pad", "broadcast"}
+# An op that writes at least this share of the bytes of a weight it reads, without multiplying,
+# copies it: whole, or split (XLA's TPU compiler splits a bf16 weight into its even and odd
+# columns, two halves, for the uint32 pairs of `tpu_rows`).
+COPY_SHARE = 0.5
 
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 _HEADER = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$")
@@ -188,6 +199,8 @@ class _Module:
         matmul, a kernel): its result holds sums, not a weight's elements, whatever its size."""
         if instr.opcode in _MULTIPLIES:
             return True
+        if instr.opcode == "custom-call":
+            return bool(_KERNEL_CALLS.search(instr.attrs))
         if instr.opcode != "fusion":
             return False
         for c in self.callees(instr):
@@ -209,19 +222,25 @@ class _Module:
                 return True
         return False
 
-    def origin(self, instr: _Instr) -> tuple[str, str]:
+    def origin(self, comp: str, instr: _Instr) -> tuple[str, str]:
         """(jax's op_name, `file:line (function)`) from the metadata of `instr`, or of its fused
-        computation's root and instructions when the fusion carries none."""
-        lines = [instr.line]
-        if instr.opcode == "fusion":
-            for c in self.callees(instr):
-                body = self.comps.get(c, [])
-                lines += [i.line for i in reversed(body)]
-        for line in lines:
-            name, frame = _OP_NAME.search(line), _FRAME.search(line)
-            if name or frame:
-                return (name.group(1) if name else "",
-                        self._frames.get(int(frame.group(1)), "") if frame else "")
+        computation's root and instructions when the fusion carries none, or else of the nearest
+        op it reads that carries some (XLA's own ops, such as a TPU `ConcatBitcast`, carry
+        none)."""
+        todo, seen = [instr], set()
+        while todo:
+            i = todo.pop(0)
+            lines = [i.line]
+            if i.opcode == "fusion":
+                lines += [f.line for c in self.callees(i) for f in reversed(self.comps.get(c, []))]
+            for line in lines:
+                name, frame = _OP_NAME.search(line), _FRAME.search(line)
+                if name or frame:
+                    return (name.group(1) if name else "",
+                            self._frames.get(int(frame.group(1)), "") if frame else "")
+            seen.add(i.name)
+            todo += [self.index[comp][o] for o in i.operands
+                     if o in self.index[comp] and o not in seen]
         return "", ""
 
 
@@ -289,7 +308,7 @@ def decode_loop_ops(hlo: str, *, weight_bytes: int, row_elems: int,
                 prov[comp, i.name] = src[k] if isinstance(src, tuple) and k < len(src) else None
             elif i.opcode == "tuple":
                 prov[comp, i.name] = tuple(ins)
-            elif i.opcode == "opt-barrier":
+            elif i.opcode == "opt-barrier" or i.opcode.endswith(("-start", "-done", "-update")):
                 prov[comp, i.name] = ins[0] if ins else None
             elif i.opcode in ("while", "call", "async-start"):
                 for c in mod.callees(i):
@@ -306,7 +325,7 @@ def decode_loop_ops(hlo: str, *, weight_bytes: int, row_elems: int,
                 # re-layout: as large as the weight) are that weight's still.
                 size = _nbytes(i.arrays[0])
                 kept = [w for o, w in zip(i.operands, ins, strict=True) if isinstance(w, int) and (
-                    (size >= w and not mod.multiplies(comp, i)) or i.opcode in _MOVES
+                    (size >= COPY_SHARE * w and not mod.multiplies(comp, i)) or i.opcode in _MOVES
                     or (i.opcode == "fusion" and mod.dtype(comp, o) == i.arrays[0][0]))]
                 prov[comp, i.name] = kept[0] if kept else None
 
@@ -326,29 +345,30 @@ def decode_loop_ops(hlo: str, *, weight_bytes: int, row_elems: int,
 
     for c in mod.callees(decode):
         under(c)
-    feeds = _feeders(mod, home, decode)
+    feeds = _feeders(mod, prov, home, decode)
     out = []
     for comp, instrs in mod.comps.items():
         where = "loop" if comp in inside else "hoisted" if comp in feeds else None
         if where is None:
             continue
         for i in instrs:
-            if i.opcode in _NO_BUFFER or not i.arrays or (where == "hoisted"
-                                                          and i.name not in feeds[comp]):
+            if (i.opcode in _NO_BUFFER or i.opcode.endswith(("-start", "-update"))
+                    or not i.arrays or (where == "hoisted" and i.name not in feeds[comp])):
                 continue
             why = _why(mod, comp, i, prov, row_elems * min_rows)
             if why:
                 biggest = max(i.arrays, key=_nbytes)
-                op_name, origin = mod.origin(i)
+                op_name, origin = mod.origin(comp, i)
                 out.append(LoopOp(i.name, i.opcode, _shape(biggest), _nbytes(biggest), where, why,
                                   op_name, origin))
     return out
 
 
-def _feeders(mod: _Module, home: str, loop: _Instr) -> dict[str, set[str]]:
-    """Per computation, the values that reach `loop`'s operand through tuples, bitcasts and
-    copies: what it carries in from the computation around it (`home`), and from the callers of
-    `home` when `home` is a `call` (XLA's CPU backend wraps a small loop in one)."""
+def _feeders(mod: _Module, prov: dict, home: str, loop: _Instr) -> dict[str, set[str]]:
+    """Per computation, the values `loop` carries in from the computation around it (`home`),
+    and from the callers of `home` when it is a `call` (XLA's CPU backend wraps a small loop in
+    one): its operand, and back from it through tuples and through every op that makes weight
+    data without multiplying (a copy, a slice, a re-layout): the work hoisted out of the loop."""
     callers = {c: (comp, i) for comp, instrs in mod.comps.items() for i in instrs
                if i.opcode == "call" for c in mod.callees(i)}
     out: dict[str, set[str]] = {}
@@ -360,9 +380,10 @@ def _feeders(mod: _Module, home: str, loop: _Instr) -> dict[str, set[str]]:
             if name in found or name not in by_name:
                 continue
             found.add(name)
-            if by_name[name].opcode in ("tuple", "bitcast", "copy", "copy-done", "copy-start",
-                                        "get-tuple-element", "opt-barrier"):
-                todo += by_name[name].operands
+            i = by_name[name]
+            if i.opcode in ("tuple", "get-tuple-element", "opt-barrier") or (
+                    isinstance(prov.get((comp, name)), int) and not mod.multiplies(comp, i)):
+                todo += i.operands
             through_params |= by_name[name].opcode == "parameter"
         out[comp] = found
         if not through_params or comp not in callers:
@@ -372,19 +393,23 @@ def _feeders(mod: _Module, home: str, loop: _Instr) -> dict[str, set[str]]:
 
 
 def _why(mod: _Module, comp: str, instr: _Instr, prov: dict, row_threshold: int) -> str | None:
-    """"weight copy", "float32 rows" or None for one materialised op."""
+    """"weight copy", "float32 rows" or None for one materialised op: rows widened to float32
+    are said so unless they make the whole weight."""
+    if mod.multiplies(comp, instr):
+        return None
     read = [(prov.get((comp, o)), mod.dtype(comp, o)) for o in instr.operands]
     weights = [w for w, _ in read if isinstance(w, int)]
-    if weights and max(map(_nbytes, instr.arrays)) >= min(weights) and not mod.multiplies(
-            comp, instr):
+    if not weights:
+        return None
+    size = max(map(_nbytes, instr.arrays))
+    if size >= min(weights):
         return "weight copy"
     widened = [a for a in instr.arrays if a[0] == "f32" and math.prod(a[1]) >= row_threshold]
-    if not widened or not any(isinstance(w, int) and d in _SIXTEEN_BIT_FLOATS for w, d in read):
-        return None
-    if instr.opcode == "convert" or (instr.opcode == "fusion" and any(
-            mod.converts(c, row_threshold) for c in mod.callees(instr))):
+    if widened and any(isinstance(w, int) and d in _SIXTEEN_BIT_FLOATS for w, d in read) and (
+            instr.opcode == "convert" or (instr.opcode == "fusion" and any(
+                mod.converts(c, row_threshold) for c in mod.callees(instr)))):
         return "float32 rows"
-    return None
+    return "weight copy" if size >= COPY_SHARE * min(weights) else None
 
 
 def _shape(array: tuple[str, tuple[int, ...]]) -> str:
@@ -399,7 +424,24 @@ def thresholds(cfg: LlamaConfig, dtype) -> dict[str, int]:
     return dict(weight_bytes=smallest * jnp.dtype(dtype).itemsize, row_elems=d)
 
 
-def compiled_loop_ops(compiled, cfg: LlamaConfig, dtype) -> list[dict]:
-    """`decode_loop_ops` of a compiled program of a model of `cfg` in `dtype`, as JSON records."""
-    return [dataclasses.asdict(op)
-            for op in decode_loop_ops(compiled.as_text(), **thresholds(cfg, dtype))]
+def loop_ops(compiled, loop: dict[str, int]) -> list[dict]:
+    """`decode_loop_ops` of a compiled program (`jax.stages.Compiled`) with `loop`'s thresholds
+    (`thresholds`), as JSON records."""
+    return [dataclasses.asdict(op) for op in decode_loop_ops(compiled.as_text(), **loop)]
+
+
+def failures(records: list[dict], target: str) -> list[str]:
+    """A line per program record (`target` names its device field: "gpu", "tpu", "cpu") whose
+    decode loop holds such ops: what fails a compile report."""
+    out = []
+    for r in records:
+        ops = r.get("loop_ops") or []
+        if ops:
+            where = {}
+            for op in ops:
+                key = f"{op['why']} {op['where']} from {op['origin'] or op['op_name'] or '?'}"
+                where[key] = where.get(key, 0) + 1
+            out.append(f"{r[target]} {r['name']} batch {r['batch']}: {len(ops)} weight-sized "
+                       f"XLA ops in the decode loop ("
+                       + "; ".join(f"{n} x {k}" for k, n in where.items()) + ")")
+    return out
