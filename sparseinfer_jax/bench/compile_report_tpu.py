@@ -56,8 +56,10 @@ from sparseinfer_jax.model.dtypes import DTYPES
 TOPOLOGIES = {"v5e": "v5e:1x1", "v6e": "v6e:1x1"}
 DEFAULT_TPUS = ("v5e", "v6e")
 ACTIVE = 0.1  # the fraction of neurons for the bytes-read figure
-# The `generate` programs compiled, by MLP mode (`compile_cases.program_cases`).
+# The `generate` programs compiled, by MLP mode (`compile_cases.program_cases`), on the path
+# auto takes on a TPU (`backend.choose`), named because here the local CPU would decide auto.
 PROGRAM_MODES = ("dense",)
+PROGRAM_BACKEND = "mosaic"
 FATRELU_THRESHOLD = 0.1
 
 
@@ -209,7 +211,8 @@ def run(tpus: list[str], shape: str, batches: list[int], *, layers: int | None =
                 cases = kernel_cases(cfg, batch, DTYPES[dtype], sds)
                 if programs:
                     cases += [Case(c.name, c.kind, c.fn, c.args) for c in program_cases(
-                        cfg, batch, DTYPES[dtype], sds, modes=PROGRAM_MODES)]
+                        cfg, batch, DTYPES[dtype], sds, modes=PROGRAM_MODES,
+                        backend=PROGRAM_BACKEND)]
                 for case in cases:
                     rec = dict(tpu=name, device_kind=mesh.devices.flat[0].device_kind,
                                shape=shape, layers=cfg.num_hidden_layers, dtype=dtype,
