@@ -113,7 +113,7 @@ def test_a_weight_under_weight_bytes_is_no_weight():
 # uint32 pairs) in the loop body, a weight widened in a branch of it and rows in an inner loop; the
 # decode loop is the bigger of two loops; the prefill converts the weight without passing the copy
 # into the loop, a hoisted convert is passed in through a copy, the weight's even columns through
-# a copy into another memory space; a big iota reads no weight, a Mosaic kernel multiplies.
+# a copy into VMEM; a big iota reads no weight, a Mosaic kernel multiplies.
 HAND_WRITTEN = os.path.join(os.path.dirname(__file__), "hlo", "decode_loop_tpu_like.hlo")
 
 
@@ -128,9 +128,9 @@ def test_hand_written_tpu_like_module():
         "rows": ("loop", "float32 rows"),  # in a loop inside the step
         "hoist": ("hoisted", "weight copy"),  # passed into the loop
         "hoist_copy": ("hoisted", "weight copy"),
-        "in_vmem": ("hoisted", "weight copy"),  # moved to another memory space
         "even": ("hoisted", "weight copy"),  # half of it, passed in as uint16
-    }  # not: the prefill's copy, the big iota (no weight read), a kernel's output, parameters,
-    # tuples, the bitcast-convert (bits reinterpreted)
+    }  # not: the prefill's copy, the big iota (no weight read), a kernel's output, the copy kept
+    # in VMEM (S(1): a step reads it there), parameters, tuples, the bitcast-convert (bits
+    # reinterpreted)
     assert found["relaid"].shape == "u32[1024,128]" and found["relaid"].bytes == 1024 * 256 * 2
     assert found["relaid"].op_name == "jit(g)/while/body/tpu_rows"

@@ -25,7 +25,9 @@ loop), and either
   `row_elems` to a float32 array that it writes.
 Ops that multiply (dots, convolutions, custom calls of cuBLAS or a Pallas kernel, and fusions
 holding one) write sums, not weights, whatever their size: the step's real work, never listed.
-Ops outside the loop that it does not carry (the prefill's) are not listed either.
+Ops outside the loop that it does not carry (the prefill's) are not listed either, nor a copy
+hoisted into another memory space (XLA's TPU compiler keeps weights that fit in VMEM there for the
+whole loop: each step then reads VMEM, not HBM).
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class _Instr:
     operands: list[str]
     attrs: str
     line: str
+    space: int = 0  # the result's memory space (`S(n)` in a TPU layout; 0: HBM, the default)
 
 
 def _close(text: str, start: int) -> int:
@@ -143,8 +146,9 @@ def _parse_instr(line: str) -> _Instr | None:
     close = _close(after, op.end() - 1)
     arrays = [(d, tuple(int(v) for v in dims.split(",") if v))
               for d, dims in _ARRAY.findall(type_text)]
+    space = max((int(n) for n in re.findall(r"S\((\d+)\)", type_text)), default=0)
     return _Instr(m.group(2), op.group(1), arrays, arity,
-                  _NAME.findall(after[op.end():close - 1]), after[close:], line)
+                  _NAME.findall(after[op.end():close - 1]), after[close:], line, space)
 
 
 def _nbytes(array: tuple[str, tuple[int, ...]]) -> int:
@@ -323,10 +327,10 @@ def decode_loop_ops(hlo: str, *, weight_bytes: int, row_elems: int,
                 # A weight's elements moved (a slice, a gather; a fusion that writes the dtype of
                 # a weight it reads, not a dot's float32 sums) or copied whole (a convert, a
                 # re-layout: as large as the weight) are that weight's still.
-                size = _nbytes(i.arrays[0])
+                size, moves = _nbytes(i.arrays[0]), not mod.multiplies(comp, i)
                 kept = [w for o, w in zip(i.operands, ins, strict=True) if isinstance(w, int) and (
-                    (size >= COPY_SHARE * w and not mod.multiplies(comp, i)) or i.opcode in _MOVES
-                    or (i.opcode == "fusion" and mod.dtype(comp, o) == i.arrays[0][0]))]
+                    i.opcode in _MOVES or moves and (size >= COPY_SHARE * w or (
+                        i.opcode == "fusion" and mod.dtype(comp, o) == i.arrays[0][0])))]
                 prov[comp, i.name] = kept[0] if kept else None
 
     walk(mod.entry, [])
@@ -354,6 +358,8 @@ def decode_loop_ops(hlo: str, *, weight_bytes: int, row_elems: int,
         for i in instrs:
             if (i.opcode in _NO_BUFFER or i.opcode.endswith(("-start", "-update"))
                     or not i.arrays or (where == "hoisted" and i.name not in feeds[comp])):
+                continue
+            if where == "hoisted" and i.space:  # kept in VMEM for the loop: no HBM bytes a step
                 continue
             why = _why(mod, comp, i, prov, row_elems * min_rows)
             if why:
