@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPORT_ENV
 
 from sparseinfer_jax.bench.compile_policy import (
     MAX_EXTRA_LAUNCHES,
@@ -36,7 +37,7 @@ def report(tmp_path, *flags: str, gpu: str = GPU, batches: str = "1,16"
     run = subprocess.run(
         [sys.executable, "-m", "sparseinfer_jax.cli", "compile-report", "--gpu", gpu,
          "--batches", batches, "--json", str(out), *flags],
-        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=1800)
+        capture_output=True, text=True, env=REPORT_ENV, timeout=1800)
     failed = [ln for ln in run.stderr.splitlines() if ln.startswith("FAILED: ")]
     assert run.returncode == (1 if failed else 0), (
         f"report failed:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}")

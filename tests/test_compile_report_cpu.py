@@ -4,11 +4,11 @@ decode loops checked for weight-sized ops (`bench.loop_ops`)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from conftest import REPORT_ENV
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def cpu_report(tmp_path_factory) -> tuple[subprocess.CompletedProcess, list[dict
     run = subprocess.run(
         [sys.executable, "-m", "sparseinfer_jax.cli", "compile-report", "--cpu", "--shape", "tiny",
          "--layers", "2", "--batches", "1,16", "--json", str(out)],
-        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=900)
+        capture_output=True, text=True, env=REPORT_ENV, timeout=900)
     assert run.returncode in (0, 1), run.stderr[-2000:]
     return run, json.loads(out.read_text())
 

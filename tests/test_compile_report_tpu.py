@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from conftest import REPORT_ENV
 
 from sparseinfer_jax.bench.compile_report_tpu import PROGRAM_MODES
 
@@ -29,7 +29,7 @@ def report(tmp_path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "sparseinfer_jax.cli", "compile-report", "--tpu", "v5e",
          "--batches", "1,16", "--json", str(tmp_path / "report.json"), *flags],
-        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=900)
+        capture_output=True, text=True, env=REPORT_ENV, timeout=900)
 
 
 def records(tmp_path, *flags: str) -> list[dict]:

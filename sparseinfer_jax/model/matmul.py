@@ -20,8 +20,10 @@ float16 rounding more, as a float16 model in PyTorch has. So there the dot's res
 widened afterwards, for weights large enough for cuBLAS (`GPU_GEMV_MIN_ELEMS`: a 7b model's every
 projection). There too XLA's dot merger concatenated the weights of dots that share their input
 (q, k and v; gate and up) inside the decode loop, a copy every step: each float16 dot passes its
-rows and weight through an optimization barrier of their own, so no two share an input. Other
-GPUs (Triton GEMMs, no copy) and TPUs keep the plain dot.
+rows and weight through an optimization barrier of their own, so no two share an input. On any
+GPU a one-row dot too small for cuBLAS or Triton that contracts the weight's leading axis (down)
+is padded to two rows, as on the CPU: as a multiply-and-reduce it wrote the whole float32 product.
+Other dots on GPUs (Triton GEMMs, no copy) and TPUs stay plain.
 
 Which device decides is the one programs are built for (`pallas_kernels.backend.target`), so a GPU
 compiled offline on a CPU machine gets the GPU's rule.
@@ -41,6 +43,9 @@ GPU_NATIVE_MIXED_CC = (8, 0)
 # smaller one becomes a multiply-and-reduce fusion that reads float16 as it is with a float32
 # result, and with a float16 one materialised the products of a `[1024, 256]` down projection.
 GPU_GEMV_MIN_ELEMS = 10_000_000
+# Such a fusion over a `[K, N]` weight contracted on K (down) wrote the whole float32 product
+# `[K, N]` before reducing it (a 1024 x 256 down, at the tiny shape, on the H100 and T4 specs), so
+# a one-row input is padded to two there: a matrix product, no reduction.
 
 
 def dot(x: jnp.ndarray, w: jnp.ndarray, contract: int) -> jnp.ndarray:
@@ -51,9 +56,10 @@ def dot(x: jnp.ndarray, w: jnp.ndarray, contract: int) -> jnp.ndarray:
     device = bk.target()
     cc = device.compute_capability if device.platform == "cuda" else None
     out = jnp.float32
-    if n == 1 and w.dtype == jnp.bfloat16 and device.platform == "cpu":
+    if n == 1 and ((w.dtype == jnp.bfloat16 and device.platform == "cpu") or (
+            device.platform in ("cuda", "gpu") and contract == 0 and w.size < GPU_GEMV_MIN_ELEMS)):
         rows = jnp.pad(rows, ((0, 1), (0, 0)))
-    elif cc is not None and cc < GPU_NATIVE_MIXED_CC and w.dtype == x.dtype == jnp.float16:
+    if cc is not None and cc < GPU_NATIVE_MIXED_CC and w.dtype == x.dtype == jnp.float16:
         # Each weight with its own copy of the rows: else XLA's dot merger concatenates the
         # weights of dots that share an input (q, k and v: 96 MiB at 7b; gate and up) inside
         # the loop, every step.
