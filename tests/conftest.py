@@ -37,6 +37,11 @@ def cli_lines(stderr: str) -> str:
                    if not _NATIVE_LOG.match(ln.rstrip("\n")))
 
 
+# The environment of a compile report run as a child process: it compiles what a user runs, at
+# the default matmul precision, not the "highest" set above for float32 comparisons (at
+# "highest" XLA's GPU backend turns small dots into multiply-and-reduce fusions).
+REPORT_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "default"}
+
 TRAIN_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
                           "train_tiny_relu_llama.py")
 # Prompts for the first-run check (sparse greedy decoding against dense on a fresh conversion).

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from conftest import REPORT_ENV
+
+from sparseinfer_jax.bench.compile_report_tpu import PROGRAM_MODES
 
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(
@@ -27,7 +29,7 @@ def report(tmp_path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "sparseinfer_jax.cli", "compile-report", "--tpu", "v5e",
          "--batches", "1,16", "--json", str(tmp_path / "report.json"), *flags],
-        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=900)
+        capture_output=True, text=True, env=REPORT_ENV, timeout=900)
 
 
 def records(tmp_path, *flags: str) -> list[dict]:
@@ -37,13 +39,16 @@ def records(tmp_path, *flags: str) -> list[dict]:
 
 
 def check(recs: list[dict], programs: bool) -> None:
-    assert {r["name"] for r in recs} == KERNELS | ({"generate_dense"} if programs else set())
+    assert {r["name"] for r in recs} == KERNELS | (
+        {f"generate_{m}" for m in PROGRAM_MODES} if programs else set())
     assert {r["batch"] for r in recs} == {1, 16}
     for r in recs:
         assert r["compiled"] and r["error"] is None and r["weight_copies"] == [], r
         assert r["device_kind"] == "TPU v5 lite", r
         if r["kind"] != "program":
             assert r["vmem_bytes"] and all(0 <= v <= MAX_VMEM for v in r["vmem_bytes"].values())
+        else:  # no weight-sized op in the decode loop or hoisted out of it; XLA's byte count
+            assert r["loop_ops"] == [] and r["bytes_accessed"] > 0, r
         if r["name"] == "layer_sign":
             assert set(r["vmem_bytes"]) == {"sign_votes", "tpu_gate", "tpu_up_down"}, r
 

@@ -112,8 +112,10 @@ def _generate_program(state, tokens, pad, follow, temperature, top_p, penalty, k
 
 
 def program_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable,
-                  modes: tuple[str, ...] = ("dense", "sparse")) -> list[Case]:
-    """The whole `generate` (dense prefill + decode loop) per MLP mode, weights abstract."""
+                  modes: tuple[str, ...] = ("dense", "sparse"), backend: str = "auto"
+                  ) -> list[Case]:
+    """The whole `generate` (dense prefill + decode loop) per MLP mode, weights abstract, the
+    sparse MLP on `backend`."""
     cases = []
     prompt, new = requests.bucket(PROMPT_TOKENS), requests.bucket(NEW_TOKENS)
     key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
@@ -121,7 +123,7 @@ def program_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable,
     for mode in modes:
         model = nnx.eval_shape(
             lambda mode=mode: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode,
-                                    backend="auto"))
+                                    backend=backend))
         graphdef, state = nnx.split(model)
         state = jax.tree.map(lambda a: sds(a.shape, a.dtype), state)
         statics = dict(sparsity=model.sparsity, top_k=None,

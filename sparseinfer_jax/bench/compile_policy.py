@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sparseinfer_jax.bench import loop_ops
+
 MAX_REGISTERS = 128
 # Spill bytes per thread a kernel may have. ptxas (at its default level, as XLA runs it) caps
 # registers at an occupancy step and spills a few bytes to reach it: 8-16 bytes at 32-56 registers
@@ -20,8 +22,10 @@ def failures(records: list[dict]) -> list[str]:
     spilled, more than
     MAX_REGISTERS registers, or (at the shapes of real models, `TARGET_SHAPES`) fewer than
     MIN_LIVE_PER_SM programs with work per SM at 10% active; per `generate` program, a sparse
-    decode step launching more than MAX_EXTRA_LAUNCHES kernels a layer beyond the dense one's. XLA's
-    own fusions are XLA's choice: listed in a program's `xla_spills`, not a failure."""
+    decode step launching more than MAX_EXTRA_LAUNCHES kernels a layer beyond the dense one's, and
+    any program whose decode loop copies a weight or widens its rows (`loop_ops`). XLA's own
+    fusions' registers and spills are XLA's choice: listed in a program's `xla_spills`, not a
+    failure."""
     out = []
     for r in records:
         what = f"{r['gpu']} {r['name']} batch {r['batch']}: "
@@ -36,6 +40,7 @@ def failures(records: list[dict]) -> list[str]:
         if r["shape"] in TARGET_SHAPES and live is not None and live < MIN_LIVE_PER_SM:
             out.append(what + f"{live} live programs per SM at 10% active "
                        f"(at least {MIN_LIVE_PER_SM})")
+    out += loop_ops.failures(records, "gpu")
     per_layer = {(r["gpu"], r["batch"], r["name"]): r.get("launches_per_layer") for r in records}
     for (gpu, batch, name), sparse in per_layer.items():
         dense = per_layer.get((gpu, batch, "generate_dense"))

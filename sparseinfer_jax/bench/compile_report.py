@@ -53,7 +53,8 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels import backend as bk
 from pallas_kernels.gpu.triton_check import TRITON_CALL_TARGET
 from sparseinfer_jax.bench.compile_cases import Case, kernel_cases, layer_case, program_cases
-from sparseinfer_jax.bench.gpu_spec import GpuSpec, gpu_spec
+from sparseinfer_jax.bench.gpu_spec import GpuSpec, gpu_spec, run_dtype
+from sparseinfer_jax.bench.loop_ops import loop_ops, thresholds
 from sparseinfer_jax.bench.occupancy import live_per_sm, resident_programs
 from sparseinfer_jax.bench.shapes import shape_config
 from sparseinfer_jax.bench.toolchain import (
@@ -82,9 +83,10 @@ def _abstract(sharding, shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
-def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
+def compile_case(case: Case, spec: GpuSpec, ptxas: str, loop: dict | None = None) -> dict:
     """Compiles one case for `spec`'s GPU; the record's launch and usage fields (None when the
-    compile failed)."""
+    compile failed), and for a program with `loop` (`loop_ops.thresholds`) its decode loop's
+    weight-sized ops (`loop_ops`)."""
     rec: dict[str, Any] = dict(name=case.name, kind=case.kind, compiled=False, error=None,
                                registers=None, spill_bytes=None, grid=None, threads=None,
                                shared_bytes=None, kernels=None, triton_calls=None)
@@ -92,7 +94,7 @@ def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
         try:
             lowered = jax.jit(case.fn).trace(*case.args).lower()
             rec["triton_calls"] = lowered.as_text().count(TRITON_CALL_TARGET)
-            lowered.compile(COMPILE_OPTIONS | {"xla_dump_to": dump})
+            compiled = lowered.compile(COMPILE_OPTIONS | {"xla_dump_to": dump})
             usage, runs = ptxas_usage(dump, ptxas), launches(dump)
             loops = []
             for path in glob.glob(os.path.join(dump, "*thunk_sequence.txt")):
@@ -119,6 +121,8 @@ def compile_case(case: Case, spec: GpuSpec, ptxas: str) -> dict:
         rec["xla_spills"] = {k: u["spill_bytes"] for k, u in usage.items()
                              if k not in ours and u["spill_bytes"]}
         rec["decode_launches"] = max((n for n in loops if n is not None), default=None)
+        if loop is not None and case.kind == "program":
+            rec["loop_ops"] = loop_ops(compiled, loop)
     return rec
 
 
@@ -163,18 +167,20 @@ def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None =
                 warnings.simplefilter("ignore", RuntimeWarning)
                 choice = bk.choose("auto")
             log(f"{spec.name:<13}{choice.line()}")
+            dt = run_dtype(spec, dtype)  # a T4's models run in float16
+            loop = thresholds(cfg, dtypes.DTYPES[dt])
             for batch in batches:
-                cases = [layer_case(cfg, batch, dtypes.DTYPES[dtype], sds)]
+                cases = [layer_case(cfg, batch, dtypes.DTYPES[dt], sds)]
                 if choice.path == "pallas":  # else auto runs none of them on this GPU
-                    cases += kernel_cases(cfg, batch, dtypes.DTYPES[dtype], sds,
+                    cases += kernel_cases(cfg, batch, dtypes.DTYPES[dt], sds,
                                           pack_weights=batch == batches[0])
                 if programs:
-                    cases += program_cases(cfg, batch, dtypes.DTYPES[dtype], sds)
+                    cases += program_cases(cfg, batch, dtypes.DTYPES[dt], sds)
                 done = []
                 for case in cases:
                     rec = dict(gpu=spec.name, device_kind=spec.device_kind, shape=shape,
-                               layers=cfg.num_hidden_layers, dtype=dtype, batch=batch,
-                               path=choice.path, **compile_case(case, spec, ptxas))
+                               layers=cfg.num_hidden_layers, dtype=dt, batch=batch,
+                               path=choice.path, **compile_case(case, spec, ptxas, loop))
                     if case.live is not None and rec["compiled"]:
                         rec.update(live_per_sm(case.live, spec, cfg.intermediate_size))
                     if rec["kind"] != "program":
@@ -182,7 +188,7 @@ def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None =
                     done.append(rec)
                 programs_done = [r for r in done if r["kind"] == "program"]
                 if programs_done:
-                    launches_per_layer(cfg, shape, batch, dtypes.DTYPES[dtype], sds, spec, ptxas,
+                    launches_per_layer(cfg, shape, batch, dtypes.DTYPES[dt], sds, spec, ptxas,
                                        programs_done)
                     for rec in programs_done:
                         log(format_row(rec))
@@ -191,7 +197,8 @@ def run(gpus: list[str], shape: str, batches: list[int], *, layers: int | None =
 
 
 HEADER = (f"{'gpu':<13}{'batch':>5}  {'name':<24}{'ok':>3}{'regs':>6}{'spill':>6}"
-          f"{'grid':>16}{'thr':>5}{'smem':>7}{'res/SM':>7}{'live/SM 5%':>11}{'10%':>7}{'20%':>7}")
+          f"{'grid':>16}{'thr':>5}{'smem':>7}{'res/SM':>7}{'live/SM 5%':>11}{'10%':>7}{'20%':>7}"
+          f"{'loop ops':>9}")
 
 
 def format_row(r: dict) -> str:
@@ -206,4 +213,5 @@ def format_row(r: dict) -> str:
             f"{cell(r['spill_bytes']):>6}{grid:>16}{cell(r['threads']):>5}"
             f"{cell(r['shared_bytes']):>7}{cell(r.get('resident_per_sm')):>7}"
             f"{cell(r.get('live_per_sm_5')):>11}{cell(r.get('live_per_sm_10')):>7}"
-            f"{cell(r.get('live_per_sm_20')):>7}")
+            f"{cell(r.get('live_per_sm_20')):>7}"
+            f"{cell(len(r['loop_ops']) if 'loop_ops' in r else None):>9}")

@@ -15,11 +15,13 @@ pipeline buffers shrink then), and every XLA op whose result is as large as a we
 (`weight_copies`): a re-layout of a whole weight before a kernel that reads a tenth of it. Such
 a copy, or a failed compile, fails the report. The kernels' work follows the active count at run
 time, so one compile serves every sparsity; the record adds the bytes a layer reads at
-`ACTIVE` of the neurons active for scale.
+`ACTIVE` of the neurons active for scale. A `generate` program's record holds its decode loop's
+weight-sized ops instead (`loop_ops`, in the loop or hoisted out of it: any fails the report) and
+the bytes XLA's own cost analysis says the program accesses (`bytes_accessed`); a sparse program
+accessing as many bytes as the dense one fails it too.
 
-The sparse generate program needs the model to run the TPU op on TPU-laid weights
-(`pallas_kernels.tpu_gather.tpu_rows`); until then the report compiles the kernels and the dense
-program.
+The programs compiled are `PROGRAM_MODES`: the sparse one joins once the model runs the TPU op on
+TPU-laid weights (`pallas_kernels.tpu_gather.tpu_rows`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from pallas_kernels.tpu.gather import tpu_gate, tpu_up_down
 from pallas_kernels.tpu.layer import sparse_mlp_layer_mosaic
 from pallas_kernels.tpu.predict import tpu_votes
 from sparseinfer_jax.bench.compile_cases import program_cases
+from sparseinfer_jax.bench.loop_ops import failures as loop_ops_failures
+from sparseinfer_jax.bench.loop_ops import loop_ops, thresholds
 from sparseinfer_jax.bench.shapes import shape_config
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model.config import LlamaConfig
@@ -52,6 +56,10 @@ from sparseinfer_jax.model.dtypes import DTYPES
 TOPOLOGIES = {"v5e": "v5e:1x1", "v6e": "v6e:1x1"}
 DEFAULT_TPUS = ("v5e", "v6e")
 ACTIVE = 0.1  # the fraction of neurons for the bytes-read figure
+# The `generate` programs compiled, by MLP mode (`compile_cases.program_cases`), on the path
+# auto takes on a TPU (`backend.choose`), named because here the local CPU would decide auto.
+PROGRAM_MODES = ("dense",)
+PROGRAM_BACKEND = "mosaic"
 FATRELU_THRESHOLD = 0.1
 
 
@@ -155,8 +163,9 @@ def layer_bytes(cfg: LlamaConfig, dtype, active: float) -> int:
     return f * pack.num_words(d) * 4 + 3 * math.ceil(active * f) * row
 
 
-def compile_case(case: Case, weight_bytes: int) -> dict:
-    """Compiles one case for the TPU of the mesh in use; the record's fields."""
+def compile_case(case: Case, weight_bytes: int, loop: dict[str, int]) -> dict:
+    """Compiles one case for the TPU of the mesh in use; the record's fields (`loop`: the
+    thresholds of `loop_ops` for a program's decode loop)."""
     rec: dict[str, Any] = dict(name=case.name, kind=case.kind, compiled=False, error=None,
                                vmem_bytes=None, weight_copies=None, temp_bytes=None)
     try:
@@ -169,6 +178,11 @@ def compile_case(case: Case, weight_bytes: int) -> dict:
     rec["vmem_bytes"] = mosaic_vmem(hlo)
     rec["weight_copies"] = large_xla_ops(hlo, weight_bytes) if case.kind != "program" else []
     rec["temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
+    if case.kind == "program":
+        rec["loop_ops"] = loop_ops(compiled, loop)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost  # a list of one on older jax
+        rec["bytes_accessed"] = int(cost["bytes accessed"])
     missing = set(case.kernels) - set(rec["vmem_bytes"])
     if missing:
         rec["error"] = f"compiled without its Mosaic kernels {sorted(missing)}"
@@ -187,6 +201,7 @@ def run(tpus: list[str], shape: str, batches: list[int], *, layers: int | None =
     check_libtpu()
     meshes = {name: tpu_mesh(name) for name in tpus}
     weight_bytes = cfg.intermediate_size * cfg.hidden_size * jnp.dtype(DTYPES[dtype]).itemsize
+    loop = thresholds(cfg, DTYPES[dtype])
     records = []
     for name, mesh in meshes.items():
         sds = lambda shape, dt, mesh=mesh: jax.ShapeDtypeStruct(  # noqa: E731
@@ -196,20 +211,24 @@ def run(tpus: list[str], shape: str, batches: list[int], *, layers: int | None =
                 cases = kernel_cases(cfg, batch, DTYPES[dtype], sds)
                 if programs:
                     cases += [Case(c.name, c.kind, c.fn, c.args) for c in program_cases(
-                        cfg, batch, DTYPES[dtype], sds, modes=("dense",))]
+                        cfg, batch, DTYPES[dtype], sds, modes=PROGRAM_MODES,
+                        backend=PROGRAM_BACKEND)]
                 for case in cases:
                     rec = dict(tpu=name, device_kind=mesh.devices.flat[0].device_kind,
                                shape=shape, layers=cfg.num_hidden_layers, dtype=dtype,
                                batch=batch, layer_bytes_at_active=layer_bytes(
-                                   cfg, DTYPES[dtype], ACTIVE), **compile_case(case, weight_bytes))
+                                   cfg, DTYPES[dtype], ACTIVE),
+                               **compile_case(case, weight_bytes, loop))
                     records.append(rec)
                     log(format_row(rec))
     return records
 
 
 def failures(records: list[dict]) -> list[str]:
-    """What fails the report: a compile error, a case without its Mosaic kernels, or an XLA op
-    as large as a weight beside the kernels (a re-layout of a whole weight)."""
+    """What fails the report: a compile error, a case without its Mosaic kernels, an XLA op
+    as large as a weight beside the kernels (a re-layout of a whole weight), a decode loop that
+    copies a weight or widens its rows (`loop_ops`), or a sparse program that accesses no fewer
+    bytes than the dense one (XLA's cost analysis)."""
     out = []
     for r in records:
         what = f"{r['tpu']} {r['name']} batch {r['batch']}: "
@@ -217,10 +236,18 @@ def failures(records: list[dict]) -> list[str]:
             out.append(what + str(r["error"]))
         elif r["weight_copies"]:
             out.append(what + f"weight-sized XLA ops {r['weight_copies']}")
+    out += loop_ops_failures(records, "tpu")
+    accessed = {(r["tpu"], r["batch"], r["name"]): r.get("bytes_accessed") for r in records}
+    for (tpu, batch, name), sparse in accessed.items():
+        dense = accessed.get((tpu, batch, "generate_dense"))
+        if name == "generate_sparse" and None not in (sparse, dense) and sparse >= dense:
+            out.append(f"{tpu} generate_sparse batch {batch}: accesses {sparse / 1e9:.2f} GB, "
+                       f"the dense program {dense / 1e9:.2f} GB (XLA's cost analysis)")
     return out
 
 
-HEADER = f"{'tpu':<5}{'batch':>5}  {'name':<16}{'ok':>3}  {'VMEM KiB per Mosaic kernel':<52}copies"
+HEADER = (f"{'tpu':<5}{'batch':>5}  {'name':<16}{'ok':>3}  {'VMEM KiB per Mosaic kernel':<52}"
+          f"copies  {'GB accessed':>11}")
 
 
 def format_row(r: dict) -> str:
@@ -228,5 +255,7 @@ def format_row(r: dict) -> str:
     if not r["compiled"]:
         return f"{r['tpu']:<5}{r['batch']:>5}  {r['name']:<16}  no  {r['error']}"
     vmem = ", ".join(f"{k} {v / 1024:.0f}" for k, v in sorted(r["vmem_bytes"].items())) or "-"
+    copies = len(r["loop_ops"]) if "loop_ops" in r else len(r["weight_copies"])
+    accessed = f"{r['bytes_accessed'] / 1e9:.2f}" if "bytes_accessed" in r else "-"
     return (f"{r['tpu']:<5}{r['batch']:>5}  {r['name']:<16}{'yes':>3}  {vmem:<52}"
-            f"{len(r['weight_copies'])}")
+            f"{copies:>6}  {accessed:>11}")

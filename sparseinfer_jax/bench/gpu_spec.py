@@ -64,3 +64,14 @@ def gpu_spec(name: str) -> GpuSpec:
         threads_per_sm=int(field("threads_per_core_limit")),
         shared_per_sm=int(field("shared_memory_per_core")),
     )
+
+
+# Below this compute capability a GPU has no bfloat16 arithmetic (a T4 is sm_75): XLA widens bf16
+# weights to float32 there, and a model runs in float16 (`model.memory.NO_BF16`).
+BF16_MIN_CC = (8, 0)
+
+
+def run_dtype(spec: GpuSpec, dtype: str) -> str:
+    """The dtype a model of `dtype` runs in on `spec`'s GPU: float16 for bfloat16 below
+    `BF16_MIN_CC`, else `dtype`."""
+    return "float16" if dtype == "bfloat16" and spec.compute_capability < BF16_MIN_CC else dtype

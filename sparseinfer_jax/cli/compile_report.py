@@ -7,7 +7,7 @@ import sys
 
 import jax
 
-from sparseinfer_jax.bench import compile_report_tpu
+from sparseinfer_jax.bench import compile_report_cpu, compile_report_tpu
 from sparseinfer_jax.bench.compile_policy import failures
 from sparseinfer_jax.bench.compile_report import HEADER, check, run
 from sparseinfer_jax.bench.gpu_spec import DEFAULT_GPUS, GPUS
@@ -23,8 +23,9 @@ def command(args: argparse.Namespace) -> int:
         raise UserError(
             f"--batches must be a comma list of integers, got '{args.batches}'.") from None
     tpus = args.tpu.split(",") if args.tpu else []
-    # --tpu alone compiles for the TPUs only (libtpu and the CUDA plugin are separate installs).
-    gpu = args.gpu if args.gpu is not None else "" if tpus else ",".join(DEFAULT_GPUS)
+    # --tpu or --cpu alone compiles for those only (libtpu and the CUDA plugin are separate
+    # installs).
+    gpu = args.gpu if args.gpu is not None else "" if tpus or args.cpu else ",".join(DEFAULT_GPUS)
     gpus = list(GPUS) if gpu == "all" else [g for g in gpu.split(",") if g]
     if gpus:  # bad flags fail before the table starts
         check(gpus, args.shape, batches, args.layers)
@@ -50,6 +51,12 @@ def command(args: argparse.Namespace) -> int:
         tpu_records = compile_report_tpu.run(tpus, args.shape, batches, **settings)
         records += tpu_records
         bad += compile_report_tpu.failures(tpu_records)
+    if args.cpu:
+        print(compile_report_cpu.HEADER, flush=True)
+        cpu_records = compile_report_cpu.run(args.shape, batches, layers=args.layers,
+                                             dtype=args.dtype, log=settings["log"])
+        records += cpu_records
+        bad += compile_report_cpu.failures(cpu_records)
     if args.json:
         write_report(args.json, records, "compile-report")
     for line in bad:
@@ -67,6 +74,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tpu", default=None,
                    help=f"comma list of {', '.join(compile_report_tpu.TOPOLOGIES)}: compile the "
                         "Pallas TPU kernels (needs jax[tpu])")
+    p.add_argument("--cpu", action="store_true",
+                   help="compile the generate programs for this CPU and check their decode loops")
     p.add_argument("--shape", default="7b", help=", ".join(SHAPES))
     p.add_argument("--batches", default="1,4,16", help="comma list of batch sizes")
     p.add_argument("--layers", type=int, default=None,
