@@ -4,7 +4,7 @@ Each path is one jitted function that chains the MLP through `--layers` differen
 the next one, as in `cold_mlp.py`), so every weight row comes from memory as in a decode step.
 The paths run in turn within each repeat (the order rotates), and each repeat gives one ratio per
 pair, so a shared machine's drift between repeats cancels; the medians of those ratios are what to
-read. Paths (`--paths`): dense, the model's dense MLP (its `matmul.dot`); xla, portable and
+read. Paths (`--paths`): dense, the model's dense MLP (`quant.float_dot`); xla, portable and
 pallas = `sparse_mlp_layer` on that backend (the chunk loop, the bucketed XLA path, the Triton
 kernels: a GPU only).
 
@@ -23,10 +23,10 @@ import numpy as np
 
 import pallas_kernels as pk
 from pallas_kernels.contract import activate
+from pallas_kernels.quant import float_dot as dot
 from sparseinfer_jax.bench.alphas import alpha_keeping
 from sparseinfer_jax.bench.shapes import DTYPES, shape_config
 from sparseinfer_jax.bench.timing import time_calls
-from sparseinfer_jax.model.matmul import dot
 
 DTYPES = {**DTYPES, "float16": jnp.float16}
 

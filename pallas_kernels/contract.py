@@ -42,21 +42,24 @@ def activate(z: jnp.ndarray, activation: str, threshold: float) -> jnp.ndarray:
 
 
 def matmul_t(x: jnp.ndarray, w: jnp.ndarray, precision=None) -> jnp.ndarray:
-    """`x: [B, D]` times `w: [K, D]` transposed -> `[B, K]` float32 (mixed dtypes promoted)."""
+    """`x: [B, D]` times `w: [K, D]` transposed -> `[B, K]` float32. With a `precision` (the
+    references) mixed dtypes are promoted; else by `quant.float_dot`'s rule, x cast to a 16-bit
+    weight's dtype, so no float32 copy of the weight is made."""
+    if precision is None:
+        return quant.matmul_t(x, w, None)
     dt = jnp.promote_types(x.dtype, w.dtype)
     return lax.dot_general(x.astype(dt), w.astype(dt), (((1,), (1,)), ((), ())),
                            precision=precision, preferred_element_type=jnp.float32)
 
 
 def matmul(h: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """`h: [B, K]` float32 times `w: [K, D]` -> `[B, D]` float32, contracting w's leading axis.
+    """`h: [B, K]` float32 times `w: [K, D]` -> `[B, D]` float32, contracting w's leading axis
+    (`quant.float_dot`'s rule: h cast to a 16-bit weight's dtype).
 
     w's rows stay contiguous: a contraction over its last axis (`w.T`) made XLA CPU read the
     matrix in a transposed, cache-hostile order (10-30x slower at 1B shapes, measured).
     """
-    dt = jnp.promote_types(h.dtype, w.dtype)
-    return lax.dot_general(h.astype(dt), w.astype(dt), (((1,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+    return quant.matmul(h, w, None)
 
 
 def out_dtype(x: jnp.ndarray, down_t: jnp.ndarray) -> jnp.dtype:

@@ -11,7 +11,7 @@ from kernel_cases import FATRELU_THRESHOLD, act_numpy, as_dtype, assert_close
 
 from pallas_kernels import pack_sign_bits_numpy, threshold
 from pallas_kernels.signmag import quantise
-from pallas_kernels.xla.portable import bucket, capacities, sparse_mlp_layer_portable
+from pallas_kernels.xla.portable import DENSE_ABOVE, bucket, capacities, sparse_mlp_layer_portable
 
 # A value no used row holds: a row the op should not use that leaks into a sum shows at once.
 POISON = {jnp.float32: 1e30, jnp.bfloat16: 1e30, jnp.float16: 6e4}
@@ -128,7 +128,7 @@ def test_capacities_hold_every_count():
     for f in (1, 7, 45, 200, 5632, 11008):
         caps = capacities(f)
         assert caps[-1] == f and list(caps) == sorted(set(caps)) and caps[0] >= 1
-        assert len(caps) == 1 or caps[-2] == int(0.5 * f)
+        assert len(caps) == 1 or caps[-2] == int(DENSE_ABOVE * f)
         for count in {0, 1, f // 3, f // 2, f // 2 + 1, f - 1, f} & set(range(f + 1)):
             k = int(bucket(jnp.int32(count), caps))
             assert caps[k] >= count and (k == 0 or caps[k - 1] < count)

@@ -1,4 +1,4 @@
-"""matmul.dot against a float32 einsum, and the CPU program it compiles to (no float32 weights)."""
+"""quant.float_dot against a float32 einsum, and the programs it compiles to (no f32 weights)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import backend as bk
+from pallas_kernels.quant import GPU_GEMV_MIN_ELEMS
+from pallas_kernels.quant import float_dot as dot
 from sparseinfer_jax.bench.loop_ops import decode_loop_ops
-from sparseinfer_jax.model.matmul import GPU_GEMV_MIN_ELEMS, dot
 
 # bf16 inputs, float32 accumulation: only the summation order differs from the reference.
 TOL = {jnp.bfloat16: 1e-5, jnp.float32: 1e-5}

@@ -17,7 +17,7 @@ The two stages of the chunk loop (`chunk_loop.py`), with the same bytes:
     stage 2: up and down rows of the fired, one gather each at the bucket of `fired` -> [B, D]
 
 The largest bucket is F itself and runs densely (a matvec reads all rows faster than a gather);
-above `dense_above` of F a stage is dense, as in the chunk loop (`chunk_loop.DENSE_ABOVE`).
+above `dense_above` of F a stage is dense (`DENSE_ABOVE`, below the chunk loop's half: see there).
 Products and sums are float32 whatever the weights' dtype (bfloat16, float16, float32).
 Reference the tests compare it against: the rule in numpy, as `layer.layer_reference` computes it.
 """
@@ -33,8 +33,12 @@ from jax import lax
 
 from pallas_kernels import contract, quant
 from pallas_kernels.contract import activate
-from pallas_kernels.xla.chunk_loop import DENSE_ABOVE
 
+# Above this share of F a stage computes densely. Below the chunk loop's 0.5: with more than one
+# row (a batch, or a dot cuBLAS takes) XLA writes a bucket's gathered rows out before the product
+# reads them back, so a bucket of F/2 rows moves about as many bytes as the dense product (the
+# compile report's loop check flagged those gathers at half a weight on the T4 spec).
+DENSE_ABOVE = 0.375
 # Buckets: SMALLEST rows, then each RATIO times the last, up to dense_above * F, then F (dense).
 # A ratio of 2 gathers at most twice the live rows (the extra ones are the one cached padding row,
 # so on a GPU they cost L2 reads, not HBM) and keeps a 7b layer at 9 branches a stage.

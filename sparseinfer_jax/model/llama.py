@@ -21,7 +21,6 @@ from flax import nnx
 
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.model.config import LlamaConfig
-from sparseinfer_jax.model.matmul import dot
 from sparseinfer_jax.model.mlp import MLP, Sparsity
 from sparseinfer_jax.model.positions import causal_inputs
 from sparseinfer_jax.model.quant import dot as qdot
@@ -243,7 +242,7 @@ class Llama(nnx.Module):
         """Final norm and LM head: `[B, T, D]` -> `[B, T, V]` float32."""
         x = self.norm(x)
         if self.config.tie_word_embeddings:
-            return dot(x, self.embed_tokens.embedding[...], 1)
+            return qdot(x, self.embed_tokens.embedding[...], None, 1)
         head = self.lm_head
         scale = None if head.weight_scale is None else head.weight_scale[...]
         return qdot(x, head.weight[...], scale, 1)

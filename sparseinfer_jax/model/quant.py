@@ -19,7 +19,6 @@ from flax import nnx
 
 from pallas_kernels import quant as pq
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.model import matmul
 
 SCHEMES = pq.SCHEMES
 SCALE_SUFFIX = "_scale"
@@ -85,10 +84,10 @@ def quantized_param(w: jnp.ndarray, quantize: str | None):
 
 
 def dot(x: jnp.ndarray, w: jnp.ndarray, scale: jnp.ndarray | None, contract: int) -> jnp.ndarray:
-    """`matmul.dot` for a float weight (`scale` None), else the int8 product with per-row scales
-    (`pallas_kernels.quant.dot`): `x: [..., K]` -> `[..., N]` float32."""
+    """`pallas_kernels.quant.float_dot` for a float weight (`scale` None), else the int8 product
+    with per-row scales (`pallas_kernels.quant.dot`): `x: [..., K]` -> `[..., N]` float32."""
     if scale is None:
-        return matmul.dot(x, w, contract)
+        return pq.float_dot(x, w, contract)
     rows = x.reshape(-1, x.shape[-1])
     y = pq.dot(rows, w, scale, contract)
     return y.reshape(*x.shape[:-1], y.shape[-1])
