@@ -16,6 +16,7 @@ from pallas_kernels import pack
 from pallas_kernels.gpu import chain, masked_down, predict, predict_gate_up, signmag
 from pallas_kernels.gpu import pack as gpu_pack
 from sparseinfer_jax.bench.shapes import PROMPT_TOKENS
+from sparseinfer_jax.model import layout
 from sparseinfer_jax.model.config import LlamaConfig
 from sparseinfer_jax.model.llama import Llama
 from sparseinfer_jax.runtime import generation, requests
@@ -124,6 +125,7 @@ def program_cases(cfg: LlamaConfig, batch: int, dtype, sds: Callable,
         model = nnx.eval_shape(
             lambda mode=mode: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), mode=mode,
                                     backend=backend))
+        layout.lay_out(model)  # as `load` leaves it: the TPU kernels' layout where they run
         graphdef, state = nnx.split(model)
         state = jax.tree.map(lambda a: sds(a.shape, a.dtype), state)
         statics = dict(sparsity=model.sparsity, top_k=None,

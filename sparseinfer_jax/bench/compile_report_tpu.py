@@ -20,8 +20,8 @@ weight-sized ops instead (`loop_ops`, in the loop or hoisted out of it: any fail
 the bytes XLA's own cost analysis says the program accesses (`bytes_accessed`); a sparse program
 accessing as many bytes as the dense one fails it too.
 
-The programs compiled are `PROGRAM_MODES`: the sparse one joins once the model runs the TPU op on
-TPU-laid weights (`pallas_kernels.tpu_gather.tpu_rows`).
+The programs compiled are `PROGRAM_MODES`, each with the model's MLP weights in the TPU kernels'
+layout, as `load` leaves them on a TPU (`sparseinfer_jax.model.layout`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ DEFAULT_TPUS = ("v5e", "v6e")
 ACTIVE = 0.1  # the fraction of neurons for the bytes-read figure
 # The `generate` programs compiled, by MLP mode (`compile_cases.program_cases`), on the path
 # auto takes on a TPU (`backend.choose`), named because here the local CPU would decide auto.
-PROGRAM_MODES = ("dense",)
+PROGRAM_MODES = ("dense", "sparse")
 PROGRAM_BACKEND = "mosaic"
 FATRELU_THRESHOLD = 0.1
 

@@ -8,7 +8,7 @@ import sys
 import jax
 
 from sparseinfer_jax.bench import compile_report_cpu, compile_report_tpu
-from sparseinfer_jax.bench.compile_policy import failures
+from sparseinfer_jax.bench.compile_policy import failures, notes
 from sparseinfer_jax.bench.compile_report import HEADER, check, run
 from sparseinfer_jax.bench.gpu_spec import DEFAULT_GPUS, GPUS
 from sparseinfer_jax.bench.shapes import DTYPES, SHAPES
@@ -46,6 +46,8 @@ def command(args: argparse.Namespace) -> int:
         print(HEADER, flush=True)
         records += run(gpus, args.shape, batches, **settings)
         bad += failures(records)
+        for line in notes(records):
+            print(f"note: {line}", flush=True)
     if tpus:
         print(compile_report_tpu.HEADER, flush=True)
         tpu_records = compile_report_tpu.run(tpus, args.shape, batches, **settings)
