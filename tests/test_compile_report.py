@@ -46,8 +46,7 @@ def report(tmp_path, *flags: str, gpu: str = GPU, batches: str = "1,16"
 
 KERNELS = {"pack_sign_bits", "predict_gate_up_sign", "predict_gate_up_signmag",
            "predict_gate_up_mask", "masked_down", "masked_down_atomic", "sign_predict",
-           "signmag_predict", "chain_sparse_gate_up_relu", "chain_sparse_gate_up_fatrelu",
-           "chain_sparse_down"}
+           "signmag_predict", "chain_gate_up_relu", "chain_gate_up_fatrelu", "chain_down"}
 
 
 def check(records: list[dict], shape: str, programs: bool) -> None:
