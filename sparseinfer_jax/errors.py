@@ -111,6 +111,25 @@ def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
     os.remove(probe)
 
 
+def unreadable(path: str | os.PathLike, e: OSError) -> UserError:
+    """The one-line error for a file or folder that exists but cannot be read (its mode, its
+    owner, an I/O error): names it, says why, and that it is not damaged."""
+    return UserError(f"cannot read {os.fspath(path)} ({e.strerror or e}); make it readable "
+                     "(chmod u+r, or run as its owner) and try again.")
+
+
+def check_readable(path: str | os.PathLike) -> None:
+    """Raises `unreadable` unless the file `path` can be opened for reading (tried: root ignores
+    mode bits). A missing file is left to the caller's own message."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise unreadable(path, e) from None
+
+
 # What an output file of ours holds, so that a later run may replace it: the JSON reports carry
 # `written_by` ("sparseinfer <command>", `write_report`), matplotlib stamps its plots.
 _OUR_MARKS = (b"sparseinfer", b"Matplotlib")

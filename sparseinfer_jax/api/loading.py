@@ -40,10 +40,18 @@ log = logging.getLogger(__name__)
 Path = tuple  # a params path: ("layers", 3, "mlp", "gate")
 
 
-def _dtype(name) -> jnp.dtype:
-    if name is None or not isinstance(name, str):
-        return name
-    return dtypes.lookup(name)
+def _dtype(name) -> np.dtype | None:
+    """The dtype `load` was given (a name or a dtype), one a model runs in; None for none."""
+    if name is None or isinstance(name, str):
+        return None if name is None else dtypes.lookup(name)
+    try:
+        dtype = np.dtype(jnp.dtype(name))
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype not in dtypes.DTYPES.values():
+        shown = getattr(name, "__name__", None) or repr(name)  # jnp.int8 as "int8"
+        raise UserError(f"dtype must be one of {', '.join(dtypes.DTYPES)}, got {shown}.")
+    return dtype
 
 
 def _flat(tree: dict[Any, Any], prefix: Path = ()) -> dict[Path, Any]:

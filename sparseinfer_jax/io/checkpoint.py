@@ -31,7 +31,9 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparseinfer_jax.errors import UserError, check_writable_folder, size_text
 from sparseinfer_jax.io import params
@@ -70,7 +72,8 @@ def restore_params(path: str | os.PathLike, abstract: dict[Path, Any], *, dtype:
     jax.ShapeDtypeStruct}` with shardings: see `params.restore`).
 
     The stored tree is checked against `abstract` first, from orbax's metadata: the same paths
-    and shapes, floats stored as `dtype` (the block's) and the rest as uint32.
+    and shapes, floats stored as `dtype` (the block's) and the rest as uint32; the restored floats
+    must be finite.
     """
     folder = _params_folder(path)
 
@@ -93,7 +96,24 @@ def restore_params(path: str | os.PathLike, abstract: dict[Path, Any], *, dtype:
         name = ".".join(str(k) for k in missing[0])
         raise UserError(f"the checkpoint {path} has no tensor '{name}'; convert the model again "
                         "with sparseinfer-convert.")
-    return params.restore(folder, abstract, error=damaged, found=stored)
+    arrays = params.restore(folder, abstract, error=damaged, found=stored)
+    bad = _non_finite(arrays)
+    if bad is not None:
+        raise damaged(f"tensor '{'.'.join(str(k) for k in bad)}' holds NaN or infinite values")
+    return arrays
+
+
+def _non_finite(arrays: dict[Path, Any]) -> Path | None:
+    """The first floating array holding a NaN or an infinity (the converter writes only finite
+    ones, so such an array was overwritten since), or None; one compiled pass over the weights,
+    on their devices."""
+    names = [p for p, x in arrays.items() if jnp.issubdtype(x.dtype, jnp.floating)]
+    if not names:
+        return None
+    finite = jax.jit(lambda xs: jnp.stack([jnp.isfinite(x).all() for x in xs]))(
+        [arrays[p] for p in names])
+    finite = np.asarray(finite.addressable_data(0)) if isinstance(finite, jax.Array) else finite
+    return next((p for p, ok in zip(names, finite, strict=True) if not ok), None)
 
 
 @dataclasses.dataclass(frozen=True)
