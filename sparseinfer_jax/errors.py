@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
@@ -130,16 +131,28 @@ def check_readable(path: str | os.PathLike) -> None:
         raise unreadable(path, e) from None
 
 
-# What an output file of ours holds, so that a later run may replace it: the JSON reports carry
-# `written_by` ("sparseinfer <command>", `write_report`), matplotlib stamps its plots.
-_OUR_MARKS = (b"sparseinfer", b"Matplotlib")
+# The mark of an output file of ours, so that a later run may replace it: the first field of a
+# JSON report (of each record in a list), and a tEXt chunk of a PNG (`write_report`,
+# `write_plot`).
+MARK_FIELD = "written_by"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_KEYWORD = b"Comment"
+# A report of ours is far below this; a larger file is not parsed to find out.
+_REPORT_LIMIT = 256 * 2**20
+
+
+def _mark(command: str) -> str:
+    return f"sparseinfer {command}"
 
 
 def check_output_file(path: str | os.PathLike, flag: str, *, inputs=()) -> None:
     """Raises UserError unless `path` can be written as a new file, or replaces a report or plot
-    this tool wrote before: not a folder, not one of `inputs` (files, or folders whose files are
-    inputs), in an existing, writable folder. Call it before the work that produces the file."""
+    this tool wrote before (`_written_here`): not a folder, not one of `inputs` (files, or folders
+    whose files are inputs), in an existing, writable folder. Call it before the work that
+    produces the file."""
     path = os.fspath(path)
+    if not path.strip():
+        raise UserError(f"{flag} is empty; give a file name.")
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder; give a file name.")
     real = os.path.realpath(path)
@@ -148,7 +161,7 @@ def check_output_file(path: str | os.PathLike, flag: str, *, inputs=()) -> None:
         if real == inside or real.startswith(inside.rstrip(os.sep) + os.sep):
             raise UserError(f"{flag} {path} would overwrite the input {given}; "
                             "choose another path.")
-    if os.path.isfile(path) and not _written_here(path):
+    if os.path.lexists(path) and not _written_here(path):
         raise UserError(f"{flag} {path} exists and was not written by sparseinfer; choose "
                         "another path, or remove it first.")
     parent = os.path.dirname(os.path.abspath(path))
@@ -159,13 +172,54 @@ def check_output_file(path: str | os.PathLike, flag: str, *, inputs=()) -> None:
 
 
 def _written_here(path: str) -> bool:
-    """Whether the file looks like a report or plot of ours (`_OUR_MARKS`), read up to 64 MiB."""
+    """Whether `path` is a plain file this tool wrote: a JSON report whose every record starts
+    with our `MARK_FIELD`, or a PNG carrying our tEXt chunk. Anything else (a script that
+    imports this package, a user's own matplotlib figure) is not."""
+    if not os.path.isfile(path) or os.path.islink(path):
+        return False
     try:
         with open(path, "rb") as f:
-            head = f.read(64 * 2**20)
-    except OSError:
+            if f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE:
+                return _png_mark(f) is not None
+        if os.path.getsize(path) > _REPORT_LIMIT:
+            return False
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
         return False
-    return any(mark in head for mark in _OUR_MARKS)
+    records = report if isinstance(report, list) and report else [report]
+    return all(isinstance(r, dict) and next(iter(r), None) == MARK_FIELD
+               and str(r[MARK_FIELD]).startswith(_mark("")) for r in records)
+
+
+def _png_mark(f) -> str | None:
+    """Our mark in the PNG `f` (read past its signature), from the tEXt chunks before its image
+    data, or None."""
+    while True:
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        size, kind = int.from_bytes(head[:4], "big"), head[4:]
+        if kind in (b"IDAT", b"IEND") or size > 2**16:
+            return None
+        data = f.read(size)
+        f.read(4)  # the chunk's CRC
+        keyword, _, text = data.partition(b"\0")
+        ours = f"written by {_mark('')}".encode("latin-1")
+        if kind == b"tEXt" and keyword == _PNG_KEYWORD and text.startswith(ours):
+            return text.decode("latin-1")
+
+
+def _stamp_png(path: str, command: str) -> None:
+    """Adds our tEXt chunk to the PNG at `path`, right after its header chunk (IHDR)."""
+    with open(path, "rb") as f:
+        png = f.read()
+    end_of_header = len(_PNG_SIGNATURE) + 8 + int.from_bytes(png[8:12], "big") + 4
+    data = _PNG_KEYWORD + b"\0" + f"written by {_mark(command)}".encode("latin-1")
+    chunk = (len(data).to_bytes(4, "big") + b"tEXt" + data
+             + zlib.crc32(b"tEXt" + data).to_bytes(4, "big"))
+    with open(path, "wb") as f:
+        f.write(png[:end_of_header] + chunk + png[end_of_header:])
 
 
 def check_distinct_outputs(**paths: str | None) -> None:
@@ -199,10 +253,22 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
 def write_report(path: str | os.PathLike, report: dict | list[dict], command: str, *,
                  indent: int = 1) -> None:
     """Writes a command's JSON report to `path` whole (`atomic_file`), marked as written by
-    `sparseinfer <command>` (a dict at its top, a list of records in each) so that a later run
-    may replace it (`check_output_file`)."""
-    mark = {"written_by": f"sparseinfer {command}"}
+    `sparseinfer <command>` (`MARK_FIELD` first in a dict, and in each record of a list) so that a
+    later run may replace it (`check_output_file`)."""
+    mark = {MARK_FIELD: _mark(command)}
     marked = {**mark, **report} if isinstance(report, dict) else [{**mark, **r} for r in report]
     with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(marked, f, indent=indent)
         f.write("\n")
+
+
+def write_plot(path: str | os.PathLike, draw: Callable[[str], None], command: str) -> None:
+    """Writes a command's plot to `path` whole: `draw(tmp)` saves the figure (its format by the
+    suffix); a PNG is marked as written by `sparseinfer <command>`, so that a later run may
+    replace it (other formats carry no mark of ours and are never replaced)."""
+    with atomic_file(path) as tmp:
+        draw(tmp)
+        with open(tmp, "rb") as f:
+            png = f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE
+        if png:
+            _stamp_png(tmp, command)

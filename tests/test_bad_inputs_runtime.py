@@ -153,6 +153,16 @@ CASES = [
      "was not written by sparseinfer", 2),
     ("eval --plot onto a file it did not write", [*EV, "--plot", "{tmp}/text.txt"],
      "was not written by sparseinfer", 2),
+    # Issue 30: only a report or PNG this tool wrote is replaced, not a file that mentions it.
+    ("eval --json onto a script importing sparseinfer_jax",
+     [*EV, "--modes", "dense", "--json", "{tmp}/my_experiment.py"],
+     "was not written by sparseinfer", 2),
+    ("eval --json onto JSON naming sparseinfer elsewhere",
+     [*EV, "--modes", "dense", "--json", "{tmp}/mine.json"], "was not written by sparseinfer", 2),
+    ("eval --plot onto notes mentioning Matplotlib", [*EV, "--plot", "{tmp}/notes.pdf"],
+     "was not written by sparseinfer", 2),
+    ("eval --plot onto a user's own matplotlib PNG", [*EV, "--plot", "{tmp}/figure.png"],
+     "was not written by sparseinfer", 2),
     ("--json and --plot one file", [*EV, "--json", "{tmp}/r.png", "--plot", "{tmp}/r.png"],
      "name the same file", 2),
     ("eval --plot .txt", [*EV, "--plot", "{tmp}/p.txt"], "matplotlib cannot write .txt", 2),
@@ -211,6 +221,14 @@ def folder(tmp_path):
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
     (tmp_path / "one.txt").write_text("a")
     (tmp_path / "text.txt").write_text(open(TEXT).read())
+    (tmp_path / "my_experiment.py").write_text("import sparseinfer_jax\n")
+    (tmp_path / "mine.json").write_text('{"results": [1, 2], "written_by": "sparseinfer eval"}')
+    (tmp_path / "notes.pdf").write_text("%PDF-1.4 notes: the figures came from Matplotlib\n")
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    Figure().savefig(tmp_path / "figure.png")
     return tmp_path
 
 
@@ -495,7 +513,7 @@ def test_a_damaged_compile_cache_entry_is_replaced(tmp_path):
 def test_a_report_or_plot_written_before_may_be_replaced(tmp_path, kind):
     """Outputs are refused over a user's file but not over this tool's own earlier output, so a
     command can be run again with the same --json / --plot."""
-    from sparseinfer_jax.errors import check_output_file, write_report
+    from sparseinfer_jax.errors import check_output_file, write_plot, write_report
 
     if kind == "json report":
         path = tmp_path / "r.json"
@@ -506,9 +524,8 @@ def test_a_report_or_plot_written_before_may_be_replaced(tmp_path, kind):
         from matplotlib.figure import Figure
 
         path = tmp_path / "p.png"
-        Figure().savefig(path)
+        write_plot(path, Figure().savefig, "eval")
     check_output_file(path, "--json")
-    path.write_bytes(path.read_bytes().replace(b"sparseinfer", b"someone").replace(
-        b"Matplotlib", b"someone"))
+    path.write_bytes(path.read_bytes().replace(b"sparseinfer", b"elsewhere!!"))  # same length
     with pytest.raises(UserError, match="was not written by sparseinfer"):
         check_output_file(path, "--json")
