@@ -34,9 +34,9 @@ def run_command(command: Callable[[], int]) -> int:
 
     UserError: `error: <message>` on stderr, exit 2. Ctrl-C (KeyboardInterrupt): `interrupted`,
     exit 130. Output into a closed pipe (`| head`): nothing, exit 141, as a Unix tool ended by
-    SIGPIPE. Warnings: `warning: <message>`, without Python's source line. None prints a
-    traceback; outputs are written atomically (`atomic_file`), so an interruption leaves nothing
-    half-written.
+    SIGPIPE; onto a full device (`> /dev/full`): one `error:` line, exit 1. Warnings:
+    `warning: <message>`, without Python's source line. None prints a traceback; outputs are
+    written atomically (`atomic_file`), so an interruption leaves nothing half-written.
     """
     default_hook = sys.unraisablehook
 
@@ -56,24 +56,70 @@ def run_command(command: Callable[[], int]) -> int:
 
     sys.unraisablehook = deliver_again
     default_show, warnings.showwarning = warnings.showwarning, one_line
+    stdout = sys.stdout = _Stdout(sys.stdout)
     try:
-        return command()
+        status = command()
+        sys.stdout.flush()  # what is still buffered fails here, not in the interpreter's exit
+        return status
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except _StdoutFailed as e:
+        _discard_stdout()
+        print(f"error: writing to standard output failed ({e.args[0].strerror or e.args[0]}); "
+              "free some space or send the output elsewhere.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT
     except BrokenPipeError:
-        # Whatever is still buffered for stdout would fail again at exit: send it nowhere.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _discard_stdout()
         return BROKEN_PIPE_EXIT
     finally:
+        if sys.stdout is stdout:
+            sys.stdout = stdout.stream
         if sys.unraisablehook is deliver_again:  # else a filter set meanwhile wraps it: kept
             sys.unraisablehook = default_hook
         warnings.showwarning = default_show
+
+
+class _StdoutFailed(Exception):
+    """Writing stdout failed (a full device, an I/O error): the OSError, told apart from one of
+    writing a file."""
+
+
+class _Stdout:
+    """sys.stdout while a command runs: the same stream, whose failed writes (but a closed pipe,
+    its own case) raise `_StdoutFailed`."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise _StdoutFailed(e) from None
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise _StdoutFailed(e) from None
+
+
+def _discard_stdout() -> None:
+    """Whatever is still buffered for stdout would fail again at exit: send it nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def exit_process(status: int) -> NoReturn:
