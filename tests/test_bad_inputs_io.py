@@ -44,7 +44,7 @@ def hf(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def ckpt(hf, tmp_path_factory) -> str:
-    return convert(hf, tmp_path_factory.mktemp("ckpt") / "ckpt")
+    return convert(hf, tmp_path_factory.mktemp("ckpt") / "ckpt", calibrate=False)
 
 
 def snapshot(folder: str) -> dict[str, bytes]:
@@ -389,6 +389,11 @@ CASES = {
                                  "'sparseinfer.dtype' is 'int8', not one of bfloat16", 2),
 }
 
+# Rows whose checkpoint is intact: the failure is elsewhere.
+GOOD_CHECKPOINT = {"out of host memory at load", "no thread left at load",
+                   "device out of memory at load", "XLA error at load",
+                   "checkpoint replaced while loading", "load as int8"}
+
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input(case, hf, ckpt, tmp_path, monkeypatch, capsys):
@@ -413,8 +418,8 @@ def test_bad_input(case, hf, ckpt, tmp_path, monkeypatch, capsys):
     assert last.startswith("error: ") or last == "interrupted", err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) <= 1
     assert re.search(fragment, last.removeprefix("error: ")), last
-    if fragment != DAMAGED and "damaged" not in fragment and "again" not in fragment:
-        assert "convert the model again" not in last  # a good checkpoint is never condemned
+    if case in GOOD_CHECKPOINT:  # never condemned: converting again would not help
+        assert "damaged" not in last and "convert the model again" not in last
     assert {d: snapshot(d) for d in (work, src, ck)} == before  # nothing written, nothing lost
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
