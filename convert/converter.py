@@ -102,6 +102,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
       The absolute path of `out`.
     """
     np_dtype = numpy_dtype(dtype)
+    if not os.fspath(out).strip():
+        raise UserError("the output path is empty; name the checkpoint folder to create.")
     out = os.path.abspath(out)
     checkpoint.check_output(out, overwrite=overwrite)
     folder = resolve_source(src)

@@ -119,6 +119,22 @@ def out_parent_is_a_file(work, src, ckpt):
     return "convert", [src, f"{work}/file/sub/out"]
 
 
+def overwrite_a_checkpoint_holding_notes(work, src, ckpt):
+    open(f"{ckpt}/notes.txt", "w").write("mine")
+    return "convert", [src, ckpt, "--overwrite"]
+
+
+def out_empty(work, src, ckpt):
+    os.chdir(work)  # '' would resolve to here
+    return "convert", [src, ""]
+
+
+def model_is_a_link_loop(work, src, ckpt):
+    loop = os.path.join(os.path.dirname(work), "loop")  # beside work/, which is read back
+    os.symlink(loop, loop)
+    return "api", load_call(loop)
+
+
 def checkpoint_without_overwrite(work, src, ckpt):
     return "convert", [src, ckpt]
 
@@ -283,6 +299,12 @@ CASES = {
     "out is a file, overwrite": (out_is_a_file_overwrite, "is a file, not a checkpoint folder", 2),
     "out is a link to a checkpoint": (out_is_a_link_to_a_checkpoint,
                                       "is a link .*give the folder itself", 2),
+    # Issue 30: what --overwrite would delete, an empty OUT, a link that leads nowhere.
+    "overwrite a checkpoint holding a user's notes": (
+        overwrite_a_checkpoint_holding_notes, r"also holds notes\.txt, which is not part of the "
+        "checkpoint and --overwrite would delete; move it out first", 2),
+    "out empty": (out_empty, "the output path is empty", 2),
+    "model is a loop of links": (model_is_a_link_loop, "is a link that leads nowhere", 2),
     "parent is a file": (out_parent_is_a_file, "is a file, so .* cannot be created", 2),
     "unwritable output": (unwritable_output_folder, r"cannot create .*\(Permission denied\)", 2),
     # 11.2: disk space checked up front, write failures are errors.

@@ -251,6 +251,11 @@ def load(
     if not isinstance(path, (str, os.PathLike)):
         raise UserError(f"load takes a folder path or a hub id, got {path!r}.")
     path = os.fspath(path)
+    if not path.strip():
+        raise UserError("load got an empty path; name a checkpoint folder, or call load() for "
+                        "the shipped model.")
+    if mesh is not None and not isinstance(mesh, (str, Mesh)):
+        raise UserError(f"mesh must be a jax Mesh, None or 'auto', got {mesh!r}.")
     override = alpha is not None
     if checkpoint.claims_converted(path):
         hf, block = checkpoint.read_checkpoint_config(path)

@@ -39,6 +39,7 @@ from sparseinfer_jax.errors import UserError, check_writable_folder, size_text
 from sparseinfer_jax.io import params
 from sparseinfer_jax.io.jsonfile import read_json_object
 from sparseinfer_jax.io.params import Path
+from sparseinfer_jax.io.source import TOKENIZER_FILES
 from sparseinfer_jax.model.config import PREDICTORS
 from sparseinfer_jax.model.dtypes import STORED
 
@@ -49,6 +50,8 @@ OLD_FORMATS = {1: "stacked layers", 2: "attention weights stored as (in, out)",
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 BLOCK_KEY = "sparseinfer"
+# What a checkpoint folder holds (`--overwrite` replaces only these).
+CHECKPOINT_FILES = frozenset({CONFIG_FILE, PARAMS_DIR, *TOKENIZER_FILES})
 # Room kept free beyond the checkpoint's own bytes (config, index, filesystem metadata).
 SPACE_MARGIN = 16 * 2**20
 
@@ -344,6 +347,11 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False) -> None:
                             "replaces a converted checkpoint).")
         if not overwrite:
             raise UserError(f"{out} already exists; pass --overwrite to replace it.")
+        kept = sorted(set(os.listdir(out)) - CHECKPOINT_FILES)
+        if kept:
+            raise UserError(f"{out} also holds {', '.join(kept[:3])}"
+                            f"{', ...' if len(kept) > 3 else ''}, which is not part of the "
+                            "checkpoint and --overwrite would delete; move it out first.")
         return
     parent = os.path.dirname(out)
     while not os.path.lexists(parent):
