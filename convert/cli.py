@@ -7,7 +7,7 @@ import os
 import time
 
 from convert.converter import convert
-from sparseinfer_jax.api.calibrate import calibrate_checkpoint
+from sparseinfer_jax.cli.common import check_platforms
 from sparseinfer_jax.errors import exit_process, run_command
 from sparseinfer_jax.model.dtypes import STORED
 
@@ -48,22 +48,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    out = os.path.abspath(args.out)
-    notes = []
-
-    def finish(tmp: str) -> None:
-        """Says the conversion is done, then calibrates the checkpoint before it becomes OUT."""
-        kind = args.dtype if args.quantize is None else f"{args.quantize} weights, {args.dtype}"
-        print(f"converted {args.src} -> {out} ({kind}, {_folder_size(tmp) / 2**20:.1f} MiB) "
-              f"in {time.perf_counter() - start:.1f} s", flush=True)
-        notes.append(calibrate_checkpoint(tmp, alpha_given=args.alpha is not None,
-                                          calibrate=not args.no_calibrate, progress=True,
-                                          shown_as=out))
-
-    convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, alpha=args.alpha,
-            finish=finish, quantize=args.quantize)
-    if notes[0]:
-        print(notes[0])
+    check_platforms()
+    notes: list[str] = []
+    out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, alpha=args.alpha,
+                  calibrate=not args.no_calibrate, say=notes.append, quantize=args.quantize)
+    # Said once OUT is complete, calibrated and in place: a run that fails never claims it.
+    kind = args.dtype if args.quantize is None else f"{args.quantize} weights, {args.dtype}"
+    print(f"converted {args.src} -> {out} ({kind}, {_folder_size(out) / 2**20:.1f} MiB) "
+          f"in {time.perf_counter() - start:.1f} s", flush=True)
+    for note in notes:
+        print(note)
     return 0
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from sparseinfer_jax.api.calibrate import calibrate_checkpoint
 from sparseinfer_jax.errors import UserError
 from sparseinfer_jax.io import checkpoint, names, params
 from sparseinfer_jax.io.hf import Leaf, leaves, numpy_dtype, open_source
@@ -73,10 +75,10 @@ def _quantized(leaves: Iterator[Leaf], dtype: np.dtype) -> Iterator[Leaf]:
         yield path, x
 
 
-def _write_params(folder: str, count: int, leaves: Iterator[Leaf]) -> None:
+def _write_params(folder: str, count: int, leaves: Iterator[Leaf], progress: bool) -> None:
     """Writes every array of `leaves` once, into the orbax checkpoint `folder`."""
     with params.Writer(folder) as writer, tqdm(total=count, unit="tensor", desc="converting",
-                                               disable=False) as bar:  # notebooks too
+                                               disable=not progress) as bar:
         for path, x in leaves:
             writer.add(path, x)
             bar.update()
@@ -85,14 +87,16 @@ def _write_params(folder: str, count: int, leaves: Iterator[Leaf]) -> None:
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
             overwrite: bool = False, alpha: float | Sequence[float] | None = None,
-            finish: Callable[[str], None] | None = None, quantize: str | None = None) -> str:
-    """Converts a Hugging Face Llama folder (or hub id) into a checkpoint folder at `out`.
+            calibrate: bool = True, progress: bool = True,
+            say: Callable[[str], None] | None = None, quantize: str | None = None) -> str:
+    """Converts a Hugging Face Llama folder (or hub id) into a checkpoint folder at `out`, and
+    calibrates it, as `sparseinfer-convert` does.
 
     Everything is checked before any work: the output path (an existing `out` is replaced only
     when it is a checkpoint this tool wrote and `overwrite` is set), the source's config, tensor
-    names and shapes, its tokenizer, and the free disk space. The checkpoint is written to a
-    temporary sibling folder that becomes `out` only when complete; on any failure (or Ctrl-C)
-    the temporary folder is removed and `out` is left as it was.
+    names and shapes, its tokenizer, and the free disk space. The checkpoint is written and
+    calibrated in a temporary sibling folder that becomes `out` only when complete; on any
+    failure (or Ctrl-C) the temporary folder is removed and `out` is left as it was.
 
     Args:
       src: a local folder with config.json and safetensors, or a hub id `org/name`.
@@ -100,10 +104,13 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
       dtype: "bfloat16" or "float32" for every weight (the sign bits are uint32).
       overwrite: replace an existing checkpoint at `out` (only once the new one is complete).
       alpha: the predictor's alpha, one number or one per layer; default: the source's calibrated
-        `sparseinfer.alpha` when its config.json has one, else 1.0 per layer.
-      finish: called with the temporary folder once the checkpoint is written there, before it
-        becomes `out` (the CLI calibrates there, so an interrupted calibration keeps the old
-        checkpoint).
+        `sparseinfer.alpha` when its config.json has one, else calibrated.
+      calibrate: choose alpha per layer on the built-in text (recall 0.99) when neither `alpha`
+        nor the source gives it (`api.calibrate.calibrate_checkpoint`); False leaves 1.0 per
+        layer unmarked, so a sparse load calibrates in memory, with a warning.
+      progress: progress bars (and the note that calibration starts) on stderr.
+      say: called with the line that says how the checkpoint was calibrated, or why not;
+        default: printed on stderr.
       quantize: None, or "int8": every linear weight stored as int8 with one float32 scale per
         row (`model/quant.py`), quantised from the source's values read as float32; the sign
         bits from the unquantised gate; embeddings and norms in `dtype`.
@@ -117,6 +124,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
     """
     np_dtype = numpy_dtype(dtype)
     quant.check(quantize)
+    if not os.fspath(out).strip():
+        raise UserError("the output path is empty; name the checkpoint folder to create.")
     out = os.path.abspath(out)
     checkpoint.check_output(out, overwrite=overwrite)
     folder = resolve_source(src)
@@ -130,6 +139,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
     # not at the first load.
     source_block = checkpoint.SparseInferBlock.from_json(hf.get(checkpoint.BLOCK_KEY),
                                                          f"{folder}/config.json")
+    alpha_given = alpha is not None
     if alpha is None:  # keep alphas calibrated in the source folder (as `load` does)
         alpha = source_block.alpha
     else:  # the source's marker described its alphas, not these
@@ -143,11 +153,14 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
     with checkpoint.atomic_directory(out, overwrite=overwrite, size=size) as tmp:
         arrays = (leaves(reader, cfg, np_dtype) if quantize is None
                   else _quantized(leaves(reader, cfg, np.dtype(np.float32)), np_dtype))
-        _write_params(os.path.join(tmp, checkpoint.PARAMS_DIR), len(specs), arrays)
+        _write_params(os.path.join(tmp, checkpoint.PARAMS_DIR), len(specs), arrays, progress)
         checkpoint.write_checkpoint_config(tmp, hf, checkpoint.new_block(
             alphas, dtype, source, base=source_block, quantize=quantize))
         for file in copies:
             shutil.copy2(os.path.join(folder, file), os.path.join(tmp, file))
-        if finish is not None:
-            finish(tmp)
+        # In the temporary folder: an interrupted calibration keeps the old checkpoint.
+        note = calibrate_checkpoint(tmp, alpha_given=alpha_given, calibrate=calibrate,
+                                    progress=progress, shown_as=out)
+    if note:
+        (say or (lambda line: print(line, file=sys.stderr)))(note)
     return out

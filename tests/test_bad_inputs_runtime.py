@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import shutil
 import signal
 import socket
 import stat
@@ -26,6 +28,7 @@ from conftest import cli_lines
 from sparseinfer_jax import UserError, generate, load
 from sparseinfer_jax.api.loading import SHIPPED_MODEL
 from sparseinfer_jax.bench import records
+from sparseinfer_jax.bench.gpu_spec import SPECS_DIR as GPU_SPECS
 from sparseinfer_jax.bench.records import Settings
 from sparseinfer_jax.cli.main import main
 from sparseinfer_jax.io.text import token_windows
@@ -102,6 +105,29 @@ CASES = [
      141),
     ("closed pipe, --no-stream", ["pipe", "generate", "--prompt", "Return the", "--no-stream"],
      "", 141),
+    # Issue 30: one line where a traceback was.
+    ("output onto a full device, --stream", ["full", "generate", "--prompt", "x", "--stream"],
+     "error: writing to standard output failed (No space left on device)", 1),
+    ("output onto a full device, --no-stream", ["full", "generate", "--prompt", "x",
+                                                "--no-stream"],
+     "error: writing to standard output failed (No space left on device)", 1),
+    ("JAX_PLATFORMS=cuda without a GPU", ["env:JAX_PLATFORMS=cuda", "generate", "--prompt", "x"],
+     "error: JAX cannot start the platform JAX_PLATFORMS=cuda names", 2),
+    ("JAX_PLATFORMS=tpu without a TPU", ["env:JAX_PLATFORMS=tpu", "generate", "--prompt", "x"],
+     "error: JAX cannot start the platform JAX_PLATFORMS=tpu names", 2),
+    ("JAX_PLATFORMS=rocm without a GPU", ["env:JAX_PLATFORMS=rocm", "generate", "--prompt", "x"],
+     "error: JAX cannot start the platform JAX_PLATFORMS=rocm names", 2),
+    ("compile-report --gpu a binary file", ["compile-report", "--gpu", "{tmp}/binary.txtpb"],
+     "is not text", 2),
+    ("compile-report --gpu core_count abc", ["compile-report", "--gpu", "{tmp}/typed.txtpb"],
+     "field core_count must be a whole number, got 'abc'", 2),
+    ("compile-report --gpu unreadable", ["modes", "compile-report", "--gpu",
+                                         "{tmp}/locked.txtpb"],
+     "error: cannot read GPU spec", 2),
+    ("compile-report --gpu missing file", ["compile-report", "--gpu", "{tmp}/no.txtpb"],
+     "was not found", 2),
+    ("compile-report --gpu ''", ["compile-report", "--gpu="], "--gpu names no GPU", 2),
+    ("compile-report --json ''", ["compile-report", "--json="], "--json is empty", 2),
     ("API seed 2**64", lambda m, t, tmp: generate(m, [[3]], seed=2**64), "seed must be", None),
     ("API seed float", lambda m, t, tmp: generate(m, [[3]], seed=1.5), "seed must be", None),
     ("API float ids", lambda m, t, tmp: generate(m, np.asarray([[3.0, 4.0]])), "integers", None),
@@ -164,6 +190,16 @@ CASES = [
      "was not written by sparseinfer", 2),
     ("eval --plot onto a file it did not write", [*EV, "--plot", "{tmp}/text.txt"],
      "was not written by sparseinfer", 2),
+    # Issue 30: only a report or PNG this tool wrote is replaced, not a file that mentions it.
+    ("eval --json onto a script importing sparseinfer_jax",
+     [*EV, "--modes", "dense", "--json", "{tmp}/my_experiment.py"],
+     "was not written by sparseinfer", 2),
+    ("eval --json onto JSON naming sparseinfer elsewhere",
+     [*EV, "--modes", "dense", "--json", "{tmp}/mine.json"], "was not written by sparseinfer", 2),
+    ("eval --plot onto notes mentioning Matplotlib", [*EV, "--plot", "{tmp}/notes.pdf"],
+     "was not written by sparseinfer", 2),
+    ("eval --plot onto a user's own matplotlib PNG", [*EV, "--plot", "{tmp}/figure.png"],
+     "was not written by sparseinfer", 2),
     ("--json and --plot one file", [*EV, "--json", "{tmp}/r.png", "--plot", "{tmp}/r.png"],
      "name the same file", 2),
     ("eval --plot .txt", [*EV, "--plot", "{tmp}/p.txt"], "matplotlib cannot write .txt", 2),
@@ -199,6 +235,21 @@ CASES = [
     ("API alpha in dense mode", lambda m, t, tmp: generate(m, [[3]], mode="dense", alpha=2.0),
      "dense mode does not use", None),
     ("API load a number", lambda m, t, tmp: load(5), "load takes a folder path", None),
+    # Issue 30's Python API flaws: each a one-line UserError.
+    ("API load empty path", lambda m, t, tmp: load(""), "load got an empty path", None),
+    ("API load alpha 'x'", lambda m, t, tmp: load(alpha="x", mode="sparse"),
+     "alpha must be a positive number", None),
+    ("API load mesh=5", lambda m, t, tmp: load(mesh=5), "mesh must be a jax Mesh", None),
+    ("API model(ids) no tokens", lambda m, t, tmp: m(np.zeros((1, 0), np.int32)),
+     "the model takes 1 to 1024 tokens", None),
+    ("API model(ids) past the positions", lambda m, t, tmp: m(np.ones((1, 1025), np.int32)),
+     "the model takes 1 to 1024 tokens", None),
+    ("API set_alphas wrong length", lambda m, t, tmp: m.set_alphas([1.0]),
+     "alpha must be a positive number or 4", None),
+    ("API set_alphas -1", lambda m, t, tmp: m.set_alphas([-1.0] * 4),
+     "alpha must be a positive number", None),
+    ("API set_alphas nan", lambda m, t, tmp: m.set_alphas([float("nan")] * 4),
+     "alpha must be a positive number", None),
     ("API calibrate on 20 tokens",
      lambda m, t, tmp: calibrate(m, [np.asarray([_ids(20)], np.int32)], target_recall=0.9),
      "at least 64 tokens", None),
@@ -236,6 +287,19 @@ def folder(tmp_path):
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
     (tmp_path / "one.txt").write_text("a")
     (tmp_path / "text.txt").write_text(open(TEXT).read())
+    (tmp_path / "my_experiment.py").write_text("import sparseinfer_jax\n")
+    (tmp_path / "binary.txtpb").write_bytes(bytes(range(256)))
+    h100 = open(os.path.join(GPU_SPECS, "h100.txtpb")).read()
+    (tmp_path / "typed.txtpb").write_text(re.sub(r"core_count: \d+", "core_count: abc", h100))
+    (tmp_path / "locked.txtpb").write_text(h100)
+    os.chmod(tmp_path / "locked.txtpb", 0)
+    (tmp_path / "mine.json").write_text('{"results": [1, 2], "written_by": "sparseinfer eval"}')
+    (tmp_path / "notes.pdf").write_text("%PDF-1.4 notes: the figures came from Matplotlib\n")
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    Figure().savefig(tmp_path / "figure.png")
     return tmp_path
 
 
@@ -272,6 +336,21 @@ def _alone_in_a_job(process_id: str, argv: list[str]) -> tuple[int, str]:
                    JAX_PROCESS_ID=process_id)
     child = subprocess.run([sys.executable, "-m", "sparseinfer_jax.cli", *argv], env=env,
                            capture_output=True, text=True, timeout=120)
+    return child.returncode, cli_lines(child.stderr)
+
+
+def _in_a_child(argv: list[str], env: dict[str, str] | None = None, stdout=subprocess.DEVNULL,
+                modes: bool = False) -> tuple[int, str]:
+    """Runs `sparseinfer ARGV` in a child with `env` added and `stdout`; with `modes`, where file
+    modes apply to it (root ignores them)."""
+    prefix = []
+    if modes and os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root without setpriv: file modes do not apply")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    child = subprocess.run([*prefix, sys.executable, "-m", "sparseinfer_jax.cli", *argv],
+                           env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+                           stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300)
     return child.returncode, cli_lines(child.stderr)
 
 
@@ -336,6 +415,15 @@ def test_bad_input_gives_one_line_before_the_work(case, call, fragment, code, fo
     elif argv[0] == "no-torch":
         request.getfixturevalue("monkeypatch").setitem(sys.modules, "torch", None)
         argv.pop(0)
+    if argv[0] in ("full", "modes") or argv[0].startswith("env:"):
+        first = argv.pop(0)
+        env = dict([first[4:].split("=", 1)]) if first.startswith("env:") else None
+        with open("/dev/full" if first == "full" else os.devnull, "w") as out:
+            status, err = _in_a_child(argv, env, stdout=out, modes=first == "modes")
+        assert status == code and err.startswith(fragment), err[-2000:]
+        assert len(err.strip().splitlines()) == 1
+        assert sorted(os.listdir(tmp)) == before
+        return
     if argv[0] == "pipe":
         status, err = _into_closed_pipe(argv[1:])
         assert status == code and not err.strip(), err[-2000:]  # quiet, as `yes | head`
@@ -350,7 +438,7 @@ def test_bad_input_gives_one_line_before_the_work(case, call, fragment, code, fo
     if "ckpt" in " ".join(argv):
         from convert import convert
 
-        ckpt = convert(SHIPPED_MODEL, os.path.join(tmp, "ckpt"))
+        ckpt = convert(SHIPPED_MODEL, os.path.join(tmp, "ckpt"), calibrate=False)
         capsys.readouterr()
         config = open(os.path.join(ckpt, "config.json")).read()
         before = sorted(os.listdir(tmp))
@@ -520,7 +608,7 @@ def test_a_damaged_compile_cache_entry_is_replaced(tmp_path):
 def test_a_report_or_plot_written_before_may_be_replaced(tmp_path, kind):
     """Outputs are refused over a user's file but not over this tool's own earlier output, so a
     command can be run again with the same --json / --plot."""
-    from sparseinfer_jax.errors import check_output_file, write_report
+    from sparseinfer_jax.errors import check_output_file, write_plot, write_report
 
     if kind == "json report":
         path = tmp_path / "r.json"
@@ -531,9 +619,8 @@ def test_a_report_or_plot_written_before_may_be_replaced(tmp_path, kind):
         from matplotlib.figure import Figure
 
         path = tmp_path / "p.png"
-        Figure().savefig(path)
+        write_plot(path, Figure().savefig, "eval")
     check_output_file(path, "--json")
-    path.write_bytes(path.read_bytes().replace(b"sparseinfer", b"someone").replace(
-        b"Matplotlib", b"someone"))
+    path.write_bytes(path.read_bytes().replace(b"sparseinfer", b"elsewhere!!"))  # same length
     with pytest.raises(UserError, match="was not written by sparseinfer"):
         check_output_file(path, "--json")

@@ -67,7 +67,7 @@ def _measured_recall(path: str, text: str, alpha=None) -> np.ndarray:
 
 def test_calibrate_meets_recall_and_writes_only_alpha(setup, capsys):
     src, root, text = setup
-    ckpt = convert(src, root / "ckpt", dtype="float32")
+    ckpt = convert(src, root / "ckpt", dtype="float32", calibrate=False)
     before = _tree_digest(ckpt)
     hf_before, block_before = checkpoint.read_checkpoint_config(ckpt)
     assert main(["calibrate", ckpt, "--text", text, "--target-recall", str(TARGET)]) == 0
@@ -99,7 +99,7 @@ def test_calibrate_meets_recall_and_writes_only_alpha(setup, capsys):
 
 def test_calibrate_sparsity_target_and_dry_run_writes_nothing(setup, capsys):
     src, root, text = setup
-    ckpt = convert(src, root / "ckpt_dry", dtype="float32")
+    ckpt = convert(src, root / "ckpt_dry", dtype="float32", calibrate=False)
     before = _tree_digest(ckpt)
     argv = ["calibrate", ckpt, "--text", text, "--target-sparsity", "0.3", "--dry-run"]
     assert main(argv) == 0
@@ -130,7 +130,7 @@ def _sparse_perplexity(path: str, text: str, alpha) -> tuple[float, float]:
 
 def test_calibrate_max_ppl_increase_meets_the_budget(setup, capsys):
     src, root, text = setup
-    ckpt = convert(src, root / "ckpt_ppl", dtype="float32")
+    ckpt = convert(src, root / "ckpt_ppl", dtype="float32", calibrate=False)
     chosen = {}
     for budget in ("0", "3"):
         argv = ["calibrate", ckpt, "--text", text, "--max-ppl-increase", budget, "--backend", "xla"]

@@ -90,7 +90,7 @@ def leftovers(parent: str) -> list[str]:
 
 
 def test_round_trip_sharded_float32(sharded, tmp_path):
-    out = convert(sharded, tmp_path / "ckpt", dtype="float32")
+    out = convert(sharded, tmp_path / "ckpt", dtype="float32", calibrate=False)
     assert out == str(tmp_path / "ckpt")
     assert checkpoint.is_checkpoint(out)
     assert_trees_equal(read_params(out), expected_params(sharded))
@@ -120,7 +120,7 @@ def test_free_space_check_counts_every_byte_written(sharded, tmp_path, monkeypat
         return atomic(out, overwrite=overwrite, size=size)
 
     monkeypatch.setattr(checkpoint, "atomic_directory", spy)
-    out = convert(sharded, tmp_path / "ckpt", dtype=dtype)
+    out = convert(sharded, tmp_path / "ckpt", dtype=dtype, calibrate=False)
     assert folder_bytes(out) <= asked[0] <= folder_bytes(out) + 2**20
 
 
@@ -137,7 +137,7 @@ def test_calibrated_alpha_of_the_source_is_kept(tmp_path):
 
     with open(os.path.join(SHIPPED_MODEL, "config.json")) as f:
         shipped = json.load(f)["sparseinfer"]["alpha"]
-    out = convert(SHIPPED_MODEL, tmp_path / "ckpt")
+    out = convert(SHIPPED_MODEL, tmp_path / "ckpt", calibrate=False)
     assert checkpoint.read_checkpoint_config(out)[1].alpha == tuple(shipped)
     out = convert(SHIPPED_MODEL, tmp_path / "ckpt2", alpha=0.9)  # an explicit alpha wins
     assert checkpoint.read_checkpoint_config(out)[1].alpha == (0.9,) * len(shipped)
@@ -167,7 +167,7 @@ def test_shipped_model_decodes_the_same_after_conversion(tmp_path):
     with open(os.path.join(SHIPPED_MODEL, "config.json")) as f:
         source = json.load(f)["sparseinfer"]
     assert source["predictor"] == "signmag"  # the case the test is about
-    out = convert(SHIPPED_MODEL, tmp_path / "ckpt", dtype="float32")
+    out = convert(SHIPPED_MODEL, tmp_path / "ckpt", dtype="float32", calibrate=False)
     block = checkpoint.read_checkpoint_config(out)[1]
     assert {k: block.to_json()[k] for k in source} == source
     _, tokenizer = load(SHIPPED_MODEL, mesh=None)
@@ -197,7 +197,7 @@ def test_non_default_predictor_survives_conversion(tmp_path):
         hf = json.load(f)
     with open(os.path.join(src, "config.json"), "w") as f:
         json.dump({**hf, "sparseinfer": chosen}, f)
-    out = convert(src, tmp_path / "ckpt", dtype="float32")
+    out = convert(src, tmp_path / "ckpt", dtype="float32", calibrate=False)
     block = checkpoint.read_checkpoint_config(out)[1]
     assert {k: block.to_json()[k] for k in chosen} == chosen
     assert block.dtype == "float32" and block.format_version == checkpoint.FORMAT_VERSION
@@ -225,7 +225,7 @@ def test_bfloat16_is_float32_cast(sharded, tmp_path):
     assert hf["num_hidden_layers"] == LAYERS
     want = jax.tree.map(lambda a: a if a.dtype == np.uint32 else a.astype(ml_dtypes.bfloat16), f32)
     assert_trees_equal(bf16, want)
-    out = convert(sharded, tmp_path / "ckpt")
+    out = convert(sharded, tmp_path / "ckpt", calibrate=False)
     assert checkpoint.read_checkpoint_config(out)[1].dtype == "bfloat16"
     assert_trees_equal(read_params(out), bf16)
 
@@ -236,7 +236,7 @@ def test_load_casts_floats_but_not_sign_bits(tied, tmp_path, dtype):
 
     from sparseinfer_jax import load
 
-    out = convert(tied, tmp_path / "ckpt", dtype="float32")
+    out = convert(tied, tmp_path / "ckpt", dtype="float32", calibrate=False)
     model, _ = load(out, dtype=dtype, mesh=None)
     got = nnx.to_pure_dict(nnx.state(model))
     want = expected_params(tied)
@@ -251,7 +251,7 @@ def test_load_casts_floats_but_not_sign_bits(tied, tmp_path, dtype):
 @pytest.mark.slow
 def test_load_onto_a_mesh(tied, tmp_path):
     """Each of 4 host devices gets its slice of the MLP neurons (a fresh process for the flag)."""
-    out = convert(tied, tmp_path / "ckpt")
+    out = convert(tied, tmp_path / "ckpt", calibrate=False)
     script = textwrap.dedent(f"""
         import jax, numpy as np
         from sparseinfer_jax import load
@@ -374,7 +374,7 @@ def test_bad_input_leaves_nothing(case, request, tmp_path):
     damage(str(src))
     before = sorted(os.listdir(src))
     with pytest.raises(UserError, match=message):
-        convert(src, tmp_path / "out")
+        convert(src, tmp_path / "out", calibrate=False)
     assert sorted(os.listdir(tmp_path)) == ["src"]
     assert sorted(os.listdir(src)) == before
 
@@ -392,11 +392,12 @@ def test_overwrite_replaces_only_a_checkpoint(tied, tmp_path):
     (out / "keep.txt").write_text("mine")
     for overwrite in (False, True):
         with pytest.raises(UserError, match="is not a checkpoint written by sparseinfer-convert"):
-            convert(tied, out, overwrite=overwrite)
+            convert(tied, out, overwrite=overwrite, calibrate=False)
         assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert checkpoint.is_checkpoint(convert(tied, empty))  # an empty folder is used as is
+    # An empty folder is used as is.
+    assert checkpoint.is_checkpoint(convert(tied, empty, calibrate=False))
     with pytest.raises(UserError, match="already exists; pass --overwrite"):
         convert(tied, empty, alpha=2.0)
     convert(tied, empty, overwrite=True, alpha=2.0)
@@ -411,7 +412,7 @@ def test_failure_keeps_existing_checkpoint(tied, tmp_path, monkeypatch):
 
     monkeypatch.setattr(params.ocp.partial, "save_async", failing_save(errno.ENOSPC))
     with pytest.raises(UserError, match=r"failed \(the disk is full\); nothing was written"):
-        convert(tied, out, overwrite=True)
+        convert(tied, out, overwrite=True, calibrate=False)
     assert {p: open(p, "rb").read() for p in glob.glob(f"{out}/**", recursive=True)
             if os.path.isfile(p)} == before
     assert leftovers(tmp_path) == []
@@ -423,7 +424,7 @@ def test_output_and_source_must_not_nest(tied, tmp_path, where):
     before = sorted(os.listdir(src))
     out = {"inside": src / "converted", "same": src, "parent": tmp_path}[where]
     with pytest.raises(UserError, match="is inside the|is not a checkpoint written"):
-        convert(src, out, overwrite=True)  # the case that could destroy the source
+        convert(src, out, overwrite=True, calibrate=False)  # the case that could destroy the source
     assert sorted(os.listdir(src)) == before
 
 
@@ -439,7 +440,7 @@ def test_bad_alpha(tied, tmp_path, alpha, message):
 def test_hub_id_without_huggingface_hub(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(UserError, match="huggingface_hub is not installed"):
-        convert("some-org/some-model", tmp_path / "out")
+        convert("some-org/some-model", tmp_path / "out", calibrate=False)
 
 
 def test_hub_download(tied, tmp_path, monkeypatch):
@@ -454,12 +455,12 @@ def test_hub_download(tied, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub",
                         types.SimpleNamespace(snapshot_download=snapshot_download))
     with pytest.raises(UserError, match="could not be downloaded .*ConnectionError"):
-        convert("org/offline", tmp_path / "a")
-    out = convert("org/model", tmp_path / "b")
+        convert("org/offline", tmp_path / "a", calibrate=False)
+    out = convert("org/model", tmp_path / "b", calibrate=False)
     assert checkpoint.read_checkpoint_config(out)[1].source == "org/model"
     assert "*.safetensors" in calls[-1][1] and "tokenizer.model" in calls[-1][1]
     with pytest.raises(UserError, match="does not exist"):
-        convert(str(tmp_path / "no" / "such" / "folder"), tmp_path / "c")
+        convert(str(tmp_path / "no" / "such" / "folder"), tmp_path / "c", calibrate=False)
 
 
 def test_cli(tied, tmp_path, capsys):
@@ -473,6 +474,18 @@ def test_cli(tied, tmp_path, capsys):
     assert captured.err.splitlines() == [f"error: {out} already exists; pass --overwrite to "
                                          "replace it."]
     assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_convert_calibrates_by_default_as_the_cli_does(tied, tmp_path, capsys):
+    """The library's `convert` (the notebook's) leaves the checkpoint the CLI leaves: calibrated,
+    so a sparse load needs no calibration in memory."""
+    said = []
+    api = convert(tied, tmp_path / "api", dtype="float32", progress=False, say=said.append)
+    assert main([tied, str(tmp_path / "cli"), "--dtype", "float32"]) == 0
+    blocks = [checkpoint.read_checkpoint_config(p)[1] for p in (api, tmp_path / "cli")]
+    assert blocks[0].calibration.startswith("sparseinfer-convert default")
+    assert blocks[0].replace(source=None) == blocks[1].replace(source=None)
+    assert len(said) == 1 and said[0].startswith("calibrated for recall >= 0.99")
 
 
 def test_cli_calibration_says_how_to_skip_it_and_shows_progress(tied, tmp_path, capsys):

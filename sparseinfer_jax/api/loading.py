@@ -40,10 +40,18 @@ log = logging.getLogger(__name__)
 Path = tuple  # a params path: ("layers", 3, "mlp", "gate")
 
 
-def _dtype(name) -> jnp.dtype:
-    if name is None or not isinstance(name, str):
-        return name
-    return dtypes.lookup(name)
+def _dtype(name) -> np.dtype | None:
+    """The dtype `load` was given (a name or a dtype), one a model runs in; None for none."""
+    if name is None or isinstance(name, str):
+        return None if name is None else dtypes.lookup(name)
+    try:
+        dtype = np.dtype(jnp.dtype(name))
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype not in dtypes.DTYPES.values():
+        shown = getattr(name, "__name__", None) or repr(name)  # jnp.int8 as "int8"
+        raise UserError(f"dtype must be one of {', '.join(dtypes.DTYPES)}, got {shown}.")
+    return dtype
 
 
 def _flat(tree: dict[Any, Any], prefix: Path = ()) -> dict[Path, Any]:
@@ -288,6 +296,11 @@ def load(
     if not isinstance(path, (str, os.PathLike)):
         raise UserError(f"load takes a folder path or a hub id, got {path!r}.")
     path = os.fspath(path)
+    if not path.strip():
+        raise UserError("load got an empty path; name a checkpoint folder, or call load() for "
+                        "the shipped model.")
+    if mesh is not None and not isinstance(mesh, (str, Mesh)):
+        raise UserError(f"mesh must be a jax Mesh, None or 'auto', got {mesh!r}.")
     override = alpha is not None
     quant.check(quantize)
     if checkpoint.claims_converted(path):

@@ -40,29 +40,46 @@ def _field(text: str, key: str, path: str) -> str:
     return m.group(1)
 
 
+def _count(text: str, key: str, path: str) -> int:
+    value = _field(text, key, path)
+    if not value.isdigit():
+        raise UserError(f"GPU spec {path} field {key} must be a whole number, got '{value}'.")
+    return int(value)
+
+
 def gpu_spec(name: str) -> GpuSpec:
     """Reads a GPU spec: a shipped one by name (`gpu_specs/<name>.txtpb`) or a spec file by path,
     named after the file (UserError for neither, or a file without the fields used here)."""
     path = os.path.join(SPECS_DIR, name + ".txtpb") if name in GPUS else name
     if not os.path.isfile(path):
-        raise UserError(f"--gpu must be a comma list of {', '.join(GPUS)} or GPU spec files "
-                        f"(.txtpb), got '{name}'.")
-    with open(path) as f:
-        text = f.read()
+        missing = "is a folder" if os.path.isdir(path) else "was not found"
+        if os.sep not in name and not name.endswith(".txtpb"):
+            missing = "is not a GPU this report knows"
+        raise UserError(f"--gpu {name} {missing}; give a comma list of {', '.join(GPUS)} or GPU "
+                        "spec files (.txtpb).")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"GPU spec {path} is not text (a .txtpb file): start from a file in "
+                        f"{SPECS_DIR}.") from None
+    except OSError as e:
+        raise UserError(f"cannot read GPU spec {path} ({e.strerror}); make it readable.") from None
     cc = re.search(r"cuda_compute_capability \{\s*major: (\d+)(?:\s*minor: (\d+))?", text)
     if not cc:
         raise UserError(f"GPU spec {path} has no cuda_compute_capability: start from a file in "
                         f"{SPECS_DIR}.")
     field = functools.partial(_field, text, path=path)
+    count = functools.partial(_count, text, path=path)
     return GpuSpec(
         name=os.path.splitext(os.path.basename(path))[0],
         device_kind=field("device_description_str"),
         text=text,
         compute_capability=(int(cc.group(1)), int(cc.group(2) or 0)),
-        sms=int(field("core_count")),
-        registers_per_sm=int(field("registers_per_core_limit")),
-        threads_per_sm=int(field("threads_per_core_limit")),
-        shared_per_sm=int(field("shared_memory_per_core")),
+        sms=count("core_count"),
+        registers_per_sm=count("registers_per_core_limit"),
+        threads_per_sm=count("threads_per_core_limit"),
+        shared_per_sm=count("shared_memory_per_core"),
     )
 
 

@@ -8,7 +8,7 @@ import sys
 from sparseinfer_jax.cli.common import add_quantize_arg, check_report_outputs
 from sparseinfer_jax.errors import (
     UserError,
-    atomic_file,
+    write_plot,
     write_report,
 )
 
@@ -42,8 +42,7 @@ def _bench(args: argparse.Namespace) -> int:
         print()
         print(kernels)
     if args.plot:
-        with atomic_file(args.plot) as tmp:
-            bench.plot(records, tmp)
+        write_plot(args.plot, lambda tmp: bench.plot(records, tmp), "bench")
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 

@@ -110,6 +110,39 @@ def process_zero_prints(args: argparse.Namespace) -> contextlib.AbstractContextM
     return quiet
 
 
+def check_platforms() -> None:
+    """Starts JAX's backend, or raises UserError when it cannot start the platforms JAX_PLATFORMS
+    names (cuda, tpu, rocm on a machine without that device): jax logs the plugin's traceback,
+    then fails deep inside the first computation."""
+    import logging
+
+    import jax
+
+    failures: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            error = record.exc_info[1] if record.exc_info else None
+            failures.append(str(error) if error is not None else record.getMessage())
+
+    log = logging.getLogger("jax._src.xla_bridge")
+    keep, propagate = Keep(logging.WARNING), log.propagate
+    log.addHandler(keep)
+    log.propagate = False
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as e:
+        reason = " ".join(failures[-1:] or [str(e)]).strip().splitlines()
+        reason = reason[0].split(" (set JAX_PLATFORMS")[0] if reason else type(e).__name__
+        platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
+        raise UserError(f"JAX cannot start the platform JAX_PLATFORMS={platforms} names "
+                        f"({reason}); unset JAX_PLATFORMS, or set it to one this machine has, "
+                        "such as cpu.") from None
+    finally:
+        log.removeHandler(keep)
+        log.propagate = propagate
+
+
 def peek_config(path: str):
     """The model's LlamaConfig from its config.json alone (no weights read), so limits can be
     checked before a long load; None when it cannot be read here (`load` then says why)."""
@@ -141,7 +174,7 @@ def check_report_outputs(args: argparse.Namespace, inputs=()) -> None:
     on `--plot` without matplotlib or in a format it cannot write."""
     check_distinct_outputs(json=args.json, plot=args.plot)
     for flag, out in (("--json", args.json), ("--plot", args.plot)):
-        if out:
+        if out is not None:
             check_output_file(out, flag, inputs=inputs)
     if args.plot:
         import importlib.util

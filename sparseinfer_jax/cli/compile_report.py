@@ -12,6 +12,7 @@ from sparseinfer_jax.bench.compile_policy import failures, notes
 from sparseinfer_jax.bench.compile_report import HEADER, check, run
 from sparseinfer_jax.bench.gpu_spec import DEFAULT_GPUS, GPUS
 from sparseinfer_jax.bench.shapes import DTYPES, SHAPES
+from sparseinfer_jax.bench.toolchain import check_plugin, find_ptxas
 from sparseinfer_jax.errors import UserError, check_output_file, write_report
 
 
@@ -27,11 +28,14 @@ def command(args: argparse.Namespace) -> int:
     # installs).
     gpu = args.gpu if args.gpu is not None else "" if tpus or args.cpu else ",".join(DEFAULT_GPUS)
     gpus = list(GPUS) if gpu == "all" else [g for g in gpu.split(",") if g]
+    if not gpus and not tpus:
+        raise UserError("--gpu names no GPU; give a comma list of "
+                        f"{', '.join(GPUS)} or GPU spec files, or all.")
     if gpus:  # bad flags fail before the table starts
         check(gpus, args.shape, batches, args.layers)
     for name in tpus:
         compile_report_tpu.check_tpu(name)
-    if args.json:
+    if args.json is not None:
         check_output_file(args.json, "--json")
     # The plugin registers only when JAX's platform is the CPU (else it looks for a GPU driver);
     # the cuda backend then still compiles, for the compile-only devices of a topology.
@@ -39,6 +43,9 @@ def command(args: argparse.Namespace) -> int:
     # Compile-only executables cannot be loaded back from JAX's persistent cache (a rerun warned
     # "PjRtCompiler must be constructed with a Client"), and nothing here is run: keep it off.
     jax.config.update("jax_enable_compilation_cache", False)
+    if gpus:  # a missing compiler fails before the table's header, not under it
+        check_plugin()
+        find_ptxas()
     records, bad = [], []
     settings = dict(layers=args.layers, dtype=args.dtype, programs=not args.no_programs,
                     log=lambda s: print(s, flush=True))
@@ -59,7 +66,7 @@ def command(args: argparse.Namespace) -> int:
                                              dtype=args.dtype, log=settings["log"])
         records += cpu_records
         bad += compile_report_cpu.failures(cpu_records)
-    if args.json:
+    if args.json is not None:
         write_report(args.json, records, "compile-report")
     for line in bad:
         print(f"FAILED: {line}", file=sys.stderr)

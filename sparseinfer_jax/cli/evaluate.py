@@ -18,7 +18,7 @@ from sparseinfer_jax.cli.common import (
 )
 from sparseinfer_jax.errors import (
     UserError,
-    atomic_file,
+    write_plot,
     write_report,
 )
 from sparseinfer_jax.model.mlp import MODES
@@ -70,8 +70,7 @@ def _eval(args: argparse.Namespace) -> int:
         from sparseinfer_jax.tuning.plots import plot_report
 
         result["sweep"] = alpha_sweep(model, windows, scales, backend=args.backend)
-        with atomic_file(args.plot) as tmp:
-            plot_report(result, tmp)
+        write_plot(args.plot, lambda tmp: plot_report(result, tmp), "eval")
     print(f"{result['tokens']} tokens in {len(windows)} windows")
     print(format_report(result))
     if args.plot:

@@ -108,7 +108,9 @@ def _generate(args: argparse.Namespace) -> int:
         print(_timing_line(args.mode, result.timing), file=sys.stderr)
     if args.stats and result.stats is not None:
         sparsity = " ".join(f"{s:.2f}" for s in result.stats.predicted_sparsity)
-        print(f"predicted sparsity per layer: {sparsity}", file=sys.stderr)
+        # The oracle skips the neurons that are zero: its figures are measured, not predicted.
+        what = "measured (oracle)" if args.mode == "oracle" else "predicted"
+        print(f"{what} sparsity per layer: {sparsity}", file=sys.stderr)
         nbytes = " ".join(f"{b:.2f}" for b in result.stats.mlp_bytes_fraction)
         print(f"MLP bytes read per token, of dense, per layer: {nbytes}", file=sys.stderr)
     return 0

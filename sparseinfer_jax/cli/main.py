@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sparseinfer_jax.cli import bench, calibrate, compile_report, evaluate, generate
-from sparseinfer_jax.cli.common import process_zero_prints, use_compile_cache
+from sparseinfer_jax.cli.common import check_platforms, process_zero_prints, use_compile_cache
 from sparseinfer_jax.errors import (
     run_command,
 )
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         use_compile_cache(args)  # compile-report turns it off again (`compile_report.command`)
         with process_zero_prints(args):
+            if args.command != "compile-report":  # it compiles for devices it does not have
+                check_platforms()
             return args.run(args)
 
     return run_command(command)

@@ -31,12 +31,15 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparseinfer_jax.errors import UserError, check_writable_folder, size_text
 from sparseinfer_jax.io import params
 from sparseinfer_jax.io.jsonfile import read_json_object
 from sparseinfer_jax.io.params import Path
+from sparseinfer_jax.io.source import TOKENIZER_FILES
 from sparseinfer_jax.model import quant
 from sparseinfer_jax.model.config import PREDICTORS
 from sparseinfer_jax.model.dtypes import STORED
@@ -48,6 +51,8 @@ OLD_FORMATS = {1: "stacked layers", 2: "attention weights stored as (in, out)",
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 BLOCK_KEY = "sparseinfer"
+# What a checkpoint folder holds (`--overwrite` replaces only these).
+CHECKPOINT_FILES = frozenset({CONFIG_FILE, PARAMS_DIR, *TOKENIZER_FILES})
 # Room kept free beyond the checkpoint's own bytes (config, index, filesystem metadata).
 SPACE_MARGIN = 16 * 2**20
 
@@ -81,8 +86,9 @@ def restore_params(path: str | os.PathLike, abstract: dict[Path, Any], *, dtype:
 
     The stored tree is checked against `abstract` first, from orbax's metadata: the same paths
     and shapes, floats stored as `dtype` (the block's), int8 weights and their scales as such
-    and the rest as uint32. With `groups` (a path -> group key), an iterator of `(path, array)`
-    restoring one group at a time (a load that quantises holds one layer in float at a time).
+    and the rest as uint32; the restored floats must be finite. With `groups` (a path -> group
+    key), an iterator of `(path, array)` restoring one group at a time (a load that quantises
+    holds one layer in float at a time).
     """
     folder = _params_folder(path)
 
@@ -104,17 +110,39 @@ def restore_params(path: str | os.PathLike, abstract: dict[Path, Any], *, dtype:
         name = ".".join(str(k) for k in missing[0])
         raise UserError(f"the checkpoint {path} has no tensor '{name}'; convert the model again "
                         "with sparseinfer-convert.")
+
+    def checked(arrays: dict[Path, Any]) -> dict[Path, Any]:
+        bad = _non_finite(arrays)
+        if bad is not None:
+            raise damaged(f"tensor '{'.'.join(str(k) for k in bad)}' holds NaN or infinite "
+                          "values")
+        return arrays
+
     if groups is None:
-        return params.restore(folder, abstract, error=damaged, found=stored)
+        return checked(params.restore(folder, abstract, error=damaged, found=stored))
     by_group: dict[Any, dict[Path, Any]] = {}
     for p, want in abstract.items():
         by_group.setdefault(groups(p), {})[p] = want
 
     def each() -> Iterator[tuple[Path, Any]]:
         for group in by_group.values():
-            yield from params.restore(folder, group, error=damaged, found=stored).items()
+            yield from checked(params.restore(folder, group, error=damaged,
+                                              found=stored)).items()
 
     return each()
+
+
+def _non_finite(arrays: dict[Path, Any]) -> Path | None:
+    """The first floating array holding a NaN or an infinity (the converter writes only finite
+    ones, so such an array was overwritten since), or None; one compiled pass over the weights,
+    on their devices."""
+    names = [p for p, x in arrays.items() if jnp.issubdtype(x.dtype, jnp.floating)]
+    if not names:
+        return None
+    finite = jax.jit(lambda xs: jnp.stack([jnp.isfinite(x).all() for x in xs]))(
+        [arrays[p] for p in names])
+    finite = np.asarray(finite.addressable_data(0)) if isinstance(finite, jax.Array) else finite
+    return next((p for p, ok in zip(names, finite, strict=True) if not ok), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +380,11 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False) -> None:
                             "replaces a converted checkpoint).")
         if not overwrite:
             raise UserError(f"{out} already exists; pass --overwrite to replace it.")
+        kept = sorted(set(os.listdir(out)) - CHECKPOINT_FILES)
+        if kept:
+            raise UserError(f"{out} also holds {', '.join(kept[:3])}"
+                            f"{', ...' if len(kept) > 3 else ''}, which is not part of the "
+                            "checkpoint and --overwrite would delete; move it out first.")
         return
     parent = os.path.dirname(out)
     while not os.path.lexists(parent):

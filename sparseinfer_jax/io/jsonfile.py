@@ -6,15 +6,15 @@ import json
 import os
 from typing import Any
 
-from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.errors import UserError, unreadable
 
 
 def read_json_object(file: str | os.PathLike, *, missing: str, remedy: str) -> dict[str, Any]:
     """The JSON object in `file`.
 
     Raises:
-      UserError: the file is missing (`missing` says what to do), not UTF-8 JSON or not an
-        object (`remedy` says what to do).
+      UserError: the file is missing (`missing` says what to do), cannot be read, is not UTF-8
+        JSON or not an object (`remedy` says what to do).
     """
     file = os.fspath(file)
     if not os.path.isfile(file):
@@ -28,6 +28,8 @@ def read_json_object(file: str | os.PathLike, *, missing: str, remedy: str) -> d
                         f"or {remedy}.") from None
     except UnicodeDecodeError:
         raise UserError(f"{file} is not UTF-8 text; {remedy}.") from None
+    except OSError as e:
+        raise unreadable(file, e) from None
     if not isinstance(value, dict):
         raise UserError(f"{file} must hold a JSON object, got {type(value).__name__}.")
     return value

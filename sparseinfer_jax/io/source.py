@@ -28,6 +28,12 @@ def resolve_source(src: str | os.PathLike) -> str:
         return src
     if os.path.exists(src):
         raise UserError(f"{src} is a file; pass the model folder that holds config.json.")
+    if os.path.islink(src):
+        try:
+            os.stat(src)
+        except OSError as e:  # a loop of links, or one whose target is gone or unreachable
+            raise UserError(f"{src} is a link that leads nowhere ({e.strerror}); pass the model "
+                            "folder itself.") from None
     if not HUB_ID.fullmatch(src):
         raise UserError(f"{src} does not exist; pass a Hugging Face model folder or a hub id "
                         "like org/name.")

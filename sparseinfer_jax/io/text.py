@@ -7,6 +7,7 @@ import os
 import jax.numpy as jnp
 
 from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.model.positions import position_limit
 
 WINDOW = 128
 
@@ -42,12 +43,6 @@ def token_windows(ids: list[int], window: int = WINDOW, max_tokens: int | None =
     if not out:
         raise UserError("the text has fewer than 2 tokens; give a longer text.")
     return [jnp.asarray([w], jnp.int32) for w in out]
-
-
-def position_limit(cfg) -> int | None:
-    """Tokens a sequence may hold: `max_position_embeddings`, or None (no limit) with dynamic
-    NTK RoPE scaling, which rescales RoPE for longer sequences (that is what it is for)."""
-    return None if cfg.rope.rope_type == "dynamic" else cfg.max_position_embeddings
 
 
 def check_window_args(window: int, max_tokens: int | None, cfg=None) -> None:

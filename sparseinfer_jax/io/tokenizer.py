@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from sparseinfer_jax.errors import UserError
+from sparseinfer_jax.errors import UserError, check_readable
 from sparseinfer_jax.io.jsonfile import read_json_object
 
 JSON_FILE = "tokenizer.json"
@@ -27,6 +27,7 @@ class _Fast:
     def __init__(self, path: str):
         from tokenizers import Tokenizer as HFTokenizer
 
+        check_readable(path)  # tokenizers reports an unreadable file as an invalid one
         try:
             self._tok = HFTokenizer.from_file(path)
         except Exception as e:  # tokenizers raises plain Exception for any unreadable file
@@ -57,6 +58,7 @@ class _SentencePiece:
             raise UserError(f"{path} is a sentencepiece tokenizer and the sentencepiece package "
                             "is not installed; pip install sentencepiece.") from None
         self._sp = sentencepiece.SentencePieceProcessor()
+        check_readable(path)
         try:
             self._sp.Load(path)
         except (OSError, RuntimeError) as e:

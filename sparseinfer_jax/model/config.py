@@ -294,7 +294,11 @@ def default_alpha(num_layers: int) -> list[float]:
 
 def alpha_per_layer(alpha: Any, num_layers: int) -> np.ndarray:
     """Checks alpha (one positive number or one per layer; inf keeps all) -> `[L]` float32."""
-    a = np.asarray(alpha, np.float32)
+    try:
+        a = np.asarray(alpha, np.float32)
+    except (TypeError, ValueError):  # a string, a ragged list
+        raise UserError(f"alpha must be a positive number or {num_layers} positive numbers, one "
+                        f"per layer, got {alpha!r}.") from None
     if a.ndim == 0:
         a = np.full((num_layers,), a)
     if a.shape != (num_layers,) or np.any(np.isnan(a)) or np.any(a <= 0):

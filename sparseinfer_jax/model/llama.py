@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparseinfer_jax.errors import UserError
-from sparseinfer_jax.model.config import LlamaConfig
+from sparseinfer_jax.model.config import LlamaConfig, alpha_per_layer
 from sparseinfer_jax.model.mlp import MLP, Sparsity
-from sparseinfer_jax.model.positions import causal_inputs
+from sparseinfer_jax.model.positions import causal_inputs, position_limit
 from sparseinfer_jax.model.quant import dot as qdot
 from sparseinfer_jax.model.quant import quantized_param
 from sparseinfer_jax.model.rope import apply_rope, rope_tables
@@ -220,7 +220,10 @@ class Llama(nnx.Module):
         return jnp.stack([jnp.asarray(layer.mlp.alpha[...], jnp.float32) for layer in self.layers])
 
     def set_alphas(self, values) -> None:
-        """Sets every layer's alpha from `values: [L]` (data: a change never recompiles)."""
+        """Sets every layer's alpha from `values`: one positive number, or `[L]` of them (data: a
+        change never recompiles). UserError for another length, a NaN or a value <= 0."""
+        if not isinstance(values, jax.core.Tracer):  # inside a compiled step: checked before
+            values = alpha_per_layer(values, len(self.layers))
         values = jnp.asarray(values, jnp.float32)
         for i, layer in enumerate(self.layers):
             layer.mlp.alpha.value = values[i]
@@ -309,6 +312,10 @@ class Llama(nnx.Module):
         """
         check_input_ids(input_ids, self.config.vocab_size, attention_mask)
         b, t = input_ids.shape
+        limit = position_limit(self.config)
+        if t < 1 or (limit is not None and t > limit):
+            raise UserError(f"the model takes 1 to {limit or 'any number of'} tokens per row "
+                            f"(its positions: max_position_embeddings), got {t}.")
         pad = (jnp.zeros((b,), jnp.int32) if attention_mask is None
                else t - jnp.sum(attention_mask != 0, axis=1, dtype=jnp.int32))
         positions, mask = causal_inputs(pad, jnp.arange(t), t)

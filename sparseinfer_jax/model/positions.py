@@ -6,6 +6,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
+def position_limit(cfg) -> int | None:
+    """Tokens a sequence may hold: `max_position_embeddings`, or None (no limit) with dynamic
+    NTK RoPE scaling, which rescales RoPE for longer sequences (that is what it is for)."""
+    return None if cfg.rope.rope_type == "dynamic" else cfg.max_position_embeddings
+
+
 def causal_inputs(pad: jnp.ndarray, query_slots: jnp.ndarray,
                   num_slots: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """RoPE positions and the causal attention mask of rows left-padded by `pad` slots.
