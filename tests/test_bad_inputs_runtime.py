@@ -50,6 +50,7 @@ CASES = [
     ("temperature nan", ["generate", "--prompt", "x", "--temperature", "nan"], "temperature", 2),
     ("--quantize a bad value", [*EV, "--quantize", "int4"], "--quantize must be one of", 2),
     ("bench --quantize a bad value", ["bench", "--quantize", "fp8"], "--quantize must be", 2),
+    ("bench --tokens past the positions", ["bench", "--tokens", "5000"], "ask for at most", 2),
     ("bench --quantize with --peer hf", ["bench", "--quantize", "int8", "--peer", "hf"],
      "drop --peer or --quantize", 2),
     ("API load quantize a bad value", lambda m, t, tmp: load(quantize="int4"),

@@ -50,6 +50,7 @@ from sparseinfer_jax.model.llama import Llama
 from sparseinfer_jax.model.memory import estimate_memory, parameter_count
 from sparseinfer_jax.model.metrics import SCALE_BYTES, row_bytes
 from sparseinfer_jax.model.mlp import BACKENDS
+from sparseinfer_jax.model.positions import position_limit
 from sparseinfer_jax.runtime.generation import generate
 from sparseinfer_jax.runtime.requests import bucket, memory_limit
 
@@ -118,7 +119,11 @@ class Settings:
 
     def check(self) -> None:
         """Raises UserError for a bad setting (before anything is built)."""
-        shape_config(self.shape, self.layers)
+        limit = position_limit(shape_config(self.shape, self.layers))
+        if limit is not None and PROMPT_TOKENS + self.tokens > limit:
+            raise UserError(f"--tokens {self.tokens} and bench's {PROMPT_TOKENS}-token prompt pass "
+                            f"the shape's {limit} positions; ask for at most "
+                            f"{limit - PROMPT_TOKENS}.")
         quant.check(self.quantize)
         if self.quantize is not None and self.peer is not None:
             raise UserError("--peer hf times the float weights: drop --peer or --quantize.")
