@@ -28,7 +28,7 @@ def command(args: argparse.Namespace) -> int:
     # installs).
     gpu = args.gpu if args.gpu is not None else "" if tpus or args.cpu else ",".join(DEFAULT_GPUS)
     gpus = list(GPUS) if gpu == "all" else [g for g in gpu.split(",") if g]
-    if not gpus and not tpus:
+    if not gpus and not tpus and not args.cpu:
         raise UserError("--gpu names no GPU; give a comma list of "
                         f"{', '.join(GPUS)} or GPU spec files, or all.")
     if gpus:  # bad flags fail before the table starts
