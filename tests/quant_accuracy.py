@@ -24,13 +24,16 @@ def sparse_figures(model, calibration_windows, eval_windows) -> dict:
                 predicted_sparsity=modes["sparse"]["predicted_sparsity"])
 
 
-def check_int8_accuracy(path: str, calibration_windows, eval_windows) -> dict:
-    """Asserts the targets above for the model at `path` (float32 compute); returns the figures."""
+def check_int8_accuracy(path: str, calibration_windows, eval_windows, *,
+                        sparsity_slack: float = 0.0) -> dict:
+    """Asserts the targets above for the model at `path` (float32 compute), int8's predicted
+    sparsity allowed `sparsity_slack` below float32's; returns the figures."""
     floats = sparse_figures(load(path, dtype="float32")[0], calibration_windows, eval_windows)
     int8 = sparse_figures(load(path, dtype="float32", quantize="int8")[0], calibration_windows,
                           eval_windows)
     print(f"float32 {floats}\nint8 {int8}")
     assert abs(int8["dense"] / floats["dense"] - 1) <= DENSE_BUDGET, (floats, int8)
     assert int8["sparse"] <= int8["dense"] * (1 + SPARSE_BUDGET), int8
-    assert int8["predicted_sparsity"] >= floats["predicted_sparsity"], (floats, int8)
+    assert int8["predicted_sparsity"] >= floats["predicted_sparsity"] - sparsity_slack, (
+        floats, int8)
     return dict(float32=floats, int8=int8)
