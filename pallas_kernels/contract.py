@@ -4,7 +4,7 @@ What every path of `layer.sparse_mlp_layer` shares (`gpu/`, `tpu/`, `xla/` and t
 - the names it accepts (`PREDICTORS`, `ACTIVATIONS`) and its argument checks (`check_layer_args`);
 - the activation and the float32 products (`activate`, `matmul_t`, `matmul`);
 - each row's predicted-active mask from a backend's votes (`row_masks`; the XLA and reference
-  votes, `xla_votes` and `reference_votes`);
+  votes, `xla_votes` and `reference_votes`, each made by `votes_of`);
 - the union over a mesh axis the batch is split over (`union`, `total`) and the counts the op
   returns (`counts`);
 - compaction: a neuron mask into an ascending id list (`compact`), and the second compaction of
@@ -124,20 +124,23 @@ def row_masks(x, gate, gate_sign_bits, alpha, *, predictor: str, activation: str
     return n_neg <= threshold(alpha, total)[:, None]
 
 
-def xla_votes(x, gate_sign_bits, predictor: str):
-    """The votes in plain XLA, packed XOR + popcount: (n_neg `[B, F]`, total `[B]`) int32."""
-    if predictor == "signmag":
-        return signmag_xla(x, gate_sign_bits)
-    _, n_neg = sign_predict_xla(x, gate_sign_bits, jnp.float32(1.0))
-    return n_neg, jnp.sum(x != 0, axis=-1, dtype=jnp.int32)
+def votes_of(sign, signmag) -> Callable:
+    """A backend's votes for `row_masks` from its two predictors: `sign(x, bits, alpha) ->
+    (active, n_neg)` and `signmag(x, bits) -> (n_neg, total)`. The sign vote's total is the
+    non-zero inputs (zeros never vote); its alpha is unused here (`row_masks` thresholds)."""
+
+    def votes(x, gate_sign_bits, predictor: str):
+        if predictor == "signmag":
+            return signmag(x, gate_sign_bits)
+        _, n_neg = sign(x, gate_sign_bits, jnp.float32(1.0))
+        return n_neg, jnp.sum(x != 0, axis=-1, dtype=jnp.int32)
+
+    return votes
 
 
-def reference_votes(x, gate_sign_bits, predictor: str):
-    """The votes on unpacked bits (the truth): (n_neg `[B, F]`, total `[B]`) int32."""
-    if predictor == "signmag":
-        return signmag_reference(x, gate_sign_bits)
-    _, n_neg = sign_predict_reference(x, gate_sign_bits, jnp.float32(1.0))
-    return n_neg, jnp.sum(x != 0, axis=-1, dtype=jnp.int32)
+# The votes in plain XLA (packed XOR + popcount), and on unpacked bits (the truth).
+xla_votes = votes_of(sign_predict_xla, signmag_xla)
+reference_votes = votes_of(sign_predict_reference, signmag_reference)
 
 
 def union(mask: jnp.ndarray, axis: str | None) -> jnp.ndarray:

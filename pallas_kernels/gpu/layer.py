@@ -10,6 +10,8 @@ first (the predictor's own kernel, or XLA's dense gate), OR-ed over the axis, an
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
 from pallas_kernels import backend as bk
@@ -21,14 +23,6 @@ from pallas_kernels.gpu.signmag import signmag_pallas
 
 # How the down kernel adds its row blocks (`masked_down.ACCUMULATE`).
 ACCUMULATE = "partials"
-
-
-def votes(x, gate_sign_bits, predictor: str, *, interpret: bool):
-    """The Triton kernels' votes: (n_neg `[B, F]`, total `[B]`) int32 (`contract.row_masks`)."""
-    if predictor == "signmag":
-        return signmag_pallas(x, gate_sign_bits, interpret=interpret)
-    _, n_neg = sign_predict_pallas(x, gate_sign_bits, jnp.float32(1.0), interpret=interpret)
-    return n_neg, jnp.sum(x != 0, axis=-1, dtype=jnp.int32)
 
 
 def layer_pallas(x, gate, up, down_t, gate_sign_bits, alpha, *, predictor: str, activation: str,
@@ -50,7 +44,8 @@ def layer_pallas(x, gate, up, down_t, gate_sign_bits, alpha, *, predictor: str, 
         per_row = contract.row_masks(
             x, gate, gate_sign_bits, alpha, predictor=predictor, activation=activation,
             threshold_value=threshold,
-            votes=lambda *a: votes(*a, interpret=interpret))
+            votes=contract.votes_of(functools.partial(sign_predict_pallas, interpret=interpret),
+                                    functools.partial(signmag_pallas, interpret=interpret)))
         active = contract.union(jnp.any(per_row, axis=0), union_axis)
         h, flags, _, *acc = predict_gate_up_pallas(x, gate, up, mask=active, vote="mask", **kind)
         predicted = contract.total(jnp.sum(per_row, dtype=jnp.int32), union_axis)
